@@ -1,0 +1,37 @@
+"""KV cache configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(value: int | str) -> int:
+    """'2GiB', '512MiB', '1e9', 1000000 -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().lower().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"cannot read {value!r} as a size: use bytes or a suffix like 512MiB or 2GiB")
+    return int(float(num) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Memory for the KV pool (all layers, K and V). The number of blocks follows from it.
+    kv_cache_memory_bytes: int = 512 * 1024**2
+    # Fix the number of blocks instead (tests, reproducing a run); overrides the budget when set.
+    num_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"--block-size must be a power of two in [1, 128], got {self.block_size}")
+        if self.kv_cache_memory_bytes <= 0:
+            raise ValueError("--kv-cache-memory-bytes must be positive")
+        if self.num_blocks_override is not None and self.num_blocks_override < 1:
+            raise ValueError("--num-gpu-blocks-override must be at least 1")

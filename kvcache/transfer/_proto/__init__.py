@@ -1,0 +1,1 @@
+"""Generated from proto/kv_transfer.proto by `make proto` (proto/Makefile.inc); do not edit by hand."""

@@ -1,0 +1,124 @@
+"""`pdserve` command line: serve, make-model, bench, profile.
+
+Flags follow vLLM's names where the meaning is the same. Every `serve` flag is also a key of
+`--config FILE.yaml`; flags given on the command line win over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from kvcache.config import parse_bytes
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(f"--{name}", default=None, action=argparse.BooleanOptionalAction, help=help)
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, help="model directory (same as --model)")
+    parser.add_argument("--config", default=None, help="YAML file with any of these flags as keys")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help="local Hugging Face model directory (default: the built-in tiny model)")
+    g.add_argument("--served-model-name", default=None, help="name clients send as 'model'")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
+    g.add_argument("--seed", type=int, default=None)
+    g = parser.add_argument_group("KV cache and scheduler")
+    g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    g.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
+                   help="KV pool memory budget, e.g. 512MiB or 4GiB (default 512MiB)")
+    g.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="fix the number of KV blocks instead of deriving it from the budget")
+    _bool_flag(g, "enable-prefix-caching", "reuse KV of shared prompt prefixes (default on)")
+    g.add_argument("--max-num-seqs", type=int, default=None, help="cap on running requests (default 128)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget per step; longer prompts are prefilled in chunks (default 2048)")
+    _bool_flag(g, "enable-chunked-prefill", "split long prompts across steps (default on)")
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    g.add_argument("--max-request-bytes", type=parse_bytes, default=None,
+                   help="largest accepted request body (default 4MiB)")
+    g.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    g = parser.add_argument_group("deployment")
+    g.add_argument("--mode", default=None, choices=["colocated", "disaggregated"])
+    g.add_argument("--num-prefill", type=int, default=None, help="prefill instances (disaggregated)")
+    g.add_argument("--num-decode", type=int, default=None, help="decode instances (disaggregated)")
+    g.add_argument("--launcher", default=None, choices=["local", "ray"])
+    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
+    g.add_argument("--internal-host", default=None,
+                   help="address the internal gRPC ports bind to (default 127.0.0.1)")
+
+
+_NOT_CONFIG = {"model_tag", "config", "command", "func"}
+
+
+def config_from_args(args: argparse.Namespace):
+    from serving.config import Config
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
+    if getattr(args, "model_tag", None) and "model" not in overrides:
+        overrides["model"] = args.model_tag
+    return Config.load(args.config, overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from serving.api.server import run_server
+    from serving.launch import build_engine_client
+    engine = build_engine_client(config)
+    asyncio.run(run_server(engine, config.server))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # bench/profile/make-model own their flags: hand them the rest of the line
+    if argv and argv[0] in _SUBCOMMANDS:
+        return _SUBCOMMANDS[argv[0]]()(argv[1:])
+    parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with disaggregated "
+                                     "prefill and decode")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    add_serve_args(serve)
+    for name, help in (("make-model", "write a random-weight test model"),
+                       ("bench", "load-generator benchmarks against an OpenAI endpoint"),
+                       ("profile", "profile step latency and fit the latency model")):
+        sub.add_parser(name, help=help, add_help=False)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except ValueError as e:  # configuration errors: say what to change, no traceback
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _make_model_main():
+    from serving.models.make_model import main as make_model_main
+    return make_model_main
+
+
+def _bench_main():
+    from bench.cli import main as bench_main
+    return bench_main
+
+
+def _profile_main():
+    from bench.profile import main as profile_main
+    return profile_main
+
+
+_SUBCOMMANDS = {"make-model": _make_model_main, "bench": _bench_main, "profile": _profile_main}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""One `Config` composed of one frozen dataclass per package, loaded from YAML plus CLI overrides.
+
+YAML keys are the CLI flag names with dashes or underscores (`max-num-seqs` or `max_num_seqs`), flat or
+grouped under `model:`, `cache:`, `scheduler:`, `server:`, `deploy:`. CLI flags win over the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from kvcache.config import CacheConfig, parse_bytes
+from scheduler.config import SchedulerConfig
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MODES = ("colocated", "disaggregated")
+LAUNCHERS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None  # local HF directory; None: the built-in tiny model
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    seed: int = 0
+    device: str = "auto"  # auto: cuda if available else cpu
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"--max-model-len must be at least 1, got {self.max_model_len}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: str | None = None
+    max_request_bytes: int = 4 * 1024**2  # request bodies past this get a 413
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise ValueError("--max-request-bytes must be at least 1024")
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    mode: str = "colocated"
+    num_prefill: int = 1
+    num_decode: int = 1
+    launcher: str = "local"
+    ray_address: str | None = None
+    # host the internal gRPC ports bind to; loopback keeps them off the network by default
+    internal_host: str = "127.0.0.1"
+    same_node: bool = False  # Ray: keep each prefill/decode pair on one node (placement group)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
+        if self.num_prefill < 1 or self.num_decode < 1:
+            raise ValueError("--num-prefill and --num-decode must be at least 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Build from flat or grouped keys; an unknown key is an error that names the known ones."""
+        flat: dict[str, Any] = {}
+        for key, value in (values or {}).items():
+            norm = key.replace("-", "_")
+            if norm in _SECTIONS and isinstance(value, dict):
+                flat.update({k.replace("-", "_"): v for k, v in value.items()})
+            else:
+                flat[norm] = value
+        flat = {_ALIASES.get(k, k): v for k, v in flat.items()}
+        if "kv_cache_memory_bytes" in flat and flat["kv_cache_memory_bytes"] is not None:
+            flat["kv_cache_memory_bytes"] = parse_bytes(flat["kv_cache_memory_bytes"])
+        unknown = sorted(k for k in flat if k not in _FIELD_OWNER)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join(unknown)}; known keys: "
+                             f"{', '.join(sorted(_FIELD_OWNER))}")
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in flat.items():
+            parts[_FIELD_OWNER[key]][key] = value
+        return cls(**{name: _SECTIONS[name](**kwargs) for name, kwargs in parts.items()})
+
+    @classmethod
+    def load(cls, yaml_path: str | None = None, overrides: dict[str, Any] | None = None) -> "Config":
+        values: dict[str, Any] = {}
+        if yaml_path:
+            with open(yaml_path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{yaml_path}: expected a mapping of config keys at the top level")
+            values.update(loaded)
+        merged = cls.from_dict(values)
+        if overrides:
+            merged = merged.replace(**overrides)
+        return merged
+
+    def replace(self, **flat_changes: Any) -> "Config":
+        """Return a copy with flat keys changed (e.g. max_num_seqs=8)."""
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in flat_changes.items():
+            key = _ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))
+            if key not in _FIELD_OWNER:
+                raise ValueError(f"unknown config key {key!r}")
+            if key == "kv_cache_memory_bytes" and value is not None:
+                value = parse_bytes(value)
+            groups.setdefault(_FIELD_OWNER[key], {})[key] = value
+        return dataclasses.replace(self, **{
+            name: dataclasses.replace(getattr(self, name), **changes) for name, changes in groups.items()})
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in _SECTIONS}
+
+
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+             "server": ServerConfig, "deploy": DeployConfig}
+_FIELD_OWNER = {f.name: name for name, klass in _SECTIONS.items() for f in dataclasses.fields(klass)}
+_ALIASES = {"num_gpu_blocks_override": "num_blocks_override", "enable_prefix_caching": "enable_prefix_caching"}

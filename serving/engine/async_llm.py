@@ -1,0 +1,150 @@
+"""AsyncLLM: the colocated EngineClient. An EngineCore stepped on a background thread, with one asyncio
+queue per request carrying its outputs back to the event loop.
+
+All engine mutation happens on the engine thread: the event loop only posts commands (add, abort,
+call) to an inbox, so the scheduler and KV manager need no locks. Torch releases the GIL inside its
+kernels, so the HTTP server stays responsive while a step runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, AsyncIterator, Callable
+
+from scheduler.sampling_params import SamplingParams
+from serving.config import Config
+from serving.engine.core import EngineCore
+from serving.engine.protocol import EngineDeadError, EngineStats, ModelInfo, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class AsyncLLM:
+    def __init__(self, core: EngineCore, served_model_name: str | None = None) -> None:
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.model_info = ModelInfo(name=served_model_name or core.model_dir, path=core.model_dir,
+                                    max_model_len=core.max_model_len, created=int(time.time()))
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._dead: str | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: Config) -> "AsyncLLM":
+        return cls(EngineCore(config), config.model.served_model_name)
+
+    # ---- EngineClient ----
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        if self._dead:
+            raise EngineDeadError(self._dead)
+        loop = asyncio.get_running_loop()
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (loop, stream)
+        finished = False
+        try:
+            await asyncio.wrap_future(self._post(self.core.add_request, request_id, prompt_token_ids, params))
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                for output in item:
+                    finished = output.finished
+                    yield output
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and not self._dead:
+                self._post(self.core.abort_requests, [request_id])  # client gone: free its blocks
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.wrap_future(self._post(self.core.abort_requests, [request_id]))
+
+    def is_healthy(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    def get_stats(self) -> EngineStats:
+        return self.core.get_stats()  # plain reads of ints: fine to race the engine thread
+
+    async def call(self, fn: Callable[[EngineCore], Any]) -> Any:
+        """Run fn(core) on the engine thread between steps (tests, admin)."""
+        return await asyncio.wrap_future(self._post(fn, self.core))
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+
+    # ---- engine thread ----
+    def _post(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        if self._dead:
+            future.set_exception(EngineDeadError(self._dead))
+            return future
+        self._inbox.put((fn, args, future))
+        self._wake.set()
+        return future
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if self.core.has_unfinished():
+                    self._deliver(self.core.step())
+                else:
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+        except BaseException as e:  # a bug in the engine: fail everything loudly, keep the server up
+            logger.exception("engine loop died")
+            self._dead = f"the engine stopped after an internal error ({type(e).__name__}: {e})"
+            self._fail_all(EngineDeadError(self._dead))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn, args, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn(*args)
+            except Exception as e:
+                future.set_exception(e)
+                continue
+            future.set_result(result)
+            if fn == self.core.abort_requests:
+                self._deliver(result)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_stream: dict[str, list[RequestOutput]] = {}
+        for output in outputs:
+            by_stream.setdefault(output.request_id, []).append(output)
+        for request_id, items in by_stream.items():
+            target = self._streams.get(request_id)
+            if target is not None:
+                loop, stream = target
+                try:
+                    loop.call_soon_threadsafe(stream.put_nowait, items)
+                except RuntimeError:  # that event loop is closed: nobody is listening
+                    pass
+
+    def _fail_all(self, error: BaseException) -> None:
+        for loop, stream in list(self._streams.values()):
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, error)
+            except RuntimeError:
+                pass
+        while True:
+            try:
+                _, _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            future.set_exception(error)
