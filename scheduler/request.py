@@ -17,6 +17,8 @@ class RequestStatus(enum.Enum):
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
     FINISHED_ERROR = "finished_error"
+    # prefill instance: the prompt is done and its first token sampled; decode continues elsewhere
+    FINISHED_REMOTE_DECODE = "finished_remote_decode"
 
     @property
     def finished(self) -> bool:
@@ -28,13 +30,15 @@ class RequestStatus(enum.Enum):
 
 
 _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
+                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error",
+                   RequestStatus.FINISHED_REMOTE_DECODE: "remote_decode"}
 
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
-                 client_id: str = "", arrival_time: float | None = None) -> None:
+                 client_id: str = "", arrival_time: float | None = None,
+                 kv_peer: str | None = None, remote_prefill: bool = False) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: send at least one token")
         self.request_id = request_id
@@ -50,6 +54,11 @@ class Request:
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache; -1 until first scheduled
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
+        # disaggregation: a prefill instance sends this request's prompt KV to `kv_peer` and stops
+        # after the first token; a decode instance receives it (`remote_prefill`) instead of computing it
+        self.kv_peer = kv_peer
+        self.remote_prefill = remote_prefill
+        self.remote_kv_ready = False
         # the output may not run past the context window
         bounds = [b for b in (sampling_params.max_tokens,
                               max_model_len - len(prompt_token_ids) if max_model_len else None)

@@ -20,11 +20,15 @@ from kvcache.kv_manager import KVCacheManager
 from scheduler.config import SchedulerConfig
 from scheduler.policies import FcfsPriority, PreemptionPolicy, RecomputePreemption
 from scheduler.request import Request, RequestStatus
-from scheduler.step import CachedRequestData, NewRequestData, StepPlan, StepResult
+from scheduler.step import CachedRequestData, KVSend, NewRequestData, StepPlan, StepResult
 
 
 class RequestTooLargeError(ValueError):
     """The request can never be scheduled with this configuration."""
+
+
+class NoKVSpaceError(RuntimeError):
+    """No free blocks to receive a remote prefill's KV right now (backpressure): try later or elsewhere."""
 
 
 class Scheduler:
@@ -40,6 +44,10 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_ids: list[str] = []  # to tell the runner on the next step
         self.num_preemptions = 0
+        # disaggregation: decode-side requests whose prompt KV is on its way (blocks reserved), and
+        # prefill-side finished requests whose blocks are leased until the peer acknowledges the KV
+        self.remote_waiting: dict[str, Request] = {}
+        self.leased: set[str] = set()
 
     # ---- admission ----
     def check_admissible(self, request: Request) -> None:
@@ -65,8 +73,43 @@ class Scheduler:
         self.check_admissible(request)
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.remote_prefill:
+            self._reserve_remote(request)
+        else:
+            self.waiting.append(request)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+
+    def _reserve_remote(self, request: Request) -> None:
+        # room for the prompt and the first token (sampled by the prefill instance)
+        num_tokens = request.num_prompt_tokens + 1
+        if not self.kv.can_allocate(request.request_id, num_tokens):
+            raise NoKVSpaceError(f"no free KV blocks for {num_tokens} tokens on this decode instance")
+        self.kv.allocate(request.request_id, num_tokens)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.remote_waiting[request.request_id] = request
+
+    def remote_kv_done(self, request_id: str, ok: bool) -> None:
+        """The remote prefill's KV arrived (ok) or will not (then the prompt is recomputed here)."""
+        request = self.remote_waiting.get(request_id)
+        if request is None:
+            return
+        request.remote_kv_ready = True
+        request.num_computed_tokens = request.num_prompt_tokens if ok else 0
+        self._promote_remote(request)
+
+    def set_first_token(self, request_id: str, token_id: int) -> None:
+        """The first output token, sampled by the prefill instance."""
+        request = self.remote_waiting.get(request_id)
+        if request is None or request.output_token_ids:
+            return
+        request.output_token_ids.append(token_id)
+        self._promote_remote(request)
+
+    def _promote_remote(self, request: Request) -> None:
+        if request.remote_kv_ready and request.output_token_ids:
+            del self.remote_waiting[request.request_id]
+            request.status = RequestStatus.WAITING
+            self.waiting.appendleft(request)  # it holds blocks already: use them first
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus,
                         stop_reason: int | str | None = None) -> list[Request]:
@@ -81,13 +124,14 @@ class Scheduler:
                 self.running.remove(request)
             elif request in self.waiting:
                 self.waiting.remove(request)
+            self.remote_waiting.pop(request_id, None)
             request.stop_reason = stop_reason if stop_reason is not None else request.stop_reason
             self._finish(request, status)
             finished.append(request)
         return finished
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.remote_waiting or self.leased)
 
     @property
     def num_running(self) -> int:
@@ -106,7 +150,11 @@ class Scheduler:
         if not plan.preempted_request_ids:
             self._schedule_waiting(plan, budget)
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += num_tokens
+            request = self.requests[request_id]
+            request.num_computed_tokens += num_tokens
+            if request.kv_peer and request.num_computed_tokens >= request.num_prompt_tokens:
+                plan.kv_sends.append(KVSend(request_id, list(self.kv.block_ids(request_id)),
+                                            request.num_prompt_tokens, request.kv_peer))
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
@@ -136,8 +184,11 @@ class Scheduler:
     def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached = self.kv.lookup_prefix(request.token_view)
-            num_computed = len(cached) * self.kv.block_size
+            if self.kv.block_ids(request.request_id):  # a remote prefill: its blocks are reserved
+                cached, num_computed = [], request.num_computed_tokens
+            else:
+                cached = self.kv.lookup_prefix(request.token_view)
+                num_computed = len(cached) * self.kv.block_size
             num_new = request.num_tokens - num_computed
             if not self.config.enable_chunked_prefill and num_new > budget:
                 break
@@ -147,8 +198,9 @@ class Scheduler:
             self.waiting.popleft()
             self.kv.allocate(request.request_id, num_computed + num_new, cached)
             if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_computed
-                self.kv.record_prefix_lookup(request.num_prompt_tokens, num_computed)
+                request.num_cached_tokens = 0 if request.remote_prefill else num_computed
+                if not request.remote_prefill:
+                    self.kv.record_prefix_lookup(request.num_prompt_tokens, num_computed)
                 request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
@@ -171,6 +223,14 @@ class Scheduler:
     def update_from_result(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Append sampled tokens, publish newly full blocks to the prefix cache and finish requests
         that hit a stop condition. Returns the requests that received a token this step."""
+        for request_id in result.finished_sending + result.failed_sending:
+            if request_id in self.leased:  # the peer has the KV (or never will): drop the lease
+                self.leased.discard(request_id)
+                self.kv.free(request_id)
+        for request_id in result.finished_recving:
+            self.remote_kv_done(request_id, ok=True)
+        for request_id in result.failed_recving:
+            self.remote_kv_done(request_id, ok=False)
         updated = []
         for request_id in plan.num_scheduled_tokens:
             request = self.requests.get(request_id)
@@ -182,6 +242,8 @@ class Scheduler:
                 continue  # a prompt chunk that did not reach the end of the prompt
             request.output_token_ids.append(token_id)
             status = self._check_stop(request, token_id)
+            if status is None and request.kv_peer:
+                status = RequestStatus.FINISHED_REMOTE_DECODE  # decoding continues on the peer
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -203,6 +265,9 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        self.kv.free(request.request_id)
+        if request.kv_peer and request.num_computed_tokens >= request.num_prompt_tokens:
+            self.leased.add(request.request_id)  # its KV is being sent: free on the peer's ack
+        else:
+            self.kv.free(request.request_id)
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)

@@ -35,6 +35,16 @@ class CachedRequestData:
 
 
 @dataclass
+class KVSend:
+    """Send the prompt KV of a request whose prefill completes this step, layer group by layer group
+    as the forward pass produces them."""
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int
+    peer: str  # the decode instance's KV-transfer address
+
+
+@dataclass
 class StepPlan:
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
@@ -42,7 +52,7 @@ class StepPlan:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_request_ids: list[str] = field(default_factory=list)  # runner drops their state
     preempted_request_ids: list[str] = field(default_factory=list)  # likewise; resumed as new later
-    kv_transfers: list[Any] = field(default_factory=list)  # KV moves to perform (empty when colocated)
+    kv_sends: list[KVSend] = field(default_factory=list)  # empty when colocated
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -59,5 +69,9 @@ class StepResult:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     # per request: an opaque logprob record for that token (formatted by the serving layer)
     logprobs: dict[str, Any] = field(default_factory=dict)
-    finished_transfer_ids: list[str] = field(default_factory=list)
-    failed_transfer_ids: list[str] = field(default_factory=list)
+    # KV transfers that ended since the last step: sends acknowledged by the peer (prefill side) or
+    # receives complete (decode side), and those that failed for good
+    finished_sending: list[str] = field(default_factory=list)
+    failed_sending: list[str] = field(default_factory=list)
+    finished_recving: list[str] = field(default_factory=list)
+    failed_recving: list[str] = field(default_factory=list)

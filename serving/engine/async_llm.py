@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -41,11 +42,15 @@ class AsyncLLM:
 
     @classmethod
     def from_config(cls, config: Config) -> "AsyncLLM":
-        return cls(EngineCore(config), config.model.served_model_name)
+        core = EngineCore(config)
+        # like vLLM: the name is what --model said; the built-in model is called by its folder name
+        name = config.model.served_model_name or config.model.model or os.path.basename(core.model_dir)
+        return cls(core, name)
 
     # ---- EngineClient ----
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, **request_kwargs) -> AsyncIterator[RequestOutput]:
+        """request_kwargs go to EngineCore.add_request (kv_peer, remote_prefill, client_id)."""
         if self._dead:
             raise EngineDeadError(self._dead)
         loop = asyncio.get_running_loop()
@@ -53,7 +58,8 @@ class AsyncLLM:
         self._streams[request_id] = (loop, stream)
         finished = False
         try:
-            await asyncio.wrap_future(self._post(self.core.add_request, request_id, prompt_token_ids, params))
+            await asyncio.wrap_future(self._post(
+                lambda: self.core.add_request(request_id, prompt_token_ids, params, **request_kwargs)))
             while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -100,6 +106,9 @@ class AsyncLLM:
                 self._drain_inbox()
                 if self.core.has_unfinished():
                     self._deliver(self.core.step())
+                    if self.core.last_step_idle:  # only waiting on KV transfers: poll gently
+                        self._wake.wait(0.002)
+                        self._wake.clear()
                 else:
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()

@@ -36,12 +36,18 @@ def resolve_model_dir(model: str | None) -> str:
 
 
 class EngineCore:
-    def __init__(self, config: Config, runner: ModelRunner | None = None) -> None:
+    def __init__(self, config: Config, runner: ModelRunner | None = None, connector=None,
+                 detokenize: bool = True) -> None:
+        """detokenize=False: outputs carry token ids only and stop strings are not checked (an instance
+        behind a router, which detokenizes for the client)."""
         self.config = config
         self.model_dir = resolve_model_dir(config.model.model)
         device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, device)
-        self.runner = runner or ModelRunner(self.model_dir, config.cache, device, dtype, config.model.seed)
+        self.runner = runner or ModelRunner(self.model_dir, config.cache, device, dtype, config.model.seed,
+                                            connector=connector)
+        self.detokenize = detokenize
+        self.last_step_idle = True  # the last step computed nothing (only polled transfers)
         arch = self.runner.arch
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len, arch)
         self.eos_token_ids = arch.eos_token_ids
@@ -67,21 +73,30 @@ class EngineCore:
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    client_id: str = "") -> None:
-        """Queue a request; RequestRejectedError (a ValueError) says why one cannot be served."""
+                    client_id: str = "", kv_peer: str | None = None, remote_prefill: bool = False) -> None:
+        """Queue a request; RequestRejectedError (a ValueError) says why one cannot be served.
+
+        kv_peer: (prefill instance) send the prompt KV there and finish after the first token.
+        remote_prefill: (decode instance) reserve blocks now and wait for the KV and the first token
+        (set_first_token); raises NoKVSpaceError when the blocks are not free (backpressure)."""
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestRejectedError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         try:
             request = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
-                              self.max_model_len, client_id)
+                              self.max_model_len, client_id, kv_peer=kv_peer, remote_prefill=remote_prefill)
             self.scheduler.add_request(request)
         except (RequestTooLargeError, ValueError) as e:
             raise RequestRejectedError(str(e)) from e
-        self._detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
-            params.skip_special_tokens)
+        if self.detokenize:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
+                params.skip_special_tokens)
         self._awaiting_first_output.add(request_id)
+
+    def set_first_token(self, request_id: str, token_id: int) -> None:
+        """Decode instance: the first output token of a remote-prefilled request."""
+        self.scheduler.set_first_token(request_id, token_id)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
                        error: str | None = None) -> list[RequestOutput]:
@@ -94,6 +109,7 @@ class EngineCore:
     # ---- stepping ----
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        self.last_step_idle = plan.is_empty
         try:
             result = self.runner.execute(plan)
         except Exception as e:  # a failed forward fails its requests, not the engine
@@ -103,7 +119,8 @@ class EngineCore:
         outputs = []
         for request in self.scheduler.update_from_result(plan, result):
             token_id = request.output_token_ids[-1]
-            stop = self._detokenizers[request.request_id].add_tokens([token_id])
+            detok = self._detokenizers.get(request.request_id)
+            stop = detok.add_tokens([token_id]) if detok else None
             if stop is not None and not request.is_finished:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED, stop)
             logprob = result.logprobs.get(request.request_id)
@@ -114,20 +131,21 @@ class EngineCore:
                      ) -> RequestOutput:
         request_id = request.request_id
         finished = request.is_finished
-        detok = self._detokenizers[request_id]
+        detok = self._detokenizers.get(request_id)
         queue_time = None
         if request_id in self._awaiting_first_output:
             self._awaiting_first_output.discard(request_id)
             if request.first_scheduled_time is not None:
                 queue_time = request.first_scheduled_time - request.arrival_time
         output = RequestOutput(
-            request_id=request_id, new_token_ids=new_token_ids, new_text=detok.take_new_text(finished),
+            request_id=request_id, new_token_ids=new_token_ids,
+            new_text=detok.take_new_text(finished) if detok else "",
             finished=finished, finish_reason=request.status.finish_reason if finished else None,
             stop_reason=request.stop_reason if finished else None, new_logprobs=logprobs,
             num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=len(request.output_token_ids),
             num_cached_tokens=max(0, request.num_cached_tokens), error=error, queue_time_s=queue_time)
         if finished:
-            del self._detokenizers[request_id]
+            self._detokenizers.pop(request_id, None)
             self._awaiting_first_output.discard(request_id)
         return output
 
@@ -140,5 +158,6 @@ class EngineCore:
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
-        assert set(self.kv.request_ids) <= set(self.scheduler.requests), "blocks held by an unknown request"
-        assert set(self._detokenizers) == set(self.scheduler.requests), "detokenizer state leaked"
+        owners = set(self.scheduler.requests) | self.scheduler.leased
+        assert set(self.kv.request_ids) <= owners, "blocks held by an unknown request"
+        assert set(self._detokenizers) <= set(self.scheduler.requests), "detokenizer state leaked"

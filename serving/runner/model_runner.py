@@ -3,6 +3,7 @@ writing the paged KV cache, and samples. Makes no scheduling decisions."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from kernels.ops import paged_attention, write_kv
 from kvcache.config import CacheConfig
 from scheduler.step import StepPlan, StepResult
 from serving.models import CausalLM, ModelArchConfig, load_model
+from serving.runner.connector import KVConnector, NullConnector
 from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
 
@@ -55,8 +57,10 @@ def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtyp
 
 class ModelRunner:
     def __init__(self, model_dir: str, cache_config: CacheConfig, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, model: CausalLM | None = None) -> None:
+                 dtype: torch.dtype, seed: int = 0, model: CausalLM | None = None,
+                 connector: KVConnector | None = None) -> None:
         self.device = device
+        self.connector: KVConnector = connector or NullConnector()
         self.dtype = dtype
         self.block_size = cache_config.block_size
         self.model = model if model is not None else load_model(model_dir, dtype, device)
@@ -75,6 +79,7 @@ class ModelRunner:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.states: dict[str, RunnerRequestState] = {}
+        self.forward_seconds = 0.0  # cumulative time inside the model's forward + logits
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
 
@@ -96,19 +101,43 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         self._apply_plan(plan)
-        if plan.is_empty:
-            return StepResult()
+        result = StepResult() if plan.is_empty else self._execute(plan)
+        events = self.connector.poll()
+        result.finished_sending, result.failed_sending = events.finished_sending, events.failed_sending
+        result.finished_recving, result.failed_recving = events.finished_recving, events.failed_recving
+        return result
+
+    def _forward(self, inputs, attn: PagedAttentionBackend, plan: StepPlan) -> Tensor:
+        if not plan.kv_sends:
+            hidden, _ = self.model(inputs.input_ids, inputs.positions, attn)
+            return hidden
+        # layer by layer (group by group): each group's KV leaves while later layers compute
+        self.connector.begin_sends(self.kv_cache, plan.kv_sends)
+        hidden, residual = None, None
+        for start, end in self.connector.layer_groups(self.arch.num_layers, plan.total_num_scheduled_tokens):
+            hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, start, end, hidden, residual)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the sender reads the cache
+            self.connector.layers_done(start, end)
+        return hidden
+
+    def _execute(self, plan: StepPlan) -> StepResult:
         request_ids = list(plan.num_scheduled_tokens)
         states = [self.states[r] for r in request_ids]
         num_tokens = [plan.num_scheduled_tokens[r] for r in request_ids]
         inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
         attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale)
-        hidden, _ = self.model(inputs.input_ids, inputs.positions, attn)          # [T, H]
+        started = time.perf_counter()
+        hidden = self._forward(inputs, attn, plan)                               # [T, H]
+        logits = (self.model.compute_logits(hidden[inputs.logits_indices])       # [S, V]
+                  if inputs.sample_request_ids else None)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.forward_seconds += time.perf_counter() - started
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
-        if not inputs.sample_request_ids:
+        if logits is None:
             return StepResult()
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])        # [S, V]
         return self._sample(logits, inputs.sample_request_ids)
 
     def _sample(self, logits: Tensor, request_ids: list[str]) -> StepResult:

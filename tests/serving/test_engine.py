@@ -23,11 +23,16 @@ def hf_model(tiny_model_dir):
 
 
 def hf_greedy(hf_model, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt_ids])
+    """Plain argmax decoding with transformers' own KV cache (generate's min_new_tokens would mask
+    EOS, which ignore_eos does not)."""
+    tokens = []
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                                min_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+        out = hf_model(torch.tensor([prompt_ids]), use_cache=True)
+        for _ in range(max_tokens):
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            out = hf_model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
 
 
 def greedy(max_tokens=MAX_TOKENS, **kw):

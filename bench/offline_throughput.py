@@ -1,0 +1,102 @@
+"""Offline throughput and per-step overhead of pdserve's engine against transformers' batched generate.
+
+    python -m bench.offline_throughput --model DIR [--batch-sizes 1,8,32,64] [--input-len 128]
+                                       [--output-len 128] [--json out.json]
+
+Both systems get the same token-id prompts (lengths spread +-25% around --input-len, so batching must
+cope with ragged prompts) and produce exactly --output-len tokens each (ignore_eos). Overhead is the
+share of the engine's wall time spent outside the model's forward pass (scheduling, batch preparation,
+sampling, detokenization). The ratio column is pdserve's throughput over transformers' in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+
+def make_prompts(vocab_size: int, batch: int, input_len: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    lo, hi = max(1, int(input_len * 0.75)), int(input_len * 1.25)
+    return [[rng.randrange(10, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(batch)]
+
+
+def run_pdserve(llm, prompts, output_len: int) -> dict:
+    from scheduler import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    runner = llm.engine.runner
+    forward_before = runner.forward_seconds
+    started = time.perf_counter()
+    results = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - started
+    forward = runner.forward_seconds - forward_before
+    num_out = sum(len(r.outputs[0].token_ids) for r in results)
+    return {"seconds": elapsed, "output_tokens": num_out, "tok_per_s": num_out / elapsed,
+            "overhead_share": max(0.0, 1 - forward / elapsed)}
+
+
+def run_transformers(model, prompts, output_len: int, pad_id: int) -> dict:
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as generate expects for decoder-only models
+        ids[i, longest - len(p):] = torch.tensor(p)
+        mask[i, longest - len(p):] = 1
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+                             do_sample=False, pad_token_id=pad_id)
+    elapsed = time.perf_counter() - started
+    num_out = (out.shape[1] - longest) * len(prompts)
+    return {"seconds": elapsed, "output_tokens": num_out, "tok_per_s": num_out / elapsed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model directory (e.g. from pdserve make-model --size small)")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+    from serving.llm import LLM
+
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    llm = LLM(args.model, max_num_seqs=max(batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False, kv_cache_memory_bytes="2GiB")
+    hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    vocab = llm.engine.vocab_size
+    run_pdserve(llm, make_prompts(vocab, 2, 16, 99), 4)  # warm-up
+    rows = []
+    for batch in tqdm(batch_sizes, desc="batch sizes"):
+        prompts = make_prompts(vocab, batch, args.input_len, args.seed + batch)
+        row = {"batch": batch, "pdserve": run_pdserve(llm, prompts, args.output_len)}
+        if hf is not None:
+            row["transformers"] = run_transformers(hf, prompts, args.output_len, pad_id=0)
+            row["ratio"] = row["pdserve"]["tok_per_s"] / row["transformers"]["tok_per_s"]
+        rows.append(row)
+    print(f"\nmodel={args.model} input_len~{args.input_len} output_len={args.output_len} "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'batch':>5} {'pdserve tok/s':>14} {'overhead':>9} {'transformers tok/s':>19} {'ratio':>6}")
+    for row in rows:
+        hf_tps = row.get("transformers", {}).get("tok_per_s", float("nan"))
+        print(f"{row['batch']:>5} {row['pdserve']['tok_per_s']:>14.1f} {row['pdserve']['overhead_share']:>8.1%} "
+              f"{hf_tps:>19.1f} {row.get('ratio', float('nan')):>6.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
