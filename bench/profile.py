@@ -1,0 +1,107 @@
+"""`pdserve profile`: measure prefill and decode step latency on this hardware and fit the latency model.
+
+    pdserve profile --model DIR --out latency.json [--quick]
+
+Drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
+forward pass plus sampling, exactly what a serving step costs. The fitted model (scheduler/latency_model.py)
+is what the placement planner and simulator read.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from scheduler.latency_model import LatencyModel, fit_decode, fit_prefill
+from scheduler.sampling_params import SamplingParams
+from scheduler.step import NewRequestData, StepPlan
+
+_GREEDY = SamplingParams(temperature=0.0, max_tokens=1)
+
+
+def _plan(runner, lens: list[int], num_new: list[int], step: int) -> StepPlan:
+    """One step where request i has lens[i] tokens of context, the last num_new[i] of them computed now."""
+    block_size = runner.block_size
+    plan, next_block = StepPlan(), 0
+    for i, (length, new) in enumerate(zip(lens, num_new)):
+        num_blocks = -(-length // block_size)
+        rid = f"p{step}-{i}"
+        # token ids don't change the cost; the cache content of "already computed" tokens is stale data
+        plan.new_requests.append(NewRequestData(rid, [7] * length, length, _GREEDY,
+                                                list(range(next_block, next_block + num_blocks)), length - new))
+        plan.num_scheduled_tokens[rid] = new
+        next_block += num_blocks
+    return plan
+
+
+def time_step(runner, lens: list[int], num_new: list[int], repeats: int, step: int) -> float:
+    samples = []
+    for r in range(repeats):
+        plan = _plan(runner, lens, num_new, step * 100 + r)
+        started = time.perf_counter()
+        runner.execute(plan)
+        samples.append(time.perf_counter() - started)
+        runner.execute(StepPlan(finished_request_ids=list(plan.num_scheduled_tokens)))
+    return statistics.median(samples)
+
+
+def grids(quick: bool, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    lengths = [16, 64, 256] if quick else [32, 128, 256, 512, 1024, 2048]
+    prefill = [[n] * b for n in lengths for b in (1, 2) if n * b <= max_tokens]
+    batch_sizes = [1, 4, 16] if quick else [1, 4, 16, 32, 64]
+    contexts = [64, 256] if quick else [128, 512, 1024, 2048]
+    decode = [[c] * b for b in batch_sizes for c in contexts if c * b <= max_tokens * 16]
+    return prefill, decode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model directory (default: the built-in tiny model)")
+    parser.add_argument("--out", default="latency_model.json", help="where to write the fitted model")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-tokens", type=int, default=2048, help="largest prefill batch in tokens")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a small grid (seconds, for smoke tests)")
+    args = parser.parse_args(argv)
+
+    from kvcache.config import CacheConfig
+    from serving.engine.core import resolve_model_dir
+    from serving.runner.model_runner import ModelRunner, resolve_device, resolve_dtype
+
+    model_dir = resolve_model_dir(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    prefill_grid, decode_grid = grids(args.quick, args.max_tokens)
+    most_tokens = max(sum(b) for b in prefill_grid + decode_grid)
+    runner = ModelRunner(model_dir, CacheConfig(num_blocks_override=most_tokens // 16 + 64), device, dtype)
+    time_step(runner, [8], [8], 2, step=0)  # warm-up
+    prefill_s, decode_s = [], []
+    with tqdm(total=len(prefill_grid) + len(decode_grid), desc="profiling steps") as bar:
+        for i, lens in enumerate(prefill_grid):
+            prefill_s.append(time_step(runner, lens, lens, args.repeats, step=1 + i))
+            bar.update(1)
+        for i, ctx in enumerate(decode_grid):
+            decode_s.append(time_step(runner, ctx, [1] * len(ctx), args.repeats, step=1000 + i))
+            bar.update(1)
+    model = LatencyModel(fit_prefill(prefill_grid, prefill_s), fit_decode(decode_grid, decode_s), meta={
+        "model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": 1, "pp": 1,
+        "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
+        "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)]})
+    model.save(args.out)
+    p, d = model.prefill, model.decode
+    print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
+    print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

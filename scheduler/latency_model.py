@@ -1,0 +1,71 @@
+"""The step-latency model that the simulator and the placement planner use (DistServe's form):
+
+    prefill(batch) = a + b * sum(len) + c * sum(len^2)          (seconds)
+    decode(batch)  = a + b * sum(context) + c * batch_size      (seconds)
+
+fitted per model x hardware x parallelism from profiled steps (`pdserve profile`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PhaseCoefficients:
+    a: float
+    b: float
+    c: float
+    r2: float = float("nan")  # goodness of fit on the profiled samples
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    prefill: PhaseCoefficients
+    decode: PhaseCoefficients
+    meta: dict = field(default_factory=dict)  # model, device, dtype, tp, pp, ...
+
+    def prefill_time(self, prompt_lens: list[int]) -> float:
+        lens = np.asarray(prompt_lens, dtype=np.float64)
+        p = self.prefill
+        return p.a + p.b * lens.sum() + p.c * (lens ** 2).sum()
+
+    def decode_time(self, context_lens: list[int]) -> float:
+        d = self.decode
+        return d.a + d.b * float(sum(context_lens)) + d.c * len(context_lens)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str) -> "LatencyModel":
+        with open(path) as f:
+            data = json.load(f)
+        try:
+            return cls(PhaseCoefficients(**data["prefill"]), PhaseCoefficients(**data["decode"]),
+                       data.get("meta", {}))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a latency model written by `pdserve profile`: {e}") from e
+
+
+def _fit(features: np.ndarray, seconds: np.ndarray) -> PhaseCoefficients:
+    coef, *_ = np.linalg.lstsq(features, seconds, rcond=None)
+    predicted = features @ coef
+    total = ((seconds - seconds.mean()) ** 2).sum()
+    r2 = 1.0 - ((seconds - predicted) ** 2).sum() / total if total > 0 else float("nan")
+    return PhaseCoefficients(*(float(x) for x in coef), r2=float(r2))
+
+
+def fit_prefill(batches: list[list[int]], seconds: list[float]) -> PhaseCoefficients:
+    """batches: prompt lengths of each profiled prefill step."""
+    x = np.array([[1.0, sum(b), sum(l * l for l in b)] for b in batches])
+    return _fit(x, np.asarray(seconds, dtype=np.float64))
+
+
+def fit_decode(batches: list[list[int]], seconds: list[float]) -> PhaseCoefficients:
+    """batches: context lengths of each profiled decode step."""
+    x = np.array([[1.0, sum(b), len(b)] for b in batches])
+    return _fit(x, np.asarray(seconds, dtype=np.float64))

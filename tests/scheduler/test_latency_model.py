@@ -1,0 +1,46 @@
+import math
+import random
+
+import pytest
+
+from scheduler.latency_model import LatencyModel, PhaseCoefficients, fit_decode, fit_prefill
+
+
+def test_fit_recovers_known_coefficients(tmp_path):
+    rng = random.Random(0)
+    true_p = (0.01, 2e-4, 3e-8)
+    true_d = (0.005, 1e-6, 4e-4)
+    prefill = [[rng.randrange(16, 2048) for _ in range(rng.randrange(1, 4))] for _ in range(40)]
+    decode = [[rng.randrange(16, 4096) for _ in range(rng.randrange(1, 64))] for _ in range(40)]
+    p_s = [true_p[0] + true_p[1] * sum(b) + true_p[2] * sum(x * x for x in b) for b in prefill]
+    d_s = [true_d[0] + true_d[1] * sum(b) + true_d[2] * len(b) for b in decode]
+    model = LatencyModel(fit_prefill(prefill, p_s), fit_decode(decode, d_s), {"model": "synthetic"})
+    for got, want in zip((model.prefill.a, model.prefill.b, model.prefill.c), true_p):
+        assert got == pytest.approx(want, rel=1e-6)
+    for got, want in zip((model.decode.a, model.decode.b, model.decode.c), true_d):
+        assert got == pytest.approx(want, rel=1e-6)
+    assert model.prefill.r2 == pytest.approx(1.0)
+    path = tmp_path / "lat.json"
+    model.save(str(path))
+    loaded = LatencyModel.load(str(path))
+    assert loaded == model
+    assert loaded.prefill_time([100, 200]) == pytest.approx(true_p[0] + true_p[1] * 300 + true_p[2] * 50000)
+    assert loaded.decode_time([10, 20, 30]) == pytest.approx(true_d[0] + true_d[1] * 60 + true_d[2] * 3)
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match="pdserve profile"):
+        LatencyModel.load(str(path))
+
+
+def test_profile_command_writes_a_usable_model(tiny_model_dir, tmp_path):
+    from bench.profile import main
+    out = tmp_path / "latency.json"
+    assert main(["--model", tiny_model_dir, "--quick", "--repeats", "1", "--out", str(out)]) == 0
+    model = LatencyModel.load(str(out))
+    assert isinstance(model.prefill, PhaseCoefficients)
+    assert len(model.meta["prefill_samples"]) >= 4 and len(model.meta["decode_samples"]) >= 4
+    assert all(s > 0 for _, s in model.meta["prefill_samples"] + model.meta["decode_samples"])
+    assert math.isfinite(model.prefill_time([256])) and math.isfinite(model.decode_time([64, 64]))
