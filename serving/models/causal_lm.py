@@ -60,8 +60,11 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
-        norm = (lambda: HeadRMSNorm(self.head_dim, config.rms_norm_eps)) if config.qk_norm else nn.Identity
-        self.q_norm, self.k_norm = norm(), norm()
+        if config.qk_norm:
+            self.q_norm = HeadRMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = HeadRMSNorm(self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, positions: Tensor, x: Tensor, cos_sin_cache: Tensor, attn: AttentionBackend
                 ) -> Tensor:

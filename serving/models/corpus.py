@@ -40,7 +40,8 @@ contain front teach week final gave green oh quick develop ocean warm free minut
 behind clear tail produce fact street inch multiply nothing course stay wheel full force blue object
 decide surface deep moon island foot system busy test record boat common gold possible plane stead dry
 wonder laugh thousand ago ran check game shape equate miss brought heat snow tire bring yes distant fill
-east paint language among server request token model memory cache batch queue latency
+east paint language among server request token model memory cache batch queue latency user
+assistant system hello please thanks
 """.split()
 
 _ONSETS = "b c d f g h j k l m n p r s t v w z br cl dr fl gr pl pr sh st th tr ch qu sp".split()
@@ -50,12 +51,17 @@ _PUNCT = [".", ".", ".", "?", "!"]
 
 
 def build_corpus(num_lines: int, num_rare_words: int, seed: int = 0) -> list[str]:
-    """`num_lines` lines of mixed text (about 50 characters each) plus the Zen of Python."""
+    """About `num_lines` lines of mixed text (~50 characters each), grouped into short documents so
+    newlines and blank lines are learned too, plus the Zen of Python."""
     rng = random.Random(seed)
     words = _WordSampler(rng, _pseudo_words(rng, num_rare_words))
     makers = [_sentence] * 6 + [_code_line] * 2 + [_numbers_line]
-    lines = [rng.choice(makers)(rng, words) for _ in range(num_lines)]
-    return lines + zen_of_python().splitlines()
+    documents, num_done = [], 0
+    while num_done < num_lines:
+        lines = [rng.choice(makers)(rng, words) for _ in range(rng.randint(1, 6))]
+        documents.append(rng.choice(["\n", "\n", "\n\n", " "]).join(lines))
+        num_done += len(lines)
+    return documents + [zen_of_python()]
 
 
 class _WordSampler:

@@ -87,9 +87,9 @@ def make_model(size: str, out_dir: str, seed: int = 0, overwrite: bool = False) 
     try:
         os.chmod(tmp_dir, 0o755)
         write_model_files(MODEL_SIZES[size], tmp_dir, seed)
-        if os.path.exists(out_dir):
+        if overwrite and os.path.exists(out_dir):
             shutil.rmtree(out_dir)
-        os.rename(tmp_dir, out_dir)
+        os.rename(tmp_dir, out_dir)  # fails if another builder filled out_dir meanwhile
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -99,6 +99,7 @@ def make_model(size: str, out_dir: str, seed: int = 0, overwrite: bool = False) 
 def write_model_files(spec: ModelSize, out_dir: str, seed: int) -> None:
     with tqdm(total=spec.num_params, unit="param", unit_scale=True, desc="make-model",
               disable=spec.num_params < 10_000_000) as progress:
+        progress.set_description("make-model: training tokenizer")
         tokenizer = tok.train_tokenizer(build_corpus(spec.num_corpus_lines, spec.num_rare_words),
                                         spec.vocab_size)
         tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
@@ -108,6 +109,7 @@ def write_model_files(spec: ModelSize, out_dir: str, seed: int) -> None:
         hf_config, generation_config = hf_configs(spec, special_ids)
         _write_json(os.path.join(out_dir, "config.json"), hf_config)
         _write_json(os.path.join(out_dir, "generation_config.json"), generation_config)
+        progress.set_description("make-model: weights")
         weights = init_weights(spec, seed, on_tensor=lambda t: progress.update(t.numel()))
         save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     for name in os.listdir(out_dir):  # safetensors writes 0600; a shared model cache wants 0644

@@ -96,7 +96,9 @@ def test_config_matches_hf(hf_and_ours):
     hf_config = hf_model.config
     assert config.architecture == CASES[name][1]
     assert config.num_layers == hf_config.num_hidden_layers
-    assert config.head_dim == getattr(hf_config, "head_dim", None) or 64 // 4
+    assert config.head_dim == (32 if name == "qwen3-qk-norm" else 64 // 4) == hf_model.model.layers[0] \
+        .self_attn.head_dim
+    assert (model_dir / "model.safetensors.index.json").exists() == (name == "qwen2-qkv-bias")
     assert config.eos_token_ids == (2,) and config.bos_token_id == 1
     assert config.tie_word_embeddings == (name == "llama-tied-bias")
     assert config.attention_bias == (name in ("llama-tied-bias", "qwen2-qkv-bias"))
