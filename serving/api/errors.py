@@ -1,5 +1,5 @@
-"""OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, and the handlers that make
-every failure (ours, FastAPI's, Starlette's) come out in it with the right status.
+"""OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, and the handlers that
+make every failure (ours, FastAPI's, Starlette's) come out in it with the right status.
 
 Client mistakes are 4xx with a message that says what to change; anything unexpected is a 500 with a
 generic message (the details go to the log, never a stack trace to the client).
@@ -37,8 +37,8 @@ class ApiError(Exception):
         self.code = code
 
     def body(self) -> dict:
-        error_type = _TYPE_BY_STATUS.get(self.status,
-                                         "server_error" if self.status >= 500 else "invalid_request_error")
+        default_type = "server_error" if self.status >= 500 else "invalid_request_error"
+        error_type = _TYPE_BY_STATUS.get(self.status, default_type)
         return {"error": {"message": self.message, "type": error_type, "param": self.param,
                           "code": self.code}}
 

@@ -35,6 +35,7 @@ class ChoiceState:
 
     def add(self, output: RequestOutput) -> None:
         self.text_parts.append(output.new_text)
+        self.num_text_chars += len(output.new_text)
         self.logprobs.extend(output.new_logprobs or [])
         self.num_output_tokens += len(output.new_token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)

@@ -1,0 +1,73 @@
+"""Plain ASGI middleware: API-key check and request-body size limit.
+
+Plain ASGI (not Starlette's BaseHTTPMiddleware) so streaming responses and the disconnect signal on
+`receive` pass through untouched.
+"""
+from __future__ import annotations
+
+import secrets
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.api.errors import ApiError
+
+# probes and scrapers must work without the key
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+
+
+class ApiKeyAuth:
+    """With a key configured, every path but OPEN_PATHS needs `Authorization: Bearer <key>`."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self._expected = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._expected is None or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        # compare_digest: the time taken must not reveal how much of the key matched
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                    self._expected):
+            error = ApiError(401, "Invalid or missing API key; send 'Authorization: Bearer <key>'.",
+                             code="invalid_api_key")
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _too_large(max_bytes: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than the limit of {max_bytes} bytes.",
+                    code="request_too_large")
+
+
+class BodySizeLimit:
+    """413 for bodies over `max_bytes`: at once when Content-Length says so, otherwise as soon as
+    the bytes received pass the limit (chunked uploads), raised from `receive` as an ApiError."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self._max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_bytes:
+            await _too_large(self._max_bytes).response()(scope, receive, send)
+            return
+        num_received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal num_received
+            message = await receive()
+            if message["type"] == "http.request":
+                num_received += len(message.get("body", b""))
+                if num_received > self._max_bytes:
+                    raise _too_large(self._max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
