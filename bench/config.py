@@ -74,7 +74,7 @@ def parse_tenants(spec: str | None) -> tuple[tuple[str, float], ...]:
 @dataclass(frozen=True)
 class EndpointConfig:
     """The server under test, reached over HTTP only."""
-    base_url: str
+    base_url: str = ""  # empty until known (side-by-side runs fill it in per system)
     endpoint: str = "/v1/completions"
     model: str | None = None  # served model name; None: the first one /v1/models lists
     api_key: str | None = None
@@ -84,7 +84,7 @@ class EndpointConfig:
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")):
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
         if not self.endpoint.endswith("completions"):
             raise ValueError("--endpoint must be /v1/completions or /v1/chat/completions, "

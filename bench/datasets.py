@@ -64,7 +64,7 @@ def build_workload(config: WorkloadConfig, synthesizer: PromptSynthesizer) -> Wo
         conversations = loader(config, synthesizer, prompt_rng)
     else:
         conversations = synthetic_conversations(config, synthesizer, length_rng, prompt_rng)
-    kept = [c for c in conversations if fits(c, config.max_model_len)]
+    kept = [c for c in conversations if trim_to_context(c, config.max_model_len)]
     weights = dict(config.tenants)
     assign_tenants(kept, config.tenants, tenant_rng)
     for conversation in kept:
@@ -119,8 +119,9 @@ def make_turn(synthesizer: PromptSynthesizer, prompt_format: str, num_input_toke
     return Turn(text, num_tokens, num_output_tokens)
 
 
-def fits(conversation: Conversation, max_model_len: int | None) -> bool:
-    """Drop-or-keep, and trim later turns whose history would overflow the context (mutates turns)."""
+def trim_to_context(conversation: Conversation, max_model_len: int | None) -> bool:
+    """Drop the turns from the first one whose history would overflow the context (mutates
+    `conversation.turns`); False when not even the first turn fits."""
     if max_model_len is None:
         return True
     context = 0

@@ -18,12 +18,16 @@ import numpy as np
 _WORD_TOKEN = re.compile(r"^[\u0120\u2581]?[A-Za-z]{2,}$")
 _MIN_WORD_TOKENS = 64
 _NUM_FIX_ROUNDS = 4
-_FALLBACK_WORDS = (
+_FALLBACK_WORDS = tuple((
     "the of and to in is you that it he was for on are as with his they at be this have from or one "
     "had by word but not what all were we when your can said there use an each which she do how their "
     "if will up other about out many then them these so some her would make like him into time has look "
     "two more write go see number no way could people my than first water been call who oil its now find "
-    "long down day did get come made may part").split()
+    "long down day did get come made may part").split())
+
+
+def _is_plain_text(text: str) -> bool:
+    return text.isascii() and text.isprintable() and any(c.isalpha() for c in text)
 
 
 def load_tokenizer(name_or_path: str) -> Any:
@@ -52,8 +56,14 @@ class PromptSynthesizer:
         pieces = tokenizer.convert_ids_to_tokens(list(range(vocab_size)))
         word_ids = [i for i, piece in enumerate(pieces)
                     if i not in special and piece is not None and _WORD_TOKEN.match(piece)]
-        if len(word_ids) < _MIN_WORD_TOKENS:  # an unusual vocabulary: fall back to every normal token
-            word_ids = [i for i in range(vocab_size) if i not in special]
+        if len(word_ids) < _MIN_WORD_TOKENS:
+            # a small or unusual vocabulary: any token that decodes to printable ASCII with a letter
+            # (single bytes of multi-byte characters would decode to replacement characters)
+            word_ids = [i for i in range(vocab_size) if i not in special
+                        and _is_plain_text(tokenizer.decode([i]))]
+        if not word_ids:
+            raise ValueError("the tokenizer has no token that decodes to plain text; pass another "
+                             "--tokenizer, or --tokenizer none")
         return np.asarray(word_ids, dtype=np.int64)
 
     def count_tokens(self, text: str) -> int:

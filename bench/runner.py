@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+import httpx
 import numpy as np
 from tqdm import tqdm
 
@@ -47,12 +48,13 @@ class RunResult:
     metrics: BenchmarkMetrics
 
 
-def run_benchmark(spec: RunSpec, workload: Workload,
-                  count_tokens: Callable[[str], int] | None = None) -> RunResult:
-    """Send the whole workload and measure it (blocking; runs its own event loop)."""
+def run_benchmark(spec: RunSpec, workload: Workload, count_tokens: Callable[[str], int] | None = None,
+                  transport: httpx.AsyncBaseTransport | None = None) -> RunResult:
+    """Send the whole workload and measure it (blocking; runs its own event loop). `transport`
+    replaces the network (tests use httpx.MockTransport)."""
     rng = np.random.default_rng([spec.seed, _ARRIVAL_SEED_OFFSET])
     arrivals_s = arrival_times(spec.load, len(workload.conversations), rng, workload.trace_times_s)
-    records, duration_s = asyncio.run(_run(spec, workload, arrivals_s, count_tokens))
+    records, duration_s = asyncio.run(_run(spec, workload, arrivals_s, count_tokens, transport))
     metrics = compute_metrics(records, duration_s, list(spec.percentiles), spec.slos_ms,
                               workload.tenant_weights)
     return RunResult(spec, records, duration_s, metrics)
@@ -88,48 +90,51 @@ def prompt_for(endpoint: EndpointConfig, history: list[dict[str, str]],
 
 
 async def _run(spec: RunSpec, workload: Workload, arrivals_s: np.ndarray,
-               count_tokens: Callable[[str], int] | None) -> tuple[list[RequestRecord], float]:
+               count_tokens: Callable[[str], int] | None,
+               transport: httpx.AsyncBaseTransport | None) -> tuple[list[RequestRecord], float]:
     records: list[RequestRecord] = []
     slots = (asyncio.Semaphore(spec.load.max_concurrency) if spec.load.max_concurrency
              else contextlib.nullcontext())
     run_id = uuid.uuid4().hex[:8]
     progress = tqdm(total=workload.num_requests, disable=not spec.show_progress, unit="req",
                     desc=f"rate {spec.load.request_rate:g}/s", dynamic_ncols=True)
-    async with StreamingClient(spec.endpoint, count_tokens) as client:
-        origin_s = time.perf_counter()
+    try:
+        async with StreamingClient(spec.endpoint, count_tokens, transport) as client:
+            origin_s = time.perf_counter()
 
-        async def converse(conversation: Conversation, arrival_s: float) -> None:
-            await asyncio.sleep(max(0.0, origin_s + arrival_s - time.perf_counter()))
-            history: list[dict[str, str]] = []
-            num_history_tokens = 0
-            for index, turn in enumerate(conversation.turns):
-                if index and workload.think_time_s:
-                    await asyncio.sleep(workload.think_time_s)
-                record = RequestRecord(
-                    request_id=f"bench-{run_id}-{conversation.conversation_id}-{index}",
-                    tenant=conversation.tenant, conversation_id=conversation.conversation_id,
-                    turn_index=index, num_prompt_tokens=num_history_tokens + turn.num_input_tokens,
-                    max_output_tokens=turn.num_output_tokens,
-                    arrival_s=time.perf_counter() - origin_s)
-                tenant = conversation.tenant if conversation.tenant != DEFAULT_TENANT else None
-                payload = build_payload(spec.endpoint, spec.model,
-                                        prompt_for(spec.endpoint, history, turn),
-                                        turn.num_output_tokens, tenant)
-                async with slots:
-                    await client.send(payload, record, origin_s)
-                records.append(record)
-                progress.update(1)
-                if not record.success:
-                    _skip_rest(conversation, index, record, records, progress)
-                    return
-                history += [{"role": "user", "content": str(turn.prompt)},
-                            {"role": "assistant", "content": record.generated_text}]
-                num_history_tokens = record.num_prompt_tokens + record.num_output_tokens
+            async def converse(conversation: Conversation, arrival_s: float) -> None:
+                await asyncio.sleep(max(0.0, origin_s + arrival_s - time.perf_counter()))
+                history: list[dict[str, str]] = []
+                num_history_tokens = 0
+                for index, turn in enumerate(conversation.turns):
+                    if index and workload.think_time_s:
+                        await asyncio.sleep(workload.think_time_s)
+                    record = RequestRecord(
+                        request_id=f"bench-{run_id}-{conversation.conversation_id}-{index}",
+                        tenant=conversation.tenant, conversation_id=conversation.conversation_id,
+                        turn_index=index, num_prompt_tokens=num_history_tokens + turn.num_input_tokens,
+                        max_output_tokens=turn.num_output_tokens,
+                        arrival_s=time.perf_counter() - origin_s)
+                    tenant = conversation.tenant if conversation.tenant != DEFAULT_TENANT else None
+                    payload = build_payload(spec.endpoint, spec.model,
+                                            prompt_for(spec.endpoint, history, turn),
+                                            turn.num_output_tokens, tenant)
+                    async with slots:
+                        await client.send(payload, record, origin_s)
+                    records.append(record)
+                    progress.update(1)
+                    if not record.success:
+                        _skip_rest(conversation, index, record, records, progress)
+                        return
+                    history += [{"role": "user", "content": str(turn.prompt)},
+                                {"role": "assistant", "content": record.generated_text}]
+                    num_history_tokens = record.num_prompt_tokens + record.num_output_tokens
 
-        await asyncio.gather(*(converse(c, float(t))
-                               for c, t in zip(workload.conversations, arrivals_s)))
-        duration_s = time.perf_counter() - origin_s
-    progress.close()
+            await asyncio.gather(*(converse(c, float(t))
+                                   for c, t in zip(workload.conversations, arrivals_s)))
+            duration_s = time.perf_counter() - origin_s
+    finally:
+        progress.close()
     records.sort(key=lambda r: (r.conversation_id, r.turn_index))
     return records, duration_s
 
