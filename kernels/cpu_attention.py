@@ -1,14 +1,14 @@
 """Torch paths of paged attention: what pdserve runs on CPU (and any non-CUDA device).
 
 Both gather each request's KV from the paged cache with one vectorised index and hand the math to
-torch's SDPA; GQA is handled by folding the query heads of one KV head into the query-length axis, so
-K/V are never repeated per query head.
+torch's SDPA without repeating K/V per query head: decode views the G query heads of a KV head as G
+query rows, prefill uses SDPA's enable_gqa.
 
 Block table to gathered context (block_size 4, seq_len 10, table row [7, 2, 9, <garbage>]):
 
     positions  0 1 2 3 | 4 5 6 7 | 8 9 . .
-    block      7       | 2       | 9          garbage entries are replaced by block 0 before
-                                                the gather and their positions masked out
+    block      7       | 2       | 9          slot = block * 4 + position % 4; positions past
+    slot      28 ... 31| 8 ... 11|36 37 0 0     seq_len read slot 0 and are masked out
 """
 
 import torch
@@ -16,62 +16,69 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def gather_context(cache: Tensor, block_tables: Tensor, seq_lens: Tensor, max_seq_len: int) -> Tensor:
-    """Gather [B, num_ctx_blocks * block_size, Hkv, D] from cache [num_blocks, block_size, Hkv, D].
+def context_slots(block_tables: Tensor, seq_lens: Tensor, block_size: int, max_seq_len: int
+                  ) -> tuple[Tensor, Tensor]:
+    """Cache slot of every context position: slots [B, max_seq_len] int64 and valid [B, max_seq_len].
 
-    Entries of block_tables past a request's last block may hold any value; they are read as block 0.
+    Positions at or past a request's seq_len (whose table entries may hold anything) read slot 0 and
+    are marked invalid.
     """
-    block_size = cache.shape[1]
-    num_ctx_blocks = max(1, -(-max_seq_len // block_size))
-    table = block_tables[:, :num_ctx_blocks].long()                       # [B, nb]
-    num_used_blocks = (seq_lens.long() + block_size - 1) // block_size    # [B]
-    in_use = torch.arange(num_ctx_blocks, device=table.device)[None, :] < num_used_blocks[:, None]
-    table = torch.where(in_use, table, torch.zeros_like(table))
-    gathered = cache[table]                                               # [B, nb, bs, Hkv, D]
-    return gathered.flatten(1, 2)                                         # [B, nb*bs, Hkv, D]
+    positions = torch.arange(max_seq_len, device=block_tables.device)                  # [S]
+    block_index = (positions // block_size).clamp(max=block_tables.shape[1] - 1)
+    block_ids = block_tables.long()[:, block_index]                                     # [B, S]
+    valid = positions[None, :] < seq_lens.long()[:, None]
+    slots = torch.where(valid, block_ids * block_size + positions % block_size, 0)
+    return slots, valid
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                      seq_lens: Tensor, scale: float, max_seq_len: int | None = None) -> Tensor:
-    """One query token per request, the whole batch in one padded SDPA call. q [B, Hq, D] -> [B, Hq, D]."""
+    """One query token per request, the whole batch in one padded SDPA call. q [B, Hq, D] -> [B, Hq, D].
+
+    The batch axes are ordered (Hkv, B) rather than (B, Hkv): gathering from the head-major view of the
+    cache then yields K/V in SDPA's contiguous layout in one index_select, with no transpose copy.
+    """
     num_seqs, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
     if num_seqs == 0:
         return torch.empty_like(q)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
-    keys = gather_context(k_cache, block_tables, seq_lens, max_seq_len)      # [B, S, Hkv, D]
-    values = gather_context(v_cache, block_tables, seq_lens, max_seq_len)
-    num_ctx = keys.shape[1]
-    valid = torch.arange(num_ctx, device=q.device)[None, :] < seq_lens.long()[:, None]   # [B, S]
-    q4 = q.view(num_seqs, num_kv_heads, group, head_dim)                     # [B, Hkv, G, D]
-    k4 = keys.transpose(1, 2).to(q.dtype)                                    # [B, Hkv, S, D]
-    v4 = values.transpose(1, 2).to(q.dtype)
-    out = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=valid[:, None, None, :], scale=scale)
-    return out.reshape(num_seqs, num_q_heads, head_dim)
+    slots, valid = context_slots(block_tables, seq_lens, block_size, max_seq_len)   # [B, S]
+
+    def gather(cache: Tensor) -> Tensor:                                              # [Hkv, B, S, D]
+        heads_first = cache.view(num_blocks * block_size, num_kv_heads, head_dim).transpose(0, 1)
+        return heads_first.index_select(1, slots.flatten()).view(
+            num_kv_heads, num_seqs, max_seq_len, head_dim).to(q.dtype)
+
+    q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)          # [Hkv, B, G, D]
+    out = F.scaled_dot_product_attention(q4, gather(k_cache), gather(v_cache),
+                                         attn_mask=valid[None, :, None, :], scale=scale)
+    return out.transpose(0, 1).reshape(num_seqs, num_q_heads, head_dim)
 
 
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_len: int,
                       scale: float) -> Tensor:
     """One request's query rows q [L, Hq, D] (the last L of its seq_len positions) -> [L, Hq, D]."""
-    num_q, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_q_heads // num_kv_heads
+    num_q = q.shape[0]
     block_size = k_cache.shape[1]
     table = block_table[: -(-seq_len // block_size)].long()
-    keys = k_cache[table].flatten(0, 1)[:seq_len].to(q.dtype)                # [S, Hkv, D]
-    values = v_cache[table].flatten(0, 1)[:seq_len].to(q.dtype)
-    # Query row j sits at absolute position seq_len - L + j and sees cache positions <= that.
-    q_pos = torch.arange(seq_len - num_q, seq_len, device=q.device)
-    mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [L, S]
-    # Fold the G query heads of each KV head into the row axis: [Hkv, G*L, D] against [Hkv, S, D].
-    q3 = q.view(num_q, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(
-        num_kv_heads, group * num_q, head_dim)
-    out = F.scaled_dot_product_attention(
-        q3, keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask.repeat(group, 1), scale=scale)
-    return out.view(num_kv_heads, group, num_q, head_dim).permute(2, 0, 1, 3).reshape(
-        num_q, num_q_heads, head_dim)
+    # SDPA's CPU flash kernel wants 4-D contiguous inputs; 3-D or strided ones fall to a path ~3x slower.
+    keys = k_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1).to(q.dtype).contiguous()[None]  # [1, Hkv, S, D]
+    values = v_cache[table].flatten(0, 1)[:seq_len].transpose(0, 1).to(q.dtype).contiguous()[None]
+    q_heads_first = q.transpose(0, 1).contiguous()[None]                                         # [1, Hq, L, D]
+    if num_q == seq_len:
+        # Nothing cached before the chunk: plain causal, SDPA's fastest path.
+        out = F.scaled_dot_product_attention(q_heads_first, keys, values, is_causal=True, scale=scale,
+                                             enable_gqa=True)
+    else:
+        # Query row j sits at position seq_len - L + j: causal aligned to the bottom-right corner.
+        # Imported here: the module pulls in torch._dynamo (~0.7 s), which only this case needs.
+        from torch.nn.attention.bias import causal_lower_right
+        out = F.scaled_dot_product_attention(q_heads_first, keys, values, attn_mask=causal_lower_right(num_q, seq_len),
+                                             scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
 
 
 def varlen_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,

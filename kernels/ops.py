@@ -2,7 +2,7 @@
 
 Each op runs its Triton kernel when the tensors live on CUDA and a torch path otherwise; both are tested
 against the loop definitions in `kernels.reference`. The Triton modules are imported only on the CUDA
-branch, so CPU serving never imports (or JIT-compiles) Triton.
+branch, so CPU serving never loads (or JIT-compiles) the Triton kernels.
 
 KV cache layout used throughout: kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D]; the per-layer
 k_cache / v_cache are kv_cache[l, 0] / kv_cache[l, 1], each [num_blocks, block_size, Hkv, D]; a slot is
@@ -57,16 +57,16 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, is_neox: bool) -> Tensor:
     rot_dim = 2 * cos.shape[-1]
-    out = x.clone()
     x32 = x[..., :rot_dim].float()
     if is_neox:
         x1, x2 = x32.chunk(2, dim=-1)
-        out[..., :rot_dim] = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
     else:
         x1, x2 = x32[..., 0::2], x32[..., 1::2]
-        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-        out[..., :rot_dim] = rotated.to(x.dtype)
-    return out
+        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).to(x.dtype)
+    if rot_dim == x.shape[-1]:
+        return rotated
+    return torch.cat([rotated, x[..., rot_dim:]], dim=-1)       # partial rotary: the rest passes through
 
 
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:

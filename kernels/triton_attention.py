@@ -32,13 +32,13 @@ _SPLIT_ALIGN = 16
 
 @triton.jit
 def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-                         part_out_ptr, part_lse_ptr, scale_log2, tokens_per_split, num_q_heads,
+                         part_out_ptr, part_lse_ptr, scale_log2, tokens_per_split, num_q_heads, num_splits,
                          stride_q_seq, stride_q_head, stride_k_block, stride_k_row, stride_k_head,
                          stride_v_block, stride_v_row, stride_v_head, stride_table,
                          stride_out_seq, stride_out_head,
                          GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+                         SINGLE_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -80,13 +80,13 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 
     out_mask = g_mask[:, None] & d_mask[None, :]
     safe_l = tl.where(l_i > 0, l_i, 1.0)
-    if NUM_SPLITS == 1:
+    if SINGLE_SPLIT:
         out = acc / safe_l[:, None]
         tl.store(out_ptr + seq * stride_out_seq + heads[:, None] * stride_out_head + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        # part_out [B, Hq, NUM_SPLITS, BLOCK_D] fp32 normalised; part_lse [B, Hq, NUM_SPLITS] (log2).
-        part_row = (seq * num_q_heads + heads) * NUM_SPLITS + split
+        # part_out [B, Hq, num_splits, BLOCK_D] fp32 normalised; part_lse [B, Hq, num_splits] (log2).
+        part_row = (seq * num_q_heads + heads) * num_splits + split
         tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc / safe_l[:, None],
                  mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
@@ -94,15 +94,15 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
 
 
 @triton.jit
-def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, stride_out_seq, stride_out_head,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_out_seq,
+                          stride_out_head, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_SPLITS: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    row = (seq * num_heads + head) * NUM_SPLITS
+    s_mask = offs_s < num_splits
+    row = (seq * num_heads + head) * num_splits
     lse = tl.load(part_lse_ptr + row + offs_s, mask=s_mask, other=float("-inf"))   # [BLOCK_SPLITS]
     weights = tl.exp2(lse - tl.max(lse, axis=0))                                      # empty splits -> 0
     parts = tl.load(part_out_ptr + (row + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
@@ -139,20 +139,22 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     num_splits = max(1, min(num_splits, triton.cdiv(max_seq_len, _SPLIT_ALIGN)))
     tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     num_splits = triton.cdiv(max_seq_len, tokens_per_split)
+    # num_splits is a runtime argument (only "one split or more" is compiled in), so batches of
+    # changing size and context do not trigger a recompile each.
     part_out = part_lse = out            # unused placeholders when there is a single split
     if num_splits > 1:
         part_out = torch.empty((num_seqs, num_q_heads, num_splits, block_d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_seqs, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse, scale * 1.4426950408889634,
-        tokens_per_split, num_q_heads, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        tokens_per_split, num_q_heads, num_splits, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=_DECODE_BLOCK_N, NUM_SPLITS=num_splits, PRECISION=dot_precision(q),
+        BLOCK_N=_DECODE_BLOCK_N, SINGLE_SPLIT=num_splits == 1, PRECISION=dot_precision(q),
         num_warps=4)
     if num_splits > 1:
         _decode_reduce_kernel[(num_seqs, num_q_heads)](
-            part_out, part_lse, out, num_q_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-            BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_SPLITS=triton.next_power_of_2(num_splits))
+            part_out, part_lse, out, num_q_heads, num_splits, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_SPLITS=triton.next_power_of_2(num_splits))
     return out

@@ -38,11 +38,12 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     out = torch.empty_like(x)
     summed = torch.empty_like(x) if residual is not None else out
     residual_arg = residual if residual is not None else x
+    block = triton.next_power_of_2(hidden_size)
     if num_tokens > 0:
         _rms_norm_kernel[(num_tokens,)](
             x, residual_arg, weight.contiguous(), out, summed, hidden_size, eps,
             x.stride(0), residual_arg.stride(0), out.stride(0), summed.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden_size))
+            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=8 if block >= 4096 else 4)
     return out if residual is None else (out, summed)
 
 
