@@ -10,7 +10,9 @@ FAILURE_POLICIES = ("recompute", "fail")
 class TransferConfig:
     # Payload bytes per PushChunk message. Larger chunks cost fewer RPCs; smaller ones start the
     # receiver's copy sooner. A layer group bigger than this is split by layers, then by blocks.
-    max_chunk_bytes: int = 4 * 1024**2
+    # 2 MiB measured best on loopback (bench/kv_transfer.py): larger messages cost page faults in
+    # gRPC's and the allocator's buffers, smaller ones more RPCs.
+    max_chunk_bytes: int = 2 * 1024**2
     # TCP connections to one peer; each one's HTTP/2 framing runs on its own gRPC thread.
     num_channels: int = 2
     # Chunks in flight per sender (packing or on the wire at once).

@@ -82,18 +82,18 @@ class KVLayout:
         if own != self:
             raise ValueError(f"kv_cache does not match the declared layout: {'; '.join(self.differences(own))}")
 
-    def differences(self, other: KVLayout) -> list[str]:
+    def differences(self, other: KVLayout, ours: str = "ours", theirs: str = "theirs") -> list[str]:
         """'field: ours=X theirs=Y' for each field that differs; [] when identical."""
-        return [f"{f.name}: ours={getattr(self, f.name)!r} theirs={getattr(other, f.name)!r}"
+        return [f"{f.name}: {ours}={getattr(self, f.name)!r} {theirs}={getattr(other, f.name)!r}"
                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
-    def check_compatible(self, other: KVLayout) -> None:
+    def check_compatible(self, other: KVLayout, ours: str = "ours", theirs: str = "theirs") -> None:
         """Raise IncompatibleLayoutError naming every differing field with both values.
 
         Every field must be equal: the transfer moves raw blocks, and converting between TP plans is
         a separate (future) transform, not something to do silently.
         """
-        differences = self.differences(other)
+        differences = self.differences(other, ours, theirs)
         if differences:
             raise IncompatibleLayoutError(differences)
 

@@ -3,11 +3,13 @@
 A PushChunk message is the protobuf encoding of `KVChunk{header, payload}` written by hand, header
 first, so that neither side runs the payload through protobuf (which would copy it twice):
 
-    0x0A varint(len(h)) h   0x12 varint(n) payload[n]
-    └─ field 1: header ─┘   └──── field 2: payload ───┘
+    0x0A varint(len(h)) h   0x1A varint(p) 0…0   0x12 varint(n) payload[n]
+    └─ field 1: header ─┘   └─ 3: alignment ─┘   └──── field 2: payload ───┘
+    |<------------- prefix, a multiple of 64 bytes ------------->|
 
 The sender allocates the whole message once and packs the KV straight into its tail; the receiver
-views the payload in place. Any protobuf decoder still reads it as a normal KVChunk.
+views the payload in place, as an array of the KV dtype (hence the alignment). Any protobuf decoder
+still reads it as a normal KVChunk.
 """
 from __future__ import annotations
 
@@ -20,15 +22,21 @@ from kvcache.transfer._proto import kv_transfer_pb2 as pb
 from kvcache.transfer.config import TransferConfig
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name  # "pdserve.kv.KVTransfer"
+# Trailing metadata of a refused handshake: the receiver's KVLayout, so that the sender can name
+# the differing fields from its own point of view.
+LAYOUT_TRAILER_KEY = "pdserve-kv-layout-bin"
 
 _HEADER_TAG = 0x0A   # field 1, wire type 2 (length-delimited)
 _PAYLOAD_TAG = 0x12  # field 2, wire type 2
+_ALIGNMENT_TAG = 0x1A  # field 3, wire type 2
+_PREFIX_ALIGNMENT = 64  # a bytes object's data is 16-byte aligned, so the payload is too
 
-# torch.frombuffer warns (once per process) on read-only buffers such as bytes. Here that is
+# torch.frombuffer warns once per process on read-only buffers such as bytes. Here that is
 # intended: a received payload is only read, and an outgoing message is written only before gRPC
-# sees it. The filter is limited to this module's calls.
-warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
-                        module=__name__)
+# sees it. Spend the one warning now, silenced, so that it never reaches the logs.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
+    torch.frombuffer(b"\0", dtype=torch.uint8)
 
 # PyBytes_FromStringAndSize(NULL, n) returns an uninitialised bytes object that its creator may fill
 # before sharing it (the documented C idiom). gRPC only accepts `bytes`, so this lets pack_kv write
@@ -87,11 +95,20 @@ def new_chunk_message(header: pb.ChunkHeader) -> tuple[bytes, torch.Tensor]:
     header_bytes = header.SerializeToString()
     prefix = bytes([_HEADER_TAG]) + _varint(len(header_bytes)) + header_bytes
     if header.num_bytes:
-        prefix += bytes([_PAYLOAD_TAG]) + _varint(header.num_bytes)
+        prefix = _aligned_prefix(prefix, bytes([_PAYLOAD_TAG]) + _varint(header.num_bytes))
     message = _new_bytes(None, len(prefix) + header.num_bytes)
     view = torch.frombuffer(message, dtype=torch.uint8)                 # [len(message)], aliases it
     view[:len(prefix)] = torch.frombuffer(prefix, dtype=torch.uint8)
     return message, view[len(prefix):]
+
+
+def _aligned_prefix(head: bytes, payload_tag: bytes) -> bytes:
+    """head + an alignment field + payload_tag, padded to a multiple of _PREFIX_ALIGNMENT."""
+    for num_pad in range(_PREFIX_ALIGNMENT, 2 * _PREFIX_ALIGNMENT):
+        pad_field = bytes([_ALIGNMENT_TAG]) + _varint(num_pad) + bytes(num_pad)
+        if (len(head) + len(pad_field) + len(payload_tag)) % _PREFIX_ALIGNMENT == 0:
+            return head + pad_field + payload_tag
+    raise AssertionError("unreachable: 64 consecutive pad lengths cover every residue")
 
 
 def encode_control_chunk(header: pb.ChunkHeader) -> bytes:
@@ -112,7 +129,10 @@ def parse_chunk(message: bytes) -> tuple[pb.ChunkHeader, memoryview]:
         pos += header_len
         if pos == len(data):
             return header, data[pos:]
-        if data[pos] == _PAYLOAD_TAG:
+        if data[pos] == _ALIGNMENT_TAG:
+            pad_len, pos = _read_varint(data, pos + 1)
+            pos += pad_len
+        if pos < len(data) and data[pos] == _PAYLOAD_TAG:
             payload_len, pos = _read_varint(data, pos + 1)
             if pos + payload_len == len(data):
                 return header, data[pos:]
@@ -120,13 +140,16 @@ def parse_chunk(message: bytes) -> tuple[pb.ChunkHeader, memoryview]:
     return chunk.header, memoryview(chunk.payload)
 
 
-def view_payload(payload: memoryview | torch.Tensor) -> torch.Tensor:
-    """A uint8 tensor over a received payload buffer, without copying."""
-    if isinstance(payload, torch.Tensor):
-        return payload
+def view_payload(payload: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A flat dtype tensor over a received payload, in place when aligned (copied otherwise)."""
+    if len(payload) % dtype.itemsize:
+        raise ValueError(f"payload of {len(payload)} bytes is not a whole number of {dtype} elements")
     if len(payload) == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    return torch.frombuffer(payload, dtype=torch.uint8)
+        return torch.empty(0, dtype=dtype)
+    flat = torch.frombuffer(payload, dtype=torch.uint8)                    # [num_bytes]
+    if flat.data_ptr() % dtype.itemsize:
+        flat = flat.clone()
+    return flat.view(dtype)
 
 
 def identity(data: bytes) -> bytes:

@@ -39,14 +39,16 @@ class HandshakeRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., want_shm: _Optional[bool] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("layout", "host_id", "shm_ok")
+    __slots__ = ("layout", "host_id", "shm_ok", "max_chunk_bytes")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_OK_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     layout: KVLayout
     host_id: str
     shm_ok: bool
-    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., shm_ok: _Optional[bool] = ...) -> None: ...
+    max_chunk_bytes: int
+    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., shm_ok: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class AttachShmRequest(_message.Message):
     __slots__ = ("sender_id", "segment_names", "segment_bytes")
@@ -59,6 +61,16 @@ class AttachShmRequest(_message.Message):
     def __init__(self, sender_id: _Optional[str] = ..., segment_names: _Optional[_Iterable[str]] = ..., segment_bytes: _Optional[int] = ...) -> None: ...
 
 class AttachShmResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DetachShmRequest(_message.Message):
+    __slots__ = ("sender_id",)
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
+    sender_id: str
+    def __init__(self, sender_id: _Optional[str] = ...) -> None: ...
+
+class DetachShmResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
@@ -109,12 +121,14 @@ class ChunkHeader(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., num_bytes: _Optional[int] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("header", "payload")
+    __slots__ = ("header", "payload", "alignment")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ALIGNMENT_FIELD_NUMBER: _ClassVar[int]
     header: ChunkHeader
     payload: bytes
-    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    alignment: bytes
+    def __init__(self, header: _Optional[_Union[ChunkHeader, _Mapping]] = ..., payload: _Optional[bytes] = ..., alignment: _Optional[bytes] = ...) -> None: ...
 
 class ChunkAck(_message.Message):
     __slots__ = ("num_bytes_written",)

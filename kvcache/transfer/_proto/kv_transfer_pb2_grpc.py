@@ -44,6 +44,11 @@ class KVTransferStub:
                 request_serializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.AttachShmRequest.SerializeToString,
                 response_deserializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.AttachShmResponse.FromString,
                 _registered_method=True)
+        self.DetachShm = channel.unary_unary(
+                '/pdserve.kv.KVTransfer/DetachShm',
+                request_serializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.DetachShmRequest.SerializeToString,
+                response_deserializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.DetachShmResponse.FromString,
+                _registered_method=True)
         self.Reserve = channel.unary_unary(
                 '/pdserve.kv.KVTransfer/Reserve',
                 request_serializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.ReserveRequest.SerializeToString,
@@ -77,6 +82,12 @@ class KVTransferServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AttachShm(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachShm(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +133,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.AttachShm,
                     request_deserializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.AttachShmRequest.FromString,
                     response_serializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.AttachShmResponse.SerializeToString,
+            ),
+            'DetachShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachShm,
+                    request_deserializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.DetachShmRequest.FromString,
+                    response_serializer=kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.DetachShmResponse.SerializeToString,
             ),
             'Reserve': grpc.unary_unary_rpc_method_handler(
                     servicer.Reserve,
@@ -198,6 +214,33 @@ class KVTransfer:
             '/pdserve.kv.KVTransfer/AttachShm',
             kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.AttachShmRequest.SerializeToString,
             kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.AttachShmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.kv.KVTransfer/DetachShm',
+            kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.DetachShmRequest.SerializeToString,
+            kvcache_dot_transfer_dot___proto_dot_kv__transfer__pb2.DetachShmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,316 @@
+"""The decode side: a gRPC servicer that reserves blocks, writes received chunks into them and acks.
+
+One request's reservation on this side:
+
+    Reserve ──► blocks held, nothing received ──► chunks written (any order, concurrently)
+       │              │                                   │
+       │              └── no progress for stall_timeout ──┴──► dropped: release + on_transfer_failed
+       └── allocator has no room: RESOURCE_EXHAUSTED (backpressure, nothing held)
+    Commit with every (layer, block) written ──► on_transfer_complete; the blocks now belong to the
+                                                 engine's request (never released from here)
+
+Coverage is tracked per (layer, block) so chunks may arrive in any order and split any way.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import grpc
+import torch
+
+from kernels.ops import unpack_kv
+from kvcache.transfer import wire
+from kvcache.transfer._proto import kv_transfer_pb2 as pb
+from kvcache.transfer.config import TransferConfig
+from kvcache.transfer.counters import TransferCounters
+from kvcache.transfer.layout import KVLayout
+from kvcache.transfer.pins import Pins
+from kvcache.transfer.reaper import Reaper
+from kvcache.transfer.shm import ShmAttachments, host_id
+
+logger = logging.getLogger(__name__)
+
+
+class BlockAllocator(Protocol):
+    """The engine's side of the receiver. Called from gRPC worker threads: must be thread-safe."""
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
+        """Allocate ceil(num_tokens / block_size) blocks for the request; None when there is no room
+        (the sender is told RESOURCE_EXHAUSTED). Must not block."""
+
+    def release(self, request_id: str) -> None:
+        """Free the reserved blocks of a transfer that will not complete."""
+
+    def on_transfer_complete(self, request_id: str) -> None:
+        """Every layer of every reserved block is written: the request can join decoding."""
+
+    def on_transfer_failed(self, request_id: str, reason: str) -> None:
+        """The transfer was dropped (stall, abort); release() has already been called."""
+
+
+class RpcError(Exception):
+    """A refusal to send back as a gRPC status (with optional trailing metadata)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 trailing_metadata: tuple[tuple[str, bytes], ...] = ()) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
+@dataclass
+class _Reservation:
+    request_id: str
+    block_ids: torch.Tensor     # [num_blocks] int64, destination ids in this kv_cache
+    attempt: int
+    written: torch.Tensor       # [num_layers, num_blocks] bool: which (layer, block) pairs arrived
+    started: float
+    last_progress: float
+    num_bytes: int = 0
+    outcome: str = ""           # "" while open; "complete", or why it was dropped
+    pins: Pins = field(init=False)
+
+
+class KVReceiver:
+    """Writes received KV into kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] in place.
+
+    The gRPC wiring is in kvcache.transfer.server; the methods here take plain messages and raise
+    RpcError for refusals. Start with start(), stop with close().
+    """
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, allocator: BlockAllocator,
+                 config: TransferConfig = TransferConfig(), counters: TransferCounters | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        layout.check_cache(kv_cache)
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.allocator = allocator
+        self.config = config
+        self.counters = counters or TransferCounters()
+        self.host_id = host_id()
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._reservations: dict[str, _Reservation] = {}
+        self._draining: dict[str, _Reservation] = {}  # ended, a copy still in flight
+        self._shm = ShmAttachments()
+        self._reaper = Reaper(self.drop_stalled, interval_s=min(1.0, config.stall_timeout_s / 4),
+                              name="kv-receiver-reaper")
+
+    def start(self) -> None:
+        self._reaper.start()
+
+    def close(self) -> None:
+        """Drop every open transfer (its blocks are released) and unmap shared memory."""
+        self._reaper.stop()
+        with self._lock:
+            request_ids = list(self._reservations)
+        for request_id in request_ids:
+            self.drop(request_id, "the decode instance is shutting down")
+        self._shm.close()
+
+    @property
+    def num_open(self) -> int:
+        with self._lock:
+            return len(self._reservations)
+
+    # ---- handshake and shared memory ----
+    def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
+        """RpcError(FAILED_PRECONDITION) naming each differing layout field, prefill vs decode."""
+        try:
+            theirs = KVLayout.from_proto(request.layout)
+        except ValueError as e:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid KV layout from the sender: {e}") from e
+        differences = theirs.differences(self.layout, ours="prefill", theirs="decode")
+        if differences:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
+                           "incompatible KV layout: " + "; ".join(differences),
+                           ((wire.LAYOUT_TRAILER_KEY, self.layout.to_proto().SerializeToString()),))
+        shm_ok = self.config.enable_shm and request.want_shm and request.host_id == self.host_id
+        return pb.HandshakeResponse(layout=self.layout.to_proto(), host_id=self.host_id, shm_ok=shm_ok,
+                                    max_chunk_bytes=self.config.max_chunk_bytes)
+
+    def attach_shm(self, request: pb.AttachShmRequest) -> pb.AttachShmResponse:
+        if not self.config.enable_shm:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, "shared memory is disabled on this receiver")
+        try:
+            self._shm.attach(request.sender_id, list(request.segment_names), request.segment_bytes)
+        except (OSError, ValueError) as e:
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot map the sender's shared memory: {e}")
+        return pb.AttachShmResponse()
+
+    def detach_shm(self, request: pb.DetachShmRequest) -> pb.DetachShmResponse:
+        self._shm.detach(request.sender_id)
+        return pb.DetachShmResponse()
+
+    # ---- one transfer ----
+    def reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
+        """Allocate the request's blocks (or, on a retry, keep them and start coverage over).
+        RpcError(RESOURCE_EXHAUSTED) when the allocator has no room."""
+        num_blocks = self.layout.num_blocks_for(request.num_tokens)
+        if request.num_tokens < 1 or request.num_blocks != num_blocks:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{request.num_tokens} tokens need {num_blocks} blocks of {self.layout.block_size}, "
+                           f"the sender announced {request.num_blocks}")
+        if self._restart(request.request_id, request.attempt):
+            return pb.ReserveResponse(num_blocks=num_blocks)
+        block_ids = self.allocator.reserve(request.request_id, request.num_tokens)
+        if block_ids is None:
+            self.counters.add(num_refused=1)
+            raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"no room for {num_blocks} KV blocks of request {request.request_id!r}; retry later")
+        if len(block_ids) != num_blocks:
+            self.allocator.release(request.request_id)
+            raise RpcError(grpc.StatusCode.INTERNAL, f"the allocator returned {len(block_ids)} blocks for "
+                           f"{request.num_tokens} tokens, expected {num_blocks}")
+        now = self._clock()
+        reservation = _Reservation(request.request_id, torch.tensor(block_ids, dtype=torch.int64),
+                                   request.attempt, torch.zeros(self.layout.num_layers, num_blocks, dtype=torch.bool),
+                                   now, now)
+        reservation.pins = Pins(lambda: self._finalize(reservation))
+        with self._lock:
+            self._reservations[request.request_id] = reservation
+        return pb.ReserveResponse(num_blocks=num_blocks)
+
+    def _restart(self, request_id: str, attempt: int) -> bool:
+        """A retry of an open transfer: keep its blocks, forget what arrived. False if none is open."""
+        with self._lock:
+            if request_id in self._draining:
+                raise RpcError(grpc.StatusCode.ABORTED, f"request {request_id!r}: the previous transfer is "
+                               "still being dropped; retry later")
+            reservation = self._reservations.get(request_id)
+            if reservation is None:
+                return False
+            # Late chunks of the old attempt are refused by their attempt number from now on.
+            reservation.attempt = attempt
+            reservation.written.zero_()
+            reservation.num_bytes = 0
+            reservation.last_progress = self._clock()
+            return True
+
+    def push_chunk(self, message: bytes) -> pb.ChunkAck:
+        """Write one chunk (inline or in shared memory) into the reserved blocks."""
+        try:
+            header, payload = wire.parse_chunk(message)
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the sender's malformed message
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {e}") from e
+        reservation = self._pin(header.request_id, header.attempt)
+        try:
+            buffer = self._payload(header, payload, len(reservation.block_ids))
+            dst_block_ids = reservation.block_ids[header.block_start:header.block_end]     # [n]
+            unpack_kv(buffer, self.kv_cache, dst_block_ids, header.layer_start)
+            with self._lock:
+                if reservation.attempt == header.attempt:
+                    reservation.written[header.layer_start:header.layer_end,
+                                        header.block_start:header.block_end] = True
+                    reservation.num_bytes += header.num_bytes
+                    reservation.last_progress = self._clock()
+        finally:
+            reservation.pins.unpin()
+        return pb.ChunkAck(num_bytes_written=header.num_bytes)
+
+    def _pin(self, request_id: str, attempt: int) -> _Reservation:
+        with self._lock:
+            reservation = self._reservations.get(request_id)
+            if reservation is None:
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"no open transfer for request {request_id!r} "
+                               "(never reserved, or dropped after a stall or an abort)")
+            if reservation.attempt != attempt:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"chunk of attempt {attempt} for request "
+                               f"{request_id!r}, which is at attempt {reservation.attempt}")
+            if not reservation.pins.pin():
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"the transfer of request {request_id!r} was dropped")
+            reservation.last_progress = self._clock()
+            return reservation
+
+    def _payload(self, header: pb.ChunkHeader, payload: memoryview, num_blocks: int) -> torch.Tensor:
+        """The chunk as [L', 2, n, block_size, Hkv, D], viewed in place; RpcError if it does not fit."""
+        num_layers = header.layer_end - header.layer_start
+        num_chunk_blocks = header.block_end - header.block_start
+        if not (0 <= header.layer_start < header.layer_end <= self.layout.num_layers
+                and 0 <= header.block_start < header.block_end <= num_blocks):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"chunk layers [{header.layer_start}, {header.layer_end}) blocks [{header.block_start}, "
+                           f"{header.block_end}) outside {self.layout.num_layers} layers x {num_blocks} blocks")
+        expected = num_layers * num_chunk_blocks * self.layout.num_bytes_per_layer_block
+        if header.num_bytes != expected:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"chunk announces {header.num_bytes} bytes, its ranges need {expected}")
+        if header.HasField("shm"):
+            try:
+                flat = self._shm.view(header.shm.segment_name, header.shm.offset, expected)
+            except (KeyError, ValueError) as e:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"bad shared-memory handle: {e}") from e
+            flat = flat.view(self.layout.torch_dtype)
+        elif len(payload) != expected:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"chunk payload is {len(payload)} bytes, "
+                           f"its header announces {expected}")
+        else:
+            flat = wire.view_payload(payload, self.layout.torch_dtype)
+        return flat.view(num_layers, 2, num_chunk_blocks, *self.layout.block_shape)
+
+    def commit(self, request: pb.CommitRequest) -> pb.CommitResponse:
+        """The acknowledgement: succeeds only when every (layer, block) was written, and hands the
+        blocks to the engine (on_transfer_complete). RpcError(FAILED_PRECONDITION) names what is missing."""
+        with self._lock:
+            reservation = self._reservations.get(request.request_id)
+            if reservation is None:
+                raise RpcError(grpc.StatusCode.NOT_FOUND, f"no open transfer for request {request.request_id!r}")
+            if reservation.attempt != request.attempt:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"commit of attempt {request.attempt}, "
+                               f"the transfer is at attempt {reservation.attempt}")
+            missing_layers = (~reservation.written).any(dim=1).nonzero().flatten().tolist()
+            if missing_layers:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request.request_id!r} is "
+                               f"incomplete: layers {missing_layers} are missing blocks")
+            self._end(reservation, "complete")
+        self.counters.add(num_transfers_received=1, num_bytes_received=reservation.num_bytes,
+                          seconds_receiving=self._clock() - reservation.started)
+        reservation.pins.close()
+        return pb.CommitResponse(num_bytes_received=reservation.num_bytes)
+
+    def abort(self, request: pb.AbortRequest) -> pb.AbortResponse:
+        self.drop(request.request_id, f"aborted by the sender: {request.reason}")
+        return pb.AbortResponse()
+
+    # ---- dropping ----
+    def drop(self, request_id: str, reason: str) -> bool:
+        """End an open transfer: its blocks are released (once no copy is writing them) and
+        on_transfer_failed is called. False when no such transfer is open."""
+        with self._lock:
+            reservation = self._reservations.get(request_id)
+            if reservation is None:
+                return False
+            self._end(reservation, reason)
+        self.counters.add(num_failed=1)
+        reservation.pins.close()
+        return True
+
+    def drop_stalled(self) -> list[str]:
+        """Drop every transfer without progress for stall_timeout_s; returns their request ids."""
+        deadline = self._clock() - self.config.stall_timeout_s
+        with self._lock:
+            stalled = [r.request_id for r in self._reservations.values() if r.last_progress < deadline]
+        dropped = [rid for rid in stalled
+                   if self.drop(rid, f"no progress for {self.config.stall_timeout_s:g} s")]
+        self.counters.add(num_stalled=len(dropped))
+        return dropped
+
+    def _end(self, reservation: _Reservation, outcome: str) -> None:
+        """Move an open reservation to draining (caller holds the lock)."""
+        reservation.outcome = outcome
+        del self._reservations[reservation.request_id]
+        self._draining[reservation.request_id] = reservation
+
+    def _finalize(self, reservation: _Reservation) -> None:
+        """Runs once no copy touches the blocks any more: hand them over, or give them back."""
+        with self._lock:
+            self._draining.pop(reservation.request_id, None)
+        if reservation.outcome == "complete":
+            self.allocator.on_transfer_complete(reservation.request_id)
+            return
+        logger.warning("KV transfer of request %s dropped: %s", reservation.request_id, reservation.outcome)
+        self.allocator.release(reservation.request_id)
+        self.allocator.on_transfer_failed(reservation.request_id, reservation.outcome)

@@ -1,0 +1,371 @@
+"""The prefill side: handshake, reservation, layer-wise chunk sends, acknowledgement, retry, leases.
+
+    begin() ── Reserve ──► TransferHandle ── send_layers(a, b) ─► chunks ─► worker threads:
+       │                                                          pin lease, pack_kv into the wire
+       │                                                          buffer (or a shm slab), PushChunk
+       └─ RESOURCE_EXHAUSTED: TransferRefusedError, lease released
+    every layer submitted and every chunk acked ─► Commit (the ack) ─► lease released, result ok
+    any failure ─► one retry (Reserve again, resend every submitted layer) ─► failure by policy
+
+Nothing here blocks the caller on the wire except begin()'s Reserve and finish().
+"""
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from concurrent import futures
+from typing import Callable
+
+import grpc
+import torch
+
+from kernels.ops import pack_kv
+from kvcache.transfer._proto import kv_transfer_pb2 as pb
+from kvcache.transfer.chunking import ChunkRange, plan_chunks
+from kvcache.transfer.config import TransferConfig
+from kvcache.transfer.counters import TransferCounters
+from kvcache.transfer.handle import TransferHandle, TransferResult, TransferState
+from kvcache.transfer.layout import IncompatibleLayoutError, KVLayout
+from kvcache.transfer.lease import LeaseTable
+from kvcache.transfer.payloads import InlinePayloads, ShmPayloads
+from kvcache.transfer.peer import TRANSIENT_CODES, PeerClient
+from kvcache.transfer.reaper import Reaper
+from kvcache.transfer.shm import SlabPool, host_id
+from kvcache.transfer.wire import LAYOUT_TRAILER_KEY
+
+logger = logging.getLogger(__name__)
+
+
+class TransferRefusedError(RuntimeError):
+    """The decode peer has no room for the request's blocks now (backpressure); nothing is held."""
+
+
+class PeerUnavailableError(ConnectionError):
+    """The decode peer did not answer (after one retry) or refused the call for a reason other than
+    layout or room; the message carries the gRPC status."""
+
+
+def _ignore(result: TransferResult) -> None:
+    pass
+
+
+class KVSender:
+    """Sends KV blocks of kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] to one peer.
+
+    release_blocks(request_id) is called exactly once per begun transfer, when its lease ends (ack,
+    failure, refusal or expiry), from whichever thread ends it; the engine frees the blocks there.
+    """
+
+    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, address: str,
+                 release_blocks: Callable[[str], None], config: TransferConfig = TransferConfig(),
+                 counters: TransferCounters | None = None) -> None:
+        layout.check_cache(kv_cache)
+        if layout.num_bytes_per_layer_block > config.max_chunk_bytes:
+            raise ValueError(f"one block of one layer is {layout.num_bytes_per_layer_block} bytes: raise "
+                             f"--kv-transfer-max-chunk-bytes (now {config.max_chunk_bytes}) above it")
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.config = config
+        self.counters = counters or TransferCounters()
+        self.sender_id = secrets.token_hex(4)
+        self._peer = PeerClient(address, config)
+        self._leases = LeaseTable(release_blocks, config.lease_ttl_s)
+        self._executor = futures.ThreadPoolExecutor(config.num_streams, thread_name_prefix="kv-sender")
+        self._handles: dict[str, TransferHandle] = {}
+        self._payloads: InlinePayloads | ShmPayloads = InlinePayloads()  # connect() may switch to shm
+        self._reaper = Reaper(self._expire_leases, interval_s=min(1.0, config.lease_ttl_s / 4),
+                              name="kv-sender-reaper")
+        self._connected = False
+        self._closed = False
+        self.max_chunk_bytes = config.max_chunk_bytes  # lowered to the peer's limit by connect()
+
+    @property
+    def uses_shm(self) -> bool:
+        return self._payloads.uses_shm
+
+    # ---- connection ----
+    def connect(self) -> KVSender:
+        """Handshake (IncompatibleLayoutError names each differing field), then map shared memory
+        with the peer when both run on one host and enable_shm is set."""
+        request = pb.HandshakeRequest(layout=self.layout.to_proto(), host_id=host_id(),
+                                      sender_id=self.sender_id, want_shm=self.config.enable_shm)
+        try:
+            response = self._peer.handshake(request, self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            raise self._handshake_error(e) from e
+        self.layout.check_compatible(KVLayout.from_proto(response.layout), ours="prefill", theirs="decode")
+        self.max_chunk_bytes = min(self.config.max_chunk_bytes, response.max_chunk_bytes)
+        if self.layout.num_bytes_per_layer_block > self.max_chunk_bytes:
+            raise ValueError(f"the decode peer accepts chunks of at most {response.max_chunk_bytes} bytes, below "
+                             f"one block of one layer ({self.layout.num_bytes_per_layer_block}): raise its "
+                             "--kv-transfer-max-chunk-bytes")
+        if response.shm_ok:
+            self._payloads = self._attach_slabs()
+        self._reaper.start()
+        self._connected = True
+        return self
+
+    def _handshake_error(self, error: grpc.RpcError) -> Exception:
+        if error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+            for key, value in error.trailing_metadata() or ():
+                if key == LAYOUT_TRAILER_KEY:
+                    theirs = KVLayout.from_proto(pb.KVLayout.FromString(value))
+                    return IncompatibleLayoutError(self.layout.differences(theirs, "prefill", "decode"))
+        return PeerUnavailableError(f"KV handshake with {self._peer.address} failed: {error.code().name}: "
+                                    f"{error.details()}")
+
+    def _attach_slabs(self) -> InlinePayloads | ShmPayloads:
+        slabs = SlabPool(self.sender_id, self.config.num_shm_slabs, self.max_chunk_bytes)
+        try:
+            self._peer.attach_shm(pb.AttachShmRequest(sender_id=self.sender_id, segment_names=slabs.names,
+                                                      segment_bytes=slabs.slab_bytes), self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            logger.warning("shared-memory KV path unavailable, using gRPC payloads: %s", e.details())
+            slabs.close()
+            return InlinePayloads()
+        finally:
+            slabs.unlink()  # mapped on both sides (or given up): the names can go
+        return ShmPayloads(slabs)
+
+    def close(self) -> None:
+        """Fail every open transfer, release every lease, unmap shared memory, close channels."""
+        if self._closed:
+            return
+        self._closed = True
+        self._reaper.stop()
+        for handle in list(self._handles.values()):
+            self.fail(handle, "the KV sender is closing", notify_peer=False)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._payloads.uses_shm:
+            try:
+                self._peer.detach_shm(pb.DetachShmRequest(sender_id=self.sender_id), timeout_s=1.0)
+            except grpc.RpcError:
+                pass  # the peer unmaps them when it exits
+        self._payloads.close()
+        self._leases.release_all()
+        self._peer.close()
+
+    # ---- one transfer ----
+    def begin(self, request_id: str, num_tokens: int, src_block_ids: list[int],
+              on_done: Callable[[TransferResult], None] = _ignore) -> TransferHandle:
+        """Lease src_block_ids and reserve blocks for num_tokens tokens on the peer (blocks for the
+        Reserve RPC). TransferRefusedError when the peer has no room, PeerUnavailableError when it
+        does not answer; in both cases the lease is already released. on_done(result) runs once, on
+        a sender thread, when the transfer ends."""
+        if not self._connected or self._closed:
+            raise RuntimeError("begin() needs a connected KVSender: call connect() first, and not after close()")
+        num_blocks = self.layout.num_blocks_for(num_tokens)
+        if num_tokens < 1 or len(src_block_ids) != num_blocks:
+            raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks of {self.layout.block_size}, "
+                             f"got {len(src_block_ids)} block ids")
+        block_ids = torch.tensor(src_block_ids, dtype=torch.int64)
+        if bool(((block_ids < 0) | (block_ids >= self.kv_cache.shape[2])).any()):
+            raise ValueError(f"block ids outside the cache's {self.kv_cache.shape[2]} blocks: {src_block_ids}")
+        self._leases.grant(request_id, src_block_ids)
+        try:
+            self._reserve_with_retry(request_id, num_tokens, num_blocks)
+        except BaseException:
+            self._leases.release(request_id)
+            raise
+        handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done)
+        self._handles[request_id] = handle
+        return handle
+
+    def _reserve_with_retry(self, request_id: str, num_tokens: int, num_blocks: int) -> None:
+        request = pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, num_blocks=num_blocks)
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                self._peer.reserve(request, self.config.rpc_timeout_s)
+                return
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.counters.add(num_refused=1)
+                    raise TransferRefusedError(e.details()) from e
+                if e.code() not in TRANSIENT_CODES or attempt == self.config.max_retries:
+                    self.counters.add(num_failed=1)
+                    raise PeerUnavailableError(f"reserving KV blocks on {self._peer.address} failed: "
+                                               f"{e.code().name}: {e.details()}") from e
+                self.counters.add(num_retries=1)
+
+    def submit_layers(self, handle: TransferHandle, layer_start: int, layer_end: int) -> None:
+        if not 0 <= layer_start < layer_end <= self.layout.num_layers:
+            raise ValueError(f"layers [{layer_start}, {layer_end}) outside the model's {self.layout.num_layers}")
+        with handle.lock:
+            if bool(handle.layers_submitted[layer_start:layer_end].any()):
+                raise ValueError(f"request {handle.request_id!r}: layers [{layer_start}, {layer_end}) overlap "
+                                 "layers already sent")
+            if handle.state is not TransferState.ACTIVE:
+                return
+            handle.layers_submitted[layer_start:layer_end] = True
+            handle.layer_ranges.append((layer_start, layer_end))
+            if handle.restarting:
+                return  # the retry resends every submitted range once it has reserved again
+            chunks = self._plan(handle, layer_start, layer_end)
+            handle.num_outstanding += len(chunks)
+            attempt = handle.attempt
+        self._submit_chunks(handle, attempt, chunks)
+
+    def _plan(self, handle: TransferHandle, layer_start: int, layer_end: int) -> list[ChunkRange]:
+        return plan_chunks(layer_start, layer_end, len(handle.src_block_ids), self.layout.num_bytes_per_layer_block,
+                           self.max_chunk_bytes)
+
+    def _submit_chunks(self, handle: TransferHandle, attempt: int, chunks: list[ChunkRange]) -> None:
+        for chunk in chunks:
+            try:
+                future = self._executor.submit(self._send_chunk, handle, attempt, chunk)
+            except RuntimeError:  # the executor is shutting down
+                self.fail(handle, "the KV sender is closing", notify_peer=False)
+                return
+            future.add_done_callback(lambda f, c=chunk: self._chunk_done(handle, attempt, c, f))
+
+    # ---- worker-thread steps ----
+    def _send_chunk(self, handle: TransferHandle, attempt: int, chunk: ChunkRange) -> int:
+        """Pack one chunk from the leased blocks and push it; returns its payload bytes."""
+        if attempt != handle.attempt:
+            return 0  # superseded by a retry, which resends it
+        header = pb.ChunkHeader(request_id=handle.request_id, attempt=attempt, layer_start=chunk.layer_start,
+                                layer_end=chunk.layer_end, block_start=chunk.block_start, block_end=chunk.block_end,
+                                num_bytes=chunk.num_layers * chunk.num_blocks * self.layout.num_bytes_per_layer_block)
+        message, done = self._payloads.encode(header, lambda out: self._pack(handle, chunk, out),
+                                              self.config.rpc_timeout_s)
+        try:
+            self._peer.push(message, self.config.rpc_timeout_s)
+        finally:
+            done()
+        return header.num_bytes
+
+    def _pack(self, handle: TransferHandle, chunk: ChunkRange, out_bytes: torch.Tensor) -> None:
+        """Gather the chunk's blocks into out_bytes [num_bytes] uint8 while holding the lease."""
+        lease = self._leases.pin(handle.request_id)
+        if lease is None:
+            raise RuntimeError(f"the KV lease of request {handle.request_id!r} has ended")
+        try:
+            out = out_bytes.view(self.layout.torch_dtype).view(
+                chunk.num_layers, 2, chunk.num_blocks, *self.layout.block_shape)  # [L', 2, n, bs, Hkv, D]
+            pack_kv(self.kv_cache, handle.src_block_ids[chunk.block_start:chunk.block_end],
+                    chunk.layer_start, chunk.layer_end, out=out)
+        finally:
+            lease.pins.unpin()
+
+    def _chunk_done(self, handle: TransferHandle, attempt: int, chunk: ChunkRange, future: futures.Future) -> None:
+        error = "cancelled" if future.cancelled() else future.exception()
+        with handle.lock:
+            if handle.state is not TransferState.ACTIVE or attempt != handle.attempt:
+                return
+            if error is None:
+                handle.num_outstanding -= 1
+                handle.num_bytes_acked += future.result()
+                ready = handle.num_outstanding == 0 and handle.all_layers_submitted
+        if error is not None:
+            self._retry(handle, f"chunk {chunk} failed: {_describe(error)}")
+            return
+        self.counters.add(num_bytes_sent=future.result())
+        if ready:
+            self._spawn(handle, self._commit, handle, attempt)
+
+    def _commit(self, handle: TransferHandle, attempt: int) -> None:
+        try:
+            self._peer.commit(pb.CommitRequest(request_id=handle.request_id, attempt=attempt),
+                              self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            self._retry(handle, f"commit failed: {e.code().name}: {e.details()}")
+            return
+        self._end(handle, ok=True, reason="")
+
+    def _retry(self, handle: TransferHandle, reason: str) -> None:
+        """Start the attempt after this one, or fail when retries are used up."""
+        with handle.lock:
+            if handle.state is not TransferState.ACTIVE or handle.restarting:
+                return
+            if handle.attempt >= self.config.max_retries:
+                out_of_retries = True
+            else:
+                out_of_retries = False
+                handle.attempt += 1
+                handle.restarting = True
+                attempt = handle.attempt
+        if out_of_retries:
+            self.fail(handle, reason)
+            return
+        logger.info("retrying KV transfer of request %s: %s", handle.request_id, reason)
+        self.counters.add(num_retries=1)
+        self._spawn(handle, self._restart, handle, attempt, reason)
+
+    def _restart(self, handle: TransferHandle, attempt: int, reason: str) -> None:
+        """Reserve again under the new attempt (the peer keeps or re-allocates the blocks) and
+        resend every layer range submitted so far."""
+        request = pb.ReserveRequest(request_id=handle.request_id, num_tokens=handle.num_tokens,
+                                    num_blocks=len(handle.src_block_ids), attempt=attempt)
+        try:
+            self._peer.reserve(request, self.config.rpc_timeout_s)
+        except grpc.RpcError as e:
+            self.fail(handle, f"{reason}; retry could not reserve: {e.code().name}: {e.details()}")
+            return
+        with handle.lock:
+            if handle.state is not TransferState.ACTIVE or handle.attempt != attempt:
+                return
+            handle.restarting = False
+            chunks = [c for start, end in handle.layer_ranges for c in self._plan(handle, start, end)]
+            handle.num_outstanding = len(chunks)
+            ready = not chunks and handle.all_layers_submitted
+        self._submit_chunks(handle, attempt, chunks)
+        if ready:
+            self._spawn(handle, self._commit, handle, attempt)
+
+    # ---- ending ----
+    def fail(self, handle: TransferHandle, reason: str, notify_peer: bool = True) -> None:
+        """End the transfer as failed (no-op if it already ended): lease released, peer told."""
+        if self._end(handle, ok=False, reason=reason) and notify_peer:
+            abort = pb.AbortRequest(request_id=handle.request_id, reason=reason)
+            try:
+                self._executor.submit(self._abort_quietly, abort)
+            except RuntimeError:
+                pass  # closing: the peer drops the transfer after its stall timeout
+
+    def _abort_quietly(self, request: pb.AbortRequest) -> None:
+        try:
+            self._peer.abort(request, min(self.config.rpc_timeout_s, 2.0))
+        except grpc.RpcError:
+            pass  # a dead peer has nothing to drop; a live one drops it after its stall timeout
+
+    def _end(self, handle: TransferHandle, ok: bool, reason: str) -> bool:
+        with handle.lock:
+            if handle.state is not TransferState.ACTIVE:
+                return False
+            handle.state = TransferState.SUCCEEDED if ok else TransferState.FAILED
+            seconds = time.monotonic() - handle.started
+            result = TransferResult(handle.request_id, ok, handle.num_bytes_acked, seconds, handle.attempt + 1,
+                                    "none" if ok else self.config.failure_policy, reason)
+            handle.set_result(result)
+        self._handles.pop(handle.request_id, None)
+        self._leases.release(handle.request_id)
+        if ok:
+            self.counters.add(num_transfers_sent=1, seconds_sending=seconds)
+        else:
+            logger.warning("KV transfer of request %s failed: %s", handle.request_id, reason)
+            self.counters.add(num_failed=1)
+        try:
+            handle.on_done(result)
+        except Exception:  # the engine's callback must not break the sender's threads
+            logger.exception("on_done callback of request %s raised", handle.request_id)
+        return True
+
+    def _spawn(self, handle: TransferHandle, fn: Callable, *args) -> None:
+        try:
+            self._executor.submit(fn, *args)
+        except RuntimeError:
+            self.fail(handle, "the KV sender is closing", notify_peer=False)
+
+    def _expire_leases(self) -> None:
+        for request_id in self._leases.expire():
+            self.counters.add(num_leases_expired=1)
+            handle = self._handles.get(request_id)
+            if handle is not None:
+                self.fail(handle, f"KV lease expired after {self.config.lease_ttl_s:g} s without acknowledgement")
+
+
+def _describe(error: BaseException | str) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
