@@ -55,6 +55,27 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     g.add_argument("--internal-host", default=None,
                    help="address the internal gRPC ports bind to (default 127.0.0.1)")
+    _bool_flag(g, "same-node", "Ray: keep each prefill/decode pair on one node (placement group)")
+    g.add_argument("--num-cpus-per-instance", type=float, default=None, help="Ray: CPUs per instance")
+    g.add_argument("--num-gpus-per-instance", type=float, default=None, help="Ray: GPUs per instance")
+    g.add_argument("--instance-timeout-s", type=float, default=None,
+                   help="deadline of router -> instance calls and stream silences (default 120)")
+    g.add_argument("--instance-start-timeout-s", type=float, default=None,
+                   help="how long an instance may take to start (default 300)")
+    g.add_argument("--health-check-interval-s", type=float, default=None, help="default 1")
+    _bool_flag(g, "restart-failed-instances", "start a dead instance again (default on)")
+    _bool_flag(g, "reprefill-on-decode-failure",
+               "a decode instance dies mid-stream: prefill its requests again elsewhere (default off: "
+               "they end with an error)")
+    g.add_argument("--kv-transfer-failure-policy", default=None, choices=["recompute", "fail"],
+                   help="a KV transfer failed after its retries: recompute the prompt on the decode "
+                        "instance or fail the request (default recompute)")
+    g.add_argument("--kv-transfer-max-retries", type=int, default=None, help="default 1")
+    g.add_argument("--kv-transfer-rpc-timeout-s", type=float, default=None, help="default 10")
+    g.add_argument("--kv-transfer-stall-timeout-s", type=float, default=None, help="default 30")
+    _bool_flag(g, "kv-transfer-enable-shm", "same-host KV moves through shared memory (default on)")
+    g.add_argument("--kv-transfer-layers-per-group", type=int, default=None,
+                   help="layers per KV send while prefill computes the rest (default 1)")
 
 
 _NOT_CONFIG = {"model_tag", "config", "command", "func"}

@@ -63,6 +63,27 @@ class DeployConfig:
     # host the internal gRPC ports bind to; loopback keeps them off the network by default
     internal_host: str = "127.0.0.1"
     same_node: bool = False  # Ray: keep each prefill/decode pair on one node (placement group)
+    # config keys (model, cache, scheduler) that differ per role, e.g. {max_num_batched_tokens: 4096}
+    prefill_overrides: dict = field(default_factory=dict)
+    decode_overrides: dict = field(default_factory=dict)
+    # Ray: what each instance actor holds (its torch threads follow num_cpus)
+    num_cpus_per_instance: float = 1.0
+    num_gpus_per_instance: float = 0.0
+    # deadline of every router -> instance call, and the longest silence of an instance stream
+    instance_timeout_s: float = 120.0
+    instance_start_timeout_s: float = 300.0
+    health_check_interval_s: float = 1.0
+    restart_failed_instances: bool = True
+    # a decode instance dies mid-stream: prefill its requests again elsewhere (prompt + the tokens
+    # already sent) instead of ending them with an error
+    reprefill_on_decode_failure: bool = False
+    # KV transfer (kvcache.transfer.TransferConfig): after the retries, recompute or fail
+    kv_transfer_failure_policy: str = "recompute"
+    kv_transfer_max_retries: int = 1
+    kv_transfer_rpc_timeout_s: float = 10.0
+    kv_transfer_stall_timeout_s: float = 30.0
+    kv_transfer_enable_shm: bool = True
+    kv_transfer_layers_per_group: int = 1  # layers per send while prefill computes the rest
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -71,6 +92,32 @@ class DeployConfig:
             raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--num-prefill and --num-decode must be at least 1")
+        for name in ("prefill_overrides", "decode_overrides"):
+            _check_role_overrides(name, getattr(self, name))
+        if self.num_cpus_per_instance <= 0 or self.num_gpus_per_instance < 0:
+            raise ValueError("--num-cpus-per-instance must be positive and --num-gpus-per-instance "
+                             "not negative")
+        for name in ("instance_timeout_s", "instance_start_timeout_s", "health_check_interval_s",
+                     "kv_transfer_rpc_timeout_s", "kv_transfer_stall_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.kv_transfer_failure_policy not in ("recompute", "fail"):
+            raise ValueError("--kv-transfer-failure-policy must be recompute or fail, got "
+                             f"{self.kv_transfer_failure_policy!r}")
+        if not 0 <= self.kv_transfer_max_retries <= 3:
+            raise ValueError(f"--kv-transfer-max-retries must be in [0, 3], got {self.kv_transfer_max_retries}")
+        if self.kv_transfer_layers_per_group < 1:
+            raise ValueError("--kv-transfer-layers-per-group must be at least 1")
+
+
+def _check_role_overrides(name: str, overrides: dict) -> None:
+    if not isinstance(overrides, dict):
+        raise ValueError(f"deploy.{name} must be a mapping of config keys, got {type(overrides).__name__}")
+    for key in overrides:
+        norm = _ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if _FIELD_OWNER.get(norm) not in _ROLE_SECTIONS:
+            raise ValueError(f"deploy.{name}: {key!r} is not a key that may differ per role; use keys of "
+                             f"the model, cache or scheduler sections (e.g. max_num_batched_tokens)")
 
 
 @dataclass(frozen=True)
@@ -137,4 +184,5 @@ class Config:
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
              "server": ServerConfig, "deploy": DeployConfig}
 _FIELD_OWNER = {f.name: name for name, klass in _SECTIONS.items() for f in dataclasses.fields(klass)}
+_ROLE_SECTIONS = ("model", "cache", "scheduler")
 _ALIASES = {"num_gpu_blocks_override": "num_blocks_override", "enable_prefix_caching": "enable_prefix_caching"}
