@@ -35,8 +35,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      seq_lens: Tensor, scale: float, max_seq_len: int | None = None) -> Tensor:
     """One query token per request, the whole batch in one padded SDPA call. q [B, Hq, D] -> [B, Hq, D].
 
-    The batch axes are ordered (Hkv, B) rather than (B, Hkv): gathering from the head-major view of the
-    cache then yields K/V in SDPA's contiguous layout in one index_select, with no transpose copy.
+    The batch axes are ordered (Hkv, B) rather than (B, Hkv) so the G query heads of one KV head share
+    its K/V without repeating them.
     """
     num_seqs, num_q_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
@@ -48,9 +48,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     slots, valid = context_slots(block_tables, seq_lens, block_size, max_seq_len)   # [B, S]
 
     def gather(cache: Tensor) -> Tensor:                                              # [Hkv, B, S, D]
-        heads_first = cache.view(num_blocks * block_size, num_kv_heads, head_dim).transpose(0, 1)
-        return heads_first.index_select(1, slots.flatten()).view(
-            num_kv_heads, num_seqs, max_seq_len, head_dim).to(q.dtype)
+        # index the contiguous slot axis: indexing a transposed view would copy the whole layer cache
+        rows = cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_select(0, slots.flatten())
+        return rows.view(num_seqs, max_seq_len, num_kv_heads, head_dim).permute(2, 0, 1, 3).to(q.dtype)
 
     q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)          # [Hkv, B, G, D]
     out = F.scaled_dot_product_attention(q4, gather(k_cache), gather(v_cache),
