@@ -223,10 +223,6 @@ class Scheduler:
     def update_from_result(self, plan: StepPlan, result: StepResult) -> list[Request]:
         """Append sampled tokens, publish newly full blocks to the prefix cache and finish requests
         that hit a stop condition. Returns the requests that received a token this step."""
-        for request_id in result.finished_sending + result.failed_sending:
-            if request_id in self.leased:  # the peer has the KV (or never will): drop the lease
-                self.leased.discard(request_id)
-                self.kv.free(request_id)
         for request_id in result.finished_recving:
             self.remote_kv_done(request_id, ok=True)
         for request_id in result.failed_recving:
@@ -248,6 +244,11 @@ class Scheduler:
                 self.running.remove(request)
                 self._finish(request, status)
             updated.append(request)
+        # after finishing: a send acknowledged within the step of its prefill ends a lease taken just now
+        for request_id in result.finished_sending + result.failed_sending:
+            if request_id in self.leased:  # the peer has the KV (or never will): drop the lease
+                self.leased.discard(request_id)
+                self.kv.free(request_id)
         return updated
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:

@@ -1,0 +1,53 @@
+"""The router's handle on one instance: a grpc.aio channel to its Instance service, every call with a
+deadline. Create it on the event loop that will use it (grpc.aio channels belong to one loop)."""
+from __future__ import annotations
+
+import grpc
+
+from scheduler.sampling_params import SamplingParams
+from serving.disagg import wire
+from serving.disagg._proto import instance_pb2 as pb
+from serving.disagg._proto import instance_pb2_grpc as pb_grpc
+
+# a dead peer is noticed by the health checks and by TCP resets; keepalive catches a silent network
+_CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                    ("grpc.keepalive_permit_without_calls", 1), ("grpc.enable_retries", 0)]
+
+
+class InstanceClient:
+    def __init__(self, address: str, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.InstanceStub(self._channel)
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 kv_peer: str = "", remote_prefill: bool = False):
+        """The Generate stream (a grpc.aio call: `await call.read()`, `call.cancel()`). No deadline on
+        the whole stream (a long generation is fine); callers bound each read instead."""
+        request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                     params=wire.params_to_proto(params), kv_peer=kv_peer,
+                                     remote_prefill=remote_prefill)
+        return self._stub.Generate(request)
+
+    async def abort(self, request_ids: list[str]) -> None:
+        await self._stub.Abort(pb.AbortRequest(request_ids=request_ids), timeout=self.timeout_s)
+
+    async def set_first_token(self, request_id: str, token_id: int) -> None:
+        await self._stub.SetFirstToken(pb.SetFirstTokenRequest(request_id=request_id, token_id=token_id),
+                                       timeout=self.timeout_s)
+
+    async def health(self) -> pb.HealthResponse:
+        return await self._stub.Health(pb.HealthRequest(), timeout=self.timeout_s)
+
+    async def info(self) -> pb.InstanceInfo:
+        return await self._stub.Info(pb.InfoRequest(), timeout=self.timeout_s)
+
+    async def stats(self, timeout_s: float | None = None) -> pb.StatsResponse:
+        return await self._stub.Stats(pb.StatsRequest(), timeout=timeout_s or self.timeout_s)
+
+    async def check_integrity(self) -> pb.IntegrityResponse:
+        return await self._stub.CheckIntegrity(pb.IntegrityRequest(), timeout=self.timeout_s)
+
+    async def close(self) -> None:
+        await self._channel.close(grace=None)

@@ -1,0 +1,330 @@
+"""One client request across a decode and a prefill instance (the order is in proto/instance.proto).
+
+A *leg* is one try: reserve KV blocks on a decode instance D, prefill on a prefill instance P that
+sends the KV to D, hand P's first token to the client at once and to D, then stream D's tokens. A leg
+that fails before any token reached the client is tried again on other instances (fresh request ids
+on both, so nothing of the failed leg can mix in). Once tokens have been sent, a failed decode
+instance ends the request with an error, or, if configured, a new leg prefills prompt + tokens so
+far elsewhere and carries on.
+
+The router detokenizes (instances send token ids): stop strings are matched here, and a match aborts
+the request on D.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from scheduler.sampling_params import SamplingParams
+from serving.config import DeployConfig
+from serving.disagg import wire
+from serving.disagg.pool import InstancePool, InstanceState
+from serving.engine.detokenizer import IncrementalDetokenizer
+from serving.engine.protocol import EngineDeadError, RequestOutput, RequestRejectedError
+
+logger = logging.getLogger(__name__)
+
+_MAX_LEGS = 4
+_MIN_BACKOFF_S = 0.01
+_MAX_BACKOFF_S = 0.5
+# transport failures that mean the instance is gone (anything else fails the request only)
+_DEAD_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class InstanceFailed(Exception):
+    def __init__(self, state: InstanceState, reason: str, dead: bool = True) -> None:
+        super().__init__(reason)
+        self.state, self.reason, self.dead = state, reason, dead
+
+
+class _NoRoom(Exception):
+    """A decode instance has no free blocks for the request (backpressure)."""
+
+
+class _Aborted(Exception):
+    """The router was asked to abort the request."""
+
+
+class _Stream:
+    """One Generate call to one instance, registered with it so that the pool can fail it."""
+
+    def __init__(self, state: InstanceState, call) -> None:
+        self.state = state
+        self.call = call
+        self.interruption: Exception | None = None
+        state.streams.add(self)
+
+    def fail(self, reason: str) -> None:
+        self.interrupt(InstanceFailed(self.state, reason))
+
+    def interrupt(self, error: Exception) -> None:
+        self.interruption = error
+        self.call.cancel()
+
+    async def read(self, timeout_s: float):
+        """The next message. Raises InstanceFailed, RequestRejectedError, _NoRoom, _Aborted or
+        asyncio.TimeoutError (nothing within timeout_s)."""
+        try:
+            message = await asyncio.wait_for(self.call.read(), timeout_s)
+        except (asyncio.CancelledError, grpc.aio.AioRpcError) as e:
+            cancelled = isinstance(e, asyncio.CancelledError)
+            if cancelled and asyncio.current_task().cancelling():
+                raise  # this task is being cancelled (the client went away): that wins
+            if self.interruption is not None:  # we cancelled the call, and say why
+                raise self.interruption from None
+            if cancelled:
+                raise
+            code = e.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RequestRejectedError(e.details()) from None
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _NoRoom(e.details()) from None
+            raise InstanceFailed(self.state, f"{code.name}: {e.details()}", dead=code in _DEAD_CODES) from None
+        if message is grpc.aio.EOF:
+            raise InstanceFailed(self.state, "its stream ended before the request finished")
+        return message
+
+    def close(self) -> None:
+        """Cancelling an unfinished call aborts the request on the instance (its blocks are freed)."""
+        self.state.streams.discard(self)
+        self.call.cancel()
+
+
+class RequestFlow:
+    def __init__(self, pool: InstancePool, tokenizer, deploy: DeployConfig, request_id: str,
+                 prompt_token_ids: list[int], params: SamplingParams, counters: dict[str, int]) -> None:
+        self.pool = pool
+        self.deploy = deploy
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.counters = counters  # the router's, advanced here
+        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop,
+                                                  params.include_stop_str_in_output, params.skip_special_tokens)
+        self.output_token_ids: list[int] = []
+        self.num_cached_tokens = 0
+        self.aborted = False
+        self._streams: set[_Stream] = set()
+        self._sent_first = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        for stream in list(self._streams):
+            stream.interrupt(_Aborted())
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        """RequestOutputs exactly as AsyncLLM would give them (text deltas, finish reasons, usage)."""
+        try:
+            for leg in range(_MAX_LEGS):
+                try:
+                    # aclosing: a client gone mid-leg ends the leg now (its finally frees what it holds)
+                    async with contextlib.aclosing(self._leg(leg)) as leg_outputs:
+                        async for output in leg_outputs:
+                            yield output
+                    return
+                except InstanceFailed as e:
+                    if e.dead:
+                        self.pool.mark_failed(e.state, e.reason)
+                    if self.aborted:
+                        break
+                    self._check_retry(e)
+                except _Aborted:
+                    break
+            if not self.aborted:
+                raise EngineDeadError(f"request {self.request_id} failed on {_MAX_LEGS} instance pairs "
+                                      "in a row")
+            yield self._emit(RequestOutput(self.request_id, [], "", finished=True, finish_reason="abort"))
+        finally:
+            for stream in list(self._streams):
+                self._close(stream)
+
+    def _check_retry(self, error: InstanceFailed) -> None:
+        """Raise EngineDeadError unless another leg should be tried after this failure."""
+        if not self.output_token_ids:
+            self.counters["num_reroutes"] += 1
+            logger.warning("request %s: %s failed (%s); trying other instances", self.request_id,
+                           error.state.name, error.reason)
+            return
+        self.counters["num_decode_failures"] += 1
+        if self.deploy.reprefill_on_decode_failure and error.dead:
+            self.counters["num_reprefills"] += 1
+            logger.warning("request %s: %s failed after %d tokens (%s); prefilling again elsewhere",
+                           self.request_id, error.state.name, len(self.output_token_ids), error.reason)
+            return
+        raise EngineDeadError(
+            f"{error.state.role} instance {error.state.name} failed while streaming request "
+            f"{self.request_id} after {len(self.output_token_ids)} tokens ({error.reason}); the request "
+            "cannot finish (--reprefill-on-decode-failure would continue it on another instance)")
+
+    # ---- one leg ----
+    async def _leg(self, leg: int) -> AsyncIterator[RequestOutput]:
+        leg_id = f"{self.request_id}@{leg}"  # fresh on every leg: nothing of a failed leg can mix in
+        prompt = self.prompt_token_ids + self.output_token_ids
+        params = self._leg_params()
+        decode_stream = await self._reserve_decode(leg_id, prompt, params)
+        decode = decode_stream.state  # its num_active counts this leg until the finally below
+        try:
+            first = await self._prefill(leg_id, prompt, params, decode)
+            if first.finish_reason != "remote_decode":  # a real stop (or an error) at the first token
+                yield self._emit(first)
+                return
+            handoff = asyncio.ensure_future(decode.client.set_first_token(leg_id, first.new_token_ids[0]))
+            try:
+                output = self._emit(first)
+                yield output  # the client has its first token before the KV has moved
+                if output.finished:  # a stop string
+                    return
+                await self._await_handoff(handoff, decode)
+            finally:
+                handoff.cancel()
+            while True:
+                output = self._emit(wire.output_from_proto(await self._read(decode_stream)))
+                yield output
+                if output.finished:
+                    return
+        finally:
+            decode.num_active -= 1
+            self._close(decode_stream)
+
+    def _leg_params(self) -> SamplingParams:
+        num_sent = len(self.output_token_ids)
+        if not num_sent:
+            return self.params
+        # a continuation: the tokens sent so far are now part of the prompt
+        changes = {"min_tokens": max(0, self.params.min_tokens - num_sent)}
+        if self.params.max_tokens is not None:
+            changes["max_tokens"] = self.params.max_tokens - num_sent
+        return self.params.clone(**changes)
+
+    async def _reserve_decode(self, leg_id: str, prompt: list[int], params: SamplingParams) -> _Stream:
+        """Open the decode stream on the best instance with room; wait (bounded) for room."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deploy.instance_timeout_s
+        backoff = _MIN_BACKOFF_S
+        while True:
+            candidates = self.pool.decode_candidates()
+            for decode in candidates:
+                stream = await self._try_reserve(decode, leg_id, prompt, params)
+                if stream is not None:
+                    return stream
+            if self.aborted:
+                raise _Aborted()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise EngineDeadError(
+                    f"no decode instance could take request {self.request_id} within "
+                    f"{self.deploy.instance_timeout_s:.0f}s (" + ("all are out of free KV blocks" if candidates
+                                                                else "none is up") + ")")
+            if candidates:
+                self.counters["num_kv_waits"] += 1
+                await asyncio.sleep(min(backoff, remaining))
+                backoff = min(2 * backoff, _MAX_BACKOFF_S)
+            else:
+                await self._wait_for_instance("decode", remaining)
+
+    async def _try_reserve(self, decode: InstanceState, leg_id: str, prompt: list[int],
+                           params: SamplingParams) -> _Stream | None:
+        """The decode stream once `decode` has reserved the blocks (counted in its load); None when
+        it has no room or is gone."""
+        num_blocks = -(-(len(prompt) + 1) // decode.launched.info.block_size)
+        # counted before the answer comes, so that requests arriving together spread over instances
+        decode.num_active += 1
+        decode.num_blocks_reserved_since_poll += num_blocks
+        stream = self._open(decode, decode.client.generate(leg_id, prompt, params, remote_prefill=True))
+        accepted = False
+        try:
+            message = await stream.read(self.deploy.instance_timeout_s)
+            if not message.accepted:
+                raise EngineDeadError(f"decode instance {decode.name} answered a reservation with an "
+                                      "output; is it running the same pdserve version?")
+            accepted = True
+            return stream
+        except (_NoRoom, asyncio.TimeoutError):
+            return None
+        except InstanceFailed as e:
+            if e.dead:
+                self.pool.mark_failed(decode, e.reason)
+            return None
+        finally:
+            if not accepted:
+                self._close(stream)
+                decode.num_active -= 1
+                decode.num_blocks_reserved_since_poll = max(
+                    0, decode.num_blocks_reserved_since_poll - num_blocks)
+
+    async def _prefill(self, leg_id: str, prompt: list[int], params: SamplingParams,
+                       decode: InstanceState) -> RequestOutput:
+        """P's only output: the first token (finish_reason remote_decode) or a real stop."""
+        prefill = self.pool.pick_prefill()
+        if prefill is None:
+            await self._wait_for_instance("prefill", self.deploy.instance_start_timeout_s)
+            prefill = self.pool.pick_prefill()
+            if prefill is None:
+                raise EngineDeadError("no prefill instance is up")
+        stream = self._open(prefill, prefill.client.generate(leg_id, prompt, params, kv_peer=decode.kv_address))
+        prefill.num_queued_prefill_tokens += len(prompt)
+        try:
+            output = wire.output_from_proto(await self._read(stream))
+        finally:
+            prefill.num_queued_prefill_tokens = max(0, prefill.num_queued_prefill_tokens - len(prompt))
+            self._close(stream)
+        if not self._sent_first:
+            self.num_cached_tokens = output.num_cached_tokens
+        return output
+
+    async def _await_handoff(self, handoff: asyncio.Future, decode: InstanceState) -> None:
+        try:
+            await handoff
+        except grpc.aio.AioRpcError as e:
+            raise InstanceFailed(decode, f"handing it the first token failed ({e.code().name}: "
+                                 f"{e.details()})", dead=e.code() in _DEAD_CODES) from None
+
+    async def _wait_for_instance(self, role: str, timeout_s: float) -> None:
+        if not self.deploy.restart_failed_instances:
+            raise EngineDeadError(f"no {role} instance is up (restarts are off: --restart-failed-instances)")
+        await self.pool.wait_for_change(timeout_s)
+        if self.aborted:
+            raise _Aborted()
+
+    async def _read(self, stream: _Stream):
+        try:
+            return await stream.read(self.deploy.instance_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineDeadError(f"{stream.state.role} instance {stream.state.name} sent nothing for "
+                                  f"{self.deploy.instance_timeout_s:.0f}s (--instance-timeout-s) while "
+                                  f"serving request {self.request_id}") from None
+
+    def _open(self, state: InstanceState, call) -> _Stream:
+        stream = _Stream(state, call)
+        self._streams.add(stream)
+        if self.aborted:
+            stream.interrupt(_Aborted())
+        return stream
+
+    def _close(self, stream: _Stream) -> None:
+        self._streams.discard(stream)
+        stream.close()
+
+    # ---- outputs ----
+    def _emit(self, source: RequestOutput) -> RequestOutput:
+        """The client's RequestOutput for an instance's output: text, stop strings, cumulative counts."""
+        token_ids = source.new_token_ids
+        self.output_token_ids.extend(token_ids)
+        matched = self.detokenizer.add_tokens(token_ids) if token_ids else None
+        finished = source.finished and source.finish_reason != "remote_decode"
+        reason, stop_reason = source.finish_reason, source.stop_reason
+        if matched is not None and not finished:  # as EngineCore: a stop string ends an unfinished request
+            finished, reason, stop_reason = True, "stop", matched
+        first = not self._sent_first
+        self._sent_first = True
+        return RequestOutput(
+            request_id=self.request_id, new_token_ids=token_ids,
+            new_text=self.detokenizer.take_new_text(finished), finished=finished,
+            finish_reason=reason if finished else None, stop_reason=stop_reason if finished else None,
+            new_logprobs=source.new_logprobs, num_prompt_tokens=len(self.prompt_token_ids),
+            num_output_tokens=len(self.output_token_ids), num_cached_tokens=self.num_cached_tokens,
+            error=source.error if finished else None, queue_time_s=source.queue_time_s if first else None)

@@ -1,0 +1,79 @@
+"""Entry point of an instance process (what the local launcher starts):
+
+    python -m serving.disagg.instance_main --name decode-0 --role decode --config-json '{...}'
+
+Once serving, it prints one line `READY_PREFIX {"address": ..., "info": base64(InstanceInfo)}` on
+stdout (its logs go to stderr) and runs until SIGTERM/SIGINT, or until its parent process is gone, so
+that a launcher killed without cleaning up leaves no instance behind.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import logging
+import os
+import signal
+import sys
+
+from serving.config import Config
+from serving.disagg._proto import instance_pb2 as pb
+from serving.disagg.instance import InstanceAddress, InstanceSpec, serve_instance
+
+READY_PREFIX = "pdserve-instance-ready"
+_PARENT_CHECK_S = 1.0
+
+
+def encode_ready(ready: InstanceAddress) -> str:
+    info = base64.b64encode(ready.info.SerializeToString()).decode()
+    return f"{READY_PREFIX} {json.dumps({'address': ready.address, 'info': info})}"
+
+
+def decode_ready(line: str) -> InstanceAddress | None:
+    """The InstanceAddress of a ready line; None for any other line."""
+    if not line.startswith(READY_PREFIX + " "):
+        return None
+    values = json.loads(line[len(READY_PREFIX) + 1:])
+    return InstanceAddress(values["address"], pb.InstanceInfo.FromString(base64.b64decode(values["info"])))
+
+
+async def _main(spec: InstanceSpec, parent_pid: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_parent() -> None:
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(_PARENT_CHECK_S)
+        logging.getLogger(__name__).warning("launcher process %d is gone; stopping", parent_pid)
+        stop.set()
+
+    def on_ready(ready: InstanceAddress) -> None:
+        print(encode_ready(ready), flush=True)
+
+    watcher = asyncio.create_task(watch_parent())
+    try:
+        await serve_instance(spec, on_ready, stop)
+    finally:
+        watcher.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.disagg.instance_main")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
+    parser.add_argument("--config-json", required=True, help="Config.to_dict() as JSON")
+    parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
+    args = parser.parse_args(argv)
+    config = Config.from_dict(json.loads(args.config_json))
+    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [{args.name}] %(name)s: %(message)s")
+    spec = InstanceSpec(args.name, args.role, config)
+    asyncio.run(_main(spec, args.parent_pid or os.getppid()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

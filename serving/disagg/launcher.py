@@ -1,0 +1,156 @@
+"""Launchers start instance processes and start them again when they die.
+
+`local` runs each instance as a subprocess of the API server (`instance_main`); `ray` (ray_launcher.py)
+runs each as a Ray actor. Both hand back the same `LaunchedInstance`, so the router cannot tell them
+apart.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Protocol
+
+from serving.config import Config
+from serving.disagg._proto import instance_pb2 as pb
+from serving.disagg.instance import InstanceAddress, InstanceSpec
+from serving.disagg.instance_main import decode_ready
+
+logger = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 10.0
+
+
+@dataclass(frozen=True)
+class LaunchedInstance:
+    spec: InstanceSpec
+    address: str  # host:port of its Instance service
+    info: pb.InstanceInfo
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Launcher(Protocol):
+    def start(self, specs: list[InstanceSpec]) -> list[LaunchedInstance]:
+        """Start every instance (concurrently) and wait until all serve; raises RuntimeError naming
+        the instance that failed (and stops the others)."""
+
+    async def restart(self, spec: InstanceSpec) -> LaunchedInstance:
+        """Start a dead (or hung) instance again under the same name; new addresses."""
+
+    def shutdown(self) -> None:
+        """Stop every instance (and what the launcher started for them). Idempotent."""
+
+
+def make_specs(config: Config) -> list[InstanceSpec]:
+    """prefill-0..N-1 and decode-0..M-1, each with its role's config overrides applied."""
+    deploy = config.deploy
+    prefill = config.replace(**deploy.prefill_overrides) if deploy.prefill_overrides else config
+    decode = config.replace(**deploy.decode_overrides) if deploy.decode_overrides else config
+    return ([InstanceSpec(f"prefill-{i}", "prefill", prefill) for i in range(deploy.num_prefill)]
+            + [InstanceSpec(f"decode-{i}", "decode", decode) for i in range(deploy.num_decode)])
+
+
+def make_launcher(config: Config) -> Launcher:
+    if config.deploy.launcher == "ray":
+        from serving.disagg.ray_launcher import RayLauncher
+        return RayLauncher(config.deploy)
+    return LocalLauncher(config.deploy.instance_start_timeout_s)
+
+
+class _Process:
+    """One instance subprocess; a thread reads its stdout for the ready line (and drains the rest)."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.spec = spec
+        command = [sys.executable, "-m", "serving.disagg.instance_main", "--name", spec.name,
+                   "--role", spec.role, "--config-json", json.dumps(spec.config.to_dict()),
+                   "--parent-pid", str(os.getpid())]
+        self.popen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        self.ready: Future = Future()
+        threading.Thread(target=self._read_stdout, name=f"pdserve-{spec.name}-stdout", daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for line in self.popen.stdout:
+            ready = decode_ready(line.strip())
+            if ready is not None and not self.ready.done():
+                self.ready.set_result(ready)
+            elif ready is None:
+                sys.stdout.write(line)
+        if not self.ready.done():
+            code = self.popen.wait()
+            self.ready.set_exception(RuntimeError(
+                f"instance {self.spec.name} exited with code {code} before serving (its log is above)"))
+
+    def wait_ready(self, timeout_s: float) -> InstanceAddress:
+        try:
+            return self.ready.result(timeout=timeout_s)
+        except TimeoutError:
+            raise RuntimeError(f"instance {self.spec.name} did not start within {timeout_s:.0f}s "
+                               "(--instance-start-timeout-s)") from None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+        try:
+            self.popen.wait(_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+class LocalLauncher:
+    def __init__(self, start_timeout_s: float) -> None:
+        self.start_timeout_s = start_timeout_s
+        self._processes: dict[str, _Process] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self, specs: list[InstanceSpec]) -> list[LaunchedInstance]:
+        processes = [self._spawn(spec) for spec in specs]
+        try:
+            return [self._launched(p) for p in processes]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    async def restart(self, spec: InstanceSpec) -> LaunchedInstance:
+        old = self._processes.get(spec.name)
+        loop = asyncio.get_running_loop()
+        if old is not None:
+            await loop.run_in_executor(None, old.stop)
+        process = self._spawn(spec)
+        return await loop.run_in_executor(None, self._launched, process)
+
+    def pid(self, name: str) -> int:
+        return self._processes[name].popen.pid
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            processes = list(self._processes.values())
+            self._processes.clear()
+        for process in processes:
+            if process.popen.poll() is None:
+                process.popen.terminate()
+        for process in processes:
+            process.stop()
+
+    def _spawn(self, spec: InstanceSpec) -> _Process:
+        with self._lock:  # held while starting, so that shutdown() cannot miss the new process
+            if self._closed:
+                raise RuntimeError(f"not starting {spec.name}: the launcher is shut down")
+            process = self._processes[spec.name] = _Process(spec)
+        return process
+
+    def _launched(self, process: _Process) -> LaunchedInstance:
+        ready = process.wait_ready(self.start_timeout_s)
+        return LaunchedInstance(process.spec, ready.address, ready.info)

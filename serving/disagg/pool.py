@@ -1,0 +1,179 @@
+"""The router's instances: who is up, how loaded, which to pick; health checks and restarts.
+
+Load is tracked two ways. What the router itself sent is exact and immediate (prompt tokens sent to a
+prefill instance and not yet answered by a first token; requests streaming from a decode instance);
+what only the instance knows (free KV blocks) comes from a Stats poll, corrected by the blocks the
+router has reserved there since that poll.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from serving.config import DeployConfig
+from serving.disagg._proto import instance_pb2 as pb
+from serving.disagg.client import InstanceClient
+from serving.disagg.launcher import LaunchedInstance, Launcher
+
+logger = logging.getLogger(__name__)
+
+_MIN_HEALTH_TIMEOUT_S = 2.0
+_MAX_RESTART_ATTEMPTS = 3
+
+
+@dataclass
+class InstanceState:
+    launched: LaunchedInstance
+    client: InstanceClient
+    up: bool = True
+    # router-side load
+    num_queued_prefill_tokens: int = 0  # prefill: prompt tokens sent, first token not yet back
+    num_active: int = 0  # decode: requests reserved or streaming here
+    num_blocks_reserved_since_poll: int = 0
+    stats: pb.StatsResponse = field(default_factory=pb.StatsResponse)
+    # calls to cancel when the instance is found dead: call -> the flow's failure callback
+    streams: set = field(default_factory=set)
+    num_restarts: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.launched.name
+
+    @property
+    def role(self) -> str:
+        return self.launched.spec.role
+
+    @property
+    def kv_address(self) -> str:
+        return self.launched.info.kv_address
+
+    @property
+    def num_free_blocks_estimate(self) -> int:
+        return self.stats.num_free_blocks - self.num_blocks_reserved_since_poll
+
+
+class InstancePool:
+    """Mutated only on the router's event loop."""
+
+    def __init__(self, launched: list[LaunchedInstance], launcher: Launcher, deploy: DeployConfig,
+                 check_peer, counters: dict[str, int]) -> None:
+        self.deploy = deploy
+        self.counters = counters  # the router's: num_instance_failures, num_instance_restarts
+        self.launcher = launcher
+        self._check_peer = check_peer  # raises ValueError for an instance the others cannot talk to
+        self.instances = [InstanceState(li, InstanceClient(li.address, deploy.instance_timeout_s))
+                          for li in launched]
+        for state in self.instances:
+            state.stats.num_free_blocks = state.launched.info.num_blocks
+        self._tasks: set[asyncio.Task] = set()
+        self._changed = asyncio.Event()  # set whenever an instance comes up
+
+    # ---- choosing ----
+    def up(self, role: str) -> list[InstanceState]:
+        return [s for s in self.instances if s.up and s.role == role]
+
+    def pick_prefill(self) -> InstanceState | None:
+        """The prefill instance with the fewest queued prompt tokens."""
+        return min(self.up("prefill"), key=lambda s: s.num_queued_prefill_tokens, default=None)
+
+    def decode_candidates(self) -> list[InstanceState]:
+        """Decode instances, best first: most free KV blocks, then fewest running requests."""
+        return sorted(self.up("decode"), key=lambda s: (-s.num_free_blocks_estimate, s.num_active))
+
+    async def wait_for_change(self, timeout_s: float) -> None:
+        """Wait (at most timeout_s) until some instance comes (back) up."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+
+    # ---- failures ----
+    def mark_failed(self, state: InstanceState, reason: str) -> None:
+        """The instance is dead or unreachable: stop routing to it, fail its streams, restart it."""
+        if not state.up:
+            return
+        state.up = False
+        self.counters["num_instance_failures"] += 1
+        logger.error("instance %s (%s) is down: %s", state.name, state.launched.address, reason)
+        for stream in list(state.streams):
+            stream.fail(f"instance {state.name} failed: {reason}")
+        state.streams.clear()
+        state.num_queued_prefill_tokens = 0
+        if self.deploy.restart_failed_instances:
+            self._spawn(self._restart(state))
+
+    async def _restart(self, state: InstanceState) -> None:
+        for attempt in range(1, _MAX_RESTART_ATTEMPTS + 1):
+            try:
+                launched = await asyncio.wait_for(self.launcher.restart(state.launched.spec),
+                                                  self.deploy.instance_start_timeout_s)
+                self._check_peer(launched)
+            except Exception as e:  # noqa: BLE001 - a failed start is logged and tried again
+                logger.error("restarting %s failed (attempt %d of %d): %s", state.name, attempt,
+                             _MAX_RESTART_ATTEMPTS, e)
+                continue
+            old_client = state.client
+            state.launched = launched
+            state.client = InstanceClient(launched.address, self.deploy.instance_timeout_s)
+            state.stats = pb.StatsResponse(num_free_blocks=launched.info.num_blocks)
+            state.num_blocks_reserved_since_poll = 0
+            state.num_restarts += 1
+            self.counters["num_instance_restarts"] += 1
+            state.up = True
+            self._changed.set()
+            logger.info("instance %s is back on %s", state.name, launched.address)
+            await old_client.close()
+            return
+        logger.error("gave up restarting %s; it stays down", state.name)
+
+    # ---- background checks ----
+    def start_monitor(self) -> None:
+        self._spawn(self._monitor())
+
+    async def _monitor(self) -> None:
+        interval = self.deploy.health_check_interval_s
+        while True:
+            await asyncio.gather(*(self._check(s) for s in self.instances if s.up))
+            await asyncio.sleep(interval)
+
+    async def _check(self, state: InstanceState) -> None:
+        timeout = max(_MIN_HEALTH_TIMEOUT_S, 5 * self.deploy.health_check_interval_s)
+        client = state.client
+        try:
+            health = await asyncio.wait_for(client.health(), timeout)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
+            if state.client is client:
+                self.mark_failed(state, f"health check failed ({_describe(e)})")
+            return
+        if not health.healthy:
+            if state.client is client:
+                self.mark_failed(state, health.reason)
+            return
+        try:
+            stats = await client.stats(timeout)
+        except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+            return  # a busy engine: keep the last figures; liveness is the health check's job
+        if state.client is client:
+            state.stats = stats
+            state.num_blocks_reserved_since_poll = 0
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(s.client.close() for s in self.instances), return_exceptions=True)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return type(error).__name__

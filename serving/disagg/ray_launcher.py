@@ -1,0 +1,172 @@
+"""The Ray launcher: each instance is a Ray actor holding its resources (num_cpus, num_gpus).
+
+The actor's process *is* the instance process: the actor runs `serve_instance` on a thread of its
+own and answers `info()` with the addresses once serving. Ray restarts an actor whose process dies
+(max_restarts), which starts the instance again; the router then asks the restarted actor for its new
+addresses. With `same_node`, prefill-i and decode-i share a STRICT_PACK placement group (one node).
+
+Without --ray-address a local Ray cluster is started (sized to fit the deployment) and stopped at
+shutdown; with one, the instances join that cluster and only they are removed at shutdown. A process
+that has already called ray.init keeps its own connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from concurrent.futures import Future
+
+from serving.config import DeployConfig
+from serving.disagg._proto import instance_pb2 as pb
+from serving.disagg.instance import InstanceAddress, InstanceSpec, serve_instance
+from serving.disagg.launcher import LaunchedInstance
+
+logger = logging.getLogger(__name__)
+
+_MAX_RAY_RESTARTS = 5
+_MAX_TASK_RETRIES = 3
+_STOP_TIMEOUT_S = 15.0
+
+
+class InstanceActor:
+    """Hosts one instance in a Ray worker process (wrapped with ray.remote by the launcher)."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        self._ready: Future = Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, args=(spec,), name="pdserve-instance", daemon=True)
+        self._thread.start()
+
+    def _run(self, spec: InstanceSpec) -> None:
+        async def main() -> None:
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await serve_instance(spec, self._ready.set_result, self._stop)
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001 - reported through info()
+            logger.exception("instance %s failed", spec.name)
+            if not self._ready.done():
+                self._ready.set_exception(RuntimeError(f"instance {spec.name} failed to start: {e}"))
+
+    def info(self, timeout_s: float) -> tuple[str, bytes]:
+        ready: InstanceAddress = self._ready.result(timeout=timeout_s)
+        return ready.address, ready.info.SerializeToString()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(_STOP_TIMEOUT_S)
+
+
+class RayLauncher:
+    def __init__(self, deploy: DeployConfig) -> None:
+        import ray  # only this launcher needs Ray
+        self._ray = ray
+        self.deploy = deploy
+        self._connected_here = False  # ray.init was ours: ray.shutdown at the end (stops a local cluster)
+        self._actors: dict[str, object] = {}
+        self._addresses: dict[str, str] = {}
+        self._placement_groups: list = []
+
+    def start(self, specs: list[InstanceSpec]) -> list[LaunchedInstance]:
+        try:
+            self._connect(len(specs))
+            strategies = self._placement(specs)
+            for spec in specs:
+                self._actors[spec.name] = self._make_actor(spec, strategies.get(spec.name))
+            return [self._launched(spec, self.deploy.instance_start_timeout_s) for spec in specs]
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _connect(self, num_instances: int) -> None:
+        ray = self._ray
+        if ray.is_initialized():
+            return
+        if self.deploy.ray_address:
+            ray.init(address=self.deploy.ray_address, log_to_driver=True)
+        else:
+            # a local cluster with room for every instance (Ray's CPUs are a logical count)
+            num_cpus = max(os.cpu_count() or 1, int(-(-num_instances * self.deploy.num_cpus_per_instance // 1)))
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        self._connected_here = True
+
+    def _bundle(self) -> dict[str, float]:
+        bundle = {"CPU": self.deploy.num_cpus_per_instance}
+        if self.deploy.num_gpus_per_instance:
+            bundle["GPU"] = self.deploy.num_gpus_per_instance
+        return bundle
+
+    def _placement(self, specs: list[InstanceSpec]) -> dict[str, object]:
+        """prefill-i and decode-i on one node (a STRICT_PACK group) for each pair, when asked."""
+        if not self.deploy.same_node:
+            return {}
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        prefill = [s for s in specs if s.role == "prefill"]
+        decode = [s for s in specs if s.role == "decode"]
+        strategies = {}
+        for pair in zip(prefill, decode):
+            group = placement_group([self._bundle(), self._bundle()], strategy="STRICT_PACK")
+            self._placement_groups.append(group)
+            self._ray.get(group.ready(), timeout=self.deploy.instance_start_timeout_s)
+            for index, spec in enumerate(pair):
+                strategies[spec.name] = PlacementGroupSchedulingStrategy(
+                    group, placement_group_bundle_index=index)
+        return strategies
+
+    def _make_actor(self, spec: InstanceSpec, strategy):
+        options = {"num_cpus": self.deploy.num_cpus_per_instance, "num_gpus": self.deploy.num_gpus_per_instance,
+                   "max_restarts": _MAX_RAY_RESTARTS if self.deploy.restart_failed_instances else 0,
+                   "max_task_retries": _MAX_TASK_RETRIES}
+        if strategy is not None:
+            options["scheduling_strategy"] = strategy
+        return self._ray.remote(InstanceActor).options(**options).remote(spec)
+
+    def _launched(self, spec: InstanceSpec, timeout_s: float) -> LaunchedInstance:
+        ref = self._actors[spec.name].info.remote(timeout_s)
+        try:
+            address, info = self._ray.get(ref, timeout=timeout_s + 5.0)
+        except self._ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"instance {spec.name} did not start within {timeout_s:.0f}s (does the Ray "
+                               f"cluster have {self.deploy.num_cpus_per_instance} free CPUs for it?)") from None
+        self._addresses[spec.name] = address
+        return LaunchedInstance(spec, address, pb.InstanceInfo.FromString(info))
+
+    async def restart(self, spec: InstanceSpec) -> LaunchedInstance:
+        """Ray restarts a dead actor by itself; an actor whose instance is alive at the old address
+        (hung, unreachable) is killed first so that Ray restarts it."""
+        loop = asyncio.get_running_loop()
+        old_address = self._addresses.get(spec.name)
+        launched = await loop.run_in_executor(None, self._launched, spec, self.deploy.instance_start_timeout_s)
+        if launched.address != old_address:
+            return launched
+        self._ray.kill(self._actors[spec.name], no_restart=False)
+        return await loop.run_in_executor(None, self._launched, spec, self.deploy.instance_start_timeout_s)
+
+    def pid(self, name: str) -> int:
+        return self._ray.get(self._actors[name].pid.remote(), timeout=30)
+
+    def shutdown(self) -> None:
+        ray = self._ray
+        if not ray.is_initialized():
+            return
+        actors, self._actors = list(self._actors.values()), {}
+        stops = [actor.stop.remote() for actor in actors]
+        try:
+            ray.wait(stops, num_returns=len(stops), timeout=_STOP_TIMEOUT_S + 5.0)
+        finally:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            from ray.util.placement_group import remove_placement_group
+            for group in self._placement_groups:
+                remove_placement_group(group)
+            self._placement_groups = []
+            if self._connected_here:  # stops the cluster if ray.init started it, else disconnects
+                ray.shutdown()
+                self._connected_here = False

@@ -1,0 +1,80 @@
+"""Conversions between the engine's types and the instance-control messages (proto/instance.proto).
+
+Each pair round-trips exactly: `params_from_proto(params_to_proto(p)) == p` for n == 1, and an
+instance's RequestOutput comes back field for field (text aside: instances do not detokenize).
+"""
+from __future__ import annotations
+
+from scheduler.sampling_params import SamplingParams
+from serving.disagg._proto import instance_pb2 as pb
+from serving.engine.protocol import EngineStats, RequestOutput, TokenLogprob
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Instance"].full_name  # "pdserve.instance.Instance"
+
+_PLAIN_PARAMS = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "stop", "stop_token_ids",
+                 "ignore_eos", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty", "skip_special_tokens")
+_OPTIONAL_PARAMS = ("seed", "max_tokens", "logprobs")
+_STATS_FIELDS = ("num_running", "num_waiting", "num_swapped", "kv_cache_usage", "num_preemptions",
+                 "prefix_cache_queries", "prefix_cache_hits")
+
+
+def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    if params.n != 1:
+        raise ValueError(f"an instance runs one sequence per request; expand n={params.n} first")
+    message = pb.SamplingParams(**{name: getattr(params, name) for name in _PLAIN_PARAMS})
+    for name in _OPTIONAL_PARAMS:
+        if getattr(params, name) is not None:
+            setattr(message, name, getattr(params, name))
+    return message
+
+
+def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
+    values = {name: getattr(message, name) for name in _PLAIN_PARAMS}
+    values["stop"], values["stop_token_ids"] = list(message.stop), list(message.stop_token_ids)
+    for name in _OPTIONAL_PARAMS:
+        values[name] = getattr(message, name) if message.HasField(name) else None
+    return SamplingParams(**values)
+
+
+def output_to_proto(output: RequestOutput) -> pb.GenerateOutput:
+    message = pb.GenerateOutput(
+        request_id=output.request_id, new_token_ids=output.new_token_ids, finished=output.finished,
+        finish_reason=output.finish_reason or "", has_logprobs=output.new_logprobs is not None,
+        num_prompt_tokens=output.num_prompt_tokens, num_output_tokens=output.num_output_tokens,
+        num_cached_tokens=output.num_cached_tokens, error=output.error or "")
+    if isinstance(output.stop_reason, str):
+        message.stop_string = output.stop_reason
+    elif output.stop_reason is not None:
+        message.stop_token_id = output.stop_reason
+    for record in output.new_logprobs or ():
+        message.new_logprobs.append(pb.TokenLogprob(
+            token_id=record.token_id, logprob=record.logprob,
+            top_token_ids=[t for t, _ in record.top], top_logprobs=[lp for _, lp in record.top]))
+    if output.queue_time_s is not None:
+        message.queue_time_s = output.queue_time_s
+    return message
+
+
+def output_from_proto(message: pb.GenerateOutput) -> RequestOutput:
+    """A RequestOutput with empty text (the router detokenizes)."""
+    stop_kind = message.WhichOneof("stop_reason")
+    logprobs = None
+    if message.has_logprobs:
+        logprobs = [TokenLogprob(r.token_id, r.logprob, list(zip(r.top_token_ids, r.top_logprobs)))
+                    for r in message.new_logprobs]
+    return RequestOutput(
+        request_id=message.request_id, new_token_ids=list(message.new_token_ids), new_text="",
+        finished=message.finished, finish_reason=message.finish_reason or None,
+        stop_reason=getattr(message, stop_kind) if stop_kind else None, new_logprobs=logprobs,
+        num_prompt_tokens=message.num_prompt_tokens, num_output_tokens=message.num_output_tokens,
+        num_cached_tokens=message.num_cached_tokens, error=message.error or None,
+        queue_time_s=message.queue_time_s if message.HasField("queue_time_s") else None)
+
+
+def stats_to_proto(stats: EngineStats) -> pb.StatsResponse:
+    return pb.StatsResponse(**{name: getattr(stats, name) for name in _STATS_FIELDS})
+
+
+def stats_from_proto(message: pb.StatsResponse) -> EngineStats:
+    return EngineStats(**{name: getattr(message, name) for name in _STATS_FIELDS})

@@ -1,0 +1,104 @@
+"""The Ray launcher end to end: a local Ray cluster started by the launcher, a prefill and a decode
+instance as Ray actors in one placement group, served over HTTP to the official openai client; a
+killed actor process is restarted by Ray and taken back by the router; everything stops at shutdown."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import openai
+import pytest
+
+from serving.api.server import run_server
+from serving.config import ServerConfig
+from serving.disagg.router import build_disaggregated_client
+from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, collect_all, free_port, make_cases,
+                                               reference_outputs, tiny_config, token_ids, wait_until_drained)
+
+pytestmark = pytest.mark.slow
+
+ray = pytest.importorskip("ray", reason="the Ray launcher needs ray (a dependency of pdserve)")
+
+
+async def _wait_healthy(base_url: str, timeout_s: float = 60.0) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient() as http:
+        while time.monotonic() < deadline:
+            try:
+                if (await http.get(f"{base_url}/health", timeout=5)).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the server at {base_url} never became healthy")
+
+
+def test_ray_launcher_serves_restarts_and_shuts_down(tiny_model_dir):
+    assert not ray.is_initialized()
+    config = tiny_config(tiny_model_dir, mode="disaggregated", launcher="ray", same_node=True)
+    reference_config = tiny_config(tiny_model_dir)
+    loop = LoopThread()
+    client = build_disaggregated_client(config)
+    try:
+        assert ray.is_initialized()  # the launcher started a local cluster
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        server = loop.run(_start_server(client, port))
+        loop.run(_wait_healthy(base_url))
+
+        # over HTTP: the text equals a colocated engine's for the same token ids
+        cases = make_cases("ray", 11, [12, 40], [10])
+        expected = reference_outputs(reference_config, cases)
+        api = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", timeout=120)
+        model = api.models.list().data[0].id
+        for case in cases:
+            text = "".join(o.new_text for o in expected[case.request_id])
+            reply = api.completions.create(model=model, prompt=case.prompt_token_ids, max_tokens=10,
+                                           temperature=0, extra_body={"ignore_eos": True})
+            assert reply.choices[0].text == text and reply.choices[0].finish_reason == "length"
+            chunks = api.completions.create(model=model, prompt=case.prompt_token_ids, max_tokens=10,
+                                            temperature=0, stream=True, extra_body={"ignore_eos": True})
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+
+        # kill -9 the decode actor's process: Ray restarts the actor, the router takes it back
+        states = loop.run(_states(client))
+        old_address = states["decode-0"].launched.address
+        os.kill(states["decode-0"].launched.info.pid, signal.SIGKILL)
+        loop.run(_wait_restarted(client, "decode-0"), 240)
+        assert states["decode-0"].launched.address != old_address
+        later = make_cases("ray-after-restart", 12, [30, 31], [8])
+        got = loop.run(collect_all(client, later))
+        later_expected = reference_outputs(reference_config, later)
+        for case in later:
+            assert token_ids(got[case.request_id]) == token_ids(later_expected[case.request_id])
+        assert_no_leaks(loop.run(wait_until_drained(client)))
+        loop.run(_stop_server(server))  # run_server shuts the engine down as it stops
+    finally:
+        loop.run(client.shutdown())
+        loop.close()
+    assert not ray.is_initialized()  # the cluster it started is gone
+
+
+async def _start_server(client, port: int) -> asyncio.Task:
+    return asyncio.create_task(run_server(client, ServerConfig(port=port, log_level="warning")))
+
+
+async def _stop_server(server: asyncio.Task) -> None:
+    server.cancel()
+    try:
+        await server
+    except asyncio.CancelledError:
+        pass
+
+
+async def _states(client) -> dict:
+    return {s.name: s for s in client.pool.instances}
+
+
+async def _wait_restarted(client, name: str) -> None:
+    state = next(s for s in client.pool.instances if s.name == name)
+    while not (state.up and state.num_restarts == 1):
+        await asyncio.sleep(0.1)
