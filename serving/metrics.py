@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client import generate_latest
 
 from serving.engine.protocol import EngineStats, RequestOutput
@@ -105,6 +106,8 @@ class ServingMetrics:
         for reason in FINISH_REASONS:
             # created up front so every reason is exported (at 0) before it first happens
             self.request_success(reason)
+        self._extra = _ExtraStatsCollector(model_name)
+        reg.register(self._extra)
 
     def request_success(self, finished_reason: str) -> Counter:
         return self._request_success.labels(self._model_name, finished_reason)
@@ -119,6 +122,7 @@ class ServingMetrics:
         self.num_requests_waiting.set(stats.num_waiting)
         self.num_requests_swapped.set(stats.num_swapped)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        self._extra.latest = stats.extra or {}
         for field_name, attribute in _STATS_COUNTERS.items():
             count = getattr(stats, field_name)
             previous = self._last_engine_counts.get(field_name, 0)
@@ -130,6 +134,44 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ExtraStatsCollector:
+    """Mode-specific engine counters from EngineStats.extra (disaggregated: KV transfer, router,
+    per-instance state), exported as they were at the last scrape:
+
+        pdserve:kv_transfer_<name>_total     counters summed over instances (bytes, seconds, failures,
+                                             retries, recompute fallbacks, ...)
+        pdserve:router_<name>_total          re-routes, decode failures, re-prefills, restarts, ...
+        pdserve:instance_<name>{instance, role}   gauges: up, queue_depth, num_running, free blocks, ...
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.latest: dict = {}
+
+    def describe(self):  # no fixed metric names: skip the registry's duplicate check
+        return []
+
+    def collect(self):
+        model = self.model_name
+        for group in ("kv_transfer", "router"):
+            for name, value in sorted(self.latest.get(group, {}).items()):
+                base = name[:-len("_total")] if name.endswith("_total") else name
+                family = CounterMetricFamily(f"pdserve:{group}_{base}", f"{group} counter {base}",
+                                             labels=["model_name"])
+                family.add_metric([model], float(value))
+                yield family
+        instances = self.latest.get("instances", {})
+        fields = sorted({k for info in instances.values() for k, v in info.items()
+                         if isinstance(v, (int, float))})
+        for field_name in fields:
+            family = GaugeMetricFamily(f"pdserve:instance_{field_name}", f"per-instance {field_name}",
+                                       labels=["model_name", "instance", "role"])
+            for instance, info in sorted(instances.items()):
+                if field_name in info:
+                    family.add_metric([model, instance, str(info.get("role", ""))], float(info[field_name]))
+            yield family
 
 
 class RequestMetrics:
