@@ -4,7 +4,10 @@
                                        [--output-len 128] [--json out.json]
 
 Both systems get the same token-id prompts (lengths spread +-25% around --input-len, so batching must
-cope with ragged prompts) and produce exactly --output-len tokens each (ignore_eos). Overhead is the
+cope with ragged prompts). With --output-len-dist fixed every request produces exactly --output-len tokens
+(ignore_eos); with uniform each request wants its own length, uniform in [1, 2*output_len - 1], as real
+workloads do: pdserve gives each request its max_tokens, while transformers' static batch must run until
+the longest request is done, and only each request's own tokens count as throughput. Overhead is the
 share of the engine's wall time spent outside the model's forward pass (scheduling, batch preparation,
 sampling, detokenization). The ratio column is pdserve's throughput over transformers' in this run.
 """
@@ -26,9 +29,16 @@ def make_prompts(vocab_size: int, batch: int, input_len: int, seed: int) -> list
     return [[rng.randrange(10, vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(batch)]
 
 
-def run_pdserve(llm, prompts, output_len: int) -> dict:
+def make_output_lens(batch: int, output_len: int, dist: str, seed: int) -> list[int]:
+    if dist == "fixed":
+        return [output_len] * batch
+    rng = random.Random(seed + 7)
+    return [rng.randint(1, 2 * output_len - 1) for _ in range(batch)]
+
+
+def run_pdserve(llm, prompts, output_lens: list[int]) -> dict:
     from scheduler import SamplingParams
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
     runner = llm.engine.runner
     forward_before = runner.forward_seconds
     started = time.perf_counter()
@@ -40,7 +50,7 @@ def run_pdserve(llm, prompts, output_len: int) -> dict:
             "overhead_share": max(0.0, 1 - forward / elapsed)}
 
 
-def run_transformers(model, prompts, output_len: int, pad_id: int) -> dict:
+def run_transformers(model, prompts, output_lens: list[int], pad_id: int) -> dict:
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -49,10 +59,13 @@ def run_transformers(model, prompts, output_len: int, pad_id: int) -> dict:
         mask[i, longest - len(p):] = 1
     started = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+        # one static batch runs until its longest request is done
+        longest_out = max(output_lens)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=longest_out, min_new_tokens=longest_out,
                              do_sample=False, pad_token_id=pad_id)
     elapsed = time.perf_counter() - started
-    num_out = (out.shape[1] - longest) * len(prompts)
+    assert out.shape[1] - longest == longest_out
+    num_out = sum(output_lens)  # the tokens each request asked for
     return {"seconds": elapsed, "output_tokens": num_out, "tok_per_s": num_out / elapsed}
 
 
@@ -62,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--output-len-dist", choices=["fixed", "uniform"], default="fixed",
+                        help="every request --output-len tokens, or uniform in [1, 2*output_len-1]")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -76,16 +91,18 @@ def main(argv: list[str] | None = None) -> int:
               enable_prefix_caching=False, kv_cache_memory_bytes="2GiB")
     hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     vocab = llm.engine.vocab_size
-    run_pdserve(llm, make_prompts(vocab, 2, 16, 99), 4)  # warm-up
+    run_pdserve(llm, make_prompts(vocab, 2, 16, 99), [4, 4])  # warm-up
     rows = []
     for batch in tqdm(batch_sizes, desc="batch sizes"):
         prompts = make_prompts(vocab, batch, args.input_len, args.seed + batch)
-        row = {"batch": batch, "pdserve": run_pdserve(llm, prompts, args.output_len)}
+        output_lens = make_output_lens(batch, args.output_len, args.output_len_dist, args.seed + batch)
+        row = {"batch": batch, "pdserve": run_pdserve(llm, prompts, output_lens)}
         if hf is not None:
-            row["transformers"] = run_transformers(hf, prompts, args.output_len, pad_id=0)
+            row["transformers"] = run_transformers(hf, prompts, output_lens, pad_id=0)
             row["ratio"] = row["pdserve"]["tok_per_s"] / row["transformers"]["tok_per_s"]
         rows.append(row)
     print(f"\nmodel={args.model} input_len~{args.input_len} output_len={args.output_len} "
+          f"({args.output_len_dist}) "
           f"threads={torch.get_num_threads()}")
     print(f"{'batch':>5} {'pdserve tok/s':>14} {'overhead':>9} {'transformers tok/s':>19} {'ratio':>6}")
     for row in rows:

@@ -1,0 +1,24 @@
+import json
+
+from bench.offline_throughput import main, make_output_lens
+
+
+def test_output_length_distributions():
+    assert make_output_lens(5, 10, "fixed", 0) == [10] * 5
+    lens = make_output_lens(2000, 10, "uniform", 0)
+    assert min(lens) >= 1 and max(lens) <= 19
+    assert abs(sum(lens) / len(lens) - 10) < 0.5
+
+
+def test_offline_benchmark_runs_both_systems(tiny_model_dir, tmp_path):
+    out = tmp_path / "offline.json"
+    assert main(["--model", tiny_model_dir, "--batch-sizes", "1,3", "--input-len", "12", "--output-len", "5",
+                 "--output-len-dist", "uniform", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for row, batch in zip(rows, (1, 3)):
+        wanted = sum(make_output_lens(batch, 5, "uniform", 0 + batch))
+        assert row["pdserve"]["output_tokens"] == wanted  # every request got exactly its max_tokens
+        assert row["transformers"]["output_tokens"] == wanted
+        assert 0.0 <= row["pdserve"]["overhead_share"] < 1.0
+        assert row["ratio"] > 0
