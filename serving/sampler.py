@@ -29,10 +29,18 @@ from serving.engine.protocol import TokenLogprob
 _GREEDY_TEMPERATURE = 1e-5
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The per-request generator a runner keeps for a seeded request (one per sequence, for its life)."""
+def make_generator(seed: int, device: torch.device | str = "cpu", vocab_size: int = 0,
+                   num_sampled: int = 0) -> torch.Generator:
+    """The per-request generator a runner keeps for a seeded request (one per sequence, for its life).
+
+    A request that already has `num_sampled` randomly sampled tokens (resumed after preemption, or
+    continued on a decode instance after a remote prefill) gets its generator advanced past the draws
+    those tokens used (one Exp(1) vector of `vocab_size` per token, see exponential_race), so its
+    later tokens are the ones an uninterrupted run would sample."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
+    for _ in range(num_sampled):
+        torch.empty(vocab_size, device=device).exponential_(generator=generator)
     return generator
 
 

@@ -75,6 +75,17 @@ def test_seed_determinism_and_n(tiny_model_dir):
     assert c.outputs[0].token_ids != a.outputs[0].token_ids
 
 
+def test_seeded_sampling_survives_preemption(tiny_model_dir):
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=s, ignore_eos=True)
+              for s in range(8)]
+    roomy = LLM(tiny_model_dir, block_size=4, num_blocks_override=512)
+    tight = LLM(tiny_model_dir, block_size=4, num_blocks_override=40, enable_prefix_caching=False)
+    expected = [r.outputs[0].token_ids for r in roomy.generate(PROMPTS, params)]
+    got = [r.outputs[0].token_ids for r in tight.generate(PROMPTS, params)]
+    assert tight.engine.scheduler.num_preemptions > 0
+    assert got == expected
+
+
 def test_stop_string_across_tokens(tiny_model_dir):
     llm = LLM(tiny_model_dir)
     full = llm.generate(["the stop test"], greedy(24))[0].outputs[0]
