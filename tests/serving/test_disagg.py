@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from scheduler.sampling_params import SamplingParams
+
 from serving.disagg.launcher import make_specs
 from serving.disagg.router import build_disaggregated_client
 from serving.engine.protocol import EngineDeadError
@@ -120,6 +122,8 @@ class TestOneToOne:
             # ends on the prefill side
             Case("stop-first-token", prompts[2], greedy(24, stop_token_ids=[tokens[2][0]])),
             Case("logprobs", prompts[3], greedy(12, logprobs=3)),
+            # the decode instance's generator continues past the draw the prefill instance made
+            Case("seeded", prompts[1], SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)),
         ]
         expected = reference_outputs(colocated_config, cases)
         got = loop.run(collect_all(one_one, cases))
