@@ -13,7 +13,6 @@ import time
 import pytest
 
 from scheduler.sampling_params import SamplingParams
-
 from serving.disagg.launcher import make_specs
 from serving.disagg.router import build_disaggregated_client
 from serving.engine.protocol import EngineDeadError
