@@ -20,6 +20,7 @@ import uvicorn
 
 from serving.api import build_app, run_server
 from serving.config import ServerConfig
+from tests.servers import free_port
 from tests.serving.fake_engine import FakeEngine
 
 MODEL = "fake-model"
@@ -179,12 +180,6 @@ def test_disconnect_while_waiting_for_first_token_aborts(stream):
         assert httpx.get(f"{url}/health", timeout=DEADLINE_S).status_code == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
@@ -193,7 +188,7 @@ def anyio_backend():
 @pytest.mark.anyio
 async def test_run_server_until_cancelled_then_shuts_engine_down():
     engine = FakeEngine()
-    port = _free_port()
+    port = free_port()
     task = asyncio.create_task(run_server(engine, ServerConfig(port=port, log_level="warning")))
     async with httpx.AsyncClient(timeout=DEADLINE_S) as http:
         deadline = time.monotonic() + DEADLINE_S
@@ -227,7 +222,7 @@ print("engine shut down:", engine.shutdown_called, flush=True)
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_server_gracefully_and_shuts_engine_down(sig):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", _SERVE_SCRIPT, str(port)], cwd=REPO_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})

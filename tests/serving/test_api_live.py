@@ -5,11 +5,7 @@ No fake engine here: the fixture builds the tiny model with `pdserve make-model`
 """
 from __future__ import annotations
 
-import contextlib
-import socket
 import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +13,10 @@ import httpx
 import openai
 import pytest
 
+from tests.servers import PDSERVE, free_port, start_server, stop_server
+
 pytestmark = pytest.mark.slow
 
-PDSERVE = Path(sys.executable).with_name("pdserve")  # the console script of this environment
 API_KEY = "live-test-key"
 MAX_MODEL_LEN = 512
 STARTUP_TIMEOUT_S = 300.0  # building and loading a model on a busy 2-core box
@@ -37,26 +34,6 @@ class LiveServer:
         return self.log_path.read_text(errors="replace")[-4000:]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"pdserve serve exited with {process.returncode}:\n"
-                        f"{log_path.read_text(errors='replace')[-4000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return
-        time.sleep(0.5)
-    pytest.fail(f"pdserve serve not healthy after {STARTUP_TIMEOUT_S}s:\n"
-                f"{log_path.read_text(errors='replace')[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> LiveServer:
     work_dir = tmp_path_factory.mktemp("live")
@@ -65,26 +42,17 @@ def server(tmp_path_factory) -> LiveServer:
                           capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S)
     if made.returncode != 0:
         pytest.fail(f"pdserve make-model failed ({made.returncode}):\n{made.stderr[-4000:]}")
-    port = _free_port()
+    port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = work_dir / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(PDSERVE), "serve", "--model", str(model_dir), "--port", str(port),
-             "--max-model-len", str(MAX_MODEL_LEN), "--api-key", API_KEY],
-            stdout=log, stderr=subprocess.STDOUT)
+    process = start_server(["--model", str(model_dir), "--max-model-len", str(MAX_MODEL_LEN),
+                            "--api-key", API_KEY], port, log_path, STARTUP_TIMEOUT_S)
     try:
-        _wait_healthy(process, base_url, log_path)
         models = httpx.get(f"{base_url}/v1/models", timeout=REQUEST_TIMEOUT_S,
                            headers={"Authorization": f"Bearer {API_KEY}"}).json()
         yield LiveServer(base_url, models["data"][0]["id"], log_path, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
 
 
 @pytest.fixture

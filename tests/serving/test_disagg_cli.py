@@ -4,48 +4,35 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.serving.test_disagg_support import (KV_BUDGET, free_port, instance_children, make_cases,
-                                               reference_outputs, tiny_config)
+from tests.servers import free_port, start_server
+from tests.serving.test_disagg_support import (
+    KV_BUDGET,
+    instance_children,
+    make_cases,
+    reference_outputs,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
-PDSERVE = Path(sys.executable).with_name("pdserve")
 DEPLOY_1P1D = Path(__file__).resolve().parents[2] / "deploy" / "1p1d.yaml"
 STARTUP_TIMEOUT_S = 300.0
-
-
-def _wait_healthy(process: subprocess.Popen, base_url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"pdserve serve exited:\n{log_path.read_text()[-4000:]}"
-        try:
-            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"not healthy after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
 
 
 def test_serve_disaggregated_from_the_deploy_yaml(tiny_model_dir, tmp_path):
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
-    command = [str(PDSERVE), "serve", "--config", str(DEPLOY_1P1D), "--model", tiny_model_dir,
-               "--port", str(port), "--kv-cache-memory-bytes", KV_BUDGET, "--log-level", "warning"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    process = start_server(["--config", str(DEPLOY_1P1D), "--model", tiny_model_dir,
+                            "--kv-cache-memory-bytes", KV_BUDGET, "--log-level", "warning"],
+                           port, log_path, STARTUP_TIMEOUT_S)
     try:
-        _wait_healthy(process, base_url, log_path)
         instances = instance_children(process.pid)
         assert len(instances) == 2  # one prefill, one decode
 

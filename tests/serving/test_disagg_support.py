@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -118,12 +117,6 @@ def assert_no_leaks(replies: dict) -> None:
         assert reply.ok, f"{name}: {reply.error}"
         assert reply.num_requests == 0 and reply.num_leased == 0, f"{name} still holds requests: {reply}"
         assert reply.num_free_blocks == reply.num_total_blocks, f"{name} leaked blocks: {reply}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def instance_children(parent_pid: int) -> list[int]:

@@ -14,8 +14,17 @@ import pytest
 from serving.api.server import run_server
 from serving.config import ServerConfig
 from serving.disagg.router import build_disaggregated_client
-from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, collect_all, free_port, make_cases,
-                                               reference_outputs, tiny_config, token_ids, wait_until_drained)
+from tests.servers import free_port
+from tests.serving.test_disagg_support import (
+    LoopThread,
+    assert_no_leaks,
+    collect_all,
+    make_cases,
+    reference_outputs,
+    tiny_config,
+    token_ids,
+    wait_until_drained,
+)
 
 pytestmark = pytest.mark.slow
 
