@@ -70,10 +70,10 @@ class AsyncLLM:
         finally:
             self._streams.pop(request_id, None)
             if not finished and not self._dead:
-                self._post(self.core.abort_requests, [request_id])  # client gone: free its blocks
+                self._post(self._abort, [request_id])  # client gone: free its blocks
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.wrap_future(self._post(self.core.abort_requests, [request_id]))
+        await asyncio.wrap_future(self._post(self._abort, [request_id]))
 
     def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
@@ -129,8 +129,10 @@ class AsyncLLM:
                 future.set_exception(e)
                 continue
             future.set_result(result)
-            if fn == self.core.abort_requests:
-                self._deliver(result)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Engine thread: abort and tell any listener that its request ended."""
+        self._deliver(self.core.abort_requests(request_ids))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_stream: dict[str, list[RequestOutput]] = {}
