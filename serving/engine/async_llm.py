@@ -37,6 +37,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: str | None = None
         self._stopping = False
+        self.num_cancelled_calls = 0  # posted calls skipped because their caller had gone
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -123,12 +124,22 @@ class AsyncLLM:
                 fn, args, future = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            try:
-                result = fn(*args)
-            except Exception as e:
-                future.set_exception(e)
-                continue
-            future.set_result(result)
+            self._run_call(fn, args, future)
+
+    def _run_call(self, fn: Callable, args: tuple, future: Future) -> None:
+        """Run one posted call. A call whose caller already gave up (its future was cancelled: the
+        client went away) is skipped; once it runs, the caller can no longer cancel it, so completing
+        the future cannot fail. Whatever goes wrong here belongs to this call alone: it is counted and
+        logged, and the engine loop goes on."""
+        if not future.set_running_or_notify_cancel():
+            self.num_cancelled_calls += 1
+            return
+        try:
+            result = fn(*args)
+        except Exception as e:  # the caller's error (e.g. a rejected request), handed back to it
+            future.set_exception(e)
+            return
+        future.set_result(result)
 
     def _abort(self, request_ids: list[str]) -> None:
         """Engine thread: abort and tell any listener that its request ended."""
@@ -158,4 +169,5 @@ class AsyncLLM:
                 _, _, future = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            future.set_exception(error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)

@@ -171,3 +171,45 @@ def test_async_engine_churn_with_aborts_leaves_no_leaks(tiny_model_dir):
     assert free == total
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.prefix_cache_hits > 0
+
+
+def test_engine_survives_calls_whose_caller_gave_up(tiny_model_dir):
+    """A client that disconnects cancels the future of a call still waiting in the engine's inbox
+    (its add_request, its abort). The engine thread must skip such a call, not die completing it."""
+    import threading
+
+    from serving.config import Config
+    from serving.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir))
+    gate = threading.Event()
+
+    async def main():
+        blocker = asyncio.ensure_future(engine.call(lambda core: gate.wait(30)))
+        await asyncio.sleep(0.1)  # the engine thread now waits inside that call
+        given_up = [asyncio.ensure_future(engine.call(lambda core: None)) for _ in range(3)]
+
+        async def first_output(rid):
+            async for out in engine.generate(rid, [5, 6, 7], greedy(4)):
+                return out
+
+        gone = [asyncio.ensure_future(first_output(f"gone-{i}")) for i in range(3)]
+        await asyncio.sleep(0.05)
+        for task in given_up + gone:
+            task.cancel()  # their calls are queued behind the blocker, never started
+        await asyncio.gather(*given_up, *gone, return_exceptions=True)
+        gate.set()
+        await blocker
+        outputs = [o async for o in engine.generate("after", [5, 6, 7], greedy(4))]
+        await engine.call(lambda core: core.check_integrity())
+        free, total = await engine.call(lambda core: (core.kv.pool.num_free_blocks, core.kv.pool.num_blocks))
+        healthy = engine.is_healthy()
+        await engine.shutdown()
+        return outputs, healthy, free, total
+
+    # bounded: an engine thread that died here used to leave its callers waiting for ever
+    outputs, healthy, free, total = asyncio.run(asyncio.wait_for(main(), 120))
+    assert healthy
+    assert outputs[-1].finished and outputs[-1].num_output_tokens == 4
+    assert free == total
+    assert engine.num_cancelled_calls >= 3
