@@ -45,16 +45,20 @@ class KVCacheManager:
 
     def lookup_prefix(self, token_ids: Sequence[int]) -> list[int]:
         """Cached blocks covering the longest prefix of full blocks of `token_ids`. At least one token
-        is always left to compute, since the last prompt token's logits are needed."""
+        is always left to compute, since the last prompt token's logits are needed. Each block found
+        is verified against its tokens and its parent (block_pool.py), never trusted by hash alone."""
         if not self.pool.enable_prefix_caching:
             return []
         max_blocks = (len(token_ids) - 1) // self.block_size
-        found = []
-        for block_hash in chain_hashes(token_ids, self.block_size, max_blocks):
-            block_id = self.pool.lookup(block_hash)
+        found: list[int] = []
+        parent = None
+        for i, block_hash in enumerate(chain_hashes(token_ids, self.block_size, max_blocks)):
+            block_id = self.pool.lookup(block_hash, token_ids[i * self.block_size:(i + 1) * self.block_size],
+                                        parent)
             if block_id is None:
                 break
             found.append(block_id)
+            parent = self.pool.parent_of(block_id)
         return found
 
     def num_new_blocks(self, request_id: str, num_total_tokens: int, cached_block_ids: Sequence[int] = ()) -> int:
@@ -103,10 +107,12 @@ class KVCacheManager:
         num_full = min(num_computed_tokens // self.block_size, len(blocks))
         if num_full <= len(hashes):
             return
-        parent = hashes[-1] if hashes else _ROOT_HASH
-        new_hashes = chain_hashes(token_ids, self.block_size, num_full - len(hashes), parent, len(hashes))
+        parent_hash = hashes[-1] if hashes else _ROOT_HASH
+        new_hashes = chain_hashes(token_ids, self.block_size, num_full - len(hashes), parent_hash, len(hashes))
+        size = self.block_size
         for i, block_hash in enumerate(new_hashes, start=len(hashes)):
-            self.pool.cache_block(blocks[i], block_hash)
+            parent = self.pool.parent_of(blocks[i - 1]) if i else None
+            self.pool.cache_block(blocks[i], block_hash, token_ids[i * size:(i + 1) * size], parent)
         hashes.extend(new_hashes)
 
     def free(self, request_id: str) -> None:

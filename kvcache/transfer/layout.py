@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from kvcache.layout import KVCacheLayout
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
 
 class IncompatibleLayoutError(ValueError):
@@ -25,9 +24,8 @@ class IncompatibleLayoutError(ValueError):
 
 @dataclass(frozen=True)
 class KVLayout:
-    """The layout of one TP rank's kv_cache [num_layers, 2, num_blocks, block_size, Hkv, head_dim].
-
-    num_blocks is deliberately absent: each side sizes its own pool.
+    """What one TP rank's peer must agree on: its `KVCacheLayout` (kvcache/layout.py) plus the model's
+    fingerprint. num_blocks is deliberately absent: each side sizes its own pool.
     """
     model_fingerprint: str
     dtype: str
@@ -39,40 +37,42 @@ class KVLayout:
     tp_rank: int = 0
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"KV dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "num_layers", "num_kv_heads", "head_dim", "tp_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"KVLayout.{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.tp_rank < self.tp_size:
-            raise ValueError(f"KVLayout.tp_rank must be in [0, tp_size={self.tp_size}), got {self.tp_rank}")
+        try:
+            self.cache_layout  # validates every field
+        except ValueError as e:
+            raise ValueError(f"invalid KVLayout: {e}") from None
+
+    @classmethod
+    def from_cache_layout(cls, layout: KVCacheLayout, model_fingerprint: str) -> KVLayout:
+        return cls(model_fingerprint, layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads,
+                   layout.head_dim, layout.tp_size, layout.tp_rank)
 
     @classmethod
     def from_kv_cache(cls, kv_cache: torch.Tensor, model_fingerprint: str, tp_size: int = 1,
                       tp_rank: int = 0) -> KVLayout:
-        num_layers, two, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-        if two != 2:
-            raise ValueError(f"kv_cache must be [num_layers, 2, num_blocks, block_size, Hkv, D], got "
-                             f"shape {tuple(kv_cache.shape)}")
-        return cls(model_fingerprint, str(kv_cache.dtype).removeprefix("torch."), block_size, num_layers,
-                   num_kv_heads, head_dim, tp_size, tp_rank)
+        return cls.from_cache_layout(KVCacheLayout.of(kv_cache, tp_size, tp_rank), model_fingerprint)
+
+    @functools.cached_property
+    def cache_layout(self) -> KVCacheLayout:
+        return KVCacheLayout(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
+                             self.tp_size, self.tp_rank)
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
         """One block of one layer's K (or V): [block_size, Hkv, D]."""
-        return (self.block_size, self.num_kv_heads, self.head_dim)
+        return self.cache_layout.block_shape
 
     @property
     def num_bytes_per_layer_block(self) -> int:
         """K and V of one block in one layer."""
-        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.torch_dtype.itemsize
+        return self.cache_layout.bytes_per_layer_block
 
     def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return self.cache_layout.num_blocks_for_tokens(num_tokens)
 
     def check_cache(self, kv_cache: torch.Tensor) -> None:
         """Raise ValueError unless kv_cache is contiguous with exactly this layout."""

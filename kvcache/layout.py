@@ -1,0 +1,137 @@
+"""The layout of the KV cache tensors: the one place that defines them.
+
+The model runner allocates the cache from it, the KV transfer layer moves raw blocks of it, and the
+simulator sizes pools from it without allocating anything:
+
+    kv_cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+              layer     K|V  block id    slot        head           dim
+
+One block of one layer, K and V, is the unit of transfer and swapping (`bytes_per_layer_block`).
+
+Tensor parallelism shards the KV heads: rank r of tp holds heads [r*H/tp, (r+1)*H/tp). When tp exceeds
+the number of KV heads (GQA), each head is replicated on tp/H consecutive ranks:
+
+    H = 2, tp = 4:   rank 0 1 2 3
+                     head 0 0 1 1
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    num_layers: int
+    num_kv_heads: int  # held by this rank
+    head_dim: int
+    block_size: int
+    dtype: str  # a torch dtype name without "torch.", e.g. "float32"
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _ITEMSIZE:
+            raise ValueError(f"KV dtype must be one of {', '.join(_ITEMSIZE)}, got {self.dtype!r}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"KVCacheLayout.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be in [0, {self.tp_size}), got {self.tp_rank}")
+
+    @classmethod
+    def for_model(cls, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype,
+                  tp_size: int = 1, tp_rank: int = 0) -> KVCacheLayout:
+        """The layout of rank tp_rank for a model with num_kv_heads KV heads in all (dtype: a torch
+        dtype or its name)."""
+        name = str(dtype).removeprefix("torch.")
+        whole = cls(num_layers, num_kv_heads, head_dim, block_size, name)
+        return whole.rank_slice(tp_size, tp_rank)
+
+    # ---- sizes (no tensors) ----
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self.dtype]
+
+    @property
+    def block_shape(self) -> tuple[int, int, int]:
+        """One block of one layer's K (or V): [block_size, num_kv_heads, head_dim]."""
+        return (self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_layer_block(self) -> int:
+        """K and V of one block in one layer."""
+        return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.itemsize
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block in every layer: what a block costs in the pool."""
+        return self.num_layers * self.bytes_per_layer_block
+
+    def shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (self.num_layers, 2, num_blocks, *self.block_shape)
+
+    def num_blocks_for_bytes(self, num_bytes: int) -> int:
+        """How many blocks a memory budget holds (may be 0)."""
+        return num_bytes // self.bytes_per_block
+
+    def num_blocks_for_tokens(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- tensor parallelism ----
+    def rank_slice(self, tp_size: int, tp_rank: int) -> KVCacheLayout:
+        """The layout of one rank of a TP group, from the whole model's layout (tp_size 1)."""
+        if self.tp_size != 1:
+            raise ValueError("rank_slice() takes the whole model's layout (tp_size 1)")
+        if tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank {tp_rank} is not a rank of tp_size {tp_size}")
+        heads = self.num_kv_heads
+        if tp_size <= heads:
+            if heads % tp_size:
+                raise ValueError(f"{heads} KV heads cannot be split evenly over {tp_size} ranks: choose a "
+                                 f"tensor-parallel size that divides {heads} or is a multiple of it")
+            per_rank = heads // tp_size
+        else:
+            if tp_size % heads:
+                raise ValueError(f"{tp_size} ranks cannot replicate {heads} KV heads evenly: choose a "
+                                 f"tensor-parallel size that divides {heads} or is a multiple of it")
+            per_rank = 1
+        return dataclasses.replace(self, num_kv_heads=per_rank, tp_size=tp_size, tp_rank=tp_rank)
+
+    def kv_head_range(self, total_kv_heads: int) -> tuple[int, int]:
+        """The model's KV heads [start, end) this rank holds."""
+        if self.tp_size <= total_kv_heads:
+            start = self.tp_rank * self.num_kv_heads
+        else:
+            start = self.tp_rank // (self.tp_size // total_kv_heads)
+        return start, start + self.num_kv_heads
+
+    # ---- tensors ----
+    def allocate(self, num_blocks: int, device="cpu"):
+        """A zeroed cache tensor of this layout."""
+        import torch
+        if num_blocks < 1:
+            raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
+        return torch.zeros(self.shape(num_blocks), dtype=getattr(torch, self.dtype), device=device)
+
+    def check(self, kv_cache) -> None:
+        """Raise ValueError unless kv_cache is a contiguous tensor of this layout."""
+        got = tuple(kv_cache.shape)
+        if len(got) != 6 or got[:2] != (self.num_layers, 2) or got[3:] != self.block_shape:
+            raise ValueError(f"kv_cache has shape {got}, the layout wants {self.shape(got[2] if len(got) > 2 else 0)}")
+        if str(kv_cache.dtype).removeprefix("torch.") != self.dtype:
+            raise ValueError(f"kv_cache has dtype {kv_cache.dtype}, the layout wants {self.dtype}")
+        if not kv_cache.is_contiguous():
+            raise ValueError("kv_cache must be contiguous")
+
+    @classmethod
+    def of(cls, kv_cache, tp_size: int = 1, tp_rank: int = 0) -> KVCacheLayout:
+        """The layout of an existing cache tensor."""
+        num_layers, two, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        if two != 2:
+            raise ValueError(f"kv_cache must be [num_layers, 2, num_blocks, block_size, Hkv, D], got "
+                             f"shape {tuple(kv_cache.shape)}")
+        return cls(num_layers, num_kv_heads, head_dim, block_size, str(kv_cache.dtype).removeprefix("torch."),
+                   tp_size, tp_rank)
