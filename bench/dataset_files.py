@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bench.config import WorkloadConfig
-from bench.datasets import DEFAULT_TENANT, Conversation, Turn, make_turn
+from bench.conversations import DEFAULT_TENANT, Conversation, Turn, make_turn
 from bench.prompts import PromptSynthesizer
 
 _MIN_SHAREGPT_TOKENS = 4  # like vLLM: drop turns too short to measure TPOT on

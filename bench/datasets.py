@@ -11,31 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bench.config import SYNTHETIC_DATASETS, WorkloadConfig
+from bench.conversations import DEFAULT_TENANT, Conversation, Turn, make_turn
 from bench.lengths import WORKLOAD_SHAPES, uniform_lengths
 from bench.prompts import PromptSynthesizer
 
-DEFAULT_TENANT = "default"
-
-
-@dataclass
-class Turn:
-    prompt: str | list[int]  # user text, or token ids for a /v1/completions token-id prompt
-    num_input_tokens: int  # tokens of this turn's new prompt (client-side count, no history)
-    num_output_tokens: int  # max_tokens sent with the request
-
-
-@dataclass
-class Conversation:
-    conversation_id: int
-    turns: list[Turn]
-    tenant: str = DEFAULT_TENANT
-    timestamp_s: float | None = None  # trace replay: when the first turn arrives
-
-    @property
-    def num_context_tokens(self) -> int:
-        """Upper bound of the context at the last turn: every prompt and every reply."""
-        return sum(t.num_input_tokens + t.num_output_tokens for t in self.turns)
-
+__all__ = ["DEFAULT_TENANT", "Conversation", "Turn", "make_turn", "Workload", "build_workload"]
 
 @dataclass
 class Workload:
@@ -109,14 +89,6 @@ def synthetic_conversations(config: WorkloadConfig, synthesizer: PromptSynthesiz
                                    int(output_lens[sample]), prompt_rng))
         conversations.append(Conversation(conv_id, turns))
     return conversations
-
-
-def make_turn(synthesizer: PromptSynthesizer, prompt_format: str, num_input_tokens: int,
-              num_output_tokens: int, rng: np.random.Generator) -> Turn:
-    if prompt_format == "token_ids":
-        return Turn(synthesizer.token_ids(num_input_tokens, rng), num_input_tokens, num_output_tokens)
-    text, num_tokens = synthesizer.text(num_input_tokens, rng)
-    return Turn(text, num_tokens, num_output_tokens)
 
 
 def trim_to_context(conversation: Conversation, max_model_len: int | None) -> bool:
