@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine:
 #   make serve   install pdserve into .venv and start the server on the built-in tiny model
 #   make test    install pdserve with its test dependencies into .venv and run the tests
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a CUDA machine use e.g. `make TORCH_SPEC=torch serve`.
@@ -10,7 +11,7 @@ PIP := $(PY) -m pip
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install install-test serve test test-fast proto clean
+.PHONY: install install-test serve test test-fast gpu-check proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +35,21 @@ test: install-test
 # the default suite without the slow (multi-process / Ray) tests
 test-fast: install-test
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine (with a CUDA build of torch, e.g. `make TORCH_SPEC=torch gpu-check`): the kernel tests
+# compiled for the GPU and every gpu-marked test, the kernel benchmark, and the offline benchmark in
+# bfloat16 on the small model. About 5 minutes on an H100; figures under docs/results/gpu/.
+GPU_RESULTS ?= docs/results/gpu
+GPU_MODEL ?= build/models/small
+gpu-check: install-test
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device and a CUDA build of torch (TORCH_SPEC)')"
+	mkdir -p $(GPU_RESULTS)
+	set -o pipefail; $(PY) -m pytest -q -rs tests/kernels 2>&1 | tee $(GPU_RESULTS)/kernel_tests.txt
+	set -o pipefail; $(PY) -m pytest -q -rs -m gpu tests --ignore=tests/kernels 2>&1 | tee $(GPU_RESULTS)/gpu_tests.txt
+	$(PY) -m bench.kernels --out $(GPU_RESULTS)/kernels.json | tee $(GPU_RESULTS)/kernels.txt
+	test -f $(GPU_MODEL)/config.json || $(VENV)/bin/pdserve make-model --size small --out $(GPU_MODEL)
+	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \
+		--input-len 128 --output-len 64 --json $(GPU_RESULTS)/offline_bf16.json | tee $(GPU_RESULTS)/offline_bf16.txt
 
 -include proto/Makefile.inc
 

@@ -57,12 +57,15 @@ def run_transformers(model, prompts, output_lens: list[int], pad_id: int) -> dic
     for i, p in enumerate(prompts):  # left padding, as generate expects for decoder-only models
         ids[i, longest - len(p):] = torch.tensor(p)
         mask[i, longest - len(p):] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     started = time.perf_counter()
     with torch.no_grad():
         # one static batch runs until its longest request is done
         longest_out = max(output_lens)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=longest_out, min_new_tokens=longest_out,
                              do_sample=False, pad_token_id=pad_id)
+    if out.is_cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     assert out.shape[1] - longest == longest_out
     num_out = sum(output_lens)  # the tokens each request asked for
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="both systems' weights and KV (auto: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -88,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     llm = LLM(args.model, max_num_seqs=max(batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, kv_cache_memory_bytes="2GiB")
-    hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+              enable_prefix_caching=False, kv_cache_memory_bytes="2GiB", dtype=args.dtype)
+    runner = llm.engine.runner
+    dtype = runner.kv_cache.dtype
+    hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=dtype).to(runner.device).eval()
     vocab = llm.engine.vocab_size
     run_pdserve(llm, make_prompts(vocab, 2, 16, 99), [4, 4])  # warm-up
     rows = []
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             row["ratio"] = row["pdserve"]["tok_per_s"] / row["transformers"]["tok_per_s"]
         rows.append(row)
     print(f"\nmodel={args.model} input_len~{args.input_len} output_len={args.output_len} "
-          f"({args.output_len_dist}) "
+          f"({args.output_len_dist}) device={runner.device} dtype={str(dtype).removeprefix('torch.')} "
           f"threads={torch.get_num_threads()}")
     print(f"{'batch':>5} {'pdserve tok/s':>14} {'overhead':>9} {'transformers tok/s':>19} {'ratio':>6}")
     for row in rows:
