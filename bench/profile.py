@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from kvcache.config import CacheConfig
-    from serving.engine.core import resolve_model_dir
+    from serving.engine.engine import resolve_model_dir
     from serving.runner.model_runner import ModelRunner, resolve_device, resolve_dtype
 
     model_dir = resolve_model_dir(args.model)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     prefill_grid, decode_grid = grids(args.quick, args.max_tokens)
     most_tokens = max(sum(b) for b in prefill_grid + decode_grid)
-    runner = ModelRunner(model_dir, CacheConfig(num_blocks_override=most_tokens // 16 + 64), device, dtype)
+    runner = ModelRunner.load(model_dir, CacheConfig(num_blocks_override=most_tokens // 16 + 64), device, dtype)
     time_step(runner, [8], [8], 2, step=0)  # warm-up
     prefill_s, decode_s = [], []
     with tqdm(total=len(prefill_grid) + len(decode_grid), desc="profiling steps") as bar:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import enum
-import time
 
 from scheduler.sampling_params import SamplingParams
 
@@ -37,28 +36,31 @@ _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHE
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), max_model_len: int | None = None,
-                 client_id: str = "", arrival_time: float | None = None,
+                 client_id: str = "", arrival_time: float | None = None, priority: int = 0,
                  kv_peer: str | None = None, remote_prefill: bool = False) -> None:
+        """arrival_time: on the scheduler's clock; None: the scheduler stamps it when added."""
         if not prompt_token_ids:
             raise ValueError("the prompt is empty: send at least one token")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
-        self.client_id = client_id
-        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.client_id = client_id  # whom the request serves (the OpenAI `user` field): fairness keys on it
+        self.priority = priority  # lower runs first under --scheduling-policy priority
+        self.arrival_time = arrival_time
         self.output_token_ids: list[int] = []
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
+        self.error: str | None = None  # why it finished with FINISHED_ERROR
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (or scheduled to be this step)
         self.num_cached_tokens = -1  # prompt tokens served by the prefix cache; -1 until first scheduled
         self.num_preemptions = 0
         self.first_scheduled_time: float | None = None
         # disaggregation: a prefill instance sends this request's prompt KV to `kv_peer` and stops
-        # after the first token; a decode instance receives it (`remote_prefill`) instead of computing it
+        # after the first token; a decode instance receives it (`remote_prefill`) instead of computing
+        # it. The connector policy of the instance's role owns what happens to such a request.
         self.kv_peer = kv_peer
         self.remote_prefill = remote_prefill
-        self.remote_kv_ready = False
         # the output may not run past the context window
         bounds = [b for b in (sampling_params.max_tokens,
                               max_model_len - len(prompt_token_ids) if max_model_len else None)

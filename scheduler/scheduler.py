@@ -1,53 +1,76 @@
-"""Continuous batching with chunked prefill, a running-request cap and preemption.
+"""Continuous batching from injected policies.
 
-Each step has a token budget (max_num_batched_tokens). Running requests are served first, in priority
-order: a decode takes one token, an unfinished prefill takes the next chunk of its prompt. If the KV
-pool cannot hold a running request's new tokens, the lowest-priority running request is preempted
-(the preemption policy decides how: recompute today; swapping plugs in behind the same interface).
-Waiting requests are admitted only in steps without preemption, while budget, the running cap and
-free blocks last; a new request's prompt may be served partly from the prefix cache.
+Each step has a token budget (max_num_batched_tokens). Running requests are served first, in their
+order: a decode takes one token, an unfinished prefill takes its next chunk (the prefill-shaping
+policy decides how much). If the KV pool cannot hold a running request's new tokens, the ordering
+policy names a victim and the preemption policy takes its blocks back. Waiting requests are admitted
+in the ordering policy's order, only in steps without preemption for blocks, while budget, the running
+cap and free blocks last; before that, a waiting request the ordering policy ranks above a running one
+may preempt it to make room. A new request's prompt may be served partly from the prefix cache.
 
-The scheduler advances `num_computed_tokens` when it schedules tokens (the runner computes them in the
-same step) and appends sampled tokens when the runner's result comes back.
+The placement mode's connector policy (scheduler/connectors) sees every request on arrival and every
+step, and decides the KV moves its mode needs; moves in flight are tracked here (`moves`), and a
+finished request with moves in flight keeps its blocks ("held") until they end.
+
+The scheduler advances `num_computed_tokens` when it schedules tokens (the executor computes them in
+the same step) and appends sampled tokens when the step's result comes back.
 """
 from __future__ import annotations
 
-import time
-from collections import deque
+import logging
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from kvcache.kv_manager import KVCacheManager
+from scheduler.clock import Clock, MonotonicClock
 from scheduler.config import SchedulerConfig
-from scheduler.policies import FcfsPriority, PreemptionPolicy, RecomputePreemption
+from scheduler.connectors import ConnectorPolicy, NullConnector
+from scheduler.connectors.remote_prefill import NoKVSpaceError
+from scheduler.kv_moves import CancelKV, KVMove, MoveTracker
+from scheduler.policies import (OrderingPolicy, PrefillShaping, PreemptionPolicy, make_ordering,
+                                make_preemption, make_prefill_shaping)
 from scheduler.request import Request, RequestStatus
-from scheduler.step import CachedRequestData, KVSend, NewRequestData, StepPlan, StepResult
+from scheduler.step import CachedRequestData, NewRequestData, StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Scheduler", "RequestTooLargeError", "NoKVSpaceError", "SchedulerUpdate"]
 
 
 class RequestTooLargeError(ValueError):
     """The request can never be scheduled with this configuration."""
 
 
-class NoKVSpaceError(RuntimeError):
-    """No free blocks to receive a remote prefill's KV right now (backpressure): try later or elsewhere."""
+@dataclass
+class SchedulerUpdate:
+    """What one step changed, for the engine's outputs."""
+    updated: list[Request] = field(default_factory=list)  # received a token (may have finished with it)
+    finished: list[Request] = field(default_factory=list)  # finished without a token (e.g. a failed move)
+    accepted: list[Request] = field(default_factory=list)  # a remote prefill's blocks are ready to receive
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 connector: ConnectorPolicy | None = None, clock: Clock | None = None,
+                 ordering: OrderingPolicy | None = None, prefill: PrefillShaping | None = None,
                  preemption: PreemptionPolicy | None = None) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.priority = FcfsPriority()
-        self.preemption = preemption or RecomputePreemption()
-        self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.clock = clock or MonotonicClock()
+        self.ordering = ordering or make_ordering(config.scheduling_policy)
+        self.prefill = prefill or make_prefill_shaping(config.enable_chunked_prefill)
+        self.preemption = preemption or make_preemption(config.preemption_mode)
+        self.connector = connector or NullConnector()
+        self.requests: dict[str, Request] = {}  # every unfinished request, whatever its state
+        self.waiting = self.ordering.make_queue()
         self.running: list[Request] = []
-        self._finished_ids: list[str] = []  # to tell the runner on the next step
+        self.moves = MoveTracker()
+        self.held: dict[str, Request] = {}  # finished, blocks kept until their moves end
+        self._due_moves: list[KVMove] = []  # for the next plan (cancellations)
+        self._finished_ids: list[str] = []  # to tell the executor on the next step
+        self._update = SchedulerUpdate()
         self.num_preemptions = 0
-        # disaggregation: decode-side requests whose prompt KV is on its way (blocks reserved), and
-        # prefill-side finished requests whose blocks are leased until the peer acknowledges the KV
-        self.remote_waiting: dict[str, Request] = {}
-        self.leased: set[str] = set()
 
     # ---- admission ----
     def check_admissible(self, request: Request) -> None:
@@ -58,10 +81,9 @@ class Scheduler:
                 f"the prompt has {num_prompt} tokens but the model's context is {self.max_model_len} "
                 f"tokens (--max-model-len), which must also leave room for at least one output token: "
                 f"shorten the prompt")
-        if not self.config.enable_chunked_prefill and num_prompt > self.config.max_num_batched_tokens:
-            raise RequestTooLargeError(
-                f"the prompt has {num_prompt} tokens, more than --max-num-batched-tokens "
-                f"({self.config.max_num_batched_tokens}) with chunked prefill off")
+        reason = self.prefill.check(request, self.config.max_num_batched_tokens)
+        if reason:
+            raise RequestTooLargeError(reason)
         need = self.kv.num_blocks_for(num_prompt + request.max_tokens)
         if need > self.kv.pool.num_blocks:
             raise RequestTooLargeError(
@@ -70,68 +92,38 @@ class Scheduler:
                 f"memory budget (--kv-cache-memory-bytes)")
 
     def add_request(self, request: Request) -> None:
+        """Queue a request (or hand it to the connector policy). Raises RequestTooLargeError,
+        NoKVSpaceError (a remote prefill found no room) or ValueError (a duplicate id)."""
         self.check_admissible(request)
-        if request.request_id in self.requests:
+        if request.request_id in self.requests or request.request_id in self.held:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if request.remote_prefill:
-            self._reserve_remote(request)
-        else:
-            self.waiting.append(request)
+        if request.arrival_time is None:
+            request.arrival_time = self.clock.now()
+        if not self.connector.admit(self, request):
+            self.waiting.add(request)
         self.requests[request.request_id] = request
 
-    def _reserve_remote(self, request: Request) -> None:
-        # room for the prompt and the first token (sampled by the prefill instance)
-        num_tokens = request.num_prompt_tokens + 1
-        if not self.kv.can_allocate(request.request_id, num_tokens):
-            raise NoKVSpaceError(f"no free KV blocks for {num_tokens} tokens on this decode instance")
-        self.kv.allocate(request.request_id, num_tokens)
-        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
-        self.remote_waiting[request.request_id] = request
-
-    def remote_kv_done(self, request_id: str, ok: bool) -> None:
-        """The remote prefill's KV arrived (ok) or will not (then the prompt is recomputed here)."""
-        request = self.remote_waiting.get(request_id)
-        if request is None:
-            return
-        request.remote_kv_ready = True
-        request.num_computed_tokens = request.num_prompt_tokens if ok else 0
-        self._promote_remote(request)
-
     def set_first_token(self, request_id: str, token_id: int) -> None:
-        """The first output token, sampled by the prefill instance."""
-        request = self.remote_waiting.get(request_id)
-        if request is None or request.output_token_ids:
-            return
-        request.output_token_ids.append(token_id)
-        self._promote_remote(request)
-
-    def _promote_remote(self, request: Request) -> None:
-        if request.remote_kv_ready and request.output_token_ids:
-            del self.remote_waiting[request.request_id]
-            request.status = RequestStatus.WAITING
-            self.waiting.appendleft(request)  # it holds blocks already: use them first
+        """The first output token of a request prefilled elsewhere."""
+        self.connector.set_first_token(self, request_id, token_id, self.clock.now())
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus,
-                        stop_reason: int | str | None = None) -> list[Request]:
-        """Finish (abort, stop string hit, error) requests wherever they are; frees their blocks.
-        Unknown or already finished ids are ignored. Returns the requests finished."""
+                        stop_reason: int | str | None = None, error: str | None = None) -> list[Request]:
+        """Finish (abort, stop string hit, error) requests wherever they are. Unknown or finished ids
+        are ignored. Returns the requests finished."""
         finished = []
         for request_id in request_ids:
             request = self.requests.get(request_id)
             if request is None:
                 continue
-            if request in self.running:
-                self.running.remove(request)
-            elif request in self.waiting:
-                self.waiting.remove(request)
-            self.remote_waiting.pop(request_id, None)
-            request.stop_reason = stop_reason if stop_reason is not None else request.stop_reason
-            self._finish(request, status)
+            if stop_reason is not None:
+                request.stop_reason = stop_reason
+            self.finish(request, status, error)
             finished.append(request)
         return finished
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running or self.remote_waiting or self.leased)
+        return bool(self.requests or self.held or self._due_moves)
 
     @property
     def num_running(self) -> int:
@@ -139,36 +131,83 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + self.connector.num_pending()
+
+    # ---- for policies ----
+    def enqueue_front(self, request: Request) -> None:
+        """Queue a request ahead of its peers (it was preempted, or it holds its blocks already)."""
+        self.waiting.prepend(request)
+
+    def note_accepted(self, request: Request) -> None:
+        self._update.accepted.append(request)
+
+    def note_finished(self, request: Request) -> None:
+        """A policy finished this request outside token processing: the engine reports it."""
+        self._update.finished.append(request)
+
+    def finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
+        """End a request wherever it is. Its blocks go back to the pool, unless moves are in flight:
+        then it is held until they end, and (unless it is handing its KV off) they are cancelled."""
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        request.error = error if error is not None else request.error
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+        self.connector.on_finish(self, request)
+        if self.moves.in_flight(request.request_id):
+            self.held[request.request_id] = request
+            if status is not RequestStatus.FINISHED_REMOTE_DECODE:
+                self._due_moves.append(CancelKV(request.request_id, f"the request finished ({status.value})"))
+        else:
+            self.kv.free(request.request_id)
 
     # ---- one step ----
     def schedule(self) -> StepPlan:
-        plan = StepPlan(finished_request_ids=self._finished_ids)
-        self._finished_ids = []
-        budget = self.config.max_num_batched_tokens
-        budget = self._schedule_running(plan, budget)
-        if not plan.preempted_request_ids:
-            self._schedule_waiting(plan, budget)
+        now = self.clock.now()
+        plan = StepPlan(finished_request_ids=self._finished_ids, kv_moves=self._due_moves)
+        self._finished_ids, self._due_moves = [], []
+        self.connector.before_schedule(self, plan, now)
+        self._preempt_for_waiting(plan)
+        budget, starved = self._schedule_running(plan, self.config.max_num_batched_tokens)
+        if not starved:  # blocks ran out for running requests: admit nobody this step
+            self._schedule_waiting(plan, budget, now)
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            request = self.requests[request_id]
-            request.num_computed_tokens += num_tokens
-            if request.kv_peer and request.num_computed_tokens >= request.num_prompt_tokens:
-                plan.kv_sends.append(KVSend(request_id, list(self.kv.block_ids(request_id)),
-                                            request.num_prompt_tokens, request.kv_peer))
+            self.requests[request_id].num_computed_tokens += num_tokens
+        plan.segments = self.prefill.segments(plan)
+        self.connector.after_schedule(self, plan, now)
+        for move in plan.kv_moves:
+            self.moves.issue(move)
         return plan
 
-    def _schedule_running(self, plan: StepPlan, budget: int) -> int:
+    def _preempt_for_waiting(self, plan: StepPlan) -> None:
+        """Make room for the head of the queue by preempting running requests it outranks."""
+        while self.waiting and self.running:
+            head = self.waiting.peek()
+            if self.kv.can_allocate(head.request_id, head.num_tokens):
+                return
+            victim = self.ordering.victim(self.running)
+            if not self.ordering.outranks(head, victim):
+                return
+            self._preempt(victim, plan)
+
+    def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
+        """Returns the budget left and whether a running request had to be preempted for blocks."""
+        starved = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self.prefill.num_tokens(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
                 continue
             total = request.num_computed_tokens + num_new
             while not self.kv.can_allocate(request.request_id, total):
-                victim = self.priority.lowest(self.running)
+                victim = self.ordering.victim(self.running)
                 self._preempt(victim, plan)
+                starved = True
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
@@ -179,29 +218,26 @@ class Scheduler:
             plan.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
             i += 1
-        return budget
+        return budget, starved
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
+    def _schedule_waiting(self, plan: StepPlan, budget: int, now: float) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            if self.kv.block_ids(request.request_id):  # a remote prefill: its blocks are reserved
+            request = self.waiting.peek()
+            if self.kv.block_ids(request.request_id):  # blocks reserved already (a remote prefill)
                 cached, num_computed = [], request.num_computed_tokens
             else:
                 cached = self.kv.lookup_prefix(request.token_view)
                 num_computed = len(cached) * self.kv.block_size
-            num_new = request.num_tokens - num_computed
-            if not self.config.enable_chunked_prefill and num_new > budget:
+            num_new = self.prefill.num_tokens(request.num_tokens - num_computed, budget)
+            if num_new <= 0 or not self.kv.can_allocate(request.request_id, num_computed + num_new, cached):
                 break
-            num_new = min(num_new, budget)
-            if not self.kv.can_allocate(request.request_id, num_computed + num_new, cached):
-                break
-            self.waiting.popleft()
+            self.waiting.pop()
             self.kv.allocate(request.request_id, num_computed + num_new, cached)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = 0 if request.remote_prefill else num_computed
                 if not request.remote_prefill:
                     self.kv.record_prefix_lookup(request.num_prompt_tokens, num_computed)
-                request.first_scheduled_time = time.monotonic()
+                request.first_scheduled_time = now
             request.num_computed_tokens = num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -213,43 +249,44 @@ class Scheduler:
 
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         self.running.remove(request)
-        self.preemption.preempt(request, self.kv)
-        self.waiting.appendleft(request)
+        plan.kv_moves.extend(self.preemption.preempt(request, self.kv))
+        self.waiting.prepend(request)
         request.num_preemptions += 1
         self.num_preemptions += 1
         plan.preempted_request_ids.append(request.request_id)
 
     # ---- results ----
-    def update_from_result(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Append sampled tokens, publish newly full blocks to the prefix cache and finish requests
-        that hit a stop condition. Returns the requests that received a token this step."""
-        for request_id in result.finished_recving:
-            self.remote_kv_done(request_id, ok=True)
-        for request_id in result.failed_recving:
-            self.remote_kv_done(request_id, ok=False)
-        updated = []
+    def update(self, plan: StepPlan, result: StepResult) -> SchedulerUpdate:
+        """Append sampled tokens, publish newly full blocks to the prefix cache, finish requests that
+        hit a stop condition, then apply the moves' results (a send acknowledged within the step of
+        its prefill ends the hold taken just now)."""
+        now = self.clock.now()
         for request_id in plan.num_scheduled_tokens:
             request = self.requests.get(request_id)
-            if request is None or request.is_finished:
-                continue  # aborted while the step ran
+            if request is None:
+                continue  # finished while the step ran
             self.kv.cache_blocks(request_id, request.token_view, request.num_computed_tokens)
             token_id = result.sampled_token_ids.get(request_id)
             if token_id is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
             request.output_token_ids.append(token_id)
-            status = self._check_stop(request, token_id)
-            if status is None and request.kv_peer:
-                status = RequestStatus.FINISHED_REMOTE_DECODE  # decoding continues on the peer
+            self._update.updated.append(request)
+            status = self._check_stop(request, token_id) or self.connector.finish_status(request)
             if status is not None:
-                self.running.remove(request)
-                self._finish(request, status)
-            updated.append(request)
-        # after finishing: a send acknowledged within the step of its prefill ends a lease taken just now
-        for request_id in result.finished_sending + result.failed_sending:
-            if request_id in self.leased:  # the peer has the KV (or never will): drop the lease
-                self.leased.discard(request_id)
-                self.kv.free(request_id)
-        return updated
+                self.finish(request, status)
+        for move_result in result.moves:
+            self._on_move(move_result, now)
+        update, self._update = self._update, SchedulerUpdate()
+        return update
+
+    def _on_move(self, result, now: float) -> None:
+        if result.ended and self.moves.end(result) is None:
+            return  # reported twice (a cancel raced a completion): the first report counted
+        self.connector.on_move(self, result, now)
+        held = self.held.get(result.request_id)
+        if held is not None and not self.moves.in_flight(result.request_id):
+            del self.held[result.request_id]
+            self.kv.free(result.request_id)
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
@@ -264,11 +301,11 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def _finish(self, request: Request, status: RequestStatus) -> None:
-        request.status = status
-        if request.kv_peer and request.num_computed_tokens >= request.num_prompt_tokens:
-            self.leased.add(request.request_id)  # its KV is being sent: free on the peer's ack
-        else:
-            self.kv.free(request.request_id)
-        del self.requests[request.request_id]
-        self._finished_ids.append(request.request_id)
+    # ---- introspection ----
+    def check_integrity(self) -> None:
+        """The pool's invariants, and every block owner known (live or held)."""
+        self.kv.check_integrity()
+        owners = set(self.requests) | set(self.held)
+        unknown = set(self.kv.request_ids) - owners
+        assert not unknown, f"blocks held by unknown requests {sorted(unknown)[:5]}"
+        assert set(self.moves.request_ids) <= owners, "a move in flight for an unknown request"

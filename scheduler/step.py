@@ -1,15 +1,29 @@
-"""The typed step contract between the scheduler and the model runner.
+"""The typed step contract between the scheduler and an executor.
 
-The scheduler emits a `StepPlan`; the runner executes it and returns a `StepResult`. Nothing else crosses
-that boundary, and both are plain picklable dataclasses so they can cross a process boundary as well.
-The runner keeps its own per-request state (token ids, block table, sampling state), created from a
-`NewRequestData` and advanced by `CachedRequestData` deltas.
+The scheduler emits a `StepPlan`; an executor (the model runner, a TP group, the latency model)
+executes it and returns a `StepResult`. Nothing else crosses that boundary, and both are plain
+picklable dataclasses so they can cross a process boundary as well. The runner keeps its own
+per-request state (token ids, block table, sampling state), created from a `NewRequestData` and
+advanced by `CachedRequestData` deltas.
+
+Segments say which rows run through which layers. Every request scheduled this step appears in exactly
+one chain of segments; a chain that stops before the last layer leaves its hidden state with the
+runner (carried), and a later step's segment with the same request ids resumes from there:
+
+    step 1   [A B C] layers [0, L)          decode rows and a prefill chunk, all layers (the default)
+    step 2   [A B]   layers [0, L)          decode rows, every step
+             [P]     layers [0, 8)          a layered prefill: P's first layer group, carried
+    step 3   [A B]   layers [0, L)
+             [P]     layers [8, 16)         resumes from P's carried hidden state
+    send     [A B C] [0, 4) [4, 8) ...      one chain cut into layer groups so that KV sends
+                                            leave while the later layers compute
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from scheduler.kv_moves import KVMove, MoveResult
 from scheduler.sampling_params import SamplingParams
 
 
@@ -35,13 +49,12 @@ class CachedRequestData:
 
 
 @dataclass
-class KVSend:
-    """Send the prompt KV of a request whose prefill completes this step, layer group by layer group
-    as the forward pass produces them."""
-    request_id: str
-    block_ids: list[int]
-    num_tokens: int
-    peer: str  # the decode instance's KV-transfer address
+class Segment:
+    """These requests' scheduled tokens (in plan order) through layers [layer_start, layer_end);
+    layer_end None means the model's last layer."""
+    request_ids: list[str]
+    layer_start: int = 0
+    layer_end: int | None = None
 
 
 @dataclass
@@ -52,7 +65,9 @@ class StepPlan:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     finished_request_ids: list[str] = field(default_factory=list)  # runner drops their state
     preempted_request_ids: list[str] = field(default_factory=list)  # likewise; resumed as new later
-    kv_sends: list[KVSend] = field(default_factory=list)  # empty when colocated
+    # in execution order; empty: every scheduled request through every layer, in one pass
+    segments: list[Segment] = field(default_factory=list)
+    kv_moves: list[KVMove] = field(default_factory=list)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -60,6 +75,7 @@ class StepPlan:
 
     @property
     def is_empty(self) -> bool:
+        """Nothing to compute (moves may still be there to start or cancel)."""
         return not self.num_scheduled_tokens
 
 
@@ -69,9 +85,7 @@ class StepResult:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     # per request: an opaque logprob record for that token (formatted by the serving layer)
     logprobs: dict[str, Any] = field(default_factory=dict)
-    # KV transfers that ended since the last step: sends acknowledged by the peer (prefill side) or
-    # receives complete (decode side), and those that failed for good
-    finished_sending: list[str] = field(default_factory=list)
-    failed_sending: list[str] = field(default_factory=list)
-    finished_recving: list[str] = field(default_factory=list)
-    failed_recving: list[str] = field(default_factory=list)
+    # moves started, finished or failed since the last step (of this plan's moves and earlier ones)
+    moves: list[MoveResult] = field(default_factory=list)
+    # how long the step took (measured by a runner, modelled by the latency-model executor)
+    step_seconds: float = 0.0

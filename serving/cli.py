@@ -40,6 +40,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step; longer prompts are prefilled in chunks (default 2048)")
     _bool_flag(g, "enable-chunked-prefill", "split long prompts across steps (default on)")
+    g.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"],
+                   help="order of waiting requests: fcfs, or priority (the request's `priority` field, "
+                        "lower first; a waiting request may preempt a running one it outranks) (default fcfs)")
+    g.add_argument("--preemption-mode", default=None, choices=["recompute"],
+                   help="what a preempted request's KV becomes (default recompute)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
@@ -73,6 +78,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-transfer-max-retries", type=int, default=None, help="default 1")
     g.add_argument("--kv-transfer-rpc-timeout-s", type=float, default=None, help="default 10")
     g.add_argument("--kv-transfer-stall-timeout-s", type=float, default=None, help="default 30")
+    g.add_argument("--kv-transfer-lease-ttl-s", type=float, default=None,
+                   help="a prefill instance frees a sent prompt's KV if the decode side has not "
+                        "acknowledged it within this many seconds (default 60)")
     _bool_flag(g, "kv-transfer-enable-shm", "same-host KV moves through shared memory (default on)")
     g.add_argument("--kv-transfer-layers-per-group", type=int, default=None,
                    help="layers per KV send while prefill computes the rest (default 1)")

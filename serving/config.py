@@ -82,6 +82,9 @@ class DeployConfig:
     kv_transfer_max_retries: int = 1
     kv_transfer_rpc_timeout_s: float = 10.0
     kv_transfer_stall_timeout_s: float = 30.0
+    # a prefill instance holds a sent prompt's KV at most this long for the decode side's
+    # acknowledgement, then cancels the send and frees the blocks (counted: num_leases_expired)
+    kv_transfer_lease_ttl_s: float = 60.0
     kv_transfer_enable_shm: bool = True
     kv_transfer_layers_per_group: int = 1  # layers per send while prefill computes the rest
 
@@ -98,7 +101,7 @@ class DeployConfig:
             raise ValueError("--num-cpus-per-instance must be positive and --num-gpus-per-instance "
                              "not negative")
         for name in ("instance_timeout_s", "instance_start_timeout_s", "health_check_interval_s",
-                     "kv_transfer_rpc_timeout_s", "kv_transfer_stall_timeout_s"):
+                     "kv_transfer_rpc_timeout_s", "kv_transfer_stall_timeout_s", "kv_transfer_lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.kv_transfer_failure_policy not in ("recompute", "fail"):

@@ -6,9 +6,11 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from scheduler.request import RequestStatus
 from scheduler.sampling_params import SamplingParams
 from serving.config import Config
-from serving.engine.core import EngineCore
+from serving.engine.engine import build_engine
+from serving.engine.output_processor import OutputProcessor
 from serving.engine.protocol import TokenLogprob
 
 
@@ -38,8 +40,10 @@ class LLM:
     def __init__(self, model: str | None = None, config: Config | None = None, **overrides) -> None:
         config = config or Config()
         self.config = config.replace(model=model, **overrides) if (model or overrides) else config
-        self.engine = EngineCore(self.config)
-        self.tokenizer = self.engine.tokenizer
+        from transformers import AutoTokenizer
+        self.engine = build_engine(self.config)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.config.model.tokenizer or self.engine.model_dir)
+        self.outputs = OutputProcessor(self.tokenizer)
         self._next_id = 0
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
@@ -62,7 +66,9 @@ class LLM:
             for i in range(params.n):
                 seed = None if params.seed is None else params.seed + i
                 sub_id = f"{result.request_id}-{i}"
-                self.engine.add_request(sub_id, token_ids, params.clone(n=1, seed=seed))
+                sub_params = params.clone(n=1, seed=seed)
+                self.engine.add_request(sub_id, token_ids, sub_params)
+                self.outputs.add_request(sub_id, token_ids, sub_params)
                 targets[sub_id] = (result, result.outputs[i])
             results.append(result)
         self._run(targets, use_tqdm)
@@ -71,7 +77,10 @@ class LLM:
     def _run(self, targets: dict, use_tqdm: bool) -> None:
         bar = tqdm(total=len(targets), desc="generating", disable=not use_tqdm)
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            outputs, stopped = self.outputs.process(self.engine.step())
+            for state in stopped:  # a stop string: the engine stops the request too
+                self.engine.abort_requests([state.request_id], RequestStatus.FINISHED_STOPPED, state.stop_hit)
+            for out in outputs:
                 result, completion = targets[out.request_id]
                 completion.text += out.new_text
                 completion.token_ids.extend(out.new_token_ids)

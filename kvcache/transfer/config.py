@@ -19,8 +19,9 @@ class TransferConfig:
     num_streams: int = 4
     # Deadline of every single RPC; no call waits without one.
     rpc_timeout_s: float = 10.0
-    # The prefill side holds a request's KV at most this long without an acknowledgement.
-    lease_ttl_s: float = 60.0
+    # The prefill side holds a request's KV at most this long without an acknowledgement. None: the
+    # sender never expires a lease itself (an engine that owns the blocks keeps the deadline).
+    lease_ttl_s: float | None = 60.0
     # The decode side drops a reserved transfer that made no progress for this long.
     stall_timeout_s: float = 30.0
     # Whole-transfer retries after a failure before `failure_policy` applies.
@@ -42,7 +43,7 @@ class TransferConfig:
         if self.num_channels < 1 or self.num_streams < 1:
             raise ValueError("--kv-transfer-num-channels and --kv-transfer-num-streams must be at least 1")
         for name in ("rpc_timeout_s", "lease_ttl_s", "stall_timeout_s"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--kv-transfer-{name.replace('_', '-')} must be positive, got "
                                  f"{getattr(self, name)}")
         if not 0 <= self.max_retries <= 3:

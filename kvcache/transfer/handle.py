@@ -5,12 +5,20 @@ import enum
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from kvcache.transfer.sender import KVSender
+
+class TransferDriver(Protocol):
+    """What a handle asks of the sender that created it (kvcache.transfer.sender.KVSender)."""
+
+    def submit_layers(self, handle: TransferHandle, layer_start: int, layer_end: int) -> None: ...
+
+    def first_token_set(self, handle: TransferHandle) -> None: ...
+
+    def fail(self, handle: TransferHandle, reason: str, notify_peer: bool = True, requested: bool = False) -> None:
+        ...
 
 
 class TransferState(enum.Enum):
@@ -39,8 +47,9 @@ class TransferHandle:
     finish() only waits for that. Thread-safe.
     """
 
-    def __init__(self, sender: KVSender, request_id: str, num_tokens: int, src_block_ids: torch.Tensor,
-                 num_layers: int, on_done: Callable[[TransferResult], None]) -> None:
+    def __init__(self, sender: TransferDriver, request_id: str, num_tokens: int, src_block_ids: torch.Tensor,
+                 num_layers: int, on_done: Callable[[TransferResult], None],
+                 with_first_token: bool = False) -> None:
         self.request_id = request_id
         self.num_tokens = num_tokens
         self.src_block_ids = src_block_ids        # [num_blocks] int64, ids in the prefill kv_cache
@@ -55,6 +64,9 @@ class TransferHandle:
         self.layer_ranges: list[tuple[int, int]] = []   # submitted ranges, to resend on a retry
         self.num_outstanding = 0                  # chunks of the current attempt not yet acked
         self.num_bytes_acked = 0
+        self.with_first_token = with_first_token  # the commit waits for the first token
+        self.first_token_id: int | None = None
+        self.committing = -1                      # the attempt whose commit was spawned
         self._sender = sender
         self._done = threading.Event()
         self._result: TransferResult | None = None
@@ -62,6 +74,21 @@ class TransferHandle:
     @property
     def all_layers_submitted(self) -> bool:
         return bool(self.layers_submitted.all())
+
+    @property
+    def ready_to_commit(self) -> bool:
+        """Every layer sent and acknowledged (and the first token known, if the commit carries it).
+        Caller holds the lock."""
+        return (self.num_outstanding == 0 and self.all_layers_submitted
+                and (self.first_token_id is not None or not self.with_first_token))
+
+    def set_first_token(self, token_id: int) -> None:
+        """The token the prefill sampled from this prompt: carried by the commit."""
+        with self.lock:
+            if self.first_token_id is not None:
+                return
+            self.first_token_id = token_id
+        self._sender.first_token_set(self)
 
     def send_layers(self, layer_start: int, layer_end: int) -> None:
         """Ship layers [layer_start, layer_end) of this request's blocks; returns at once (the copy
@@ -84,7 +111,7 @@ class TransferHandle:
 
     def abort(self, reason: str) -> None:
         """Give up (e.g. the client went away): no retry, lease released, peer told to drop it."""
-        self._sender.fail(self, reason)
+        self._sender.fail(self, reason, requested=True)
 
     def set_result(self, result: TransferResult) -> None:
         """Called once by the sender (under self.lock) when the transfer ends."""

@@ -25,9 +25,10 @@ class Lease:
 class LeaseTable:
     """Thread-safe. release_blocks runs on the thread that ends the lease (or drops its last pin)."""
 
-    def __init__(self, release_blocks: Callable[[str], None], ttl_s: float,
+    def __init__(self, release_blocks: Callable[[str], None], ttl_s: float | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if ttl_s <= 0:
+        """ttl_s None: leases never expire here (the owner of the blocks keeps the deadline)."""
+        if ttl_s is not None and ttl_s <= 0:
             raise ValueError(f"lease ttl must be positive, got {ttl_s}")
         self._release_blocks = release_blocks
         self._ttl_s = ttl_s
@@ -48,7 +49,8 @@ class LeaseTable:
         with self._lock:
             if request_id in self._leases:
                 raise ValueError(f"request {request_id!r} already holds a KV lease; one transfer per request")
-            self._leases[request_id] = Lease(request_id, list(block_ids), self._clock() + self._ttl_s,
+            deadline = float("inf") if self._ttl_s is None else self._clock() + self._ttl_s
+            self._leases[request_id] = Lease(request_id, list(block_ids), deadline,
                                              Pins(lambda: self._release_blocks(request_id)))
 
     def pin(self, request_id: str) -> Lease | None:

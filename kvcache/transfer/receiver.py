@@ -45,8 +45,9 @@ class BlockAllocator(Protocol):
     def release(self, request_id: str) -> None:
         """Free the reserved blocks of a transfer that will not complete."""
 
-    def on_transfer_complete(self, request_id: str) -> None:
-        """Every layer of every reserved block is written: the request can join decoding."""
+    def on_transfer_complete(self, request_id: str, first_token_id: int | None) -> None:
+        """Every layer of every reserved block is written: the request can join decoding. The commit
+        may carry the first output token the prefill sampled (None when it does not)."""
 
     def on_transfer_failed(self, request_id: str, reason: str) -> None:
         """The transfer was dropped (stall, abort); release() has already been called."""
@@ -71,6 +72,8 @@ class _Reservation:
     last_progress: float
     num_bytes: int = 0
     outcome: str = ""           # "" while open; "complete", or why it was dropped
+    first_token_id: int | None = None  # carried by the commit
+    routine: bool = False       # dropped on request (the sender gave up, the engine cancelled): log quietly
     pins: Pins = field(init=False)
 
 
@@ -265,6 +268,7 @@ class KVReceiver:
             if missing_layers:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request.request_id!r} is "
                                f"incomplete: layers {missing_layers} are missing blocks")
+            reservation.first_token_id = request.first_token_id if request.HasField("first_token_id") else None
             self._end(reservation, "complete")
         self.counters.add(num_transfers_received=1, num_bytes_received=reservation.num_bytes,
                           seconds_receiving=self._clock() - reservation.started)
@@ -272,11 +276,11 @@ class KVReceiver:
         return pb.CommitResponse(num_bytes_received=reservation.num_bytes)
 
     def abort(self, request: pb.AbortRequest) -> pb.AbortResponse:
-        self.drop(request.request_id, f"aborted by the sender: {request.reason}")
+        self.drop(request.request_id, f"aborted by the sender: {request.reason}", routine=True)
         return pb.AbortResponse()
 
     # ---- dropping ----
-    def drop(self, request_id: str, reason: str) -> bool:
+    def drop(self, request_id: str, reason: str, routine: bool = False) -> bool:
         """End an open transfer: its blocks are released (once no copy is writing them) and
         on_transfer_failed is called. False when no such transfer is open."""
         with self._lock:
@@ -284,6 +288,7 @@ class KVReceiver:
             if reservation is None:
                 return False
             self._end(reservation, reason)
+            reservation.routine = routine
         self.counters.add(num_failed=1)
         reservation.pins.close()
         return True
@@ -309,8 +314,9 @@ class KVReceiver:
         with self._lock:
             self._draining.pop(reservation.request_id, None)
         if reservation.outcome == "complete":
-            self.allocator.on_transfer_complete(reservation.request_id)
+            self.allocator.on_transfer_complete(reservation.request_id, reservation.first_token_id)
             return
-        logger.warning("KV transfer of request %s dropped: %s", reservation.request_id, reservation.outcome)
+        logger.log(logging.INFO if reservation.routine else logging.WARNING, "KV transfer of request %s dropped: %s",
+                   reservation.request_id, reservation.outcome)
         self.allocator.release(reservation.request_id)
         self.allocator.on_transfer_failed(reservation.request_id, reservation.outcome)

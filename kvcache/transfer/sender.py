@@ -74,7 +74,7 @@ class KVSender:
         self._executor = futures.ThreadPoolExecutor(config.num_streams, thread_name_prefix="kv-sender")
         self._handles: dict[str, TransferHandle] = {}
         self._payloads: InlinePayloads | ShmPayloads = InlinePayloads()  # connect() may switch to shm
-        self._reaper = Reaper(self._expire_leases, interval_s=min(1.0, config.lease_ttl_s / 4),
+        self._reaper = Reaper(self._expire_leases, interval_s=min(1.0, (config.lease_ttl_s or 4.0) / 4),
                               name="kv-sender-reaper")
         self._connected = False
         self._closed = False
@@ -83,6 +83,11 @@ class KVSender:
     @property
     def uses_shm(self) -> bool:
         return self._payloads.uses_shm
+
+    @property
+    def num_open(self) -> int:
+        """Transfers begun and not ended."""
+        return len(self._handles)
 
     # ---- connection ----
     def connect(self) -> KVSender:
@@ -148,11 +153,13 @@ class KVSender:
 
     # ---- one transfer ----
     def begin(self, request_id: str, num_tokens: int, src_block_ids: list[int],
-              on_done: Callable[[TransferResult], None] = _ignore) -> TransferHandle:
+              on_done: Callable[[TransferResult], None] = _ignore,
+              with_first_token: bool = False) -> TransferHandle:
         """Lease src_block_ids and reserve blocks for num_tokens tokens on the peer (blocks for the
         Reserve RPC). TransferRefusedError when the peer has no room, PeerUnavailableError when it
         does not answer; in both cases the lease is already released. on_done(result) runs once, on
-        a sender thread, when the transfer ends."""
+        a sender thread, when the transfer ends. with_first_token: the commit waits for
+        handle.set_first_token() and carries that token to the peer."""
         if not self._connected or self._closed:
             raise RuntimeError("begin() needs a connected KVSender: call connect() first, and not after close()")
         num_blocks = self.layout.num_blocks_for(num_tokens)
@@ -168,7 +175,8 @@ class KVSender:
         except BaseException:
             self._leases.release(request_id)
             raise
-        handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done)
+        handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done,
+                                with_first_token)
         self._handles[request_id] = handle
         return handle
 
@@ -256,7 +264,7 @@ class KVSender:
             if error is None:
                 handle.num_outstanding -= 1
                 handle.num_bytes_acked += future.result()
-                ready = handle.num_outstanding == 0 and handle.all_layers_submitted
+                ready = handle.ready_to_commit
         if error is not None:
             self._retry(handle, f"chunk {chunk} failed: {_describe(error)}")
             return
@@ -264,10 +272,24 @@ class KVSender:
         if ready:
             self._spawn(handle, self._commit, handle, attempt)
 
+    def first_token_set(self, handle: TransferHandle) -> None:
+        """handle.set_first_token() was called: commit if that was all the transfer waited for."""
+        with handle.lock:
+            ready = handle.state is TransferState.ACTIVE and not handle.restarting and handle.ready_to_commit
+            attempt = handle.attempt
+        if ready:
+            self._spawn(handle, self._commit, handle, attempt)
+
     def _commit(self, handle: TransferHandle, attempt: int) -> None:
+        with handle.lock:
+            if handle.committing == attempt:
+                return  # the last ack and the first token both asked for this commit
+            handle.committing = attempt
+        request = pb.CommitRequest(request_id=handle.request_id, attempt=attempt)
+        if handle.first_token_id is not None:
+            request.first_token_id = handle.first_token_id
         try:
-            self._peer.commit(pb.CommitRequest(request_id=handle.request_id, attempt=attempt),
-                              self.config.rpc_timeout_s)
+            self._peer.commit(request, self.config.rpc_timeout_s)
         except grpc.RpcError as e:
             self._retry(handle, f"commit failed: {e.code().name}: {e.details()}")
             return
@@ -308,15 +330,16 @@ class KVSender:
             handle.restarting = False
             chunks = [c for start, end in handle.layer_ranges for c in self._plan(handle, start, end)]
             handle.num_outstanding = len(chunks)
-            ready = not chunks and handle.all_layers_submitted
+            ready = handle.ready_to_commit
         self._submit_chunks(handle, attempt, chunks)
         if ready:
             self._spawn(handle, self._commit, handle, attempt)
 
     # ---- ending ----
-    def fail(self, handle: TransferHandle, reason: str, notify_peer: bool = True) -> None:
-        """End the transfer as failed (no-op if it already ended): lease released, peer told."""
-        if self._end(handle, ok=False, reason=reason) and notify_peer:
+    def fail(self, handle: TransferHandle, reason: str, notify_peer: bool = True, requested: bool = False) -> None:
+        """End the transfer as failed (no-op if it already ended): lease released, peer told.
+        requested: the caller gave it up (logged as routine, not as a failure)."""
+        if self._end(handle, ok=False, reason=reason, requested=requested) and notify_peer:
             abort = pb.AbortRequest(request_id=handle.request_id, reason=reason)
             try:
                 self._executor.submit(self._abort_quietly, abort)
@@ -329,7 +352,7 @@ class KVSender:
         except grpc.RpcError:
             pass  # a dead peer has nothing to drop; a live one drops it after its stall timeout
 
-    def _end(self, handle: TransferHandle, ok: bool, reason: str) -> bool:
+    def _end(self, handle: TransferHandle, ok: bool, reason: str, requested: bool = False) -> bool:
         with handle.lock:
             if handle.state is not TransferState.ACTIVE:
                 return False
@@ -343,7 +366,8 @@ class KVSender:
         if ok:
             self.counters.add(num_transfers_sent=1, seconds_sending=seconds)
         else:
-            logger.warning("KV transfer of request %s failed: %s", handle.request_id, reason)
+            logger.log(logging.INFO if requested else logging.WARNING, "KV transfer of request %s %s: %s",
+                       handle.request_id, "given up" if requested else "failed", reason)
             self.counters.add(num_failed=1)
         try:
             handle.on_done(result)

@@ -89,7 +89,7 @@ class GenerationEndpoints:
                        for ids in prompt_ids_list]
         except ValueError as exc:  # e.g. min_tokens above the max_tokens the context leaves
             raise ApiError(400, str(exc)) from None
-        sub_requests = expand_sub_requests(meta.response_id, prompts)
+        sub_requests = expand_sub_requests(meta.response_id, prompts, body.user or "", body.priority)
         generation = Generation(self._engine, sub_requests, self._metrics, arrival_s)
         # the body has been read, so `receive` now only reports a disconnect
         generation.start(request.receive)

@@ -38,6 +38,8 @@ class SubRequest:
     choice_index: int
     prompt_token_ids: list[int]
     params: SamplingParams  # n == 1
+    client_id: str = ""  # the OpenAI `user` field: fairness policies key on it
+    priority: int = 0  # lower runs first under --scheduling-policy priority
 
 
 def _offset_seed(seed: int | None, offset: int) -> int | None:
@@ -47,8 +49,8 @@ def _offset_seed(seed: int | None, offset: int) -> int | None:
     return (seed + offset - _INT64_MIN) % 2**64 + _INT64_MIN
 
 
-def expand_sub_requests(response_id: str, prompts: list[tuple[list[int], SamplingParams]]
-                        ) -> list[SubRequest]:
+def expand_sub_requests(response_id: str, prompts: list[tuple[list[int], SamplingParams]],
+                        client_id: str = "", priority: int = 0) -> list[SubRequest]:
     """One sub-request per (prompt, choice). A seeded request gives choice i the seed seed+i:
     choices differ, the whole response is reproducible, and a prompt gets the same choices whether
     it is sent alone or in a batch of prompts."""
@@ -57,7 +59,8 @@ def expand_sub_requests(response_id: str, prompts: list[tuple[list[int], Samplin
         for i in range(params.n):
             index = prompt_index * params.n + i
             sub_params = params.clone(n=1, seed=_offset_seed(params.seed, i))
-            subs.append(SubRequest(f"{response_id}-{index}", index, prompt_token_ids, sub_params))
+            subs.append(SubRequest(f"{response_id}-{index}", index, prompt_token_ids, sub_params, client_id,
+                                   priority))
     return subs
 
 
@@ -117,7 +120,8 @@ class Generation:
         finished = False
         stream = None
         try:
-            stream = self._engine.generate(sub.request_id, sub.prompt_token_ids, sub.params)
+            stream = self._engine.generate(sub.request_id, sub.prompt_token_ids, sub.params,
+                                           client_id=sub.client_id, priority=sub.priority)
             async for output in stream:
                 tracker.on_output(output)
                 self._queue.put_nowait((sub, output))

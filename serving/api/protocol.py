@@ -33,8 +33,9 @@ class _GenerationRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: str | None = None  # whom the request serves: per-client fairness keys on it
     # vLLM extras
+    priority: int = 0  # lower runs first under --scheduling-policy priority (ignored under fcfs)
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None

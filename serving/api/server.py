@@ -104,6 +104,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> FastAPI:
 
     async def prometheus_metrics() -> Response:
         try:
+            await engine.refresh_stats()  # a scrape reflects every request finished before it
             metrics.observe_engine_stats(engine.get_stats())
         except EngineDeadError:
             pass  # still export what the API layer measured

@@ -22,13 +22,11 @@ class InstanceClient:
         self._stub = pb_grpc.InstanceStub(self._channel)
 
     def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 kv_peer: str = "", remote_prefill: bool = False):
+                 kv_peer: str = "", remote_prefill: bool = False, client_id: str = "", priority: int = 0):
         """The Generate stream (a grpc.aio call: `await call.read()`, `call.cancel()`). No deadline on
         the whole stream (a long generation is fine); callers bound each read instead."""
-        request = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                     params=wire.params_to_proto(params), kv_peer=kv_peer,
-                                     remote_prefill=remote_prefill)
-        return self._stub.Generate(request)
+        return self._stub.Generate(wire.generate_request(request_id, prompt_token_ids, params, kv_peer,
+                                                         remote_prefill, client_id, priority))
 
     async def abort(self, request_ids: list[str]) -> None:
         await self._stub.Abort(pb.AbortRequest(request_ids=request_ids), timeout=self.timeout_s)

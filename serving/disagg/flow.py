@@ -7,8 +7,8 @@ on both, so nothing of the failed leg can mix in). Once tokens have been sent, a
 instance ends the request with an error, or, if configured, a new leg prefills prompt + tokens so
 far elsewhere and carries on.
 
-The router detokenizes (instances send token ids): stop strings are matched here, and a match aborts
-the request on D.
+The router detokenizes (instances send token ids) through the same RequestState as the in-process
+engine client: stop strings are matched here, and a match aborts the request on D.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from scheduler.sampling_params import SamplingParams
 from serving.config import DeployConfig
 from serving.disagg import wire
 from serving.disagg.pool import InstancePool, InstanceState
-from serving.engine.detokenizer import IncrementalDetokenizer
+from scheduler.engine_core import EngineCoreOutput
+from serving.engine.output_processor import RequestState
 from serving.engine.protocol import EngineDeadError, RequestOutput, RequestRejectedError
 
 logger = logging.getLogger(__name__)
@@ -96,20 +97,24 @@ class _Stream:
 
 class RequestFlow:
     def __init__(self, pool: InstancePool, tokenizer, deploy: DeployConfig, request_id: str,
-                 prompt_token_ids: list[int], params: SamplingParams, counters: dict[str, int]) -> None:
+                 prompt_token_ids: list[int], params: SamplingParams, counters: dict[str, int],
+                 client_id: str = "", priority: int = 0) -> None:
         self.pool = pool
         self.deploy = deploy
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
+        self.client_id = client_id
+        self.priority = priority
         self.counters = counters  # the router's, advanced here
-        self.detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, params.stop,
-                                                  params.include_stop_str_in_output, params.skip_special_tokens)
-        self.output_token_ids: list[int] = []
-        self.num_cached_tokens = 0
+        self.state = RequestState(request_id, tokenizer, prompt_token_ids, params)
         self.aborted = False
         self._streams: set[_Stream] = set()
-        self._sent_first = False
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """Tokens the client has been sent (over every leg)."""
+        return self.state.output_token_ids
 
     def abort(self) -> None:
         self.aborted = True
@@ -137,7 +142,7 @@ class RequestFlow:
             if not self.aborted:
                 raise EngineDeadError(f"request {self.request_id} failed on {_MAX_LEGS} instance pairs "
                                       "in a row")
-            yield self._emit(RequestOutput(self.request_id, [], "", finished=True, finish_reason="abort"))
+            yield self._emit(EngineCoreOutput(self.request_id, [], finished=True, finish_reason="abort"))
         finally:
             for stream in list(self._streams):
                 self._close(stream)
@@ -234,7 +239,8 @@ class RequestFlow:
         # counted before the answer comes, so that requests arriving together spread over instances
         decode.num_active += 1
         decode.num_blocks_reserved_since_poll += num_blocks
-        stream = self._open(decode, decode.client.generate(leg_id, prompt, params, remote_prefill=True))
+        stream = self._open(decode, decode.client.generate(leg_id, prompt, params, remote_prefill=True,
+                                                           client_id=self.client_id, priority=self.priority))
         accepted = False
         try:
             message = await stream.read(self.deploy.instance_timeout_s)
@@ -257,7 +263,7 @@ class RequestFlow:
                     0, decode.num_blocks_reserved_since_poll - num_blocks)
 
     async def _prefill(self, leg_id: str, prompt: list[int], params: SamplingParams,
-                       decode: InstanceState) -> RequestOutput:
+                       decode: InstanceState) -> EngineCoreOutput:
         """P's only output: the first token (finish_reason remote_decode) or a real stop."""
         prefill = self.pool.pick_prefill()
         if prefill is None:
@@ -265,16 +271,14 @@ class RequestFlow:
             prefill = self.pool.pick_prefill()
             if prefill is None:
                 raise EngineDeadError("no prefill instance is up")
-        stream = self._open(prefill, prefill.client.generate(leg_id, prompt, params, kv_peer=decode.kv_address))
+        stream = self._open(prefill, prefill.client.generate(leg_id, prompt, params, kv_peer=decode.kv_address,
+                                                             client_id=self.client_id, priority=self.priority))
         prefill.num_queued_prefill_tokens += len(prompt)
         try:
-            output = wire.output_from_proto(await self._read(stream))
+            return wire.output_from_proto(await self._read(stream))
         finally:
             prefill.num_queued_prefill_tokens = max(0, prefill.num_queued_prefill_tokens - len(prompt))
             self._close(stream)
-        if not self._sent_first:
-            self.num_cached_tokens = output.num_cached_tokens
-        return output
 
     async def _await_handoff(self, handoff: asyncio.Future, decode: InstanceState) -> None:
         try:
@@ -310,21 +314,10 @@ class RequestFlow:
         stream.close()
 
     # ---- outputs ----
-    def _emit(self, source: RequestOutput) -> RequestOutput:
-        """The client's RequestOutput for an instance's output: text, stop strings, cumulative counts."""
-        token_ids = source.new_token_ids
-        self.output_token_ids.extend(token_ids)
-        matched = self.detokenizer.add_tokens(token_ids) if token_ids else None
+    def _emit(self, source: EngineCoreOutput) -> RequestOutput:
+        """The client's RequestOutput for an instance's output. A prefill's first token finishes its
+        leg ("remote_decode"), not the request."""
         finished = source.finished and source.finish_reason != "remote_decode"
-        reason, stop_reason = source.finish_reason, source.stop_reason
-        if matched is not None and not finished:  # as EngineCore: a stop string ends an unfinished request
-            finished, reason, stop_reason = True, "stop", matched
-        first = not self._sent_first
-        self._sent_first = True
-        return RequestOutput(
-            request_id=self.request_id, new_token_ids=token_ids,
-            new_text=self.detokenizer.take_new_text(finished), finished=finished,
-            finish_reason=reason if finished else None, stop_reason=stop_reason if finished else None,
-            new_logprobs=source.new_logprobs, num_prompt_tokens=len(self.prompt_token_ids),
-            num_output_tokens=len(self.output_token_ids), num_cached_tokens=self.num_cached_tokens,
-            error=source.error if finished else None, queue_time_s=source.queue_time_s if first else None)
+        output = self.state.process(source, finished=finished)
+        assert output is not None, "an output after the request finished"
+        return output

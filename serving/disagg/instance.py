@@ -1,8 +1,9 @@
 """One instance: an engine in a role (prefill, decode, colocated) behind the Instance gRPC service.
 
-The engine runs on AsyncLLM's thread; the gRPC server (grpc.aio) and every handler run on the event
+The engine runs on its EngineThread; the gRPC server (grpc.aio) and every handler run on the event
 loop that `serve_instance` is awaited on. The decode role also serves KVTransfer on a second port
-(the connector's receiver), which prefill instances push KV to.
+(its connector worker's receiver), which prefill instances push KV to. Instances stream token ids:
+the router detokenizes.
 """
 from __future__ import annotations
 
@@ -20,14 +21,12 @@ from serving.config import Config
 from serving.disagg import wire
 from serving.disagg._proto import instance_pb2 as pb
 from serving.disagg._proto import instance_pb2_grpc as pb_grpc
-from serving.disagg.connector import make_connector
-from serving.disagg.instance_core import InstanceCore
-from serving.engine.async_llm import AsyncLLM
+from serving.engine.engine import Engine, build_engine
+from serving.engine.engine_thread import EngineThread
 from serving.engine.protocol import EngineDeadError, RequestRejectedError
 
 logger = logging.getLogger(__name__)
 
-_ACCEPT_POLL_S = 0.002
 _GRACE_S = 2.0
 
 
@@ -44,29 +43,21 @@ def num_torch_threads(config: Config) -> int:
 
 
 class InstanceServicer(pb_grpc.InstanceServicer):
-    def __init__(self, spec: InstanceSpec, llm: AsyncLLM, core: InstanceCore, kv_address: str) -> None:
+    def __init__(self, spec: InstanceSpec, thread: EngineThread) -> None:
         self.spec = spec
-        self.llm = llm
-        self.core = core
-        self.kv_address = kv_address
+        self.thread = thread
+        self.engine = thread.engine
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
-        rid = request.request_id
+        """A remote_prefill request's first message says its blocks are reserved and registered with
+        the KV receiver (`accepted`); token outputs follow once its KV and first token are in."""
         try:
             params = wire.params_from_proto(request.params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = self.llm.generate(rid, list(request.prompt_token_ids), params, client_id=request.client_id,
-                                   kv_peer=request.kv_peer or None, remote_prefill=request.remote_prefill)
-        first: asyncio.Future | None = None
+        stream = self.thread.generate(request.request_id, list(request.prompt_token_ids), params,
+                                      **wire.request_kwargs(request))
         try:
-            if request.remote_prefill:
-                first = await self._accept(rid, stream)
-                yield pb.GenerateOutput(request_id=rid, accepted=True)
-                output = await first
-                yield wire.output_to_proto(output)
-                if output.finished:
-                    return
             async for output in stream:
                 yield wire.output_to_proto(output)
         except RequestRejectedError as e:
@@ -76,74 +67,64 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         finally:
-            if first is not None and not first.done():
-                first.cancel()
-                await asyncio.wait({first})  # the generator unwinds there; it cannot be closed while running
-            await stream.aclose()  # unfinished (call cancelled): AsyncLLM aborts it, freeing its blocks
-
-    async def _accept(self, rid: str, stream) -> asyncio.Future:
-        """Submit a remote_prefill request and return once its blocks are reserved and registered with
-        the KV receiver; the returned future is the stream's first output. Raises what add_request
-        raised (NoKVSpaceError: no room)."""
-        first = asyncio.ensure_future(stream.__anext__())
-        await asyncio.sleep(0)  # let it post add_request before the registration below
-        while not first.done():
-            if await self.llm.call(lambda core: core.register_remote(rid)):
-                return first
-            await asyncio.wait({first}, timeout=_ACCEPT_POLL_S)
-        first.result()  # raises add_request's error
-        return first  # finished already (aborted before we looked): the caller yields that output
+            await stream.aclose()  # unfinished (call cancelled): the engine aborts it, freeing its blocks
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         for rid in request.request_ids:
-            await self.llm.abort(rid)
+            await self.thread.abort(rid)
         return pb.AbortResponse()
 
     async def SetFirstToken(self, request: pb.SetFirstTokenRequest, context) -> pb.SetFirstTokenResponse:
-        await self.llm.call(lambda core: core.set_first_token(request.request_id, request.token_id))
+        await self.thread.call(lambda engine: engine.set_first_token(request.request_id, request.token_id))
         return pb.SetFirstTokenResponse()
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        healthy = self.llm.is_healthy()
+        healthy = self.thread.is_healthy()
         return pb.HealthResponse(healthy=healthy, reason="" if healthy else "the engine thread died")
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InstanceInfo:
-        return instance_info(self.spec, self.core, self.kv_address)
+        return instance_info(self.spec, self.engine)
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        if not self.llm.is_healthy():
+        if not self.thread.is_healthy():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine thread died")
-        message = await self.llm.call(_collect_stats)
-        message.transfer.update(self.core.connector.counters())
-        return message
+        return await self.thread.call(collect_stats)
 
     async def CheckIntegrity(self, request: pb.IntegrityRequest, context) -> pb.IntegrityResponse:
-        return await self.llm.call(_check_integrity)
+        return await self.thread.call(check_integrity)
 
 
-def _collect_stats(core: InstanceCore) -> pb.StatsResponse:
-    message = wire.stats_to_proto(core.get_stats())
-    message.num_free_blocks = core.kv.pool.num_free_blocks
-    message.num_total_blocks = core.kv.pool.num_blocks
-    message.num_remote_waiting = len(core.scheduler.remote_waiting)
-    message.num_leased = len(core.scheduler.leased)
-    message.num_queued_prefill_tokens = core.num_queued_prefill_tokens()
+def collect_stats(engine: Engine) -> pb.StatsResponse:
+    """Engine thread: the instance's gauges and counters."""
+    stats = engine.get_stats()
+    message = wire.stats_to_proto(stats)
+    message.num_free_blocks = engine.kv.pool.num_free_blocks
+    message.num_total_blocks = engine.kv.pool.num_blocks
+    message.num_remote_waiting = engine.scheduler.connector.num_pending()
+    message.num_leased = len(engine.scheduler.held)
+    message.num_queued_prefill_tokens = engine.num_queued_prefill_tokens()
+    message.transfer.update(stats.extra["kv_transfer"])
     return message
 
 
-def _check_integrity(core: InstanceCore) -> pb.IntegrityResponse:
-    ok, error = core.integrity()
-    return pb.IntegrityResponse(ok=ok, error=error, num_free_blocks=core.kv.pool.num_free_blocks,
-                                num_total_blocks=core.kv.pool.num_blocks,
-                                num_requests=len(core.scheduler.requests),
-                                num_leased=len(core.scheduler.leased))
+def check_integrity(engine: Engine) -> pb.IntegrityResponse:
+    """Engine thread: the pool's invariants, and what is still held."""
+    try:
+        engine.check_integrity()
+        ok, error = True, ""
+    except AssertionError as e:
+        ok, error = False, str(e) or "check_integrity failed"
+    return pb.IntegrityResponse(ok=ok, error=error, num_free_blocks=engine.kv.pool.num_free_blocks,
+                                num_total_blocks=engine.kv.pool.num_blocks,
+                                num_requests=len(engine.scheduler.requests),
+                                num_leased=len(engine.scheduler.held))
 
 
-def instance_info(spec: InstanceSpec, core: InstanceCore, kv_address: str) -> pb.InstanceInfo:
-    return pb.InstanceInfo(name=spec.name, role=spec.role, model_dir=core.model_dir,
-                           max_model_len=core.max_model_len, kv_address=kv_address, pid=os.getpid(),
-                           num_blocks=core.kv.pool.num_blocks, block_size=core.kv.block_size,
-                           kv_layout=core.connector.layout.to_proto().SerializeToString())
+def instance_info(spec: InstanceSpec, engine: Engine) -> pb.InstanceInfo:
+    return pb.InstanceInfo(name=spec.name, role=spec.role, model_dir=engine.model_dir,
+                           max_model_len=engine.max_model_len, kv_address=getattr(engine.connector, "address", ""),
+                           pid=os.getpid(), num_blocks=engine.kv.pool.num_blocks, block_size=engine.kv.block_size,
+                           kv_layout=engine.kv_layout.to_proto().SerializeToString())
 
 
 @dataclass(frozen=True)
@@ -159,23 +140,22 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
     config = spec.config
     torch.set_num_threads(num_torch_threads(config))
     host = config.deploy.internal_host
-    connector = make_connector(spec.role, config)
+    engine = build_engine(config, spec.role)
     try:
-        core = InstanceCore(config, spec.role, connector)
-        kv_address = connector.start_receiver(host)
-        llm = AsyncLLM(core, spec.name)
+        thread = EngineThread(engine)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, llm, core, kv_address), server)
+        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, thread), server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         try:
             address = f"{host}:{port}"
-            on_ready(InstanceAddress(address, instance_info(spec, core, kv_address)))
+            info = instance_info(spec, engine)
+            on_ready(InstanceAddress(address, info))
             logger.info("instance %s (%s) serving on %s, KV on %s", spec.name, spec.role, address,
-                        kv_address or "-")
+                        info.kv_address or "-")
             await stop.wait()
         finally:
             await server.stop(_GRACE_S)
-            await llm.shutdown()
+            await thread.shutdown()
     finally:
-        connector.close()
+        engine.close()

@@ -153,13 +153,22 @@ class InstancePool:
             if state.client is client:
                 self.mark_failed(state, health.reason)
             return
+        await self._poll_stats(state, timeout)
+
+    async def _poll_stats(self, state: InstanceState, timeout_s: float) -> None:
+        client = state.client
         try:
-            stats = await client.stats(timeout)
+            stats = await client.stats(timeout_s)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError):
             return  # a busy engine: keep the last figures; liveness is the health check's job
         if state.client is client:
             state.stats = stats
             state.num_blocks_reserved_since_poll = 0
+
+    async def refresh_stats(self, timeout_s: float) -> None:
+        """Poll every up instance's stats now (an instance that does not answer in time keeps its
+        last figures)."""
+        await asyncio.gather(*(self._poll_stats(s, timeout_s) for s in self.instances if s.up))
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)

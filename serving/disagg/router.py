@@ -27,6 +27,8 @@ from serving.engine.protocol import EngineDeadError, EngineStats, ModelInfo, Req
 
 logger = logging.getLogger(__name__)
 
+_REFRESH_TIMEOUT_S = 2.0  # a metrics scrape waits at most this long for the instances' figures
+
 
 def build_disaggregated_client(config: Config) -> "DisaggregatedClient":
     launcher = make_launcher(config)
@@ -96,14 +98,14 @@ class DisaggregatedClient:
         check_peers(instance, [s.launched for s in self._pool.instances if s.name != instance.name])
 
     # ---- EngineClient ----
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       client_id: str = "", priority: int = 0) -> AsyncIterator[RequestOutput]:
         if self._closed:
             raise EngineDeadError("the server is shutting down")
         if request_id in self._flows:
             raise RequestRejectedError(f"request id {request_id!r} is already in use")
         flow = RequestFlow(self.pool, self.tokenizer, self.config.deploy, request_id, prompt_token_ids,
-                           params, self.counters)
+                           params, self.counters, client_id, priority)
         self._flows[request_id] = flow
         try:
             async with contextlib.aclosing(flow.outputs()) as outputs:
@@ -128,6 +130,10 @@ class DisaggregatedClient:
         """The sum over instances (as of their last poll) plus, in `extra`, KV transfer counters,
         router counters and per-instance queue depths."""
         return aggregate_stats(self._pool.instances if self._pool is not None else [], self.counters)
+
+    async def refresh_stats(self) -> None:
+        """Poll every instance now, so that stats reflect every request finished before the call."""
+        await self.pool.refresh_stats(_REFRESH_TIMEOUT_S)
 
     async def shutdown(self) -> None:
         if self._closed:

@@ -1,13 +1,15 @@
 """Conversions between the engine's types and the instance-control messages (proto/instance.proto).
 
 Each pair round-trips exactly: `params_from_proto(params_to_proto(p)) == p` for n == 1, and an
-instance's RequestOutput comes back field for field (text aside: instances do not detokenize).
+instance's EngineCoreOutput comes back field for field (instances send token ids; the router
+detokenizes).
 """
 from __future__ import annotations
 
+from scheduler.engine_core import EngineCoreOutput
 from scheduler.sampling_params import SamplingParams
 from serving.disagg._proto import instance_pb2 as pb
-from serving.engine.protocol import EngineStats, RequestOutput, TokenLogprob
+from serving.engine.protocol import EngineStats, TokenLogprob
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Instance"].full_name  # "pdserve.instance.Instance"
 
@@ -37,12 +39,25 @@ def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def output_to_proto(output: RequestOutput) -> pb.GenerateOutput:
+def generate_request(request_id: str, prompt_token_ids: list[int], params: SamplingParams, kv_peer: str = "",
+                     remote_prefill: bool = False, client_id: str = "", priority: int = 0) -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                              params=params_to_proto(params), kv_peer=kv_peer, remote_prefill=remote_prefill,
+                              client_id=client_id, priority=priority)
+
+
+def request_kwargs(message: pb.GenerateRequest) -> dict:
+    """What an instance's engine takes beside the prompt and params (Engine.add_request's kwargs)."""
+    return {"client_id": message.client_id, "priority": message.priority, "kv_peer": message.kv_peer or None,
+            "remote_prefill": message.remote_prefill}
+
+
+def output_to_proto(output: EngineCoreOutput) -> pb.GenerateOutput:
     message = pb.GenerateOutput(
         request_id=output.request_id, new_token_ids=output.new_token_ids, finished=output.finished,
         finish_reason=output.finish_reason or "", has_logprobs=output.new_logprobs is not None,
         num_prompt_tokens=output.num_prompt_tokens, num_output_tokens=output.num_output_tokens,
-        num_cached_tokens=output.num_cached_tokens, error=output.error or "")
+        num_cached_tokens=output.num_cached_tokens, error=output.error or "", accepted=output.accepted)
     if isinstance(output.stop_reason, str):
         message.stop_string = output.stop_reason
     elif output.stop_reason is not None:
@@ -56,20 +71,20 @@ def output_to_proto(output: RequestOutput) -> pb.GenerateOutput:
     return message
 
 
-def output_from_proto(message: pb.GenerateOutput) -> RequestOutput:
-    """A RequestOutput with empty text (the router detokenizes)."""
+def output_from_proto(message: pb.GenerateOutput) -> EngineCoreOutput:
     stop_kind = message.WhichOneof("stop_reason")
     logprobs = None
     if message.has_logprobs:
         logprobs = [TokenLogprob(r.token_id, r.logprob, list(zip(r.top_token_ids, r.top_logprobs)))
                     for r in message.new_logprobs]
-    return RequestOutput(
-        request_id=message.request_id, new_token_ids=list(message.new_token_ids), new_text="",
+    return EngineCoreOutput(
+        request_id=message.request_id, new_token_ids=list(message.new_token_ids),
         finished=message.finished, finish_reason=message.finish_reason or None,
         stop_reason=getattr(message, stop_kind) if stop_kind else None, new_logprobs=logprobs,
         num_prompt_tokens=message.num_prompt_tokens, num_output_tokens=message.num_output_tokens,
         num_cached_tokens=message.num_cached_tokens, error=message.error or None,
-        queue_time_s=message.queue_time_s if message.HasField("queue_time_s") else None)
+        queue_time_s=message.queue_time_s if message.HasField("queue_time_s") else None,
+        accepted=message.accepted)
 
 
 def stats_to_proto(stats: EngineStats) -> pb.StatsResponse:

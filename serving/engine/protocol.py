@@ -73,9 +73,10 @@ class EngineClient(Protocol):
     model_info: ModelInfo
     tokenizer: object  # a transformers PreTrainedTokenizerFast
 
-    def generate(self, request_id: str, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Submit one sequence (n is expanded by the caller) and iterate its outputs.
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 client_id: str = "", priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Submit one sequence (n is expanded by the caller) and iterate its outputs. client_id: whom
+        it serves (the OpenAI `user` field); priority: lower first under priority scheduling.
 
         Raises RequestRejectedError (before the first output) for requests that cannot be served,
         EngineDeadError if the engine dies. Cancelling the iterator (client gone) aborts the
@@ -86,6 +87,10 @@ class EngineClient(Protocol):
 
     def is_healthy(self) -> bool: ...
 
-    def get_stats(self) -> EngineStats: ...
+    def get_stats(self) -> EngineStats:
+        """The latest stats, without waiting (cached figures where they come from elsewhere)."""
+
+    async def refresh_stats(self) -> None:
+        """Bring get_stats() up to date (a metrics scrape awaits this first)."""
 
     async def shutdown(self) -> None: ...

@@ -1,51 +1,64 @@
-"""The seam between the model runner and KV transfer.
+"""The worker half of KV connectors: what carries out the KV moves a plan holds.
 
-The runner tells its connector which KV to send when a step starts, hands it each layer group as
-the forward pass finishes it (so sending overlaps the layers still to compute), and polls it for
-transfers that ended. Colocated instances use NullConnector, which does nothing.
+The model runner hands a step's moves to its connector worker before the forward pass, tells it each
+layer range as the pass finishes it (so a send ships layers while later ones compute) and the tokens
+it sampled (a send's commit carries the first one), and polls it for moves that started or ended:
+
+    start(moves) ─ layers_done(rows, 0, 4) ─ layers_done(rows, 4, 8) ... ─ tokens_sampled ─ poll()
+
+`start` never raises: a move the worker cannot take is reported failed by the next poll, and every
+move it took is reported ended by some later poll, so the scheduler never waits for ever and never
+frees a block under a running copy. Colocated instances use `NullWorker`; instances that send or
+receive KV use `TransferWorker` (transfer.py); a host-tier swap worker and a shared-pool (semi-PD)
+worker plug in beside them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from torch import Tensor
-
-from scheduler.step import KVSend
+from scheduler.kv_moves import FAILED, KVMove, MoveResult
 
 
-@dataclass
-class TransferEvents:
-    finished_sending: list[str] = field(default_factory=list)
-    failed_sending: list[str] = field(default_factory=list)
-    finished_recving: list[str] = field(default_factory=list)
-    failed_recving: list[str] = field(default_factory=list)
+class KVConnectorWorker(Protocol):
+    def start(self, moves: list[KVMove]) -> None:
+        """Take this step's moves (at the start of the step, on the engine thread). Never raises."""
+
+    def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
+        """These requests' KV of layers [start, end) for this step's tokens is in the cache."""
+
+    def tokens_sampled(self, token_ids: dict[str, int]) -> None:
+        """The tokens sampled this step, per request."""
+
+    def poll(self) -> list[MoveResult]:
+        """Moves that started or ended since the last poll (never blocks)."""
+
+    def counters(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
 
 
-class KVConnector(Protocol):
-    def layer_groups(self, num_layers: int, num_tokens: int) -> list[tuple[int, int]]:
-        """How to split the forward pass when this step sends KV: [(start, end), ...]."""
+class NullWorker:
+    """Moves nothing: any move it is given fails (a colocated instance is never asked for one)."""
 
-    def begin_sends(self, kv_cache: Tensor, sends: list[KVSend]) -> None:
-        """Start the transfers of this step (the peers reserve blocks). Must not block on the wire."""
+    def __init__(self) -> None:
+        self._results: list[MoveResult] = []
 
-    def layers_done(self, layer_start: int, layer_end: int) -> None:
-        """Layers [start, end) of this step's sends are in the cache: ship them (asynchronously)."""
+    def start(self, moves: list[KVMove]) -> None:
+        self._results += [MoveResult(m.request_id, m.kind, FAILED, "this instance moves no KV")
+                          for m in moves if m.kind != "cancel"]
 
-    def poll(self) -> TransferEvents:
-        """Transfers that completed or failed for good since the last poll (never blocks)."""
-
-
-class NullConnector:
-    def layer_groups(self, num_layers: int, num_tokens: int) -> list[tuple[int, int]]:
-        return [(0, num_layers)]
-
-    def begin_sends(self, kv_cache: Tensor, sends: list[KVSend]) -> None:
-        if sends:
-            raise RuntimeError("this instance has no KV transfer connector but was asked to send KV")
-
-    def layers_done(self, layer_start: int, layer_end: int) -> None:
+    def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
         pass
 
-    def poll(self) -> TransferEvents:
-        return TransferEvents()
+    def tokens_sampled(self, token_ids: dict[str, int]) -> None:
+        pass
+
+    def poll(self) -> list[MoveResult]:
+        results, self._results = self._results, []
+        return results
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass

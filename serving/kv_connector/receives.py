@@ -1,33 +1,30 @@
-"""Decode side of the connector: the blocks the engine reserved, lent to the KV receiver.
+"""Decode side of the transfer worker: blocks the scheduler reserved, lent to the KV receiver.
 
-The engine reserves a remote-prefill request's blocks when it is added (the scheduler, on the engine
-thread) and hands them over here (`expect`). The receiver, on gRPC threads, asks for them when the
-prefill instance's Reserve arrives (`reserve`, the BlockAllocator protocol) and reports the end of the
-transfer. A request moves through:
+A RecvKV move hands a request's reserved blocks over here (`expect`). The receiver, on gRPC threads,
+asks for them when the prefill instance's Reserve arrives (`reserve`, the BlockAllocator protocol)
+and reports the end of the transfer. Each step reports what happened as MoveResults:
 
-    expected ──reserve──► lent ──complete──► finished_recving (the engine decodes)
-       │                   ├──dropped (stall, sender gave up)──► failed_recving (recompute) or
-       │                   │                                      failed by policy
-       │                   └──cancel (engine aborts it)──► wait until the receiver let go, then
-       │                                                   the engine frees the blocks
-       └── first token in, no Reserve within stall_timeout_s ──► failed (nothing was sent)
+    expect ─► started ──reserve──► active ──commit──► finished (the commit may carry the first token)
+                 │                   ├──dropped (stall, sender gave up) ──► failed
+                 │                   └──cancel (the scheduler gave up) ──► wait until the receiver
+                 │                                                         let go ──► failed
+                 └──cancel before any Reserve ──► failed
 
-`cancel` runs on the engine thread *before* the engine frees the blocks and returns only once no
-receiver thread can write them any more: a late chunk never lands in a block another request owns.
+`cancel` runs on the engine thread and returns only once no receiver thread can write the blocks
+any more; only then does the scheduler see the move end and free them. What to do about a failed
+receive (recompute or fail) is the scheduler's connector policy's call, not this module's.
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from kvcache.transfer import KVReceiver, ReceiverServer, TransferConfig, TransferCounters
 from kvcache.transfer.layout import KVLayout
-from serving.runner.connector import TransferEvents
+from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, MoveResult
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +36,22 @@ _DROP_RETRY_S = 0.01
 class _Expected:
     block_ids: list[int]
     lent: bool = False
-    first_token_at: float | None = None
     let_go: threading.Event = field(default_factory=threading.Event)  # the receiver holds nothing
 
 
 class KVReceives:
-    def __init__(self, config: TransferConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: TransferConfig) -> None:
         self.config = config
         self.counters = TransferCounters()
-        self._clock = clock
         self._lock = threading.Lock()
         self._expected: dict[str, _Expected] = {}
-        self._cancelled: dict[str, _Expected] = {}  # aborted while lent; until the receiver lets go
-        self._events = TransferEvents()
-        self._failed_by_policy: list[str] = []
-        self.num_recompute_fallbacks = 0
-        self.num_failed_by_policy = 0
-        self.num_never_sent = 0
+        self._cancelled: dict[str, _Expected] = {}  # cancelled while lent, until the receiver lets go
+        self._results: list[MoveResult] = []
         self._block_size = 1
         self._server: ReceiverServer | None = None
         self.address = ""  # of the KVTransfer service, once started
 
-    def start(self, kv_cache: torch.Tensor, layout: KVLayout, host: str) -> str:
+    def start_server(self, kv_cache: torch.Tensor, layout: KVLayout, host: str) -> str:
         """Serve KVTransfer on host (a free port); returns its address."""
         self._block_size = layout.block_size
         receiver = KVReceiver(kv_cache, layout, self, self.config, self.counters)
@@ -75,71 +66,49 @@ class KVReceives:
     # ---- engine thread ----
     def expect(self, request_id: str, block_ids: list[int]) -> None:
         with self._lock:
-            self._expected[request_id] = _Expected(block_ids)
+            self._expected[request_id] = _Expected(list(block_ids))
+            self._results.append(MoveResult(request_id, "recv", STARTED))
 
-    def first_token_arrived(self, request_id: str) -> None:
-        """The prefill is done: from now on its KV has stall_timeout_s to start arriving."""
+    def has(self, request_id: str) -> bool:
         with self._lock:
-            expected = self._expected.get(request_id)
-            if expected is not None and expected.first_token_at is None:
-                expected.first_token_at = self._clock()
+            return request_id in self._expected
 
-    def cancel(self, request_ids: list[str]) -> None:
-        """Forget these requests; returns once the receiver writes none of their blocks."""
-        waiting = []
+    def cancel(self, request_id: str, reason: str) -> None:
+        """Forget the request; returns once the receiver writes none of its blocks, and reports the
+        receive failed (unless it ended first)."""
         with self._lock:
-            for request_id in request_ids:
-                expected = self._expected.pop(request_id, None)
-                if expected is not None and expected.lent and not expected.let_go.is_set():
-                    self._cancelled[request_id] = expected
-                    waiting.append((request_id, expected))
-        for request_id, expected in waiting:
+            expected = self._expected.pop(request_id, None)
+            if expected is not None and expected.lent:
+                self._cancelled[request_id] = expected
+        if expected is None:
+            return
+        if expected.lent and not expected.let_go.is_set():
             self._wait_let_go(request_id, expected)
-
-    def _wait_let_go(self, request_id: str, expected: _Expected) -> None:
-        deadline = self._clock() + _LET_GO_TIMEOUT_S
-        # drop() finds nothing while the receiver is still between reserve() and recording the
-        # reservation, so ask again until it lets go
-        while True:
-            self._server.receiver.drop(request_id, "the request was aborted on the decode instance")
-            if expected.let_go.wait(_DROP_RETRY_S):
-                break
-            if self._clock() > deadline:
-                logger.error("KV receiver still holds blocks of aborted request %s after %.0fs",
-                             request_id, _LET_GO_TIMEOUT_S)
-                break
         with self._lock:
             self._cancelled.pop(request_id, None)
+            self._results.append(MoveResult(request_id, "recv", FAILED, reason))
 
-    def poll(self) -> TransferEvents:
-        now = self._clock()
+    def _wait_let_go(self, request_id: str, expected: _Expected) -> None:
+        deadline = threading.Event()
+        timer = threading.Timer(_LET_GO_TIMEOUT_S, deadline.set)
+        timer.start()
+        try:
+            # drop() finds nothing while the receiver is still between reserve() and recording the
+            # reservation, so ask again until it lets go
+            while not deadline.is_set():
+                self._server.receiver.drop(request_id, "the request was cancelled on the decode instance",
+                                           routine=True)
+                if expected.let_go.wait(_DROP_RETRY_S):
+                    return
+            logger.error("KV receiver still holds blocks of cancelled request %s after %.0fs", request_id,
+                         _LET_GO_TIMEOUT_S)
+        finally:
+            timer.cancel()
+
+    def poll(self) -> list[MoveResult]:
         with self._lock:
-            never_sent = [rid for rid, e in self._expected.items()
-                          if not e.lent and e.first_token_at is not None
-                          and now - e.first_token_at > self.config.stall_timeout_s]
-            for request_id in never_sent:
-                del self._expected[request_id]
-                self.num_never_sent += 1
-                self._fail(request_id, "no KV arrived after the first token")
-            events, self._events = self._events, TransferEvents()
-        return events
-
-    def take_failed(self) -> list[str]:
-        """Requests whose KV will not come while the policy is "fail": the engine fails them."""
-        with self._lock:
-            failed, self._failed_by_policy = self._failed_by_policy, []
-        return failed
-
-    def _fail(self, request_id: str, reason: str) -> None:
-        """Caller holds the lock."""
-        logger.warning("KV of request %s will not arrive (%s): %s", request_id, reason,
-                       "recomputing the prompt" if self.config.failure_policy == "recompute" else "failing it")
-        if self.config.failure_policy == "recompute":
-            self.num_recompute_fallbacks += 1
-            self._events.failed_recving.append(request_id)
-        else:
-            self.num_failed_by_policy += 1
-            self._failed_by_policy.append(request_id)
+            results, self._results = self._results, []
+        return results
 
     # ---- BlockAllocator (receiver threads) ----
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
@@ -147,24 +116,25 @@ class KVReceives:
         with self._lock:
             expected = self._expected.get(request_id)
             if expected is None or expected.lent or num_blocks > len(expected.block_ids):
-                return None  # unknown, aborted or already lent: nothing to write into
+                return None  # unknown, cancelled or already lent: nothing to write into
             expected.lent = True
+            self._results.append(MoveResult(request_id, "recv", ACTIVE))
             return expected.block_ids[:num_blocks]
 
     def release(self, request_id: str) -> None:
-        self._let_go(request_id)  # the blocks stay the engine's: it frees them itself
+        self._let_go(request_id)  # the blocks stay the scheduler's: it frees them itself
 
-    def on_transfer_complete(self, request_id: str) -> None:
+    def on_transfer_complete(self, request_id: str, first_token_id: int | None = None) -> None:
         with self._lock:
             self._let_go_locked(request_id)
             if self._expected.pop(request_id, None) is not None:
-                self._events.finished_recving.append(request_id)
+                self._results.append(MoveResult(request_id, "recv", FINISHED, first_token_id=first_token_id))
 
     def on_transfer_failed(self, request_id: str, reason: str) -> None:
         with self._lock:
             self._let_go_locked(request_id)
             if self._expected.pop(request_id, None) is not None:
-                self._fail(request_id, reason)
+                self._results.append(MoveResult(request_id, "recv", FAILED, reason))
 
     def _let_go(self, request_id: str) -> None:
         with self._lock:
@@ -176,7 +146,4 @@ class KVReceives:
             expected.let_go.set()
 
     def counter_values(self) -> dict[str, float]:
-        values = self.counters.snapshot()
-        values.update(num_recompute_fallbacks=self.num_recompute_fallbacks,
-                      num_failed_by_policy=self.num_failed_by_policy, num_never_sent=self.num_never_sent)
-        return values
+        return self.counters.snapshot()

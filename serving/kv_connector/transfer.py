@@ -1,13 +1,8 @@
-"""The KV connector of an instance, by role, on top of kvcache.transfer.
+"""The transfer worker: carries out SendKV and RecvKV moves over kvcache.transfer (gRPC, and shared
+memory between instances on one host).
 
-Every role implements the same interface (the runner's KVConnector plus the hooks InstanceCore
-calls on the engine thread), so neither the runner nor the instance checks roles:
-
-    prefill     sends each finished prompt's KV to the decode peer named in its KVSend, layer group
-                by layer group while the forward pass computes the next ones (kv_sends.py)
-    decode      serves KVTransfer and writes what arrives into the blocks the engine reserved
-                (kv_receives.py)
-    colocated   moves nothing
+An instance that sends (prefill) has `KVSends`; one that receives (decode) has `KVReceives` and serves
+the KVTransfer service. Both are built from the instance's config; `make_worker(role, ...)` picks.
 """
 from __future__ import annotations
 
@@ -19,11 +14,11 @@ import torch
 
 from kvcache.transfer import TransferConfig
 from kvcache.transfer.layout import KVLayout
-from scheduler.step import KVSend
+from scheduler.kv_moves import FAILED, CancelKV, KVMove, MoveResult, RecvKV, SendKV
 from serving.config import Config
-from serving.disagg.kv_receives import KVReceives
-from serving.disagg.kv_sends import KVSends
-from serving.runner.connector import NullConnector, TransferEvents
+from serving.kv_connector.base import KVConnectorWorker, NullWorker
+from serving.kv_connector.receives import KVReceives
+from serving.kv_connector.sends import KVSends
 
 _FINGERPRINT_SAMPLE_BYTES = 64 * 1024
 
@@ -49,114 +44,85 @@ def model_fingerprint(model_dir: str) -> str:
 
 def transfer_config(config: Config) -> TransferConfig:
     deploy = config.deploy
+    # the sender keeps no lease deadline of its own: the scheduler's RemoteDecode policy owns it
     return TransferConfig(rpc_timeout_s=deploy.kv_transfer_rpc_timeout_s,
                           stall_timeout_s=deploy.kv_transfer_stall_timeout_s,
-                          max_retries=deploy.kv_transfer_max_retries,
+                          max_retries=deploy.kv_transfer_max_retries, lease_ttl_s=None,
                           failure_policy=deploy.kv_transfer_failure_policy,
                           enable_shm=deploy.kv_transfer_enable_shm)
 
 
-class ColocatedConnector(NullConnector):
-    """Moves nothing; the hooks are no-ops. The base of the other roles."""
+class TransferWorker:
+    """KVConnectorWorker for instances that send, receive, or both."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.layout: KVLayout | None = None
+    def __init__(self, config: Config, kv_cache: torch.Tensor, layout: KVLayout, send: bool, receive: bool,
+                 host: str = "127.0.0.1") -> None:
+        transfer = transfer_config(config)
+        self.layout = layout
+        self.sends = KVSends(transfer) if send else None
+        self.receives = KVReceives(transfer) if receive else None
+        self.address = ""  # of the KVTransfer service, when this worker receives
+        self._results: list[MoveResult] = []
+        if self.sends is not None:
+            self.sends.bind(kv_cache, layout)
+        if self.receives is not None:
+            self.address = self.receives.start_server(kv_cache, layout, host)
 
-    def bind(self, kv_cache: torch.Tensor, model_dir: str) -> None:
-        self.layout = KVLayout.from_kv_cache(kv_cache, model_fingerprint(model_dir))
+    def start(self, moves: list[KVMove]) -> None:
+        for move in moves:
+            if isinstance(move, SendKV) and self.sends is not None:
+                self.sends.begin(move)
+            elif isinstance(move, RecvKV) and self.receives is not None:
+                self.receives.expect(move.request_id, move.block_ids)
+            elif isinstance(move, CancelKV):
+                self._cancel(move)
+            else:
+                self._results.append(MoveResult(move.request_id, move.kind, FAILED,
+                                                f"this instance does not carry out {move.kind} moves"))
 
-    def start_receiver(self, host: str) -> str:
-        """Serve KVTransfer if this role receives; returns its address ("" if not)."""
-        return ""
+    def _cancel(self, move: CancelKV) -> None:
+        if self.sends is not None and self.sends.has(move.request_id):
+            self.sends.cancel(move.request_id, move.reason)
+        if self.receives is not None:
+            self.receives.cancel(move.request_id, move.reason)  # returns once no receiver thread writes
 
-    def expect_recv(self, request_id: str, block_ids: list[int]) -> None:
-        pass
+    def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
+        if self.sends is not None:
+            self.sends.layers_done(request_ids, layer_start, layer_end)
 
-    def first_token_arrived(self, request_id: str) -> None:
-        pass
+    def tokens_sampled(self, token_ids: dict[str, int]) -> None:
+        if self.sends is not None:
+            self.sends.tokens_sampled(token_ids)
 
-    def cancel_recvs(self, request_ids: list[str]) -> None:
-        pass
-
-    def take_failed_recvs(self) -> list[str]:
-        return []
-
-    def counters(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-class PrefillConnector(ColocatedConnector):
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.layers_per_group = config.deploy.kv_transfer_layers_per_group
-        self.sends = KVSends(transfer_config(config))
-
-    def bind(self, kv_cache: torch.Tensor, model_dir: str) -> None:
-        super().bind(kv_cache, model_dir)
-        self.sends.bind(kv_cache, self.layout)
-
-    def layer_groups(self, num_layers: int, num_tokens: int) -> list[tuple[int, int]]:
-        step = self.layers_per_group
-        return [(start, min(start + step, num_layers)) for start in range(0, num_layers, step)]
-
-    def begin_sends(self, kv_cache: torch.Tensor, sends: list[KVSend]) -> None:
-        self.sends.begin_sends(sends)
-
-    def layers_done(self, layer_start: int, layer_end: int) -> None:
-        self.sends.layers_done(layer_start, layer_end)
-
-    def poll(self) -> TransferEvents:
-        return self.sends.poll()
+    def poll(self) -> list[MoveResult]:
+        results, self._results = self._results, []
+        for side in (self.sends, self.receives):
+            if side is not None:
+                results += side.poll()
+        return results
 
     def counters(self) -> dict[str, float]:
-        return self.sends.counter_values()
+        values: dict[str, float] = {}
+        for side in (self.sends, self.receives):
+            if side is not None:
+                for name, value in side.counter_values().items():
+                    values[name] = values.get(name, 0) + value
+        return values
 
     def close(self) -> None:
-        self.sends.close()
+        for side in (self.sends, self.receives):
+            if side is not None:
+                side.close()
 
 
-class DecodeConnector(ColocatedConnector):
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.receives = KVReceives(transfer_config(config))
-        self._kv_cache: torch.Tensor | None = None
-
-    def bind(self, kv_cache: torch.Tensor, model_dir: str) -> None:
-        super().bind(kv_cache, model_dir)
-        self._kv_cache = kv_cache
-
-    def start_receiver(self, host: str) -> str:
-        return self.receives.start(self._kv_cache, self.layout, host)
-
-    def expect_recv(self, request_id: str, block_ids: list[int]) -> None:
-        self.receives.expect(request_id, block_ids)
-
-    def first_token_arrived(self, request_id: str) -> None:
-        self.receives.first_token_arrived(request_id)
-
-    def cancel_recvs(self, request_ids: list[str]) -> None:
-        self.receives.cancel(request_ids)
-
-    def take_failed_recvs(self) -> list[str]:
-        return self.receives.take_failed()
-
-    def poll(self) -> TransferEvents:
-        return self.receives.poll()
-
-    def counters(self) -> dict[str, float]:
-        return self.receives.counter_values()
-
-    def close(self) -> None:
-        self.receives.close()
+ROLES = ("prefill", "decode", "colocated")
 
 
-InstanceConnector = ColocatedConnector  # the interface every role implements
-_CONNECTORS = {"prefill": PrefillConnector, "decode": DecodeConnector, "colocated": ColocatedConnector}
-
-
-def make_connector(role: str, config: Config) -> InstanceConnector:
-    return _CONNECTORS[role](config)
+def make_worker(role: str, config: Config, kv_cache: torch.Tensor, layout: KVLayout,
+                host: str = "127.0.0.1") -> KVConnectorWorker:
+    """prefill: sends; decode: receives (and serves KVTransfer on host); colocated: moves nothing."""
+    if role not in ROLES:
+        raise ValueError(f"instance role must be one of {', '.join(ROLES)}, got {role!r}")
+    if role == "colocated":
+        return NullWorker()
+    return TransferWorker(config, kv_cache, layout, send=role == "prefill", receive=role == "decode", host=host)

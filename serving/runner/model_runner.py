@@ -1,5 +1,15 @@
-"""Executes StepPlans: keeps per-request state, runs one forward over the step's tokens reading and
-writing the paged KV cache, and samples. Makes no scheduling decisions."""
+"""The model runner: the Executor of one process. It keeps per-request state, runs each plan's segments
+over the paged KV cache, samples, and has its connector worker carry out the plan's KV moves. It makes
+no scheduling decisions.
+
+Segments (scheduler/step.py) are grouped into *chains*: consecutive segments over the same rows with
+adjoining layer ranges. A chain that starts past layer 0 resumes from the hidden state its rows left
+in an earlier step; one that stops before the last layer leaves its hidden state here:
+
+    plan   [A B C] 0-1 | [A B C] 1-2 | [A B C] 2-4        one chain (layer groups for a KV send)
+    plan   [A B] 0-4 | [P] 0-2                         two chains; P's hidden state is carried
+    next   [A B] 0-4 | [P] 2-4                         P resumes at layer 2 and samples
+"""
 from __future__ import annotations
 
 import logging
@@ -10,10 +20,11 @@ from torch import Tensor
 
 from kernels.ops import paged_attention, write_kv
 from kvcache.config import CacheConfig
-from scheduler.step import StepPlan, StepResult
-from serving.models import CausalLM, ModelArchConfig, load_model
-from serving.runner.connector import KVConnector, NullConnector
-from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, build_step_inputs
+from kvcache.layout import KVCacheLayout
+from scheduler.step import Segment, StepPlan, StepResult
+from serving.kv_connector.base import KVConnectorWorker, NullWorker
+from serving.models import CausalLM, load_model
+from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, StepInputs, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
 
 logger = logging.getLogger(__name__)
@@ -34,8 +45,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def model_kv_layout(model: CausalLM, block_size: int) -> KVCacheLayout:
+    arch = model.config
+    return KVCacheLayout.for_model(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size,
+                                   next(model.parameters()).dtype)
+
+
+def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
+    """The pool size: fixed by --num-gpu-blocks-override, else what the memory budget holds."""
+    if cache_config.num_blocks_override:
+        return cache_config.num_blocks_override
+    num_blocks = layout.num_blocks_for_bytes(cache_config.kv_cache_memory_bytes)
+    if num_blocks < 1:
+        raise ValueError(f"the KV memory budget ({cache_config.kv_cache_memory_bytes} bytes) holds no block of "
+                         f"{layout.bytes_per_block} bytes: raise --kv-cache-memory-bytes")
+    return num_blocks
+
+
 class PagedAttentionBackend:
-    """The model's AttentionBackend for one step: store the step's K/V, attend over the paged cache."""
+    """The model's AttentionBackend for one chain: store its K/V, attend over the paged cache."""
 
     def __init__(self, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> None:
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
@@ -50,42 +78,40 @@ class PagedAttentionBackend:
                                self.scale, meta.max_query_len, meta.max_seq_len)
 
 
-def kv_bytes_per_block(arch: ModelArchConfig, block_size: int, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return arch.num_layers * 2 * block_size * arch.num_kv_heads * arch.head_dim * itemsize
-
-
 class ModelRunner:
-    def __init__(self, model_dir: str, cache_config: CacheConfig, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, model: CausalLM | None = None,
-                 connector: KVConnector | None = None) -> None:
+    def __init__(self, model: CausalLM, kv_cache: Tensor, layout: KVCacheLayout, device: torch.device,
+                 seed: int = 0, connector: KVConnectorWorker | None = None) -> None:
+        layout.check(kv_cache)
+        self.model = model
+        self.arch = model.config
+        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
+        self.layout = layout
+        self.block_size = layout.block_size
+        self.num_blocks = kv_cache.shape[2]
         self.device = device
-        self.connector: KVConnector = connector or NullConnector()
-        self.dtype = dtype
-        self.block_size = cache_config.block_size
-        self.model = model if model is not None else load_model(model_dir, dtype, device)
-        self.arch = self.model.config
-        self.num_blocks = cache_config.num_blocks_override or (
-            cache_config.kv_cache_memory_bytes // kv_bytes_per_block(self.arch, self.block_size, dtype))
-        if self.num_blocks < 1:
-            raise ValueError(f"the KV memory budget ({cache_config.kv_cache_memory_bytes} bytes) holds no "
-                             f"block of {kv_bytes_per_block(self.arch, self.block_size, dtype)} bytes: raise "
-                             "--kv-cache-memory-bytes")
-        arch = self.arch
-        self.kv_cache = torch.zeros(arch.num_layers, 2, self.num_blocks, self.block_size,   # [L,2,NB,BS,Hkv,D]
-                                    arch.num_kv_heads, arch.head_dim, dtype=dtype, device=device)
-        self.scale = arch.head_dim ** -0.5
+        self.connector: KVConnectorWorker = connector or NullWorker()
+        self.scale = self.arch.head_dim ** -0.5
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.states: dict[str, RunnerRequestState] = {}
+        # hidden state of chains that stopped before the last layer: request ids -> (hidden, residual)
+        self.carried: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
         self.forward_seconds = 0.0  # cumulative time inside the model's forward + logits
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
-                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**20)
+
+    @classmethod
+    def load(cls, model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
+             seed: int = 0, connector: KVConnectorWorker | None = None) -> ModelRunner:
+        """Load the model and allocate a KV cache of the configured size (tools and benchmarks)."""
+        model = load_model(model_dir, dtype, device)
+        layout = model_kv_layout(model, cache_config.block_size)
+        kv_cache = layout.allocate(num_kv_blocks(layout, cache_config), device)
+        return cls(model, kv_cache, layout, device, seed, connector)
 
     def _apply_plan(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self.states.pop(request_id, None)
+            self.carried = {key: value for key, value in self.carried.items() if request_id not in key}
         for new in plan.new_requests:
             params = new.sampling_params
             num_sampled = 0 if params.greedy else len(new.token_ids) - new.num_prompt_tokens
@@ -102,45 +128,60 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        started = time.perf_counter()
+        self.connector.start(plan.kv_moves)  # first: every move is then reported, whatever happens below
         self._apply_plan(plan)
         result = StepResult() if plan.is_empty else self._execute(plan)
-        events = self.connector.poll()
-        result.finished_sending, result.failed_sending = events.finished_sending, events.failed_sending
-        result.finished_recving, result.failed_recving = events.finished_recving, events.failed_recving
+        result.moves = self.connector.poll()
+        result.step_seconds = time.perf_counter() - started
         return result
 
-    def _forward(self, inputs, attn: PagedAttentionBackend, plan: StepPlan) -> Tensor:
-        if not plan.kv_sends:
-            hidden, _ = self.model(inputs.input_ids, inputs.positions, attn)
-            return hidden
-        # layer by layer (group by group): each group's KV leaves while later layers compute
-        self.connector.begin_sends(self.kv_cache, plan.kv_sends)
-        hidden, residual = None, None
-        for start, end in self.connector.layer_groups(self.arch.num_layers, plan.total_num_scheduled_tokens):
-            hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, start, end, hidden, residual)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()  # the sender reads the cache
-            self.connector.layers_done(start, end)
-        return hidden
-
     def _execute(self, plan: StepPlan) -> StepResult:
-        request_ids = list(plan.num_scheduled_tokens)
-        states = [self.states[r] for r in request_ids]
-        num_tokens = [plan.num_scheduled_tokens[r] for r in request_ids]
-        inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
-        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale)
         started = time.perf_counter()
-        hidden = self._forward(inputs, attn, plan)                               # [T, H]
-        logits = (self.model.compute_logits(hidden[inputs.logits_indices])       # [S, V]
-                  if inputs.sample_request_ids else None)
+        hidden_rows, sample_ids = [], []
+        for chain in _chains(plan.segments or [Segment(list(plan.num_scheduled_tokens))]):
+            rows, hidden, inputs = self._run_chain(plan, chain)
+            if hidden is not None and inputs.sample_request_ids:
+                hidden_rows.append(hidden[inputs.logits_indices])                     # [S_i, H]
+                sample_ids += inputs.sample_request_ids
+        logits = self.model.compute_logits(torch.cat(hidden_rows)) if hidden_rows else None   # [S, V]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.forward_seconds += time.perf_counter() - started
-        for state, n in zip(states, num_tokens):
-            state.num_computed_tokens += n
         if logits is None:
             return StepResult()
-        return self._sample(logits, inputs.sample_request_ids)
+        result = self._sample(logits, sample_ids)
+        self.connector.tokens_sampled(result.sampled_token_ids)
+        return result
+
+    def _run_chain(self, plan: StepPlan, chain: list[Segment]) -> tuple[list[str], Tensor | None, StepInputs]:
+        """Run one chain of segments; returns its rows, the final hidden state (None when the chain
+        stops before the last layer: then it is carried) and the chain's inputs."""
+        rows = chain[0].request_ids
+        states = [self.states[r] for r in rows]
+        num_tokens = [plan.num_scheduled_tokens[r] for r in rows]
+        inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
+        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale)
+        num_layers = self.arch.num_layers
+        key = tuple(rows)
+        hidden, residual = self.carried.pop(key, (None, None)) if chain[0].layer_start > 0 else (None, None)
+        if chain[0].layer_start > 0 and hidden is None:
+            raise RuntimeError(f"segment of {rows} resumes at layer {chain[0].layer_start} but no hidden "
+                               "state was carried for these rows")
+        for segment in chain:
+            end = num_layers if segment.layer_end is None else segment.layer_end
+            hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
+                                          hidden, residual)                               # [T, H]
+            if len(chain) > 1 and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # a sender reads the cache
+            self.connector.layers_done(rows, segment.layer_start, end)
+        last = chain[-1].layer_end
+        if last is not None and last < num_layers:
+            self.carried[key] = (hidden, residual)
+            return rows, None, inputs
+        for state, n in zip(states, num_tokens):
+            state.num_computed_tokens += n
+        return rows, hidden, inputs
 
     def _sample(self, logits: Tensor, request_ids: list[str]) -> StepResult:
         states = [self.states[r] for r in request_ids]
@@ -158,3 +199,15 @@ class ModelRunner:
             if logprob is not None:
                 result.logprobs[state.request_id] = logprob
         return result
+
+
+def _chains(segments: list[Segment]) -> list[list[Segment]]:
+    """Consecutive segments over the same rows with adjoining layer ranges, grouped."""
+    chains: list[list[Segment]] = []
+    for segment in segments:
+        last = chains[-1][-1] if chains else None
+        if last is not None and last.request_ids == segment.request_ids and last.layer_end == segment.layer_start:
+            chains[-1].append(segment)
+        else:
+            chains.append([segment])
+    return chains

@@ -55,7 +55,7 @@ class RecordingAllocator:
             self.free.extend(self.owned.pop(request_id))
             self.events.append(("release", request_id))
 
-    def on_transfer_complete(self, request_id):
+    def on_transfer_complete(self, request_id, first_token_id=None):
         with self.lock:
             self.events.append(("complete", request_id))
 

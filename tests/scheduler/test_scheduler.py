@@ -3,65 +3,9 @@ import random
 
 import pytest
 
-from kvcache.block_pool import BlockPool
-from kvcache.kv_manager import KVCacheManager
-from scheduler import Request, RequestStatus, SamplingParams, Scheduler, SchedulerConfig, StepResult
+from scheduler import Request, RequestStatus, SamplingParams
 from scheduler.scheduler import RequestTooLargeError
-
-
-def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_model_len=256,
-                   prefix_caching=True) -> Scheduler:
-    kv = KVCacheManager(BlockPool(num_blocks, prefix_caching), block_size)
-    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), kv,
-                     max_model_len)
-
-
-def make_request(rid, prompt_len=10, max_tokens=5, first=1, **params) -> Request:
-    return Request(rid, [(first + i) % 100 for i in range(prompt_len)],
-                   SamplingParams(max_tokens=max_tokens, **params), eos_token_ids=(999,))
-
-
-class Runner:
-    """Tracks what a model runner would hold, and checks each plan against it."""
-
-    def __init__(self):
-        self.tokens: dict[str, list[int]] = {}
-        self.computed: dict[str, int] = {}
-
-    def execute(self, plan):
-        for rid in plan.finished_request_ids + plan.preempted_request_ids:
-            self.tokens.pop(rid, None)
-        for new in plan.new_requests:
-            self.tokens[new.request_id] = list(new.token_ids)
-            self.computed[new.request_id] = new.num_computed_tokens
-        for delta in plan.cached_requests:
-            assert self.computed[delta.request_id] == delta.num_computed_tokens
-        result = StepResult()
-        for rid, n in plan.num_scheduled_tokens.items():
-            self.computed[rid] += n
-            if self.computed[rid] >= len(self.tokens[rid]):
-                token = (self.tokens[rid][-1] + 1) % 100
-                self.tokens[rid].append(token)
-                result.sampled_token_ids[rid] = token
-        return result
-
-
-def run_to_completion(sched, runner=None, max_steps=10_000, on_step=None):
-    runner = runner or Runner()
-    outputs: dict[str, list[int]] = {}
-    steps = 0
-    while sched.has_unfinished():
-        plan = sched.schedule()
-        assert plan.total_num_scheduled_tokens <= sched.config.max_num_batched_tokens
-        assert len(sched.running) <= sched.config.max_num_seqs
-        for req in sched.update_from_result(plan, runner.execute(plan)):
-            outputs[req.request_id] = list(req.output_token_ids)
-        sched.kv.check_integrity()
-        steps += 1
-        if on_step:
-            on_step(steps)
-        assert steps < max_steps
-    return outputs, steps
+from tests.scheduler.helpers import Runner, make_request, make_scheduler, run_to_completion
 
 
 def test_chunked_prefill_respects_budget_and_completes():
@@ -89,7 +33,7 @@ def test_decode_and_prefill_share_a_step():
     sched = make_scheduler(budget=8)
     sched.add_request(make_request("a", prompt_len=4, max_tokens=10))
     runner = Runner()
-    sched.update_from_result(plan := sched.schedule(), runner.execute(plan))
+    sched.update(plan := sched.schedule(), runner.execute(plan))
     sched.add_request(make_request("b", prompt_len=20, max_tokens=2))
     plan = sched.schedule()
     assert plan.num_scheduled_tokens == {"a": 1, "b": 7}
@@ -130,7 +74,7 @@ def test_stop_conditions():
     runner = Runner()
     while sched.has_unfinished():
         plan = sched.schedule()
-        for req in sched.update_from_result(plan, runner.execute(plan)):
+        for req in sched.update(plan, runner.execute(plan)).updated:
             if req.is_finished:
                 statuses[req.request_id] = (req.status, list(req.output_token_ids), req.stop_reason)
     assert statuses["len"][0] == RequestStatus.FINISHED_LENGTH and len(statuses["len"][1]) == 4

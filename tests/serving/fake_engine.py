@@ -51,6 +51,8 @@ class Submitted:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    client_id: str = ""
+    priority: int = 0
 
 
 class FakeEngine:
@@ -68,6 +70,7 @@ class FakeEngine:
         self.abort_calls: list[str] = []
         self.active_ids: set[str] = set()
         self.stats = EngineStats()
+        self.num_refreshes = 0
         self.healthy = True
         self.shutdown_called = False
         # failure injection, checked when a request is submitted
@@ -92,8 +95,8 @@ class FakeEngine:
         return TokenLogprob(token_id, logprob, top[:params.logprobs or 0])
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams):
-        self.submitted.append(Submitted(request_id, list(prompt_token_ids), params))
+                       params: SamplingParams, client_id: str = "", priority: int = 0):
+        self.submitted.append(Submitted(request_id, list(prompt_token_ids), params, client_id, priority))
         if self.dead:
             raise EngineDeadError("engine process 1234 died (internal detail)")
         if self.reject_message is not None:
@@ -171,6 +174,9 @@ class FakeEngine:
 
     def get_stats(self) -> EngineStats:
         return self.stats
+
+    async def refresh_stats(self) -> None:
+        self.num_refreshes += 1
 
     async def shutdown(self) -> None:
         self.shutdown_called = True

@@ -251,3 +251,16 @@ async def test_no_request_left_running(client, engine):
         "model": MODEL, "messages": [{"role": "user", "content": "q"}], "max_tokens": 2})
     assert engine.active_ids == set()
     assert engine.aborted_ids == set() and engine.abort_calls == []
+
+
+@pytest.mark.anyio
+async def test_user_and_priority_reach_the_engine_from_both_endpoints(client, engine):
+    r = await client.post("/v1/completions", json=_greedy(prompt="hi", max_tokens=2, user="alice", n=2,
+                                                          priority=3))
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/chat/completions", json=_greedy(
+        messages=[{"role": "user", "content": "hi"}], max_tokens=2, user="bob"))
+    assert r.status_code == 200, r.text
+    r = await client.post("/v1/completions", json=_greedy(prompt="hi", max_tokens=2))
+    assert [(s.client_id, s.priority) for s in engine.submitted] == [("alice", 3), ("alice", 3), ("bob", 0),
+                                                                     ("", 0)]

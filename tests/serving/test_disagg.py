@@ -147,6 +147,27 @@ class TestOneToOne:
         assert len(rest) == 5 and rest[-1].finish_reason == "length" and rest[-1].num_output_tokens == 6
 
 
+    def test_metrics_scraped_right_after_a_request_show_its_kv_bytes(self, loop, one_one):
+        import httpx
+
+        from serving.api import build_app
+        from serving.config import ServerConfig
+
+        def value(text: str, name: str) -> float:
+            lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+            return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+        async def run():
+            app = build_app(one_one, ServerConfig())
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+                name = "pdserve:kv_transfer_num_bytes_received_total"
+                before = value((await http.get("/metrics")).text, name)
+                await collect(one_one, Case("fresh-metrics", make_prompts(31, [64])[0], greedy(3)))
+                return before, value((await http.get("/metrics")).text, name)
+
+        before, after = loop.run(run())
+        assert after > before  # no health-check interval to wait for: the scrape polled the instances
+
     # ---- aborts and leaks ----
     def test_mixed_run_with_aborts_leaks_nothing(self, loop, one_one, colocated_config):
         cases = make_cases("mixed", 4, [12, 40, 80, 17, 33, 64, 5, 100, 48, 20, 60, 90], [200])

@@ -2,7 +2,8 @@
 
 A deployment's client belongs to one event loop (its gRPC channels do), so each deployment gets a
 `LoopThread` that runs its loop, and tests hand coroutines to it. References come from a colocated
-EngineCore stepped in the test process: its RequestOutputs are what AsyncLLM would stream.
+engine stepped in the test process through the output processor: its RequestOutputs are what AsyncLLM
+would stream.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from scheduler.request import RequestStatus
 from scheduler.sampling_params import SamplingParams
 from serving.config import Config
-from serving.engine.core import EngineCore
+from serving.engine.engine import build_engine
+from serving.engine.output_processor import OutputProcessor
 from serving.engine.protocol import RequestOutput
 
 KV_BUDGET = "8MiB"  # 256 blocks of 16 tokens of the tiny model: small, and plenty for these tests
@@ -68,13 +71,20 @@ def make_cases(prefix: str, seed: int, lengths: list[int], max_tokens: list[int]
 
 def reference_outputs(config: Config, cases: list[Case]) -> dict[str, list[RequestOutput]]:
     """Every case through one colocated engine, batched together."""
-    core = EngineCore(config)
+    from transformers import AutoTokenizer
+    engine = build_engine(config)
+    processor = OutputProcessor(AutoTokenizer.from_pretrained(engine.model_dir))
     outputs: dict[str, list[RequestOutput]] = {c.request_id: [] for c in cases}
     for case in cases:
-        core.add_request(case.request_id, case.prompt_token_ids, case.params)
-    while core.has_unfinished():
-        for output in core.step():
+        engine.add_request(case.request_id, case.prompt_token_ids, case.params)
+        processor.add_request(case.request_id, case.prompt_token_ids, case.params)
+    while engine.has_unfinished():
+        client_outputs, stopped = processor.process(engine.step())
+        for state in stopped:
+            engine.abort_requests([state.request_id], RequestStatus.FINISHED_STOPPED, state.stop_hit)
+        for output in client_outputs:
             outputs[output.request_id].append(output)
+    engine.close()
     return outputs
 
 

@@ -14,18 +14,19 @@ import torch
 from kvcache.transfer import TransferConfig
 from kvcache.transfer._proto import kv_transfer_pb2 as kv_pb
 from kvcache.transfer.layout import KVLayout
+from scheduler.engine_core import EngineCoreOutput
+from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, CancelKV, RecvKV, SendKV
 from scheduler.sampling_params import SamplingParams
-from scheduler.step import KVSend
 from serving.config import Config, DeployConfig
 from serving.disagg import wire
 from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.connector import DecodeConnector, PrefillConnector, model_fingerprint
 from serving.disagg.instance import InstanceSpec
-from serving.disagg.kv_receives import KVReceives
 from serving.disagg.launcher import LaunchedInstance, make_specs
 from serving.disagg.pool import InstancePool
 from serving.disagg.router import check_peers
-from serving.engine.protocol import RequestOutput, TokenLogprob
+from serving.engine.protocol import TokenLogprob
+from serving.kv_connector.receives import KVReceives
+from serving.kv_connector.transfer import TransferWorker, model_fingerprint
 
 DEPLOY_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
 
@@ -43,18 +44,66 @@ def test_sampling_params_round_trip(params):
         wire.params_to_proto(params).SerializeToString())) == params
 
 
+def test_generate_request_carries_who_the_request_serves():
+    message = pb.GenerateRequest.FromString(wire.generate_request(
+        "r", [1, 2], SamplingParams(max_tokens=3), kv_peer="d:1", client_id="alice", priority=4).SerializeToString())
+    assert wire.request_kwargs(message) == {"client_id": "alice", "priority": 4, "kv_peer": "d:1",
+                                            "remote_prefill": False}
+    assert list(message.prompt_token_ids) == [1, 2]
+
+
+def test_the_router_sends_client_id_and_priority_to_both_instances():
+    """A flow over a pool whose instance clients record the Generate calls they are asked for."""
+    from serving.disagg.flow import RequestFlow
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, role):
+            self.role = role
+
+        def generate(self, request_id, prompt, params, **kwargs):
+            calls.append((self.role, kwargs.get("client_id"), kwargs.get("priority")))
+            raise RuntimeError("recorded")  # the flow gives up here; only the call matters
+
+        async def close(self):
+            pass
+
+    async def run():
+        launched = [_launched("prefill-0", "prefill", 16), _launched("decode-0", "decode", 16)]
+        pool = InstancePool(launched, launcher=None, deploy=DeployConfig(), check_peer=None,
+                            counters={"num_instance_failures": 0, "num_instance_restarts": 0})
+        for state in pool.instances:
+            state.client = Recorder(state.role)
+        class Tokenizer:  # the flow's detokenizer only decodes
+            def decode(self, ids, skip_special_tokens=True):
+                return ""
+        flow = RequestFlow(pool, Tokenizer(), DeployConfig(), "r", [1, 2, 3], SamplingParams(max_tokens=2),
+                           {"num_reroutes": 0, "num_decode_failures": 0, "num_reprefills": 0, "num_kv_waits": 0},
+                           client_id="alice", priority=5)
+        with pytest.raises(RuntimeError, match="recorded"):
+            async for _ in flow.outputs():
+                pass
+        with pytest.raises(RuntimeError, match="recorded"):
+            await flow._prefill("r@0", [1, 2, 3], SamplingParams(max_tokens=2), pool.instances[1])
+        await pool.close()
+    asyncio.run(run())
+    assert calls == [("decode", "alice", 5), ("prefill", "alice", 5)]
+
+
 def test_sampling_params_refuse_n_above_one():
     with pytest.raises(ValueError, match="expand n"):
         wire.params_to_proto(SamplingParams(n=2))
 
 
 @pytest.mark.parametrize("output", [
-    RequestOutput("a", [5], "", finished=False, num_prompt_tokens=3, num_output_tokens=1, queue_time_s=0.25),
-    RequestOutput("b", [7], "", finished=True, finish_reason="stop", stop_reason=7, num_prompt_tokens=3,
-                  num_output_tokens=4, num_cached_tokens=2,
-                  new_logprobs=[TokenLogprob(7, -0.5, [(7, -0.5), (9, -1.25)])]),
-    RequestOutput("c", [], "", finished=True, finish_reason="stop", stop_reason="end", new_logprobs=[]),
-    RequestOutput("d", [], "", finished=True, finish_reason="error", error="boom"),
+    EngineCoreOutput("a", [5], finished=False, num_prompt_tokens=3, num_output_tokens=1, queue_time_s=0.25),
+    EngineCoreOutput("b", [7], finished=True, finish_reason="stop", stop_reason=7, num_prompt_tokens=3,
+                     num_output_tokens=4, num_cached_tokens=2,
+                     new_logprobs=[TokenLogprob(7, -0.5, [(7, -0.5), (9, -1.25)])]),
+    EngineCoreOutput("c", [], finished=True, finish_reason="stop", stop_reason="end", new_logprobs=[]),
+    EngineCoreOutput("d", [], finished=True, finish_reason="error", error="boom"),
+    EngineCoreOutput("e", [], accepted=True, num_prompt_tokens=9),
 ])
 def test_request_output_round_trip(output):
     message = pb.GenerateOutput.FromString(wire.output_to_proto(output).SerializeToString())
@@ -109,7 +158,8 @@ def test_deploy_config_errors_say_what_to_change(deploy, message):
 # ---- the peer check the router runs before serving ----
 def _launched(name: str, role: str, block_size: int, fingerprint: str = "f") -> LaunchedInstance:
     layout = KVLayout(fingerprint, "float32", block_size, 4, 2, 32)
-    info = pb.InstanceInfo(name=name, role=role, kv_layout=layout.to_proto().SerializeToString())
+    info = pb.InstanceInfo(name=name, role=role, kv_layout=layout.to_proto().SerializeToString(),
+                           block_size=block_size)
     return LaunchedInstance(InstanceSpec(name, role, Config()), "127.0.0.1:1", info)
 
 
@@ -153,64 +203,51 @@ def test_model_fingerprint_tells_weights_apart(tiny_model_dir, tmp_path):
     assert model_fingerprint(tiny_model_dir) != model_fingerprint(other)
 
 
-# ---- the decode side's bookkeeping ----
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+# ---- the decode side's worker bookkeeping ----
+def _receives() -> KVReceives:
+    receives = KVReceives(TransferConfig(stall_timeout_s=5.0))
+    receives._block_size = 4  # as start_server() would set from the layout
+    return receives
 
 
-def _receives(policy: str = "recompute") -> tuple[KVReceives, _Clock]:
-    clock = _Clock()
-    receives = KVReceives(TransferConfig(stall_timeout_s=5.0, failure_policy=policy), clock)
-    receives._block_size = 4  # as start() would set from the layout
-    return receives, clock
+def _states(results, request_id="r"):
+    return [(r.kind, r.state) for r in results if r.request_id == request_id]
 
 
 def test_receives_lend_only_expected_blocks_once():
-    receives, _ = _receives()
+    receives = _receives()
     assert receives.reserve("r", 5) is None  # never expected (e.g. aborted already)
     receives.expect("r", [7, 3, 9])
+    assert _states(receives.poll()) == [("recv", STARTED)]
     assert receives.reserve("r", 13) is None  # more blocks than the engine reserved
     assert receives.reserve("r", 5) == [7, 3]  # prompt only: the first token's slot is not sent
     assert receives.reserve("r", 5) is None  # lent already
-    receives.on_transfer_complete("r")
-    assert receives.poll().finished_recving == ["r"]
-    assert receives.poll().finished_recving == []
+    receives.on_transfer_complete("r", first_token_id=42)
+    results = receives.poll()
+    assert _states(results) == [("recv", ACTIVE), ("recv", FINISHED)] and results[-1].first_token_id == 42
+    assert receives.poll() == []
 
 
-@pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_receives_failures_follow_the_policy(policy):
-    receives, _ = _receives(policy)
+def test_receives_report_a_dropped_transfer_as_failed():
+    receives = _receives()
     receives.expect("r", [1])
     receives.reserve("r", 2)
     receives.release("r")
     receives.on_transfer_failed("r", "stalled")
-    events = receives.poll()
-    if policy == "recompute":
-        assert events.failed_recving == ["r"] and receives.take_failed() == []
-        assert receives.counter_values()["num_recompute_fallbacks"] == 1
-    else:
-        assert events.failed_recving == [] and receives.take_failed() == ["r"]
-        assert receives.counter_values()["num_failed_by_policy"] == 1
+    results = receives.poll()
+    assert _states(results) == [("recv", STARTED), ("recv", ACTIVE), ("recv", FAILED)]
+    assert results[-1].reason == "stalled"
 
 
-def test_receives_give_up_when_no_kv_follows_the_first_token():
-    receives, clock = _receives()
-    receives.expect("r", [1])
-    clock.now += 60  # waiting for the prefill itself has no deadline here (the router bounds it)
-    assert receives.poll().failed_recving == []
-    receives.first_token_arrived("r")
-    clock.now += 4
-    assert receives.poll().failed_recving == []
-    clock.now += 2
-    assert receives.poll().failed_recving == ["r"]
-    assert receives.counter_values()["num_never_sent"] == 1
+def test_receives_cancel_before_any_reserve_fails_at_once():
+    receives = _receives()
+    receives.expect("r", [1, 2])
+    receives.cancel("r", "the request was aborted")
+    assert receives.reserve("r", 5) is None  # a Reserve that comes later finds nothing
+    assert _states(receives.poll()) == [("recv", STARTED), ("recv", FAILED)]
 
 
-# ---- both connectors over real gRPC ----
+# ---- both workers over real gRPC ----
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 16, 16, 2, 32
 
 
@@ -219,42 +256,44 @@ def _kv_cache(block_size: int = BLOCK_SIZE, fill: bool = True) -> torch.Tensor:
     return torch.randn(shape) if fill else torch.zeros(shape)
 
 
-def _connectors(model_dir: str, prefill_block_size: int = BLOCK_SIZE, **deploy):
-    config = Config.from_dict({"deploy": {"kv_transfer_rpc_timeout_s": 5.0, "kv_transfer_layers_per_group": 2,
-                                          **deploy}})
-    prefill, decode = PrefillConnector(config), DecodeConnector(config)
+def _workers(model_dir: str, prefill_block_size: int = BLOCK_SIZE, **deploy):
+    config = Config.from_dict({"deploy": {"kv_transfer_rpc_timeout_s": 5.0, **deploy}})
     prefill_cache, decode_cache = _kv_cache(prefill_block_size), _kv_cache(fill=False)
-    prefill.bind(prefill_cache, model_dir)
-    decode.bind(decode_cache, model_dir)
-    address = decode.start_receiver("127.0.0.1")
-    return prefill, decode, prefill_cache, decode_cache, address
+    fingerprint = model_fingerprint(model_dir)
+    prefill = TransferWorker(config, prefill_cache, KVLayout.from_kv_cache(prefill_cache, fingerprint),
+                             send=True, receive=False)
+    decode = TransferWorker(config, decode_cache, KVLayout.from_kv_cache(decode_cache, fingerprint),
+                            send=False, receive=True)
+    return prefill, decode, prefill_cache, decode_cache, decode.address
 
 
-def _poll_until(connector, field: str, request_id: str, timeout_s: float = 20.0):
+def _poll_until(worker, kind: str, state: str, request_id: str, timeout_s: float = 20.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if request_id in getattr(connector.poll(), field):
-            return
+        for result in worker.poll():
+            if (result.request_id, result.kind, result.state) == (request_id, kind, state):
+                return result
         time.sleep(0.01)
-    raise AssertionError(f"{request_id} never showed up in {field}")
+    raise AssertionError(f"{request_id} never reported {kind} {state}")
 
 
-def _send_step(prefill: PrefillConnector, send: KVSend) -> None:
-    """What the runner does in the step that finishes the prompt: begin, then layer groups."""
-    prefill.begin_sends(None, [send])
-    for start, end in prefill.layer_groups(NUM_LAYERS, send.num_tokens):
-        prefill.layers_done(start, end)
+def _send_step(prefill: TransferWorker, send: SendKV, first_token: int = 7) -> None:
+    """What the runner does in the step that finishes the prompt: start, layer groups, sample."""
+    prefill.start([send])
+    for start, end in [(0, 2), (2, 4)]:
+        prefill.layers_done([send.request_id], start, end)
+    prefill.tokens_sampled({send.request_id: first_token})
 
 
-def test_connectors_move_the_prompt_kv_layer_group_by_group(tiny_model_dir):
-    prefill, decode, prefill_cache, decode_cache, address = _connectors(tiny_model_dir)
+def test_workers_move_the_prompt_kv_layer_group_by_group(tiny_model_dir):
+    prefill, decode, prefill_cache, decode_cache, address = _workers(tiny_model_dir)
     try:
-        assert prefill.layer_groups(NUM_LAYERS, 10) == [(0, 2), (2, 4)]
         src, dst = [5, 2, 11], [9, 0, 4, 13]  # the decode side reserved prompt + 1 tokens
-        decode.expect_recv("r", dst)
-        _send_step(prefill, KVSend("r", src, 40, address))
-        _poll_until(decode, "finished_recving", "r")
-        _poll_until(prefill, "finished_sending", "r")
+        decode.start([RecvKV("r", dst[:3], 40)])
+        _send_step(prefill, SendKV("r", src, 40, address), first_token=77)
+        done = _poll_until(decode, "recv", FINISHED, "r")
+        assert done.first_token_id == 77  # the commit carried the prefill's first token
+        _poll_until(prefill, "send", FINISHED, "r")
         torch.testing.assert_close(decode_cache[:, :, dst[:3]], prefill_cache[:, :, src], rtol=0, atol=0)
         assert not decode_cache[:, :, dst[3]].any()  # the first token's block is the decode side's
         assert prefill.counters()["num_transfers_sent"] == 1
@@ -265,33 +304,48 @@ def test_connectors_move_the_prompt_kv_layer_group_by_group(tiny_model_dir):
         decode.close()
 
 
-def test_an_aborted_receive_never_writes_blocks_given_back(tiny_model_dir):
-    prefill, decode, _, decode_cache, address = _connectors(tiny_model_dir, kv_transfer_max_retries=1)
+def test_a_cancelled_receive_never_writes_blocks_given_back(tiny_model_dir):
+    prefill, decode, _, decode_cache, address = _workers(tiny_model_dir, kv_transfer_max_retries=1)
     try:
-        decode.expect_recv("r", [3, 4])
-        prefill.begin_sends(None, [KVSend("r", [1, 2], 20, address)])
+        decode.start([RecvKV("r", [3, 4], 20)])
+        prefill.start([SendKV("r", [1, 2], 20, address)])
         deadline = time.monotonic() + 20
         while not decode.receives._expected.get("r", None) or not decode.receives._expected["r"].lent:
             assert time.monotonic() < deadline, "the Reserve never arrived"
             time.sleep(0.01)
-        decode.cancel_recvs(["r"])  # the engine aborts the request: returns once nothing writes
-        for start, end in prefill.layer_groups(NUM_LAYERS, 20):
-            prefill.layers_done(start, end)  # late chunks: refused, the retry finds nothing to lend
-        _poll_until(prefill, "failed_sending", "r")
+        decode.start([CancelKV("r", "aborted")])  # returns once nothing writes the blocks
+        for start, end in [(0, 2), (2, 4)]:
+            prefill.layers_done(["r"], start, end)  # late chunks: refused, the retry finds nothing to lend
+        prefill.tokens_sampled({"r": 7})
+        _poll_until(prefill, "send", FAILED, "r")
         assert not decode_cache.any()
-        assert decode.poll().failed_recving == []  # aborted, not failed: nothing to recompute
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_cancelled_send_fails_and_gives_its_blocks_back(tiny_model_dir):
+    prefill, decode, _, decode_cache, address = _workers(tiny_model_dir)
+    try:
+        decode.start([RecvKV("r", [3, 4], 20)])
+        prefill.start([SendKV("r", [1, 2], 20, address)])
+        prefill.layers_done(["r"], 0, 2)  # the rest never comes: a lease that runs out
+        prefill.start([CancelKV("r", "KV lease expired after 1s")])
+        failed = _poll_until(prefill, "send", FAILED, "r")
+        assert "lease expired" in failed.reason
+        _poll_until(decode, "recv", FAILED, "r")  # the peer was told to drop it
     finally:
         prefill.close()
         decode.close()
 
 
 def test_a_sender_with_another_layout_is_refused(tiny_model_dir, caplog):
-    prefill, decode, _, decode_cache, address = _connectors(tiny_model_dir, prefill_block_size=8)
+    prefill, decode, _, decode_cache, address = _workers(tiny_model_dir, prefill_block_size=8)
     try:
-        decode.expect_recv("r", [3, 4])
+        decode.start([RecvKV("r", [3, 4], 20)])
         with caplog.at_level("ERROR"):
-            _send_step(prefill, KVSend("r", [1, 2, 5], 20, address))
-            _poll_until(prefill, "failed_sending", "r")
+            _send_step(prefill, SendKV("r", [1, 2, 5], 20, address))
+            _poll_until(prefill, "send", FAILED, "r")
         assert "block_size: prefill=8 decode=16" in caplog.text
         assert not decode_cache.any()
     finally:
@@ -299,9 +353,35 @@ def test_a_sender_with_another_layout_is_refused(tiny_model_dir, caplog):
         decode.close()
 
 
+def test_a_dead_peer_is_forgotten_and_new_sends_to_it_fail_fast(tiny_model_dir):
+    from tests.servers import free_port
+    prefill, decode, _, _, address = _workers(tiny_model_dir, kv_transfer_rpc_timeout_s=1.0)
+    decode.close()
+    try:
+        dead = f"127.0.0.1:{free_port()}"
+        started = time.monotonic()
+        prefill.start([SendKV(f"r{i}", [1, 2], 20, dead) for i in range(8)])
+        failed, deadline = set(), time.monotonic() + 20
+        while len(failed) < 8 and time.monotonic() < deadline:
+            failed |= {r.request_id for r in prefill.poll() if r.state == FAILED}
+            time.sleep(0.01)
+        assert failed == {f"r{i}" for i in range(8)}
+        # one handshake times out; the other seven fail at once instead of each waiting for theirs
+        assert time.monotonic() - started < 5.0
+    finally:
+        prefill.close()
+
+
 def test_instance_info_carries_a_layout_the_router_can_read(tiny_model_dir):
-    config = Config.from_dict({"model": tiny_model_dir})
-    connector = DecodeConnector(config)
-    connector.bind(_kv_cache(fill=False), tiny_model_dir)
-    layout = KVLayout.from_proto(kv_pb.KVLayout.FromString(connector.layout.to_proto().SerializeToString()))
-    assert (layout.block_size, layout.num_layers, layout.dtype) == (BLOCK_SIZE, NUM_LAYERS, "float32")
+    from serving.disagg.instance import instance_info
+    from serving.engine.engine import build_engine
+    config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": "1MiB"})
+    engine = build_engine(config, "decode")
+    try:
+        info = pb.InstanceInfo.FromString(instance_info(InstanceSpec("decode-0", "decode", config), engine)
+                                          .SerializeToString())
+        layout = KVLayout.from_proto(kv_pb.KVLayout.FromString(info.kv_layout))
+        assert (layout.block_size, layout.num_layers, layout.dtype) == (BLOCK_SIZE, NUM_LAYERS, "float32")
+        assert info.kv_address == engine.connector.address and info.kv_address
+    finally:
+        engine.close()

@@ -212,4 +212,22 @@ def test_engine_survives_calls_whose_caller_gave_up(tiny_model_dir):
     assert healthy
     assert outputs[-1].finished and outputs[-1].num_output_tokens == 4
     assert free == total
-    assert engine.num_cancelled_calls >= 3
+    assert engine.thread.num_cancelled_calls >= 3
+
+
+def test_client_id_and_priority_reach_the_request(tiny_model_dir):
+    from serving.config import Config
+    from serving.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir))
+
+    async def main():
+        seen = {}
+        async for _ in engine.generate("r", [5, 6, 7], greedy(30), client_id="alice", priority=2):
+            if not seen:
+                request = await engine.call(lambda e: e.scheduler.requests["r"])
+                seen = {"client_id": request.client_id, "priority": request.priority}
+        await engine.shutdown()
+        return seen
+
+    assert asyncio.run(asyncio.wait_for(main(), 120)) == {"client_id": "alice", "priority": 2}

@@ -1,0 +1,124 @@
+"""EngineCore: the one step loop every mode runs, the simulator included.
+
+    plan   = scheduler.schedule()          # StepPlan: what to compute, which layers, which KV moves
+    result = executor.execute(plan)        # StepResult: sampled tokens, moves started/ended, step time
+    update = scheduler.update(plan, result)
+    -> EngineCoreOutputs (token ids, no text: detokenizing is the OutputProcessor's, in serving/)
+
+It is built from injected parts — a Scheduler (with its KV manager, policies and connector policy),
+an Executor (the model runner, a TP group, or the latency-model executor that computes nothing) and a
+Clock (real, or virtual for simulation) — and touches no tensors itself.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from scheduler.clock import Clock, MonotonicClock
+from scheduler.request import Request, RequestStatus
+from scheduler.scheduler import Scheduler
+from scheduler.step import StepPlan, StepResult
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Carry out one plan: start its KV moves, compute its tokens through its segments, sample,
+        and report moves that started or ended. Raises only for a failed step (its requests fail; the
+        loop goes on); every move it was given is still reported, in a later result."""
+
+
+@dataclass
+class EngineCoreOutput:
+    """One increment of one request's output: token deltas, no text. The last one has finished=True."""
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[Any] | None = None  # opaque records from the executor's sampler
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", "error", "remote_decode"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
+    queue_time_s: float | None = None  # arrival -> first scheduled; on the first output only
+    accepted: bool = False  # a remote prefill's blocks are reserved and ready to receive
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock | None = None) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.clock = clock or scheduler.clock or MonotonicClock()
+        self.last_step_idle = True  # the last step computed nothing (only moves to poll)
+        self._awaiting_first_output: set[str] = set()
+        self.num_steps = 0
+        self.num_failed_steps = 0
+
+    # ---- requests ----
+    def add_request(self, request: Request) -> None:
+        """Raises what Scheduler.add_request raises (the request is then not added)."""
+        self.scheduler.add_request(request)
+        self._awaiting_first_output.add(request.request_id)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                       stop_reason: int | str | None = None, error: str | None = None) -> list[EngineCoreOutput]:
+        finished = self.scheduler.finish_requests(request_ids, status, stop_reason, error)
+        return [self._output(r, []) for r in finished]
+
+    def set_first_token(self, request_id: str, token_id: int) -> None:
+        self.scheduler.set_first_token(request_id, token_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ----
+    def step(self) -> list[EngineCoreOutput]:
+        plan = self.scheduler.schedule()
+        self.last_step_idle = plan.is_empty
+        self.num_steps += 1
+        try:
+            result = self.executor.execute(plan)
+        except Exception as e:  # a failed step fails its requests, not the engine
+            return self._fail_step(plan, e)
+        self.clock.advance(result.step_seconds)
+        update = self.scheduler.update(plan, result)
+        outputs = [self._output(r, [], accepted=True) for r in update.accepted if not r.is_finished]
+        for request in update.updated:
+            logprob = result.logprobs.get(request.request_id)
+            outputs.append(self._output(request, [request.output_token_ids[-1]], [logprob] if logprob else None))
+        outputs.extend(self._output(r, []) for r in update.finished)
+        return outputs
+
+    def _fail_step(self, plan: StepPlan, error: Exception) -> list[EngineCoreOutput]:
+        """The step's requests fail. Its moves are not touched: an executor reports every move it
+        was given, started or not, through a later step's result (so no block is freed under a copy)."""
+        logger.exception("step failed; failing its %d requests", len(plan.num_scheduled_tokens))
+        self.num_failed_steps += 1
+        message = f"internal error during the forward pass ({type(error).__name__})"
+        return self.abort_requests(list(plan.num_scheduled_tokens), RequestStatus.FINISHED_ERROR, error=message)
+
+    def _output(self, request: Request, new_token_ids: list[int], logprobs=None,
+                accepted: bool = False) -> EngineCoreOutput:
+        request_id = request.request_id
+        finished = request.is_finished
+        queue_time = None
+        if request_id in self._awaiting_first_output and (new_token_ids or finished):
+            self._awaiting_first_output.discard(request_id)
+            if request.first_scheduled_time is not None and request.arrival_time is not None:
+                queue_time = request.first_scheduled_time - request.arrival_time
+        if finished:
+            self._awaiting_first_output.discard(request_id)
+        return EngineCoreOutput(
+            request_id=request_id, new_token_ids=new_token_ids, new_logprobs=logprobs, finished=finished,
+            finish_reason=request.status.finish_reason if finished else None,
+            stop_reason=request.stop_reason if finished else None,
+            num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=len(request.output_token_ids),
+            num_cached_tokens=max(0, request.num_cached_tokens), error=request.error if finished else None,
+            queue_time_s=queue_time, accepted=accepted)
+
+    # ---- introspection ----
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,180 @@
+"""`Engine`: the serving side of one engine — the EngineCore step loop built from its parts, plus what
+the API needs to turn a client's request into a `Request` (validation against the model) and the
+engine's state into stats.
+
+    build_engine(config, role)     model, KV layout and tensors, connector worker, runner (Executor),
+                                   block pool, KV manager, policies, connector policy, Scheduler,
+                                   EngineCore — every part injected into the next
+
+Every mode drives an Engine: in-process for colocated serving and the offline LLM API, inside each
+instance process in disaggregated mode (role prefill or decode).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from kvcache.block_pool import BlockPool
+from kvcache.kv_manager import KVCacheManager
+from kvcache.transfer.layout import KVLayout
+from scheduler.clock import Clock, MonotonicClock
+from scheduler.connectors import ConnectorPolicy, NullConnector, RemoteDecode, RemotePrefill
+from scheduler.engine_core import EngineCore, EngineCoreOutput
+from scheduler.request import Request, RequestStatus
+from scheduler.sampling_params import SamplingParams
+from scheduler.scheduler import RequestTooLargeError, Scheduler
+from serving.config import Config
+from serving.engine.protocol import EngineStats, RequestRejectedError
+from serving.kv_connector.base import KVConnectorWorker
+from serving.kv_connector.transfer import make_worker, model_fingerprint
+from serving.models import ModelArchConfig, load_model
+from serving.runner.model_runner import ModelRunner, model_kv_layout, num_kv_blocks, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_dir(model: str | None) -> str:
+    if model is None:
+        from serving.models.default_model import ensure_default_model
+        return ensure_default_model()
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"--model {model!r} is not a local Hugging Face model directory (no config.json); "
+                         "pdserve loads models from disk: pass a directory, or make one with "
+                         "`pdserve make-model --size tiny --out DIR`")
+    return model
+
+
+def resolve_max_model_len(requested: int | None, arch: ModelArchConfig) -> int:
+    limit = arch.max_position_embeddings
+    if arch.sliding_window:
+        limit = min(limit, arch.sliding_window)
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"--max-model-len {requested} exceeds what the model supports ({limit}: "
+                         "max_position_embeddings or sliding window); lower it")
+    return requested
+
+
+def make_connector_policy(role: str, config: Config, num_layers: int) -> ConnectorPolicy:
+    deploy = config.deploy
+    if role == "decode":
+        return RemotePrefill(deploy.kv_transfer_stall_timeout_s, deploy.kv_transfer_failure_policy)
+    if role == "prefill":
+        return RemoteDecode(deploy.kv_transfer_lease_ttl_s, num_layers, deploy.kv_transfer_layers_per_group)
+    return NullConnector()
+
+
+@dataclass
+class Engine:
+    core: EngineCore
+    runner: ModelRunner
+    connector: KVConnectorWorker
+    kv_layout: KVLayout  # what KV peers must agree on (layout + model fingerprint)
+    model_dir: str
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    role: str = "colocated"
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.core.scheduler
+
+    @property
+    def kv(self) -> KVCacheManager:
+        return self.core.scheduler.kv
+
+    # ---- requests ----
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     client_id: str = "", priority: int = 0, kv_peer: str | None = None,
+                     remote_prefill: bool = False) -> Request:
+        """A Request for this model; RequestRejectedError (a ValueError) says why one cannot be served."""
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestRejectedError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        try:
+            return Request(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len,
+                           client_id, priority=priority, kv_peer=kv_peer, remote_prefill=remote_prefill)
+        except ValueError as e:
+            raise RequestRejectedError(str(e)) from e
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    **request_kwargs) -> None:
+        """Queue a request (kwargs: client_id, priority, kv_peer, remote_prefill). Raises
+        RequestRejectedError, or NoKVSpaceError for a remote prefill that found no room."""
+        request = self.make_request(request_id, prompt_token_ids, params, **request_kwargs)
+        try:
+            self.core.add_request(request)
+        except (RequestTooLargeError, ValueError) as e:
+            raise RequestRejectedError(str(e)) from e
+
+    def step(self) -> list[EngineCoreOutput]:
+        return self.core.step()
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+                       stop_reason: int | str | None = None) -> list[EngineCoreOutput]:
+        return self.core.abort_requests(request_ids, status, stop_reason)
+
+    def set_first_token(self, request_id: str, token_id: int) -> None:
+        self.core.set_first_token(request_id, token_id)
+
+    def has_unfinished(self) -> bool:
+        return self.core.has_unfinished()
+
+    @property
+    def last_step_idle(self) -> bool:
+        return self.core.last_step_idle
+
+    # ---- introspection ----
+    def get_stats(self) -> EngineStats:
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            kv_cache_usage=self.kv.pool.usage, num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.num_prefix_queries, prefix_cache_hits=self.kv.num_prefix_hits,
+            extra={"kv_transfer": self.transfer_counters()})
+
+    def transfer_counters(self) -> dict[str, float]:
+        """The connector worker's counters and the connector policy's, by name."""
+        values = dict(self.connector.counters())
+        for name, value in self.scheduler.connector.counters().items():
+            values[name] = values.get(name, 0) + value
+        return values
+
+    def num_queued_prefill_tokens(self) -> int:
+        """Prompt tokens admitted but not yet computed (what a new prefill would wait behind)."""
+        requests = list(self.scheduler.waiting) + self.scheduler.running
+        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in requests)
+
+    def check_integrity(self) -> None:
+        self.core.check_integrity()
+
+    def close(self) -> None:
+        self.connector.close()
+
+
+def build_engine(config: Config, role: str = "colocated", clock: Clock | None = None) -> Engine:
+    """Every part from the config, each injected into the next. For a decode role the connector
+    worker starts serving KVTransfer on deploy.internal_host."""
+    model_dir = resolve_model_dir(config.model.model)
+    device = resolve_device(config.model.device)
+    model = load_model(model_dir, resolve_dtype(config.model.dtype, device), device)
+    arch = model.config
+    max_model_len = resolve_max_model_len(config.model.max_model_len, arch)
+    layout = model_kv_layout(model, config.cache.block_size)
+    num_blocks = num_kv_blocks(layout, config.cache)
+    kv_cache = layout.allocate(num_blocks, device)
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, layout.block_size,
+                num_blocks * layout.bytes_per_block / 2**20)
+    kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
+    connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host)
+    runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector)
+    clock = clock or MonotonicClock()
+    pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+    kv = KVCacheManager(pool, config.cache.block_size)
+    scheduler = Scheduler(config.scheduler, kv, max_model_len, make_connector_policy(role, config, arch.num_layers),
+                          clock)
+    return Engine(EngineCore(scheduler, runner, clock), runner, connector, kv_layout, model_dir, max_model_len,
+                  arch.eos_token_ids, arch.vocab_size, role)
