@@ -57,9 +57,13 @@ def transfer_config(config: Config) -> TransferConfig:
 
 
 class ColocatedConnector(NullConnector):
-    """Moves nothing; the hooks are no-ops. The base of the other roles."""
+    """Moves nothing; the hooks are no-ops. The base of the other roles.
 
-    def __init__(self, config: Config) -> None:
+    token: the deployment's; the prefill role sends it with every KV call, the decode role's KVTransfer
+    service refuses calls without it (None: no check, for tests in one process).
+    """
+
+    def __init__(self, config: Config, token: str | None = None) -> None:
         self.config = config
         self.layout: KVLayout | None = None
 
@@ -90,10 +94,10 @@ class ColocatedConnector(NullConnector):
 
 
 class PrefillConnector(ColocatedConnector):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, token: str | None = None) -> None:
         super().__init__(config)
         self.layers_per_group = config.deploy.kv_transfer_layers_per_group
-        self.sends = KVSends(transfer_config(config))
+        self.sends = KVSends(transfer_config(config), token)
 
     def bind(self, kv_cache: torch.Tensor, model_dir: str) -> None:
         super().bind(kv_cache, model_dir)
@@ -120,9 +124,9 @@ class PrefillConnector(ColocatedConnector):
 
 
 class DecodeConnector(ColocatedConnector):
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, token: str | None = None) -> None:
         super().__init__(config)
-        self.receives = KVReceives(transfer_config(config))
+        self.receives = KVReceives(transfer_config(config), token=token)
         self._kv_cache: torch.Tensor | None = None
 
     def bind(self, kv_cache: torch.Tensor, model_dir: str) -> None:
@@ -158,5 +162,5 @@ InstanceConnector = ColocatedConnector  # the interface every role implements
 _CONNECTORS = {"prefill": PrefillConnector, "decode": DecodeConnector, "colocated": ColocatedConnector}
 
 
-def make_connector(role: str, config: Config) -> InstanceConnector:
-    return _CONNECTORS[role](config)
+def make_connector(role: str, config: Config, token: str | None = None) -> InstanceConnector:
+    return _CONNECTORS[role](config, token)

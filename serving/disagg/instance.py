@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import grpc
 import torch
 
+from kvcache.transfer.auth import AioServerTokenInterceptor, TokenCheck
 from scheduler.scheduler import NoKVSpaceError
 from serving.config import Config
 from serving.disagg import wire
@@ -36,7 +37,15 @@ class InstanceSpec:
     """What a launcher needs to start one instance."""
     name: str
     role: str
-    config: Config  # with the role's overrides applied
+    config: Config  # with the role's overrides applied; never the API key (instances do not need it)
+    # the deployment's shared secret, which every internal call carries: beside the config, not in it,
+    # and never on a command line or in a log
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.config.server.api_key is not None:
+            raise ValueError(f"instance {self.name}: an instance's config must not carry the API key (it "
+                             "never needs it): pass config.replace(api_key=None)")
 
 
 def num_torch_threads(config: Config) -> int:
@@ -44,11 +53,13 @@ def num_torch_threads(config: Config) -> int:
 
 
 class InstanceServicer(pb_grpc.InstanceServicer):
-    def __init__(self, spec: InstanceSpec, llm: AsyncLLM, core: InstanceCore, kv_address: str) -> None:
+    def __init__(self, spec: InstanceSpec, llm: AsyncLLM, core: InstanceCore, kv_address: str,
+                 auth: TokenCheck) -> None:
         self.spec = spec
         self.llm = llm
         self.core = core
         self.kv_address = kv_address
+        self.auth = auth
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
         rid = request.request_id
@@ -115,6 +126,8 @@ class InstanceServicer(pb_grpc.InstanceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine thread died")
         message = await self.llm.call(_collect_stats)
         message.transfer.update(self.core.connector.counters())
+        # calls this service refused (KVTransfer's refusals are in the connector's counters already)
+        message.transfer["num_unauthenticated_calls"] += self.auth.num_unauthenticated_calls
         return message
 
     async def CheckIntegrity(self, request: pb.IntegrityRequest, context) -> pb.IntegrityResponse:
@@ -159,13 +172,15 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
     config = spec.config
     torch.set_num_threads(num_torch_threads(config))
     host = config.deploy.internal_host
-    connector = make_connector(spec.role, config)
+    auth = TokenCheck(spec.token)  # both internal services refuse calls without the deployment's token
+    connector = make_connector(spec.role, config, spec.token)
     try:
         core = InstanceCore(config, spec.role, connector)
         kv_address = connector.start_receiver(host)
         llm = AsyncLLM(core, spec.name)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, llm, core, kv_address), server)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                 interceptors=[AioServerTokenInterceptor(auth)])
+        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, llm, core, kv_address, auth), server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         try:

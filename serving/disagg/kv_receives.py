@@ -44,8 +44,10 @@ class _Expected:
 
 
 class KVReceives:
-    def __init__(self, config: TransferConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: TransferConfig, clock: Callable[[], float] = time.monotonic,
+                 token: str | None = None) -> None:
         self.config = config
+        self._token = token  # the deployment's: KVTransfer refuses calls without it
         self.counters = TransferCounters()
         self._clock = clock
         self._lock = threading.Lock()
@@ -64,7 +66,7 @@ class KVReceives:
         """Serve KVTransfer on host (a free port); returns its address."""
         self._block_size = layout.block_size
         receiver = KVReceiver(kv_cache, layout, self, self.config, self.counters)
-        self._server = ReceiverServer(receiver, host).start()
+        self._server = ReceiverServer(receiver, host, token=self._token).start()
         self.address = self._server.address
         return self.address
 

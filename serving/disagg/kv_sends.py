@@ -64,8 +64,9 @@ class _Outcome:
 
 
 class KVSends:
-    def __init__(self, config: TransferConfig) -> None:
+    def __init__(self, config: TransferConfig, token: str | None = None) -> None:
         self.config = config
+        self._token = token  # the deployment's, sent with every call to a decode peer
         self.counters = TransferCounters()
         self._kv_cache: torch.Tensor | None = None
         self._layout: KVLayout | None = None
@@ -134,7 +135,7 @@ class KVSends:
                 sender = self._senders.get(peer)
             if sender is None:
                 sender = KVSender(self._kv_cache, self._layout, peer, self._released, self.config,
-                                  self.counters)
+                                  self.counters, self._token)
                 try:
                     sender.connect()  # IncompatibleLayoutError names the fields that differ
                 except BaseException:
