@@ -1,7 +1,8 @@
 """The prefill side's connection to one decode peer: a small pool of channels and typed calls.
 
-Every call takes a timeout; chunk pushes rotate over the channels, each of which is its own TCP
-connection (a local subchannel pool), so several chunks travel on separate sockets at once.
+Every call takes a timeout and carries the deployment's token, if one is given (kvcache.transfer.auth);
+chunk pushes rotate over the channels, each of which is its own TCP connection (a local subchannel
+pool), so several chunks travel on separate sockets at once.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import grpc
 
 from kvcache.transfer import wire
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
+from kvcache.transfer.auth import call_metadata
 from kvcache.transfer.config import TransferConfig
 
 # Failures worth one more try: the peer may be restarting or briefly overloaded.
@@ -20,9 +22,10 @@ TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 
 
 class PeerClient:
-    def __init__(self, address: str, config: TransferConfig) -> None:
+    def __init__(self, address: str, config: TransferConfig, token: str | None = None) -> None:
         options = wire.grpc_options(config) + [("grpc.use_local_subchannel_pool", 1)]
         self.address = address
+        self._metadata = call_metadata(token)
         self._channels = [grpc.insecure_channel(address, options=options) for _ in range(config.num_channels)]
         self._push_calls = [channel.unary_unary(wire.method_path("PushChunk"), request_serializer=wire.identity,
                                                 response_deserializer=pb.ChunkAck.FromString)
@@ -43,27 +46,27 @@ class PeerClient:
 
     def handshake(self, request: pb.HandshakeRequest, timeout_s: float) -> pb.HandshakeResponse:
         # wait_for_ready: the peer may still be starting; the timeout bounds the wait.
-        return self._handshake(request, timeout=timeout_s, wait_for_ready=True)
+        return self._handshake(request, timeout=timeout_s, wait_for_ready=True, metadata=self._metadata)
 
     def attach_shm(self, request: pb.AttachShmRequest, timeout_s: float) -> pb.AttachShmResponse:
-        return self._attach_shm(request, timeout=timeout_s)
+        return self._attach_shm(request, timeout=timeout_s, metadata=self._metadata)
 
     def detach_shm(self, request: pb.DetachShmRequest, timeout_s: float) -> pb.DetachShmResponse:
-        return self._detach_shm(request, timeout=timeout_s)
+        return self._detach_shm(request, timeout=timeout_s, metadata=self._metadata)
 
     def reserve(self, request: pb.ReserveRequest, timeout_s: float) -> pb.ReserveResponse:
-        return self._reserve(request, timeout=timeout_s)
+        return self._reserve(request, timeout=timeout_s, metadata=self._metadata)
 
     def push(self, message: bytes, timeout_s: float) -> pb.ChunkAck:
         with self._next_lock:
             index = next(self._next_channel) % len(self._push_calls)
-        return self._push_calls[index](message, timeout=timeout_s)
+        return self._push_calls[index](message, timeout=timeout_s, metadata=self._metadata)
 
     def commit(self, request: pb.CommitRequest, timeout_s: float) -> pb.CommitResponse:
-        return self._commit(request, timeout=timeout_s)
+        return self._commit(request, timeout=timeout_s, metadata=self._metadata)
 
     def abort(self, request: pb.AbortRequest, timeout_s: float) -> pb.AbortResponse:
-        return self._abort(request, timeout=timeout_s)
+        return self._abort(request, timeout=timeout_s, metadata=self._metadata)
 
     def close(self) -> None:
         for channel in self._channels:

@@ -55,11 +55,12 @@ class KVSender:
 
     release_blocks(request_id) is called exactly once per begun transfer, when its lease ends (ack,
     failure, refusal or expiry), from whichever thread ends it; the engine frees the blocks there.
+    token: the deployment's, sent with every call (a peer that checks tokens refuses calls without it).
     """
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, address: str,
                  release_blocks: Callable[[str], None], config: TransferConfig = TransferConfig(),
-                 counters: TransferCounters | None = None) -> None:
+                 counters: TransferCounters | None = None, token: str | None = None) -> None:
         layout.check_cache(kv_cache)
         if layout.num_bytes_per_layer_block > config.max_chunk_bytes:
             raise ValueError(f"one block of one layer is {layout.num_bytes_per_layer_block} bytes: raise "
@@ -69,7 +70,7 @@ class KVSender:
         self.config = config
         self.counters = counters or TransferCounters()
         self.sender_id = secrets.token_hex(4)
-        self._peer = PeerClient(address, config)
+        self._peer = PeerClient(address, config, token)
         self._leases = LeaseTable(release_blocks, config.lease_ttl_s)
         self._executor = futures.ThreadPoolExecutor(config.num_streams, thread_name_prefix="kv-sender")
         self._handles: dict[str, TransferHandle] = {}

@@ -8,6 +8,7 @@ import grpc
 
 from kvcache.transfer import wire
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
+from kvcache.transfer.auth import ServerTokenInterceptor, TokenCheck
 from kvcache.transfer.receiver import KVReceiver, RpcError
 
 
@@ -41,13 +42,19 @@ def receiver_handler(receiver: KVReceiver) -> grpc.GenericRpcHandler:
 
 
 class ReceiverServer:
-    """A gRPC server hosting one KVReceiver on host:port (port 0: the OS picks a free one)."""
+    """A gRPC server hosting one KVReceiver on host:port (port 0: the OS picks a free one).
 
-    def __init__(self, receiver: KVReceiver, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16) -> None:
+    With a token, every call must carry it (kvcache.transfer.auth); refusals are counted in the
+    receiver's counters. Without one (None) nothing is checked: for use outside a deployment only.
+    """
+
+    def __init__(self, receiver: KVReceiver, host: str = "127.0.0.1", port: int = 0, max_workers: int = 16,
+                 token: str | None = None) -> None:
         self.receiver = receiver
         self.host = host
+        interceptors = [ServerTokenInterceptor(TokenCheck(token, receiver.counters))] if token else []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="kv-receiver"),
-                                  options=wire.grpc_options(receiver.config))
+                                  options=wire.grpc_options(receiver.config), interceptors=interceptors)
         self.server.add_generic_rpc_handlers((receiver_handler(receiver),))
         bind_host = f"[{host}]" if ":" in host else host
         self.port = self.server.add_insecure_port(f"{bind_host}:{port}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import grpc
 import torch
 
+from kvcache.transfer.auth import AioServerTokenInterceptor, TokenCheck
 from scheduler.scheduler import NoKVSpaceError
 from serving.config import Config
 from serving.disagg import wire
@@ -35,7 +36,15 @@ class InstanceSpec:
     """What a launcher needs to start one instance."""
     name: str
     role: str
-    config: Config  # with the role's overrides applied
+    config: Config  # with the role's overrides applied; never the API key (instances do not need it)
+    # the deployment's shared secret, which every internal call carries: beside the config, not in it,
+    # and never on a command line or in a log
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.config.server.api_key is not None:
+            raise ValueError(f"instance {self.name}: an instance's config must not carry the API key (it "
+                             "never needs it): pass config.replace(api_key=None)")
 
 
 def num_torch_threads(config: Config) -> int:
@@ -43,10 +52,11 @@ def num_torch_threads(config: Config) -> int:
 
 
 class InstanceServicer(pb_grpc.InstanceServicer):
-    def __init__(self, spec: InstanceSpec, thread: EngineThread) -> None:
+    def __init__(self, spec: InstanceSpec, thread: EngineThread, auth: TokenCheck) -> None:
         self.spec = spec
         self.thread = thread
         self.engine = thread.engine
+        self.auth = auth
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
         """A remote_prefill request's first message says its blocks are reserved and registered with
@@ -88,7 +98,10 @@ class InstanceServicer(pb_grpc.InstanceServicer):
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         if not self.thread.is_healthy():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine thread died")
-        return await self.thread.call(collect_stats)
+        message = await self.thread.call(collect_stats)
+        # calls this service refused (KVTransfer's refusals are in the connector's counters already)
+        message.transfer["num_unauthenticated_calls"] += self.auth.num_unauthenticated_calls
+        return message
 
     async def CheckIntegrity(self, request: pb.IntegrityRequest, context) -> pb.IntegrityResponse:
         return await self.thread.call(check_integrity)
@@ -140,11 +153,13 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
     config = spec.config
     torch.set_num_threads(num_torch_threads(config))
     host = config.deploy.internal_host
-    engine = build_engine(config, spec.role)
+    auth = TokenCheck(spec.token)  # both internal services refuse calls without the deployment's token
+    engine = build_engine(config, spec.role, token=spec.token)
     try:
         thread = EngineThread(engine)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, thread), server)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
+                                 interceptors=[AioServerTokenInterceptor(auth)])
+        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, thread, auth), server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         try:

@@ -1,6 +1,10 @@
 """Entry point of an instance process (what the local launcher starts):
 
-    python -m serving.disagg.instance_main --name decode-0 --role decode --config-json '{...}'
+    python -m serving.disagg.instance_main --name decode-0 --role decode --config-stdin < start.json
+
+where start.json is one JSON document, `{"config": Config.to_dict(), "token": ...}` (`encode_start`):
+the config and the deployment's token come on stdin, never on the command line, which any local user
+can read.
 
 Once serving, it prints one line `READY_PREFIX {"address": ..., "info": base64(InstanceInfo)}` on
 stdout (its logs go to stderr) and runs until SIGTERM/SIGINT, or until its parent process is gone, so
@@ -38,6 +42,16 @@ def decode_ready(line: str) -> InstanceAddress | None:
     return InstanceAddress(values["address"], pb.InstanceInfo.FromString(base64.b64decode(values["info"])))
 
 
+def encode_start(spec: InstanceSpec) -> str:
+    """What the launcher writes to an instance's stdin: its config and the deployment's token."""
+    return json.dumps({"config": spec.config.to_dict(), "token": spec.token})
+
+
+def decode_start(name: str, role: str, document: str) -> InstanceSpec:
+    values = json.loads(document)
+    return InstanceSpec(name, role, Config.from_dict(values["config"]), values["token"])
+
+
 async def _main(spec: InstanceSpec, parent_pid: int) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -64,13 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m serving.disagg.instance_main")
     parser.add_argument("--name", required=True)
     parser.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
-    parser.add_argument("--config-json", required=True, help="Config.to_dict() as JSON")
+    parser.add_argument("--config-stdin", action="store_true",
+                        help='read {"config": ..., "token": ...} as JSON from stdin (the only way in)')
     parser.add_argument("--parent-pid", type=int, default=None, help="stop when this process is gone")
     args = parser.parse_args(argv)
-    config = Config.from_dict(json.loads(args.config_json))
-    logging.basicConfig(level=config.server.log_level.upper(), stream=sys.stderr,
+    if not args.config_stdin:
+        parser.error("the config and the deployment's token come on stdin: pass --config-stdin")
+    spec = decode_start(args.name, args.role, sys.stdin.read())
+    logging.basicConfig(level=spec.config.server.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [{args.name}] %(name)s: %(message)s")
-    spec = InstanceSpec(args.name, args.role, config)
     asyncio.run(_main(spec, args.parent_pid or os.getppid()))
     return 0
 

@@ -7,7 +7,7 @@ apart.
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
 import subprocess
@@ -20,7 +20,7 @@ from typing import Protocol
 from serving.config import Config
 from serving.disagg._proto import instance_pb2 as pb
 from serving.disagg.instance import InstanceAddress, InstanceSpec
-from serving.disagg.instance_main import decode_ready
+from serving.disagg.instance_main import decode_ready, encode_start
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,15 @@ class Launcher(Protocol):
         """Stop every instance (and what the launcher started for them). Idempotent."""
 
 
-def make_specs(config: Config) -> list[InstanceSpec]:
-    """prefill-0..N-1 and decode-0..M-1, each with its role's config overrides applied."""
+def make_specs(config: Config, token: str | None = None) -> list[InstanceSpec]:
+    """prefill-0..N-1 and decode-0..M-1, each with its role's config overrides applied, without the API
+    key (instances never need it), and with the deployment's token (None: instances refuse to start)."""
     deploy = config.deploy
+    config = config.replace(api_key=None)
     prefill = config.replace(**deploy.prefill_overrides) if deploy.prefill_overrides else config
     decode = config.replace(**deploy.decode_overrides) if deploy.decode_overrides else config
-    return ([InstanceSpec(f"prefill-{i}", "prefill", prefill) for i in range(deploy.num_prefill)]
-            + [InstanceSpec(f"decode-{i}", "decode", decode) for i in range(deploy.num_decode)])
+    return ([InstanceSpec(f"prefill-{i}", "prefill", prefill, token) for i in range(deploy.num_prefill)]
+            + [InstanceSpec(f"decode-{i}", "decode", decode, token) for i in range(deploy.num_decode)])
 
 
 def make_launcher(config: Config) -> Launcher:
@@ -67,14 +69,22 @@ def make_launcher(config: Config) -> Launcher:
 
 
 class _Process:
-    """One instance subprocess; a thread reads its stdout for the ready line (and drains the rest)."""
+    """One instance subprocess; a thread reads its stdout for the ready line (and drains the rest).
+
+    Its config and the deployment's token go down its stdin, which is then closed: any local user can
+    read a process's command line (ps, /proc/<pid>/cmdline), so that holds only the name and role.
+    """
 
     def __init__(self, spec: InstanceSpec) -> None:
         self.spec = spec
         command = [sys.executable, "-m", "serving.disagg.instance_main", "--name", spec.name,
-                   "--role", spec.role, "--config-json", json.dumps(spec.config.to_dict()),
-                   "--parent-pid", str(os.getpid())]
-        self.popen = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+                   "--role", spec.role, "--parent-pid", str(os.getpid()), "--config-stdin"]
+        self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # a child that died at once breaks the pipe; the stdout reader below reports its exit
+        with contextlib.suppress(BrokenPipeError):
+            self.popen.stdin.write(encode_start(spec))
+        with contextlib.suppress(BrokenPipeError):
+            self.popen.stdin.close()
         self.ready: Future = Future()
         threading.Thread(target=self._read_stdout, name=f"pdserve-{spec.name}-stdout", daemon=True).start()
 

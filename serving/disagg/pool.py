@@ -64,7 +64,7 @@ class InstancePool:
         self.counters = counters  # the router's: num_instance_failures, num_instance_restarts
         self.launcher = launcher
         self._check_peer = check_peer  # raises ValueError for an instance the others cannot talk to
-        self.instances = [InstanceState(li, InstanceClient(li.address, deploy.instance_timeout_s))
+        self.instances = [InstanceState(li, InstanceClient(li.address, deploy.instance_timeout_s, li.spec.token))
                           for li in launched]
         for state in self.instances:
             state.stats.num_free_blocks = state.launched.info.num_blocks
@@ -118,7 +118,7 @@ class InstancePool:
                 continue
             old_client = state.client
             state.launched = launched
-            state.client = InstanceClient(launched.address, self.deploy.instance_timeout_s)
+            state.client = InstanceClient(launched.address, self.deploy.instance_timeout_s, launched.spec.token)
             state.stats = pb.StatsResponse(num_free_blocks=launched.info.num_blocks)
             state.num_blocks_reserved_since_poll = 0
             state.num_restarts += 1

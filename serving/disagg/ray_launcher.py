@@ -126,6 +126,8 @@ class RayLauncher:
                    "max_task_retries": _MAX_TASK_RETRIES}
         if strategy is not None:
             options["scheduling_strategy"] = strategy
+        # the spec (config without the API key, and the deployment's token) goes as a constructor
+        # argument, on no command line
         return self._ray.remote(InstanceActor).options(**options).remote(spec)
 
     def _launched(self, spec: InstanceSpec, timeout_s: float) -> LaunchedInstance:

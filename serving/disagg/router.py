@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import time
 from typing import AsyncIterator
 
@@ -32,8 +33,9 @@ _REFRESH_TIMEOUT_S = 2.0  # a metrics scrape waits at most this long for the ins
 
 def build_disaggregated_client(config: Config) -> "DisaggregatedClient":
     launcher = make_launcher(config)
+    token = secrets.token_urlsafe(32)  # this deployment's: every internal call carries it; never logged
     try:
-        launched = launcher.start(make_specs(config))
+        launched = launcher.start(make_specs(config, token))
         for instance in launched:
             check_peers(instance, launched)
         return DisaggregatedClient(config, launcher, launched)

@@ -155,9 +155,11 @@ class Engine:
         self.connector.close()
 
 
-def build_engine(config: Config, role: str = "colocated", clock: Clock | None = None) -> Engine:
+def build_engine(config: Config, role: str = "colocated", clock: Clock | None = None,
+                 token: str | None = None) -> Engine:
     """Every part from the config, each injected into the next. For a decode role the connector
-    worker starts serving KVTransfer on deploy.internal_host."""
+    worker starts serving KVTransfer on deploy.internal_host; token: the deployment's, for every
+    internal KV call (None: no check)."""
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
     model = load_model(model_dir, resolve_dtype(config.model.dtype, device), device)
@@ -169,7 +171,7 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, layout.block_size,
                 num_blocks * layout.bytes_per_block / 2**20)
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
-    connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host)
+    connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host, token)
     runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector)
     clock = clock or MonotonicClock()
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)

@@ -40,8 +40,9 @@ class _Expected:
 
 
 class KVReceives:
-    def __init__(self, config: TransferConfig) -> None:
+    def __init__(self, config: TransferConfig, token: str | None = None) -> None:
         self.config = config
+        self._token = token  # the deployment's: KVTransfer refuses calls without it
         self.counters = TransferCounters()
         self._lock = threading.Lock()
         self._expected: dict[str, _Expected] = {}
@@ -55,7 +56,7 @@ class KVReceives:
         """Serve KVTransfer on host (a free port); returns its address."""
         self._block_size = layout.block_size
         receiver = KVReceiver(kv_cache, layout, self, self.config, self.counters)
-        self._server = ReceiverServer(receiver, host).start()
+        self._server = ReceiverServer(receiver, host, token=self._token).start()
         self.address = self._server.address
         return self.address
 

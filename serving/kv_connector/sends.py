@@ -83,9 +83,10 @@ class _Send:
 
 
 class KVSends:
-    def __init__(self, config: TransferConfig, peer_retry_s: float = PEER_RETRY_S,
+    def __init__(self, config: TransferConfig, token: str | None = None, peer_retry_s: float = PEER_RETRY_S,
                  idle_close_s: float = IDLE_CLOSE_S) -> None:
         self.config = config
+        self._token = token  # the deployment's, sent with every call to a decode peer
         self.peer_retry_s = peer_retry_s
         self.idle_close_s = idle_close_s
         self._last_used: dict[str, float] = {}  # peer -> when a transfer to it last began
@@ -209,7 +210,8 @@ class KVSends:
             if time.monotonic() < dead_until:
                 raise PeerUnavailableError(f"decode peer {peer} did not answer a moment ago; not trying "
                                            f"again for {self.peer_retry_s:g}s")
-            sender = KVSender(self._kv_cache, self._layout, peer, self._released, self.config, self.counters)
+            sender = KVSender(self._kv_cache, self._layout, peer, self._released, self.config, self.counters,
+                              self._token)
             try:
                 sender.connect()  # IncompatibleLayoutError names the fields that differ
             except BaseException as e:

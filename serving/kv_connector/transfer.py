@@ -53,14 +53,16 @@ def transfer_config(config: Config) -> TransferConfig:
 
 
 class TransferWorker:
-    """KVConnectorWorker for instances that send, receive, or both."""
+    """KVConnectorWorker for instances that send, receive, or both. token: the deployment's, which
+    every KV call carries and the KVTransfer service requires (None: no check, for tests in one
+    process)."""
 
     def __init__(self, config: Config, kv_cache: torch.Tensor, layout: KVLayout, send: bool, receive: bool,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", token: str | None = None) -> None:
         transfer = transfer_config(config)
         self.layout = layout
-        self.sends = KVSends(transfer) if send else None
-        self.receives = KVReceives(transfer) if receive else None
+        self.sends = KVSends(transfer, token) if send else None
+        self.receives = KVReceives(transfer, token) if receive else None
         self.address = ""  # of the KVTransfer service, when this worker receives
         self._results: list[MoveResult] = []
         if self.sends is not None:
@@ -119,10 +121,11 @@ ROLES = ("prefill", "decode", "colocated")
 
 
 def make_worker(role: str, config: Config, kv_cache: torch.Tensor, layout: KVLayout,
-                host: str = "127.0.0.1") -> KVConnectorWorker:
+                host: str = "127.0.0.1", token: str | None = None) -> KVConnectorWorker:
     """prefill: sends; decode: receives (and serves KVTransfer on host); colocated: moves nothing."""
     if role not in ROLES:
         raise ValueError(f"instance role must be one of {', '.join(ROLES)}, got {role!r}")
     if role == "colocated":
         return NullWorker()
-    return TransferWorker(config, kv_cache, layout, send=role == "prefill", receive=role == "decode", host=host)
+    return TransferWorker(config, kv_cache, layout, send=role == "prefill", receive=role == "decode", host=host,
+                          token=token)
