@@ -1,0 +1,88 @@
+"""`pdserve serve` (tiny model, real process) on SIGTERM.
+
+SIGTERM drains: running streams finish (long --shutdown-timeout) or end with an error event and
+`data: [DONE]` (short one), new connections are refused, /health says 503 meanwhile, and the process
+exits 0.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import (StreamedCompletion, connection_refused, free_port, log_tail, start_server,
+                           stop_server, wait_until)
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT_S = 300.0
+# generous bounds: only reached when something is broken (the box is slow and shared)
+DEADLINE_S = 120.0
+SLACK_S = 20.0
+NUM_STREAMS = 3
+
+
+def _serve(model_dir: str, tmp_path: Path, *flags: str):
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    process = start_server(["--model", model_dir, "--served-model-name", "tiny", "--max-model-len", "2048",
+                            *flags], port, log_path, STARTUP_TIMEOUT_S)
+    return process, port, f"http://127.0.0.1:{port}", log_path
+
+
+def _long_streams(base_url: str, max_tokens: int) -> list[StreamedCompletion]:
+    """NUM_STREAMS streams that run for a while (ignore_eos), once each has begun."""
+    body = {"model": "tiny", "prompt": "Tell me a long story", "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0}
+    streams = [StreamedCompletion(base_url, body, DEADLINE_S) for _ in range(NUM_STREAMS)]
+    wait_until(lambda: all(len(s.events) >= 3 for s in streams), "every stream to begin", DEADLINE_S)
+    return streams
+
+
+def test_sigterm_lets_running_streams_finish(tiny_model_dir, tmp_path):
+    process, port, base_url, log_path = _serve(tiny_model_dir, tmp_path, "--shutdown-timeout", "600")
+    try:
+        max_tokens = 1500
+        streams = _long_streams(base_url, max_tokens)
+        with httpx.Client(base_url=base_url, timeout=DEADLINE_S) as open_connection:
+            assert open_connection.get("/health").status_code == 200
+            process.send_signal(signal.SIGTERM)
+            wait_until(lambda: open_connection.get("/health").status_code == 503, "/health to say 503",
+                       SLACK_S, interval_s=0.1)
+            # a request on a connection opened before: refused with a message, then closed
+            refused = open_connection.post("/v1/completions", json={"model": "tiny", "prompt": "late"})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert refused.headers["connection"] == "close"
+        assert connection_refused(port)  # new connections
+        assert not any(s.events[-1] == "[DONE]" for s in streams), "the streams ended before the drain was seen"
+        for stream in streams:
+            stream.join(DEADLINE_S)
+            assert stream.events[-1] == "[DONE]" and stream.finish_reasons == ["length"], stream.events[-3:]
+            assert not any("error" in e for e in stream.events if isinstance(e, dict))
+            assert sum(len(e["choices"][0]["text"]) > 0 for e in stream.events[:-1]) > 0
+        assert process.wait(DEADLINE_S) == 0, log_tail(log_path)
+    finally:
+        stop_server(process)
+
+
+def test_sigterm_ends_streams_still_running_at_the_shutdown_timeout(tiny_model_dir, tmp_path):
+    process, _, base_url, log_path = _serve(tiny_model_dir, tmp_path, "--shutdown-timeout", "1")
+    try:
+        streams = _long_streams(base_url, max_tokens=2000)  # far more than a second's worth
+        sent_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        for stream in streams:
+            stream.join(DEADLINE_S)
+            assert stream.events[-1] == "[DONE]", stream.events[-3:]
+            error = stream.events[-2]["error"]
+            assert error["code"] == 503 and error["type"] == "service_unavailable", error
+            assert "shutting down" in error["message"]
+            assert stream.finish_reasons == []
+        assert process.wait(DEADLINE_S) == 0, log_tail(log_path)
+        assert time.monotonic() - sent_at < 1 + SLACK_S
+        assert "ending 3 generation(s) still running" in log_tail(log_path, 20000)
+    finally:
+        stop_server(process)
