@@ -48,6 +48,11 @@ class ServerConfig:
     # on SIGTERM/SIGINT: how long running requests may go on before they are ended with a 503
     # (vLLM's --shutdown-timeout); instances drain their own requests for as long
     shutdown_timeout_s: float = 30.0
+    # slow clients: a connection whose request headers are not complete this long after it opened
+    # (or after the previous response) is closed; a body not complete this long after its
+    # headers gets a 408
+    request_header_timeout_s: float = 10.0
+    request_body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -56,6 +61,9 @@ class ServerConfig:
             raise ValueError("--max-request-bytes must be at least 1024")
         if self.shutdown_timeout_s < 0:
             raise ValueError(f"--shutdown-timeout must be 0 or more seconds, got {self.shutdown_timeout_s}")
+        for name in ("request_header_timeout_s", "request_body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

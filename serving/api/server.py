@@ -33,10 +33,11 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from serving.api.connection import with_header_deadline
 from serving.api.drain import Drain, DrainGate
 from serving.api.endpoints import GenerationEndpoints
 from serving.api.errors import ApiError, install_error_handlers, to_api_error
-from serving.api.middleware import ApiKeyAuth, BodySizeLimit
+from serving.api.middleware import ApiKeyAuth, BodyDeadline, BodySizeLimit
 from serving.api.responder import CLIENT_CLOSED
 from serving.config import ServerConfig
 from serving.engine.protocol import EngineClient, EngineDeadError, ModelInfo
@@ -96,6 +97,7 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> FastAPI:
     app.state.drain = drain
     install_error_handlers(app)
     # each add_middleware wraps the ones before: the last added runs first
+    app.add_middleware(BodyDeadline, timeout_s=server_config.request_body_timeout_s)
     app.add_middleware(BodySizeLimit, max_bytes=server_config.max_request_bytes)
     # the body of an unauthenticated request is never read
     app.add_middleware(ApiKeyAuth, api_key=server_config.api_key)
@@ -217,6 +219,7 @@ async def run_server(engine: EngineClient, server_config: ServerConfig) -> None:
     app = build_app(engine, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level,
+                            http=with_header_deadline(server_config.request_header_timeout_s),
                             timeout_graceful_shutdown=_END_GRACE_S)
     server = _Server(config, app.state.drain, server_config.shutdown_timeout_s)
     with _signals_to(server.handle_exit):

@@ -1,12 +1,14 @@
-"""`pdserve serve` (tiny model, real process) on SIGTERM.
+"""`pdserve serve` (tiny model, real process) on SIGTERM and against slow clients.
 
 SIGTERM drains: running streams finish (long --shutdown-timeout) or end with an error event and
 `data: [DONE]` (short one), new connections are refused, /health says 503 meanwhile, and the process
-exits 0.
+exits 0. Slow clients: a connection whose headers never complete is closed, a body that never
+completes gets a 408, and the server keeps serving.
 """
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -84,5 +86,45 @@ def test_sigterm_ends_streams_still_running_at_the_shutdown_timeout(tiny_model_d
         assert process.wait(DEADLINE_S) == 0, log_tail(log_path)
         assert time.monotonic() - sent_at < 1 + SLACK_S
         assert "ending 3 generation(s) still running" in log_tail(log_path, 20000)
+    finally:
+        stop_server(process)
+
+
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """What the server sends before it closes the connection (raises if it is still open after
+    timeout_s)."""
+    sock.settimeout(timeout_s)
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
+
+
+def test_slow_clients_are_cut_off_at_the_read_deadlines(tiny_model_dir, tmp_path):
+    process, port, base_url, log_path = _serve(tiny_model_dir, tmp_path, "--request-header-timeout-s", "2",
+                                               "--request-body-timeout-s", "2")
+    try:
+        body_head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        with socket.create_connection(("127.0.0.1", port)) as silent, \
+                socket.create_connection(("127.0.0.1", port)) as partial_headers, \
+                socket.create_connection(("127.0.0.1", port)) as partial_body:
+            partial_headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            partial_body.sendall(body_head + b'{"model": ')  # 10 of the 1000 bytes announced
+            started = time.monotonic()
+            # a normal request meanwhile is served
+            reply = httpx.post(f"{base_url}/v1/completions", timeout=DEADLINE_S,
+                               json={"model": "tiny", "prompt": "hi", "max_tokens": 3})
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
+            assert _read_until_closed(silent, 2 + SLACK_S) == b""
+            assert _read_until_closed(partial_headers, 2 + SLACK_S) == b""
+            answer = _read_until_closed(partial_body, 2 + SLACK_S)
+            assert time.monotonic() - started < 2 + SLACK_S
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert b"connection: close" in head.lower()
+        assert b'"code":"request_timeout"' in body and b"--request-body-timeout-s" in body
+        assert httpx.get(f"{base_url}/health", timeout=DEADLINE_S).status_code == 200
+        assert process.poll() is None, log_tail(log_path)
     finally:
         stop_server(process)

@@ -40,9 +40,12 @@ def test_positional_model_and_vllm_flag_names():
     assert config.scheduler.max_num_batched_tokens == 256
 
 
-def test_shutdown_timeout_flag(tmp_path):
+def test_shutdown_and_read_deadline_flags(tmp_path):
     assert parse(["--shutdown-timeout", "0"]).server.shutdown_timeout_s == 0  # vLLM's name
-    assert parse(["--shutdown-timeout-s", "45"]).server.shutdown_timeout_s == 45
+    config = parse(["--shutdown-timeout-s", "45", "--request-header-timeout-s", "2",
+                    "--request-body-timeout-s", "3.5"])
+    assert (config.server.shutdown_timeout_s, config.server.request_header_timeout_s,
+            config.server.request_body_timeout_s) == (45, 2, 3.5)
     path = tmp_path / "c.yaml"
     path.write_text("server:\n  shutdown-timeout: 12\n")
     assert Config.load(str(path)).server.shutdown_timeout_s == 12
@@ -55,6 +58,7 @@ def test_shutdown_timeout_flag(tmp_path):
     ("mode: sideways\n", "--mode"),
     ("kv_cache_memory_bytes: lots\n", "size"),
     ("shutdown_timeout: -1\n", "--shutdown-timeout"),
+    ("request_header_timeout_s: 0\n", "--request-header-timeout-s"),
     ("- a\n- b\n", "mapping"),
 ])
 def test_bad_config_says_what_to_change(tmp_path, yaml_text, message):
