@@ -3,10 +3,15 @@
 The engine runs on AsyncLLM's thread; the gRPC server (grpc.aio) and every handler run on the event
 loop that `serve_instance` is awaited on. The decode role also serves KVTransfer on a second port
 (the connector's receiver), which prefill instances push KV to.
+
+Stopping drains: new Generate calls are refused (UNAVAILABLE, `wire.draining_details`: the router
+sends them elsewhere), running ones go on until the engine holds nothing — on a prefill instance that
+includes KV leased until the decode side acknowledged it — for at most --shutdown-timeout.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 _ACCEPT_POLL_S = 0.002
 _GRACE_S = 2.0
+_DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -49,8 +55,21 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         self.llm = llm
         self.core = core
         self.kv_address = kv_address
+        self.draining = False  # set once: new Generate calls are refused
+        self.num_generating = 0  # Generate calls being answered
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, wire.draining_details(self.spec.name))
+        self.num_generating += 1
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as outputs:
+                async for output in outputs:
+                    yield output
+        finally:
+            self.num_generating -= 1
+
+    async def _generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
         rid = request.request_id
         try:
             params = wire.params_from_proto(request.params)
@@ -153,9 +172,36 @@ class InstanceAddress:
     info: pb.InstanceInfo
 
 
+async def drain(servicer: InstanceServicer, llm: AsyncLLM, timeout_s: float, force: asyncio.Event) -> None:
+    """Refuse new Generate calls, then wait until the running ones are answered and the engine holds
+    nothing (waiting, running, waiting for KV, KV leased until the peer acknowledges it), at most
+    timeout_s or until `force` is set."""
+    servicer.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    name = servicer.spec.name
+    logger.info("instance %s draining: no new requests; waiting up to %gs for %d running", name,
+                timeout_s, servicer.num_generating)
+    while servicer.num_generating or await _engine_holds_requests(llm):
+        if loop.time() >= deadline or force.is_set():
+            logger.warning("instance %s stops with %d request(s) unfinished (%s)", name, servicer.num_generating,
+                           "a second signal" if force.is_set() else "--shutdown-timeout")
+            return
+        await asyncio.sleep(_DRAIN_POLL_S)
+    logger.info("instance %s drained", name)
+
+
+async def _engine_holds_requests(llm: AsyncLLM) -> bool:
+    try:
+        return await llm.call(lambda core: core.has_unfinished())
+    except EngineDeadError:
+        return False  # nothing left to wait for
+
+
 async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress], None],
-                         stop: asyncio.Event) -> None:
-    """Build the engine, serve until `stop` is set, then shut down. Binds only free ports."""
+                         stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
+    """Build the engine, serve until `stop` is set, drain (`drain`: at most --shutdown-timeout, or
+    until `force` is set), then shut down. Binds only free ports."""
     config = spec.config
     torch.set_num_threads(num_torch_threads(config))
     host = config.deploy.internal_host
@@ -165,7 +211,8 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
         kv_address = connector.start_receiver(host)
         llm = AsyncLLM(core, spec.name)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, llm, core, kv_address), server)
+        servicer = InstanceServicer(spec, llm, core, kv_address)
+        pb_grpc.add_InstanceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         try:
@@ -174,6 +221,7 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
             logger.info("instance %s (%s) serving on %s, KV on %s", spec.name, spec.role, address,
                         kv_address or "-")
             await stop.wait()
+            await drain(servicer, llm, config.server.shutdown_timeout_s, force or asyncio.Event())
         finally:
             await server.stop(_GRACE_S)
             await llm.shutdown()
