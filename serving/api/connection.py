@@ -9,8 +9,11 @@ no answer, when it fires:
     open ──headers──► [handled] ──response sent──► idle ──headers──► [handled] ...
     |<- header deadline ->|                         |<- header deadline ->|
 
-The body has its own deadline (middleware.BodyDeadline), which answers 408. uvicorn would pick its
-httptools protocol when that package is installed; this one always uses h11.
+After an early response (a 413 before the body was read, say) uvicorn keeps the connection and
+discards the rest of that body as it comes; the clock runs through that too, so trickling the old
+body cannot hold the connection either. The body of a request being handled has its own deadline
+(middleware.BodyDeadline), which answers 408. uvicorn would pick its httptools protocol when that
+package is installed; this one always uses h11.
 """
 from __future__ import annotations
 
@@ -31,34 +34,38 @@ class HeaderDeadlineProtocol(H11Protocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        # uvicorn makes a new `cycle` for each request whose headers it has parsed: the clock
+        # stops once `self.cycle` is no longer the one it was started after
+        self._cycle_before = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm_header_deadline()
+        self._arm_header_deadline(after=None)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         self._stop_once_headers_complete()
 
     def on_response_complete(self) -> None:
+        finished = self.cycle
         super().on_response_complete()  # may already parse a pipelined request
-        self._arm_header_deadline()
+        self._arm_header_deadline(after=finished)
         self._stop_once_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_deadline()
         super().connection_lost(exc)
 
-    def _arm_header_deadline(self) -> None:
-        """Start the clock if the connection now waits for a request's headers."""
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return
+    def _arm_header_deadline(self, after) -> None:
+        """Start the clock for the headers of the request that follows the cycle `after`."""
         self._cancel_header_deadline()
+        if self.transport.is_closing():
+            return
+        self._cycle_before = after
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._on_header_deadline)
 
     def _stop_once_headers_complete(self) -> None:
-        # h11 leaves IDLE for the client's side once a request's line and headers are parsed
-        if self.conn.their_state is not h11.IDLE:
+        if self._header_timer is not None and self.cycle is not self._cycle_before:
             self._cancel_header_deadline()
 
     def _cancel_header_deadline(self) -> None:
@@ -71,12 +78,11 @@ class HeaderDeadlineProtocol(H11Protocol):
         if self.transport.is_closing():
             return
         client = "%s:%d" % self.client if self.client else "a client"
-        if self.conn.trailing_data[0]:  # part of a request is in
+        if self.conn.trailing_data[0] or self.conn.their_state is not h11.IDLE:  # a request is on its way
             logger.info("closing the connection from %s: no complete request headers within %gs "
                         "(--request-header-timeout-s)", client, self.header_timeout_s)
         else:
-            logger.debug("closing the connection from %s: no request within %gs", client,
-                         self.header_timeout_s)
+            logger.debug("closing the idle connection from %s after %gs", client, self.header_timeout_s)
         try:
             self.conn.send(h11.ConnectionClosed())
         except h11.LocalProtocolError:

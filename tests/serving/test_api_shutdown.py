@@ -100,6 +100,26 @@ def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
     return received
 
 
+def _trickle_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Send a byte every 0.2 s (so that no idle timer could fire) and collect what comes back, until
+    the server closes the connection (raises if it is still open after timeout_s)."""
+    sock.settimeout(0.2)
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            sock.sendall(b"x")
+            chunk = sock.recv(4096)
+        except socket.timeout:
+            continue
+        except (BrokenPipeError, ConnectionResetError):
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError(f"the connection is still open after {timeout_s:g}s")
+
+
 def test_slow_clients_are_cut_off_at_the_read_deadlines(tiny_model_dir, tmp_path):
     process, port, base_url, log_path = _serve(tiny_model_dir, tmp_path, "--request-header-timeout-s", "2",
                                                "--request-body-timeout-s", "2")
@@ -108,9 +128,12 @@ def test_slow_clients_are_cut_off_at_the_read_deadlines(tiny_model_dir, tmp_path
                      b"Content-Length: 1000\r\n\r\n")
         with socket.create_connection(("127.0.0.1", port)) as silent, \
                 socket.create_connection(("127.0.0.1", port)) as partial_headers, \
-                socket.create_connection(("127.0.0.1", port)) as partial_body:
+                socket.create_connection(("127.0.0.1", port)) as partial_body, \
+                socket.create_connection(("127.0.0.1", port)) as trickled_body:
             partial_headers.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
             partial_body.sendall(body_head + b'{"model": ')  # 10 of the 1000 bytes announced
+            # answered 413 at once (over --max-request-bytes); the rest of its body then trickles in
+            trickled_body.sendall(body_head.replace(b"1000", b"%d" % (8 * 2**20)) + b'{"model": ')
             started = time.monotonic()
             # a normal request meanwhile is served
             reply = httpx.post(f"{base_url}/v1/completions", timeout=DEADLINE_S,
@@ -119,7 +142,9 @@ def test_slow_clients_are_cut_off_at_the_read_deadlines(tiny_model_dir, tmp_path
             assert _read_until_closed(silent, 2 + SLACK_S) == b""
             assert _read_until_closed(partial_headers, 2 + SLACK_S) == b""
             answer = _read_until_closed(partial_body, 2 + SLACK_S)
+            too_large = _trickle_until_closed(trickled_body, 2 + SLACK_S)
             assert time.monotonic() - started < 2 + SLACK_S
+        assert too_large.startswith(b"HTTP/1.1 413"), too_large
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer
         assert b"connection: close" in head.lower()
