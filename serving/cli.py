@@ -52,6 +52,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-request-bytes", type=parse_bytes, default=None,
                    help="largest accepted request body (default 4MiB)")
     g.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    g.add_argument("--shutdown-timeout", "--shutdown-timeout-s", dest="shutdown_timeout_s", type=float,
+                   default=None, help="on SIGTERM/SIGINT, seconds running requests may take to finish "
+                   "before they end with a 503 (default 30; 0: at once)")
+    g.add_argument("--request-header-timeout-s", type=float, default=None,
+                   help="close a connection whose request headers are not complete in this time (default 10)")
+    g.add_argument("--request-body-timeout-s", type=float, default=None,
+                   help="answer 408 to a request whose body is not complete in this time (default 30)")
     g = parser.add_argument_group("deployment")
     g.add_argument("--mode", default=None, choices=["colocated", "disaggregated"])
     g.add_argument("--num-prefill", type=int, default=None, help="prefill instances (disaggregated)")

@@ -45,12 +45,25 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 4 * 1024**2  # request bodies past this get a 413
     log_level: str = "info"
+    # on SIGTERM/SIGINT: how long running requests may go on before they are ended with a 503
+    # (vLLM's --shutdown-timeout); instances drain their own requests for as long
+    shutdown_timeout_s: float = 30.0
+    # slow clients: a connection whose request headers are not complete this long after it opened
+    # (or after the previous response) is closed; a body not complete this long after its
+    # headers gets a 408
+    request_header_timeout_s: float = 10.0
+    request_body_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1024:
             raise ValueError("--max-request-bytes must be at least 1024")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"--shutdown-timeout must be 0 or more seconds, got {self.shutdown_timeout_s}")
+        for name in ("request_header_timeout_s", "request_body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -188,4 +201,5 @@ _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerC
              "server": ServerConfig, "deploy": DeployConfig}
 _FIELD_OWNER = {f.name: name for name, klass in _SECTIONS.items() for f in dataclasses.fields(klass)}
 _ROLE_SECTIONS = ("model", "cache", "scheduler")
-_ALIASES = {"num_gpu_blocks_override": "num_blocks_override", "enable_prefix_caching": "enable_prefix_caching"}
+_ALIASES = {"num_gpu_blocks_override": "num_blocks_override", "enable_prefix_caching": "enable_prefix_caching",
+            "shutdown_timeout": "shutdown_timeout_s"}

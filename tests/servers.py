@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,3 +51,56 @@ def stop_server(process: subprocess.Popen, grace_s: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def wait_until(condition, what: str, timeout_s: float, interval_s: float = 0.05) -> None:
+    """Poll condition() until it is true; AssertionError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def connection_refused(port: int) -> bool:
+    """True if nothing accepts connections on 127.0.0.1:port."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+class StreamedCompletion:
+    """POST a streamed completion on a thread of its own; `events` fills as the server sends them
+    (the JSON chunks as dicts, then "[DONE]"), `error` holds what the client raised, if anything."""
+
+    def __init__(self, base_url: str, body: dict, timeout_s: float, path: str = "/v1/completions") -> None:
+        self.events: list[dict | str] = []
+        self.status: int | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(base_url + path, {**body, "stream": True},
+                                                                timeout_s), daemon=True)
+        self._thread.start()
+
+    def _run(self, url: str, body: dict, timeout_s: float) -> None:
+        try:
+            with httpx.stream("POST", url, json=body, timeout=timeout_s) as response:
+                self.status = response.status_code
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        data = line[len("data: "):]
+                        self.events.append(data if data == "[DONE]" else json.loads(data))
+        except BaseException as e:  # noqa: BLE001 - reported to the test through `error`
+            self.error = e
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [c["finish_reason"] for e in self.events if isinstance(e, dict)
+                for c in e.get("choices", []) if c.get("finish_reason")]
+
+    def join(self, timeout_s: float) -> "StreamedCompletion":
+        self._thread.join(timeout_s)
+        assert not self._thread.is_alive(), f"the stream did not end within {timeout_s:g}s"
+        assert self.error is None, f"the stream failed: {self.error!r}"
+        return self

@@ -14,6 +14,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
 from scheduler.sampling_params import SamplingParams
+from serving.api.drain import Drain
 from serving.api.errors import ApiError, validation_error
 from serving.api.formats import ChatFormat, CompletionFormat, ResponseMeta
 from serving.api.generation import Generation, expand_sub_requests
@@ -42,8 +43,8 @@ async def parse_body(request: Request, model_class: type[BaseModel]) -> BaseMode
 class GenerationEndpoints:
     """Handlers of the two generation routes; they share the engine, metrics and formats."""
 
-    def __init__(self, engine: EngineClient, metrics: ServingMetrics) -> None:
-        self._engine = engine
+    def __init__(self, engine: EngineClient, metrics: ServingMetrics, drain: Drain) -> None:
+        self._engine, self._drain = engine, drain
         self._metrics = metrics
         texts = TokenTexts(engine.tokenizer)
         self._completion_format = CompletionFormat(texts)
@@ -90,7 +91,7 @@ class GenerationEndpoints:
         except ValueError as exc:  # e.g. min_tokens above the max_tokens the context leaves
             raise ApiError(400, str(exc)) from None
         sub_requests = expand_sub_requests(meta.response_id, prompts, body.user or "", body.priority)
-        generation = Generation(self._engine, sub_requests, self._metrics, arrival_s)
+        generation = Generation(self._engine, sub_requests, self._metrics, arrival_s, self._drain)
         # the body has been read, so `receive` now only reports a disconnect
         generation.start(request.receive)
         responder = Responder(generation, sub_requests, fmt, meta, prompt_ids_list, params.n)

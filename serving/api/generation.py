@@ -10,6 +10,10 @@ engine's iterators, and each pump also calls `engine.abort(request_id)` so the K
 even if an engine relies on the explicit call. A watcher task reads the ASGI `receive` channel so
 that a client that disconnects is noticed even while no output is being sent (a request waiting in
 the queue).
+
+Shutdown: a running Generation is registered with the app's `Drain`; when the drain deadline passes
+the drain calls `end(error)`, which aborts like `close` and makes `next_output` raise the error
+after the outputs already queued, so the client is told why its answer stops.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from scheduler.sampling_params import SamplingParams
+from serving.api.drain import Drain, expired_error
 from serving.engine.protocol import EngineClient, EngineDeadError, RequestOutput
 from serving.metrics import ServingMetrics
 
@@ -67,13 +72,15 @@ def expand_sub_requests(response_id: str, prompts: list[tuple[list[int], Samplin
 class Generation:
     """Runs sub-requests concurrently; `next_output` yields their outputs as they come.
 
-    Mutates the engine (submits on `start`, aborts on `close`). `close` is idempotent, synchronous
-    and safe to call from a cancelled task: the aborts run in the pump tasks, not in the caller.
+    Mutates the engine (submits on `start`, aborts on `close` and `end`) and `drain` (registers while
+    running). `close` and `end` are idempotent, synchronous and safe to call from a cancelled task:
+    the aborts run in the pump tasks, not in the caller.
     """
 
     def __init__(self, engine: EngineClient, sub_requests: list[SubRequest],
-                 metrics: ServingMetrics, arrival_s: float) -> None:
+                 metrics: ServingMetrics, arrival_s: float, drain: Drain) -> None:
         self._engine = engine
+        self._drain = drain
         self._sub_requests = sub_requests
         self._metrics = metrics
         self._arrival_s = arrival_s
@@ -84,7 +91,12 @@ class Generation:
         self._closed = False
 
     def start(self, receive: Callable[[], Awaitable[dict]] | None) -> None:
-        """Submit every sub-request; watch `receive` (ASGI, body already read) for a disconnect."""
+        """Submit every sub-request; watch `receive` (ASGI, body already read) for a disconnect.
+        Once the server's drain has expired, submits nothing and ends at once."""
+        if self._drain.expired:
+            self.end(expired_error())
+            return
+        self._drain.track(self)
         for sub in self._sub_requests:
             self._pumps.append(asyncio.create_task(self._pump(sub), name=sub.request_id))
         if receive is not None:
@@ -106,10 +118,19 @@ class Generation:
             self._num_open -= 1
         return sub, item
 
+    def end(self, error: Exception) -> None:
+        """Stop now (the server is shutting down): abort the unfinished sub-requests, as `close`
+        does, and make `next_output` raise `error` once the outputs already queued are taken."""
+        if self._closed:
+            return
+        self.close()
+        self._queue.put_nowait((None, error))
+
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._drain.untrack(self)
         for pump in self._pumps:
             pump.cancel()  # a finished pump ignores this
         if self._watcher is not None and self._watcher is not asyncio.current_task():

@@ -1,10 +1,11 @@
-"""Plain ASGI middleware: API-key check and request-body size limit.
+"""Plain ASGI middleware: API-key check, request-body size limit and request-body deadline.
 
 Plain ASGI (not Starlette's BaseHTTPMiddleware) so streaming responses and the disconnect signal on
 `receive` pass through untouched.
 """
 from __future__ import annotations
 
+import asyncio
 import secrets
 
 from starlette.datastructures import Headers
@@ -71,3 +72,46 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class BodyDeadline:
+    """408 for a request whose body is not complete within `timeout_s` of its start (its headers
+    are in): each `receive` of the body waits at most what is left, and the 408 raised from it (an
+    ApiError, answered by the route) goes out with `Connection: close`. Once the body is complete,
+    `receive` passes through untouched: it then only reports a disconnect, which may come at any
+    time (Generation's watcher and streaming responses wait on it for as long as they run)."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self._timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
+        body_complete = False
+        timed_out = False
+
+        async def receive_before_deadline() -> Message:
+            nonlocal body_complete, timed_out
+            if body_complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                timed_out = True
+                raise ApiError(408, f"The request body did not arrive within {self._timeout_s:g}s "
+                                    "(--request-body-timeout-s).", code="request_timeout") from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_complete = True
+            return message
+
+        async def send_closing_after_timeout(message: Message) -> None:
+            if timed_out and message["type"] == "http.response.start":
+                # the rest of the body may still be on its way: this connection cannot be reused
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive_before_deadline, send_closing_after_timeout)

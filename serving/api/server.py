@@ -5,6 +5,16 @@ Routes:
     POST /v1/completions, POST /v1/chat/completions   (API key, if configured)
     GET  /v1/models, /v1/models/{model}                (API key, if configured)
     GET  /health (200 healthy / 503), /metrics (Prometheus), /version   (always open)
+
+Shutdown (SIGTERM, or a first SIGINT), the drain (see drain.py):
+    1. stop listening (new connections are refused); new requests on open connections get a 503,
+       /health too
+    2. wait until no request is in flight, at most --shutdown-timeout
+    3. end the requests still running: their engine requests are aborted; a stream gets an error
+       event and `data: [DONE]`, a response not yet started a 503
+    4. wait for them to go out (at most _END_GRACE_S), then uvicorn closes the connections
+    5. engine.shutdown() (disaggregated: the instances are stopped, and drain what is left)
+A second signal skips what is left of 2 and 4. The process exits 0 either way.
 """
 from __future__ import annotations
 
@@ -23,9 +33,11 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from serving.api.connection import with_header_deadline
+from serving.api.drain import Drain, DrainGate
 from serving.api.endpoints import GenerationEndpoints
 from serving.api.errors import ApiError, install_error_handlers, to_api_error
-from serving.api.middleware import ApiKeyAuth, BodySizeLimit
+from serving.api.middleware import ApiKeyAuth, BodyDeadline, BodySizeLimit
 from serving.api.responder import CLIENT_CLOSED
 from serving.config import ServerConfig
 from serving.engine.protocol import EngineClient, EngineDeadError, ModelInfo
@@ -33,9 +45,9 @@ from serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
-# seconds uvicorn lets in-flight requests finish on shutdown before cancelling them (which aborts
-# them in the engine); long enough for a short completion, short enough for an operator's Ctrl-C
-_GRACEFUL_SHUTDOWN_S = 10
+# after the drain: how long requests ended with the shutdown error have to send it (a client that
+# does not read blocks that), and uvicorn's own graceful window before it cancels what is left
+_END_GRACE_S = 5
 
 
 def _version() -> str:
@@ -71,19 +83,26 @@ def _model_card(info: ModelInfo) -> dict:
 
 
 def build_app(engine: EngineClient, server_config: ServerConfig) -> FastAPI:
-    """A FastAPI app serving `engine`. It owns its metrics (`app.state.metrics`); it does not own
-    the engine (whoever built the engine shuts it down; `run_server` does)."""
+    """A FastAPI app serving `engine`. It owns its metrics (`app.state.metrics`) and its shutdown
+    state (`app.state.drain`, driven by `run_server`); it does not own the engine (whoever built the
+    engine shuts it down; `run_server` does)."""
     info = engine.model_info
     metrics = ServingMetrics(info.name, info.max_model_len)
-    endpoints = GenerationEndpoints(engine, metrics)
+    drain = Drain()
+    endpoints = GenerationEndpoints(engine, metrics, drain)
     app = FastAPI(title="pdserve", version=_version(), docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.router.route_class = _OpenAIRoute
     app.state.metrics = metrics
+    app.state.drain = drain
     install_error_handlers(app)
+    # each add_middleware wraps the ones before: the last added runs first
+    app.add_middleware(BodyDeadline, timeout_s=server_config.request_body_timeout_s)
     app.add_middleware(BodySizeLimit, max_bytes=server_config.max_request_bytes)
-    # added last, so outermost: the body of an unauthenticated request is never read
+    # the body of an unauthenticated request is never read
     app.add_middleware(ApiKeyAuth, api_key=server_config.api_key)
+    # outermost: every request is counted, and none is let in once the server is draining
+    app.add_middleware(DrainGate, drain=drain)
 
     app.add_api_route("/v1/completions", endpoints.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"])
@@ -122,40 +141,96 @@ def build_app(engine: EngineClient, server_config: ServerConfig) -> FastAPI:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn re-raises a caught SIGINT/SIGTERM once it has stopped, which would end the process
-    before the engine is shut down; here a signal only asks for a graceful exit (a second SIGINT
-    forces it), and `run_server` returns normally."""
+    """uvicorn that drains on SIGINT/SIGTERM (the steps are in this module's docstring).
+
+    uvicorn's own handling would stop at once, give running requests a fixed window and then cut
+    them mid-body, and re-raise the signal before the engine is shut down. Here the signal handler
+    (installed by `run_server` for its whole run) only counts signals; `on_tick`, which uvicorn
+    calls every 0.1 s on the event loop, starts the drain, and the drain sets `should_exit` when it
+    is done, which runs uvicorn's shutdown (it then finds nothing left to wait for).
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._num_signals = 0
+        self._draining: asyncio.Task | None = None
 
     @contextlib.contextmanager
     def capture_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals can only be handled in the main thread
-            return
-        originals = {sig: signal.signal(sig, self.handle_exit)
-                     for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, handler)
+        yield  # run_server holds the signals (uvicorn's would re-raise them once it has stopped)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # a signal handler interrupts the loop anywhere: count only, on_tick acts
+        self._num_signals += 1
+
+    def _forced(self) -> bool:
+        return self._num_signals >= 2
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._num_signals:
+            self.drain()
+        return await super().on_tick(counter)
+
+    def drain(self) -> asyncio.Task:
+        """Start the drain (once); the task ends with `should_exit` set."""
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain_requests(), name="pdserve-drain")
+        return self._draining
+
+    async def _drain_requests(self) -> None:
+        drain = self._drain
+        for server in self.servers:
+            server.close()  # stop listening: new connections are refused
+        drain.begin()
+        logger.info("shutting down: no new requests; waiting up to %gs for %d request(s) in flight "
+                    "(--shutdown-timeout; a second signal ends them now)", self._shutdown_timeout_s,
+                    drain.num_in_flight)
+        if not await drain.wait_idle(self._shutdown_timeout_s, self._forced):
+            num_ended = drain.expire()
+            logger.warning("shutting down: ending %d generation(s) still running with a 503 "
+                           "(%d request(s) in flight)", num_ended, drain.num_in_flight)
+            if not await drain.wait_idle(_END_GRACE_S, lambda: False):
+                logger.warning("shutting down: %d request(s) did not end; closing their connections",
+                               drain.num_in_flight)
+        self.force_exit = self._forced()
+        self.should_exit = True
+
+
+@contextlib.contextmanager
+def _signals_to(handler):
+    """SIGINT and SIGTERM go to handler(sig, frame) inside the block (main thread only: elsewhere
+    signals cannot be handled, and the embedding program owns them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    originals = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, original in originals.items():
+            signal.signal(sig, original)
 
 
 async def run_server(engine: EngineClient, server_config: ServerConfig) -> None:
-    """Serve until SIGINT/SIGTERM or cancellation, then stop uvicorn gracefully and shut the
-    engine down (always, even if uvicorn fails to start)."""
+    """Serve until SIGINT/SIGTERM or cancellation, then drain (see the module docstring) and shut
+    the engine down (always, even if uvicorn fails to start). Signals during the engine's shutdown
+    are ignored: it is bounded."""
     app = build_app(engine, server_config)
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
                             log_level=server_config.log_level,
-                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S)
-    server = _Server(config)
-    try:
-        await server.serve()
-    except asyncio.CancelledError:
-        # cancelled mid-serve: uvicorn's own shutdown did not run; close the sockets and let
-        # in-flight requests finish (or be cancelled, which aborts them) before the engine goes
-        if server.started:
-            server.should_exit = True
-            await server.shutdown()
-        raise
-    finally:
-        await engine.shutdown()
+                            http=with_header_deadline(server_config.request_header_timeout_s),
+                            timeout_graceful_shutdown=_END_GRACE_S)
+    server = _Server(config, app.state.drain, server_config.shutdown_timeout_s)
+    with _signals_to(server.handle_exit):
+        try:
+            await server.serve()
+        except asyncio.CancelledError:
+            # cancelled mid-serve: drain as on a signal, then uvicorn's shutdown, which did not run
+            if server.started:
+                await server.drain()
+                await server.shutdown()
+            raise
+        finally:
+            await engine.shutdown()

@@ -37,9 +37,13 @@ _DEAD_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.Stat
 
 
 class InstanceFailed(Exception):
-    def __init__(self, state: InstanceState, reason: str, dead: bool = True) -> None:
+    """A call to an instance failed. `dead`: the instance is gone (it is marked failed, its other
+    streams fail too); `draining`: it refused a new request while shutting down (no more requests go
+    there, its running streams go on)."""
+
+    def __init__(self, state: InstanceState, reason: str, dead: bool = True, draining: bool = False) -> None:
         super().__init__(reason)
-        self.state, self.reason, self.dead = state, reason, dead
+        self.state, self.reason, self.dead, self.draining = state, reason, dead and not draining, draining
 
 
 class _NoRoom(Exception):
@@ -84,6 +88,8 @@ class _Stream:
                 raise RequestRejectedError(e.details()) from None
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _NoRoom(e.details()) from None
+            if code == grpc.StatusCode.UNAVAILABLE and wire.is_draining(e.details()):
+                raise InstanceFailed(self.state, e.details(), draining=True) from None
             raise InstanceFailed(self.state, f"{code.name}: {e.details()}", dead=code in _DEAD_CODES) from None
         if message is grpc.aio.EOF:
             raise InstanceFailed(self.state, "its stream ended before the request finished")
@@ -132,8 +138,7 @@ class RequestFlow:
                             yield output
                     return
                 except InstanceFailed as e:
-                    if e.dead:
-                        self.pool.mark_failed(e.state, e.reason)
+                    self._note_failure(e)
                     if self.aborted:
                         break
                     self._check_retry(e)
@@ -147,9 +152,15 @@ class RequestFlow:
             for stream in list(self._streams):
                 self._close(stream)
 
+    def _note_failure(self, error: InstanceFailed) -> None:
+        if error.dead:
+            self.pool.mark_failed(error.state, error.reason)
+        elif error.draining:
+            self.pool.mark_draining(error.state)
+
     def _check_retry(self, error: InstanceFailed) -> None:
         """Raise EngineDeadError unless another leg should be tried after this failure."""
-        if not self.output_token_ids:
+        if not self.output_token_ids or error.draining:  # a refused leg sent nothing: try elsewhere
             self.counters["num_reroutes"] += 1
             logger.warning("request %s: %s failed (%s); trying other instances", self.request_id,
                            error.state.name, error.reason)
@@ -252,8 +263,7 @@ class RequestFlow:
         except (_NoRoom, asyncio.TimeoutError):
             return None
         except InstanceFailed as e:
-            if e.dead:
-                self.pool.mark_failed(decode, e.reason)
+            self._note_failure(e)
             return None
         finally:
             if not accepted:

@@ -4,10 +4,15 @@ The engine runs on its EngineThread; the gRPC server (grpc.aio) and every handle
 loop that `serve_instance` is awaited on. The decode role also serves KVTransfer on a second port
 (its connector worker's receiver), which prefill instances push KV to. Instances stream token ids:
 the router detokenizes.
+
+Stopping drains: new Generate calls are refused (UNAVAILABLE, `wire.draining_details`: the router
+sends them elsewhere), running ones go on until the engine holds nothing — on a prefill instance that
+includes KV leased until the decode side acknowledged it — for at most --shutdown-timeout.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +34,7 @@ from serving.engine.protocol import EngineDeadError, RequestRejectedError
 logger = logging.getLogger(__name__)
 
 _GRACE_S = 2.0
+_DRAIN_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,23 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         self.thread = thread
         self.engine = thread.engine
         self.auth = auth
+        self.draining = False  # set once: new Generate calls are refused
+        self.num_generating = 0  # Generate calls being answered
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
         """A remote_prefill request's first message says its blocks are reserved and registered with
         the KV receiver (`accepted`); token outputs follow once its KV and first token are in."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, wire.draining_details(self.spec.name))
+        self.num_generating += 1
+        try:
+            async with contextlib.aclosing(self._generate(request, context)) as outputs:
+                async for output in outputs:
+                    yield output
+        finally:
+            self.num_generating -= 1
+
+    async def _generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
         try:
             params = wire.params_from_proto(request.params)
         except ValueError as e:
@@ -147,9 +166,36 @@ class InstanceAddress:
     info: pb.InstanceInfo
 
 
+async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Event) -> None:
+    """Refuse new Generate calls, then wait until the running ones are answered and the engine holds
+    nothing (waiting, running, waiting for KV, KV leased until the peer acknowledges it), at most
+    timeout_s or until `force` is set."""
+    servicer.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    name = servicer.spec.name
+    logger.info("instance %s draining: no new requests; waiting up to %gs for %d running", name,
+                timeout_s, servicer.num_generating)
+    while servicer.num_generating or await _engine_holds_requests(servicer.thread):
+        if loop.time() >= deadline or force.is_set():
+            logger.warning("instance %s stops with %d request(s) unfinished (%s)", name, servicer.num_generating,
+                           "a second signal" if force.is_set() else "--shutdown-timeout")
+            return
+        await asyncio.sleep(_DRAIN_POLL_S)
+    logger.info("instance %s drained", name)
+
+
+async def _engine_holds_requests(thread: EngineThread) -> bool:
+    try:
+        return await thread.call(lambda engine: engine.has_unfinished())
+    except EngineDeadError:
+        return False  # nothing left to wait for
+
+
 async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress], None],
-                         stop: asyncio.Event) -> None:
-    """Build the engine, serve until `stop` is set, then shut down. Binds only free ports."""
+                         stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
+    """Build the engine, serve until `stop` is set, drain (`drain`: at most --shutdown-timeout, or
+    until `force` is set), then shut down. Binds only free ports."""
     config = spec.config
     torch.set_num_threads(num_torch_threads(config))
     host = config.deploy.internal_host
@@ -159,7 +205,8 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
         thread = EngineThread(engine)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                                  interceptors=[AioServerTokenInterceptor(auth)])
-        pb_grpc.add_InstanceServicer_to_server(InstanceServicer(spec, thread, auth), server)
+        servicer = InstanceServicer(spec, thread, auth)
+        pb_grpc.add_InstanceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         try:
@@ -169,6 +216,7 @@ async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress
             logger.info("instance %s (%s) serving on %s, KV on %s", spec.name, spec.role, address,
                         info.kv_address or "-")
             await stop.wait()
+            await drain(servicer, config.server.shutdown_timeout_s, force or asyncio.Event())
         finally:
             await server.stop(_GRACE_S)
             await thread.shutdown()

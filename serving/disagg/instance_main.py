@@ -8,7 +8,9 @@ can read.
 
 Once serving, it prints one line `READY_PREFIX {"address": ..., "info": base64(InstanceInfo)}` on
 stdout (its logs go to stderr) and runs until SIGTERM/SIGINT, or until its parent process is gone, so
-that a launcher killed without cleaning up leaves no instance behind.
+that a launcher killed without cleaning up leaves no instance behind. A signal drains first (running
+requests finish, for at most --shutdown-timeout); a second signal, or a gone parent (nobody is left
+to answer), skips the drain. It exits 0.
 """
 from __future__ import annotations
 
@@ -53,15 +55,22 @@ def decode_start(name: str, role: str, document: str) -> InstanceSpec:
 
 
 async def _main(spec: InstanceSpec, parent_pid: int) -> None:
-    stop = asyncio.Event()
+    stop, force = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            force.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
 
     async def watch_parent() -> None:
         while os.getppid() == parent_pid:
             await asyncio.sleep(_PARENT_CHECK_S)
         logging.getLogger(__name__).warning("launcher process %d is gone; stopping", parent_pid)
+        force.set()
         stop.set()
 
     def on_ready(ready: InstanceAddress) -> None:
@@ -69,7 +78,7 @@ async def _main(spec: InstanceSpec, parent_pid: int) -> None:
 
     watcher = asyncio.create_task(watch_parent())
     try:
-        await serve_instance(spec, on_ready, stop)
+        await serve_instance(spec, on_ready, stop, force)
     finally:
         watcher.cancel()
 

@@ -24,6 +24,7 @@ from serving.disagg.instance_main import decode_ready, encode_start
 
 logger = logging.getLogger(__name__)
 
+# how long a stopped instance may take beyond its own drain (--shutdown-timeout) before it is killed
 _STOP_GRACE_S = 10.0
 
 
@@ -65,7 +66,8 @@ def make_launcher(config: Config) -> Launcher:
     if config.deploy.launcher == "ray":
         from serving.disagg.ray_launcher import RayLauncher
         return RayLauncher(config.deploy)
-    return LocalLauncher(config.deploy.instance_start_timeout_s)
+    return LocalLauncher(config.deploy.instance_start_timeout_s,
+                         drain_timeout_s=config.server.shutdown_timeout_s)
 
 
 class _Process:
@@ -107,19 +109,22 @@ class _Process:
             raise RuntimeError(f"instance {self.spec.name} did not start within {timeout_s:.0f}s "
                                "(--instance-start-timeout-s)") from None
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
+        """SIGTERM (the instance drains), then SIGKILL after grace_s."""
         if self.popen.poll() is None:
             self.popen.terminate()
         try:
-            self.popen.wait(_STOP_GRACE_S)
+            self.popen.wait(grace_s)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
 
 
 class LocalLauncher:
-    def __init__(self, start_timeout_s: float) -> None:
+    def __init__(self, start_timeout_s: float, drain_timeout_s: float = 0.0) -> None:
         self.start_timeout_s = start_timeout_s
+        # an instance stopped by shutdown() may drain for drain_timeout_s: it is not killed before that
+        self.stop_grace_s = drain_timeout_s + _STOP_GRACE_S
         self._processes: dict[str, _Process] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -152,7 +157,7 @@ class LocalLauncher:
             if process.popen.poll() is None:
                 process.popen.terminate()
         for process in processes:
-            process.stop()
+            process.stop(self.stop_grace_s)
 
     def _spawn(self, spec: InstanceSpec) -> _Process:
         with self._lock:  # held while starting, so that shutdown() cannot miss the new process

@@ -37,6 +37,8 @@ class InstanceState:
     # calls to cancel when the instance is found dead: call -> the flow's failure callback
     streams: set = field(default_factory=set)
     num_restarts: int = 0
+    # it refuses new requests while its running ones finish; it exits (and is restarted) after
+    draining: bool = False
 
     @property
     def name(self) -> str:
@@ -73,7 +75,8 @@ class InstancePool:
 
     # ---- choosing ----
     def up(self, role: str) -> list[InstanceState]:
-        return [s for s in self.instances if s.up and s.role == role]
+        """The instances of `role` that take new requests."""
+        return [s for s in self.instances if s.up and not s.draining and s.role == role]
 
     def pick_prefill(self) -> InstanceState | None:
         """The prefill instance with the fewest queued prompt tokens."""
@@ -92,13 +95,26 @@ class InstancePool:
             pass
 
     # ---- failures ----
+    def mark_draining(self, state: InstanceState) -> None:
+        """The instance refused a request because it is shutting down: route nothing more to it, and
+        leave its streams alone (they finish there). Health checks go on: once it has exited it is
+        found dead, and restarted like any other."""
+        if state.up and not state.draining:
+            state.draining = True
+            logger.warning("instance %s (%s) is draining: no new requests go to it", state.name,
+                           state.launched.address)
+
     def mark_failed(self, state: InstanceState, reason: str) -> None:
         """The instance is dead or unreachable: stop routing to it, fail its streams, restart it."""
         if not state.up:
             return
         state.up = False
-        self.counters["num_instance_failures"] += 1
-        logger.error("instance %s (%s) is down: %s", state.name, state.launched.address, reason)
+        if state.draining:  # it has finished draining and exited: expected, not a failure
+            logger.warning("instance %s (%s) has stopped after draining: %s", state.name,
+                           state.launched.address, reason)
+        else:
+            self.counters["num_instance_failures"] += 1
+            logger.error("instance %s (%s) is down: %s", state.name, state.launched.address, reason)
         for stream in list(state.streams):
             stream.fail(f"instance {state.name} failed: {reason}")
         state.streams.clear()
@@ -121,6 +137,7 @@ class InstancePool:
             state.client = InstanceClient(launched.address, self.deploy.instance_timeout_s, launched.spec.token)
             state.stats = pb.StatsResponse(num_free_blocks=launched.info.num_blocks)
             state.num_blocks_reserved_since_poll = 0
+            state.draining = False
             state.num_restarts += 1
             self.counters["num_instance_restarts"] += 1
             state.up = True

@@ -12,6 +12,9 @@ from serving.disagg._proto import instance_pb2 as pb
 from serving.engine.protocol import EngineStats, TokenLogprob
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Instance"].full_name  # "pdserve.instance.Instance"
+# how the details of the UNAVAILABLE status that a draining instance answers a new Generate with
+# begin: the router then sends the request elsewhere without counting the instance as failed
+DRAINING_PREFIX = "draining: "
 
 _PLAIN_PARAMS = ("temperature", "top_p", "top_k", "min_p", "min_tokens", "stop", "stop_token_ids",
                  "ignore_eos", "include_stop_str_in_output", "presence_penalty", "frequency_penalty",
@@ -93,3 +96,11 @@ def stats_to_proto(stats: EngineStats) -> pb.StatsResponse:
 
 def stats_from_proto(message: pb.StatsResponse) -> EngineStats:
     return EngineStats(**{name: getattr(message, name) for name in _STATS_FIELDS})
+
+
+def draining_details(instance_name: str) -> str:
+    return f"{DRAINING_PREFIX}instance {instance_name} is shutting down and takes no new requests"
+
+
+def is_draining(details: str | None) -> bool:
+    return bool(details) and details.startswith(DRAINING_PREFIX)

@@ -3,6 +3,7 @@ the server's thread), real client disconnects, and `run_server`'s lifecycle."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -20,7 +21,7 @@ import uvicorn
 
 from serving.api import build_app, run_server
 from serving.config import ServerConfig
-from tests.servers import free_port
+from tests.servers import StreamedCompletion, connection_refused, free_port, wait_until
 from tests.serving.fake_engine import FakeEngine
 
 MODEL = "fake-model"
@@ -241,3 +242,109 @@ def test_signal_stops_server_gracefully_and_shuts_engine_down(sig):
             proc.wait()
     assert proc.returncode == 0, output
     assert "engine shut down: True" in output
+
+
+# run_server over a fake engine whose requests stall after two tokens (they can only end by being
+# aborted, however fast the machine), in a process of its own that gets real signals
+_STALLED_SERVER_SCRIPT = """
+import asyncio, sys
+from serving.api import run_server
+from serving.config import ServerConfig
+from tests.serving.fake_engine import FakeEngine
+
+class Engine(FakeEngine):
+    async def generate(self, request_id, prompt_token_ids, params, **kwargs):
+        print("submitted", request_id, flush=True)
+        async for output in super().generate(request_id, prompt_token_ids, params, **kwargs):
+            yield output
+
+engine = Engine(max_model_len=512, stall_after_tokens=2)
+config = ServerConfig(port=int(sys.argv[1]), shutdown_timeout_s=float(sys.argv[2]), log_level="warning")
+asyncio.run(run_server(engine, config))
+print("aborted:", ",".join(sorted(engine.abort_calls)), flush=True)
+print("still active:", ",".join(sorted(engine.active_ids)), flush=True)
+print("engine shut down:", engine.shutdown_called, flush=True)
+"""
+
+
+class _StalledServer:
+    def __init__(self, shutdown_timeout_s: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-c", _STALLED_SERVER_SCRIPT, str(self.port),
+                                      str(shutdown_timeout_s)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        self.lines: list[str] = []
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        wait_until(self._healthy, "the server to come up", 120)
+
+    def _healthy(self) -> bool:
+        assert self.proc.poll() is None, "".join(self.lines)
+        with contextlib.suppress(httpx.TransportError):
+            return httpx.get(f"{self.url}/health").status_code == 200
+        return False
+
+    def num_submitted(self) -> int:
+        return sum(line.startswith("submitted") for line in self.lines)
+
+    def line(self, prefix: str) -> str:
+        return next(line for line in self.lines if line.startswith(prefix))[len(prefix):].strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _assert_ended_by_shutdown(stream: StreamedCompletion) -> None:
+    assert stream.status == 200 and stream.events[-1] == "[DONE]", stream.events
+    error = stream.events[-2]["error"]
+    assert error["code"] == 503 and "shutting down" in error["message"], error
+    assert stream.finish_reasons == []  # cut, not finished
+
+
+@pytest.mark.slow
+def test_sigterm_ends_what_outlives_the_shutdown_timeout_with_a_503_and_aborts_it():
+    server = _StalledServer(shutdown_timeout_s=1.0)
+    try:
+        body = {"model": MODEL, "prompt": "stall", "max_tokens": 100}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            plain = pool.submit(httpx.post, f"{server.url}/v1/completions", json=body, timeout=DEADLINE_S)
+            streams = [StreamedCompletion(server.url, body, DEADLINE_S) for _ in range(2)]
+            wait_until(lambda: server.num_submitted() == 3 and all(len(s.events) >= 2 for s in streams),
+                       "the requests to be running", DEADLINE_S)
+            server.proc.send_signal(signal.SIGTERM)
+            for stream in streams:
+                _assert_ended_by_shutdown(stream.join(DEADLINE_S))
+            response = plain.result(DEADLINE_S)
+        assert response.status_code == 503, response.text
+        assert "did not finish within the shutdown timeout" in response.json()["error"]["message"]
+        assert server.proc.wait(DEADLINE_S) == 0, "".join(server.lines)
+        submitted = sorted(line.split()[1] for line in server.lines if line.startswith("submitted"))
+        assert server.line("aborted:").split(",") == submitted  # KV freed: each one aborted in the engine
+        assert server.line("still active:") == ""
+        assert server.line("engine shut down:") == "True"
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_second_signal_ends_the_drain_at_once():
+    server = _StalledServer(shutdown_timeout_s=600.0)  # the drain would outlast the test
+    try:
+        body = {"model": MODEL, "prompt": "stall", "max_tokens": 100}
+        stream = StreamedCompletion(server.url, body, DEADLINE_S)
+        wait_until(lambda: len(stream.events) >= 2, "the stream to start", DEADLINE_S)
+        with httpx.Client(timeout=DEADLINE_S) as probe:  # a kept-alive connection, opened before
+            assert probe.get(f"{server.url}/health").status_code == 200
+            server.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: probe.get(f"{server.url}/health").status_code == 503, "the drain", DEADLINE_S)
+        assert connection_refused(server.port)
+        assert server.proc.poll() is None and stream.error is None and stream.events[-1] != "[DONE]"
+        server.proc.send_signal(signal.SIGTERM)
+        _assert_ended_by_shutdown(stream.join(DEADLINE_S))
+        assert server.proc.wait(DEADLINE_S) == 0, "".join(server.lines)
+        assert server.line("engine shut down:") == "True"
+    finally:
+        server.close()

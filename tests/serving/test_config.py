@@ -40,12 +40,25 @@ def test_positional_model_and_vllm_flag_names():
     assert config.scheduler.max_num_batched_tokens == 256
 
 
+def test_shutdown_and_read_deadline_flags(tmp_path):
+    assert parse(["--shutdown-timeout", "0"]).server.shutdown_timeout_s == 0  # vLLM's name
+    config = parse(["--shutdown-timeout-s", "45", "--request-header-timeout-s", "2",
+                    "--request-body-timeout-s", "3.5"])
+    assert (config.server.shutdown_timeout_s, config.server.request_header_timeout_s,
+            config.server.request_body_timeout_s) == (45, 2, 3.5)
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  shutdown-timeout: 12\n")
+    assert Config.load(str(path)).server.shutdown_timeout_s == 12
+
+
 @pytest.mark.parametrize("yaml_text, message", [
     ("max_num_seqz: 3\n", "unknown config key"),
     ("block_size: 3\n", "--block-size"),
     ("max_num_seqs: 0\n", "--max-num-seqs"),
     ("mode: sideways\n", "--mode"),
     ("kv_cache_memory_bytes: lots\n", "size"),
+    ("shutdown_timeout: -1\n", "--shutdown-timeout"),
+    ("request_header_timeout_s: 0\n", "--request-header-timeout-s"),
     ("- a\n- b\n", "mapping"),
 ])
 def test_bad_config_says_what_to_change(tmp_path, yaml_text, message):
