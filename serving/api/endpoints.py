@@ -5,7 +5,6 @@ sampling values -> prompt -> context length. Each failure is a 4xx `ApiError`.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -17,6 +16,7 @@ from scheduler.sampling_params import SamplingParams
 from serving.api.errors import ApiError, validation_error
 from serving.api.formats import ChatFormat, CompletionFormat, ResponseMeta
 from serving.api.generation import Generation, expand_sub_requests
+from serving.api.json_body import load_json_object
 from serving.api.logprobs import TokenTexts
 from serving.api.prompts import chat_prompt_ids, completion_prompt_ids, fit_to_context
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
@@ -26,13 +26,7 @@ from serving.metrics import ServingMetrics
 
 
 async def parse_body(request: Request, model_class: type[BaseModel]) -> BaseModel:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
+    data = load_json_object(await request.body())
     try:
         return model_class.model_validate(data)
     except ValidationError as exc:

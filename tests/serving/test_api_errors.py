@@ -2,6 +2,8 @@
 the server keeps serving after each (in process, httpx + ASGI, fake engine)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serving.api import build_app
@@ -111,6 +113,76 @@ async def test_malformed_body_is_400(client, content):
                           headers={"content-type": "application/json"})
     _assert_error(r, 400, says="JSON")
     await _assert_still_serving(client)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path,content", [
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "hi", "x": {_nested(100_000)}}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": {_nested(100_000)}}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "hi", "x": {_nested(64)}}}'),  # 65 levels
+    # the message's extra fields reach the chat template, which recursed past Python's limit
+    ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi", '
+                             f'"x": {_nested(900)}}}]}}'),
+])
+async def test_deeply_nested_body_is_400(client, engine, path, content):
+    r = await client.post(path, content=content, headers={"content-type": "application/json"})
+    _assert_error(r, 400, says="nested too deeply")
+    assert engine.submitted == []
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_body_nested_up_to_the_limit_is_accepted(client):
+    # the body is level 1, so 63 more levels of arrays make 64
+    content = f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 2, "x": {_nested(63)}}}'
+    r = await client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+LONE_SURROGATES = [
+    ("/v1/completions", {**COMPLETION, "prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["fine", "\udfff"]}, "prompt.1"),
+    ("/v1/completions", {**COMPLETION, "stop": "\ud800"}, "stop"),
+    ("/v1/completions", {**COMPLETION, "stop": ["ok", "x\udc00"]}, "stop.1"),
+    ("/v1/completions", {**COMPLETION, "model": "\ud800"}, "model"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "\udbff"}]}]},
+     "messages.0.content.1.text"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user\ud800", "content": "hi"}]},
+     "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["\ud800"]}, "stop.0"),
+]
+
+
+def _raw_json(body: dict) -> str:
+    """The body as JSON text with every surrogate written as a \\uXXXX escape (httpx's json= would
+    fail to encode one; a hostile client sends the escape)."""
+    return json.dumps(body)  # ensure_ascii
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path,body,field", LONE_SURROGATES)
+async def test_lone_surrogate_is_400_naming_the_field(client, engine, path, body, field):
+    r = await client.post(path, content=_raw_json(body), headers={"content-type": "application/json"})
+    error = _assert_error(r, 400, says=f"{field} contains a lone UTF-16 surrogate")
+    assert error["param"] == field
+    assert engine.submitted == []
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_surrogate_pair_is_valid_text(client, engine):
+    body = {**COMPLETION, "prompt": "smile \ud83d\ude00"}
+    r = await client.post("/v1/completions", content=_raw_json(body),
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert engine.tokenizer.decode(engine.submitted[-1].prompt_token_ids) == "smile \U0001F600"
 
 
 @pytest.mark.anyio
