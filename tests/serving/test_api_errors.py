@@ -74,6 +74,10 @@ BAD_COMPLETIONS = [
     ({**COMPLETION, "stream_options": {"include_usage": True}}, "stream_options"),
     ({**COMPLETION, "seed": 2**70}, "seed"),
     ({**COMPLETION, "min_tokens": 5}, "min_tokens"),
+    ({**COMPLETION, "top_k": 2**31}, "top_k"),
+    ({**COMPLETION, "stop": [f"s{i}" for i in range(17)]}, "at most 16 stop strings"),
+    ({**COMPLETION, "stop": "x" * 1001}, "at most 1000 characters"),
+    ({**COMPLETION, "stop": ["ok", "x" * 100_000]}, "at most 1000 characters"),
 ]
 
 
@@ -95,6 +99,7 @@ BAD_CHATS = [
     ({**CHAT, "max_completion_tokens": 0}, "max_tokens"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({**CHAT, "stop": ["x" * 1001]}, "at most 1000 characters"),
 ]
 
 
@@ -112,6 +117,27 @@ async def test_malformed_body_is_400(client, content):
     r = await client.post("/v1/completions", content=content,
                           headers={"content-type": "application/json"})
     _assert_error(r, 400, says="JSON")
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_stop_strings_at_the_limits_are_accepted(client):
+    body = {**COMPLETION, "stop": [f"{i:02d}" + "x" * 998 for i in range(16)]}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_sampling_value_is_400(client, engine, field, literal):
+    # not JSON, but Python's json (the server's parser) reads these literals
+    content = f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 2, "{field}": {literal}}}'
+    r = await client.post("/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+    _assert_error(r, 400, says=f"{field} must be a finite number")
+    assert engine.submitted == []
     await _assert_still_serving(client)
 
 
