@@ -19,6 +19,7 @@ from scheduler.scheduler import RequestTooLargeError, Scheduler
 from serving.config import Config
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.protocol import EngineStats, RequestOutput, RequestRejectedError
+from serving.engine.validation import check_stop_token_ids
 from serving.runner.model_runner import ModelRunner, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class EngineCore:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestRejectedError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        check_stop_token_ids(params.stop_token_ids, self.vocab_size)
         try:
             request = Request(request_id, prompt_token_ids, params, self.eos_token_ids,
                               self.max_model_len, client_id, kv_peer=kv_peer, remote_prefill=remote_prefill)

@@ -75,6 +75,9 @@ BAD_COMPLETIONS = [
     ({**COMPLETION, "seed": 2**70}, "seed"),
     ({**COMPLETION, "min_tokens": 5}, "min_tokens"),
     ({**COMPLETION, "top_k": 2**31}, "top_k"),
+    ({**COMPLETION, "stop_token_ids": [5, 10**6]}, "stop_token_ids contains 1000000"),
+    ({**COMPLETION, "stop_token_ids": [-1]}, "stop_token_ids contains -1"),
+    ({**COMPLETION, "stop_token_ids": [2**70]}, "outside the vocabulary"),
     ({**COMPLETION, "stop": [f"s{i}" for i in range(17)]}, "at most 16 stop strings"),
     ({**COMPLETION, "stop": "x" * 1001}, "at most 1000 characters"),
     ({**COMPLETION, "stop": ["ok", "x" * 100_000]}, "at most 1000 characters"),
@@ -99,6 +102,7 @@ BAD_CHATS = [
     ({**CHAT, "max_completion_tokens": 0}, "max_tokens"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({**CHAT, "stop_token_ids": [10**6]}, "stop_token_ids"),
     ({**CHAT, "stop": ["x" * 1001]}, "at most 1000 characters"),
 ]
 
@@ -118,6 +122,15 @@ async def test_malformed_body_is_400(client, content):
                           headers={"content-type": "application/json"})
     _assert_error(r, 400, says="JSON")
     await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_out_of_vocabulary_stop_token_id_names_the_field_and_the_range(client, engine):
+    r = await client.post("/v1/completions", json={**COMPLETION, "stop_token_ids": [10**6]})
+    error = _assert_error(r, 400, says=f"valid ids are 0..{len(engine.tokenizer) - 1}")
+    assert error["param"] == "stop_token_ids"
+    ok = await client.post("/v1/completions", json={**COMPLETION, "stop_token_ids": [len(engine.tokenizer) - 1]})
+    assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.anyio

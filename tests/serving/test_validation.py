@@ -1,0 +1,39 @@
+"""The engine's own checks (serving/engine/validation.py), as functions and where the engine calls
+them: on admission (stop token ids)."""
+from __future__ import annotations
+
+import pytest
+
+from scheduler.sampling_params import SamplingParams
+from serving.config import Config
+from serving.engine.core import EngineCore
+from serving.engine.protocol import RequestRejectedError
+from serving.engine.validation import check_stop_token_ids
+
+
+def test_stop_token_ids_must_be_inside_the_vocabulary():
+    check_stop_token_ids([], 100)
+    check_stop_token_ids([0, 99], 100)
+    for bad in (100, -1, 2**40):
+        with pytest.raises(RequestRejectedError, match=rf"stop_token_ids contains {bad}, .*0\.\.99"):
+            check_stop_token_ids([5, bad], 100)
+
+
+@pytest.fixture(scope="module")
+def core(tiny_model_dir):
+    return EngineCore(Config().replace(model=tiny_model_dir, block_size=4, num_blocks_override=64,
+                                       max_model_len=256))
+
+
+@pytest.mark.parametrize("stop_token_ids", [[2048], [-1], [3, 2**40]])
+def test_engine_rejects_stop_token_ids_outside_the_vocabulary(core, stop_token_ids):
+    assert core.vocab_size == 2048
+    params = SamplingParams(temperature=0.0, max_tokens=4, stop_token_ids=stop_token_ids)
+    with pytest.raises(RequestRejectedError, match=r"stop_token_ids contains .*valid ids are 0\.\.2047"):
+        core.add_request("bad-stop", [5, 6, 7], params)
+    assert not core.has_unfinished()
+    core.check_integrity()
+    core.add_request("fine", [5, 6, 7], params.clone(stop_token_ids=[2047]))  # and it keeps serving
+    while core.has_unfinished():
+        core.step()
+    core.check_integrity()
