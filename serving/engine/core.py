@@ -19,7 +19,7 @@ from scheduler.scheduler import RequestTooLargeError, Scheduler
 from serving.config import Config
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.engine.protocol import EngineStats, RequestOutput, RequestRejectedError
-from serving.engine.validation import check_stop_token_ids
+from serving.engine.validation import check_kv_pool_fits, check_stop_token_ids
 from serving.runner.model_runner import ModelRunner, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class EngineCore:
         self.max_model_len = self._resolve_max_model_len(config.model.max_model_len, arch)
         self.eos_token_ids = arch.eos_token_ids
         self.vocab_size = arch.vocab_size
+        check_kv_pool_fits(self.runner.num_blocks, config.cache.block_size, self.max_model_len)
         pool = BlockPool(self.runner.num_blocks, config.cache.enable_prefix_caching)
         self.kv = KVCacheManager(pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)

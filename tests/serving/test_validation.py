@@ -1,5 +1,5 @@
 """The engine's own checks (serving/engine/validation.py), as functions and where the engine calls
-them: on admission (stop token ids)."""
+them: on admission (stop token ids) and at start (the KV pool holds one max-length sequence)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ from scheduler.sampling_params import SamplingParams
 from serving.config import Config
 from serving.engine.core import EngineCore
 from serving.engine.protocol import RequestRejectedError
-from serving.engine.validation import check_stop_token_ids
+from serving.engine.validation import check_kv_pool_fits, check_stop_token_ids
 
 
 def test_stop_token_ids_must_be_inside_the_vocabulary():
@@ -17,6 +17,16 @@ def test_stop_token_ids_must_be_inside_the_vocabulary():
     for bad in (100, -1, 2**40):
         with pytest.raises(RequestRejectedError, match=rf"stop_token_ids contains {bad}, .*0\.\.99"):
             check_stop_token_ids([5, bad], 100)
+
+
+def test_kv_pool_must_hold_one_max_length_sequence():
+    check_kv_pool_fits(num_blocks=128, block_size=16, max_model_len=2048)
+    with pytest.raises(ValueError) as error:
+        check_kv_pool_fits(num_blocks=127, block_size=16, max_model_len=2048)
+    message = str(error.value)
+    assert "max seq len (2048)" in message and "(2032: 127 blocks of 16 tokens)" in message
+    for flag in ("--kv-cache-memory-bytes", "--num-gpu-blocks-override", "--max-model-len"):
+        assert flag in message
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +47,10 @@ def test_engine_rejects_stop_token_ids_outside_the_vocabulary(core, stop_token_i
     while core.has_unfinished():
         core.step()
     core.check_integrity()
+
+
+def test_engine_refuses_to_start_with_a_pool_smaller_than_one_sequence(tiny_model_dir):
+    config = Config().replace(model=tiny_model_dir, block_size=16, num_blocks_override=4, max_model_len=1024)
+    with pytest.raises(ValueError, match=r"max seq len \(1024\) is larger .* \(64: 4 blocks of 16 tokens\)"):
+        EngineCore(config)
+    EngineCore(config.replace(max_model_len=64))  # exactly one sequence fits
