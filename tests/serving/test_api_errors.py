@@ -296,12 +296,41 @@ async def test_engine_rejection_is_400(client, engine, stream):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("stream", [False, True])
-async def test_dead_engine_is_503_without_internal_details(client, engine, stream):
+async def test_dead_engine_is_503_saying_what_failed(client, engine, stream):
     engine.dead = True
     r = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     error = _assert_error(r, 503)
-    assert "1234" not in error["message"]
+    assert error["message"] == engine.dead_message and error["type"] == "service_unavailable"
     engine.dead = False
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_dead_engine_message_never_carries_a_stack_trace(client, engine):
+    engine.dead = True
+    engine.dead_message = ("decode instance decode-1 failed\nTraceback (most recent call last):\n"
+                           '  File "flow.py", line 9, in read\nKeyError: secret')
+    error = _assert_error(await client.post("/v1/completions", json=COMPLETION), 503)
+    assert error["message"] == "decode instance decode-1 failed"
+    engine.dead_message = "Traceback (most recent call last):\n  File ..."
+    error = _assert_error(await client.post("/v1/completions", json=COMPLETION), 503)
+    assert "Traceback" not in error["message"] and "unavailable" in error["message"]
+    engine.dead = False
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_engine_dying_mid_stream_names_what_failed_in_the_error_event(client, engine):
+    engine.die_after_tokens = 2
+    body = {**COMPLETION, "max_tokens": 5, "temperature": 0, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["h", "i"]
+    assert events[2] == {"error": {"message": engine.dead_message, "type": "service_unavailable",
+                                   "param": None, "code": None}}
+    assert events[3:] == ["[DONE]"]
+    engine.die_after_tokens = None
     await _assert_still_serving(client)
 
 

@@ -215,3 +215,37 @@ def test_engine_survives_calls_whose_caller_gave_up(tiny_model_dir):
     assert outputs[-1].finished and outputs[-1].num_output_tokens == 4
     assert free == total
     assert engine.num_cancelled_calls >= 3
+
+
+def test_dead_engine_tells_the_client_that_retrying_here_cannot_help(tiny_model_dir):
+    """A bug that kills the engine thread: every request then fails with a message meant for the
+    client (it becomes the 503's message), which names no internals."""
+    from serving.api.errors import to_api_error
+    from serving.config import Config
+    from serving.engine.async_llm import AsyncLLM
+    from serving.engine.protocol import EngineDeadError
+
+    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir))
+
+    def broken_schedule():
+        raise KeyError("secret internal state")
+
+    async def failure(request_id: str) -> EngineDeadError:
+        with pytest.raises(EngineDeadError) as error:
+            async for _ in engine.generate(request_id, [5, 6, 7], greedy(4)):
+                pass
+        return error.value
+
+    async def main():
+        await engine.call(lambda core: setattr(core.scheduler, "schedule", broken_schedule))
+        errors = [await failure("running"), await failure("after")]
+        await engine.shutdown()
+        return errors
+
+    for error in asyncio.run(asyncio.wait_for(main(), 120)):
+        message = str(error)
+        assert "internal error (KeyError)" in message and "until it is restarted" in message
+        assert "secret" not in message
+        api_error = to_api_error(error, "/v1/completions")
+        assert api_error.status == 503 and api_error.message == message
+    assert not engine.is_healthy()
