@@ -5,10 +5,20 @@ into a 400 in OpenAI's error shape.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _MAX_N = 128
 _MAX_LOGPROBS = 20
+# top_k travels to instances as a proto int32; larger values mean "disabled" anyway (k is capped at
+# the vocabulary size)
+_MAX_TOP_K = 2**31 - 1
+# OpenAI allows 4 stop strings; vLLM has no limit. The detokenizer holds back up to the longest stop
+# string's length - 1 characters of streamed text, so their length is bounded too.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 1000
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
 
 
 @dataclass
@@ -42,14 +52,17 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        for name in _FLOAT_PARAMS:  # NaN passes every range check below (comparisons are False)
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 1 <= self.n <= _MAX_N:
             raise ValueError(f"n must be between 1 and {_MAX_N}, got {self.n}")
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0 <= self.top_k <= _MAX_TOP_K:
+            raise ValueError(f"top_k must be -1 (disabled) or between 1 and {_MAX_TOP_K}, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -68,8 +81,12 @@ class SamplingParams:
             raise ValueError("prompt_logprobs is not supported; remove it from the request")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
-        if len(self.stop) > 16:
-            raise ValueError(f"at most 16 stop strings are allowed, got {len(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"a stop string may have at most {MAX_STOP_STRING_CHARS} characters, got one "
+                             f"of {len(longest)}; shorten it")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise ValueError("seed must fit in a signed 64-bit integer")
 

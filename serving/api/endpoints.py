@@ -5,7 +5,6 @@ sampling values -> prompt -> context length. Each failure is a 4xx `ApiError`.
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -18,22 +17,18 @@ from serving.api.drain import Drain
 from serving.api.errors import ApiError, validation_error
 from serving.api.formats import ChatFormat, CompletionFormat, ResponseMeta
 from serving.api.generation import Generation, expand_sub_requests
+from serving.api.json_body import load_json_object
 from serving.api.logprobs import TokenTexts
 from serving.api.prompts import chat_prompt_ids, completion_prompt_ids, fit_to_context
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.responder import Responder
-from serving.engine.protocol import EngineClient
+from serving.engine.protocol import EngineClient, RequestRejectedError
+from serving.engine.validation import check_stop_token_ids
 from serving.metrics import ServingMetrics
 
 
 async def parse_body(request: Request, model_class: type[BaseModel]) -> BaseModel:
-    body = await request.body()
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "The request body must be a JSON object.")
+    data = load_json_object(await request.body())
     try:
         return model_class.model_validate(data)
     except ValidationError as exc:
@@ -77,9 +72,16 @@ class GenerationEndpoints:
             raise ApiError(404, f"The model `{body.model}` does not exist; this server serves "
                                 f"`{info.name}`.", param="model", code="model_not_found")
         try:
-            return body.to_sampling_params()
+            params = body.to_sampling_params()
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        # here, before anything is sent (a negative or huge id does not even fit the instance wire);
+        # against the tokenizer, as token-id prompts are; the engine checks its vocab_size too
+        try:
+            check_stop_token_ids(params.stop_token_ids, len(self._engine.tokenizer))
+        except RequestRejectedError as exc:
+            raise ApiError(400, str(exc), param="stop_token_ids") from None
+        return params
 
     async def _respond(self, request: Request, body, params: SamplingParams,
                        prompt_ids_list: list[list[int]], prompt_name: str, fmt,

@@ -1,8 +1,9 @@
 """OpenAI's error shape, `{"error": {"message", "type", "param", "code"}}`, and the handlers that
 make every failure (ours, FastAPI's, Starlette's) come out in it with the right status.
 
-Client mistakes are 4xx with a message that says what to change; anything unexpected is a 500 with a
-generic message (the details go to the log, never a stack trace to the client).
+Client mistakes are 4xx with a message that says what to change; a failed engine is a 503 that says
+what failed; anything unexpected is a 500 with a generic message (the details go to the log, never a
+stack trace to the client).
 """
 from __future__ import annotations
 
@@ -61,8 +62,25 @@ def to_api_error(exc: BaseException, context: str) -> ApiError:
         return ApiError(400, str(exc))
     if isinstance(exc, EngineDeadError):
         logger.error("engine unavailable in %s: %s", context, exc)
-        return ApiError(503, "The engine is unavailable; retry later.")
+        return ApiError(503, engine_dead_message(exc))
     return internal_error(context)
+
+
+_MAX_DEAD_MESSAGE_CHARS = 1000
+_GENERIC_DEAD_MESSAGE = "The engine is unavailable; retry later."
+
+
+def engine_dead_message(exc: EngineDeadError) -> str:
+    """What the client is told when the engine (or the instance that held its request) failed.
+
+    An EngineDeadError's message is written for the client (which instance failed, for which request,
+    whether retrying can help); only its first line is sent, so a stack trace never is."""
+    first_line = str(exc).strip().split("\n", 1)[0].strip()
+    if not first_line or first_line.startswith("Traceback"):
+        return _GENERIC_DEAD_MESSAGE
+    if len(first_line) > _MAX_DEAD_MESSAGE_CHARS:
+        first_line = first_line[:_MAX_DEAD_MESSAGE_CHARS] + "..."
+    return first_line
 
 
 def validation_error(exc: ValidationError | RequestValidationError) -> ApiError:

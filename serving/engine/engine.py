@@ -26,6 +26,7 @@ from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import RequestTooLargeError, Scheduler
 from serving.config import Config
 from serving.engine.protocol import EngineStats, RequestRejectedError
+from serving.engine.validation import check_kv_pool_fits, check_stop_token_ids
 from serving.kv_connector.base import KVConnectorWorker
 from serving.kv_connector.transfer import make_worker, model_fingerprint
 from serving.models import ModelArchConfig, load_model
@@ -94,6 +95,7 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestRejectedError(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        check_stop_token_ids(params.stop_token_ids, self.vocab_size)
         try:
             return Request(request_id, prompt_token_ids, params, self.eos_token_ids, self.max_model_len,
                            client_id, priority=priority, kv_peer=kv_peer, remote_prefill=remote_prefill)
@@ -167,6 +169,7 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     max_model_len = resolve_max_model_len(config.model.max_model_len, arch)
     layout = model_kv_layout(model, config.cache.block_size)
     num_blocks = num_kv_blocks(layout, config.cache)
+    check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
     kv_cache = layout.allocate(num_blocks, device)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, layout.block_size,
                 num_blocks * layout.bytes_per_block / 2**20)

@@ -117,7 +117,9 @@ class EngineThread:
                     self._wake.clear()
         except BaseException as e:  # a bug in the engine's own bookkeeping: fail everything loudly
             logger.exception("engine loop died")
-            self._dead = f"the engine stopped after an internal error ({type(e).__name__}: {e})"
+            # what the client is told (the details are in the log above): retrying here cannot help
+            self._dead = (f"the engine stopped after an internal error ({type(e).__name__}) and serves no "
+                          "more requests until it is restarted")
             self._fail_all(EngineDeadError(self._dead))
 
     def _drain_inbox(self) -> None:

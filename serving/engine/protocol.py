@@ -12,7 +12,10 @@ from scheduler.sampling_params import SamplingParams
 
 
 class EngineDeadError(RuntimeError):
-    """The engine (or the instance that held the request) died; the request cannot finish."""
+    """The engine (or the instance that held the request) died; the request cannot finish.
+
+    The message reaches the client (the 503, or the error event of a stream): say what failed and
+    whether a retry can help, in one line, without internals such as stack traces."""
 
 
 class RequestRejectedError(ValueError):

@@ -74,7 +74,10 @@ class FakeEngine:
         self.healthy = True
         self.shutdown_called = False
         # failure injection, checked when a request is submitted
-        self.dead = False  # generate raises EngineDeadError
+        self.dead = False  # generate raises EngineDeadError(dead_message)
+        self.dead_message = ("decode instance decode-0 failed while streaming request cmpl-1-0 after 3 "
+                             "tokens (UNAVAILABLE: Socket closed); the request cannot finish")
+        self.die_after_tokens: int | None = None  # then the stream raises EngineDeadError
         self.reject_message: str | None = None  # generate raises RequestRejectedError
         self.crash: Exception | None = None  # generate raises this
         # after this many tokens, the next output finishes with finish_reason "error"
@@ -98,7 +101,7 @@ class FakeEngine:
                        params: SamplingParams, client_id: str = "", priority: int = 0):
         self.submitted.append(Submitted(request_id, list(prompt_token_ids), params, client_id, priority))
         if self.dead:
-            raise EngineDeadError("engine process 1234 died (internal detail)")
+            raise EngineDeadError(self.dead_message)
         if self.reject_message is not None:
             raise RequestRejectedError(self.reject_message)
         if self.crash is not None:
@@ -122,6 +125,8 @@ class FakeEngine:
             await asyncio.sleep(self.token_delay_s)
             if self.stall_after_tokens is not None and step >= self.stall_after_tokens:
                 await asyncio.Event().wait()  # until cancelled
+            if self.die_after_tokens is not None and step >= self.die_after_tokens:
+                raise EngineDeadError(self.dead_message)
             base = dict(request_id=request_id, num_prompt_tokens=len(prompt_token_ids),
                         queue_time_s=0.0 if step == 0 else None)
             failing = self.error_after_tokens is not None and step >= self.error_after_tokens

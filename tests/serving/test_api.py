@@ -134,6 +134,20 @@ def test_openai_errors_and_server_keeps_serving(client, base_url):
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices
 
 
+def test_openai_hostile_inputs_are_400_and_server_keeps_serving(client):
+    def nested(depth: int):
+        return [nested(depth - 1)] if depth else []
+
+    hostile = [({"stop_token_ids": [10**6]}, "stop_token_ids contains 1000000"),
+               ({"stop": ["x" * 100_000]}, "at most 1000 characters"),
+               ({"ignored": nested(100)}, "nested too deeply")]
+    for extra_body, says in hostile:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model=MODEL, prompt="a", max_tokens=2, extra_body=extra_body)
+        assert bad.value.status_code == 400 and says in bad.value.message
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices
+
+
 def _sub_request_ids(engine: FakeEngine, prompt_marker: str) -> list[str]:
     marker_ids = engine.tokenizer.encode(prompt_marker)
     return [s.request_id for s in engine.submitted if s.prompt_token_ids == marker_ids]

@@ -2,6 +2,8 @@
 the server keeps serving after each (in process, httpx + ASGI, fake engine)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serving.api import build_app
@@ -72,6 +74,13 @@ BAD_COMPLETIONS = [
     ({**COMPLETION, "stream_options": {"include_usage": True}}, "stream_options"),
     ({**COMPLETION, "seed": 2**70}, "seed"),
     ({**COMPLETION, "min_tokens": 5}, "min_tokens"),
+    ({**COMPLETION, "top_k": 2**31}, "top_k"),
+    ({**COMPLETION, "stop_token_ids": [5, 10**6]}, "stop_token_ids contains 1000000"),
+    ({**COMPLETION, "stop_token_ids": [-1]}, "stop_token_ids contains -1"),
+    ({**COMPLETION, "stop_token_ids": [2**70]}, "outside the vocabulary"),
+    ({**COMPLETION, "stop": [f"s{i}" for i in range(17)]}, "at most 16 stop strings"),
+    ({**COMPLETION, "stop": "x" * 1001}, "at most 1000 characters"),
+    ({**COMPLETION, "stop": ["ok", "x" * 100_000]}, "at most 1000 characters"),
 ]
 
 
@@ -93,6 +102,8 @@ BAD_CHATS = [
     ({**CHAT, "max_completion_tokens": 0}, "max_tokens"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ({**CHAT, "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({**CHAT, "stop": ["x" * 1001]}, "at most 1000 characters"),
 ]
 
 
@@ -111,6 +122,106 @@ async def test_malformed_body_is_400(client, content):
                           headers={"content-type": "application/json"})
     _assert_error(r, 400, says="JSON")
     await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_out_of_vocabulary_stop_token_id_names_the_field_and_the_range(client, engine):
+    r = await client.post("/v1/completions", json={**COMPLETION, "stop_token_ids": [10**6]})
+    error = _assert_error(r, 400, says=f"valid ids are 0..{len(engine.tokenizer) - 1}")
+    assert error["param"] == "stop_token_ids"
+    ok = await client.post("/v1/completions", json={**COMPLETION, "stop_token_ids": [len(engine.tokenizer) - 1]})
+    assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.anyio
+async def test_stop_strings_at_the_limits_are_accepted(client):
+    body = {**COMPLETION, "stop": [f"{i:02d}" + "x" * 998 for i in range(16)]}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+async def test_non_finite_sampling_value_is_400(client, engine, field, literal):
+    # not JSON, but Python's json (the server's parser) reads these literals
+    content = f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 2, "{field}": {literal}}}'
+    r = await client.post("/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+    _assert_error(r, 400, says=f"{field} must be a finite number")
+    assert engine.submitted == []
+    await _assert_still_serving(client)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path,content", [
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "hi", "x": {_nested(100_000)}}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": {_nested(100_000)}}}'),
+    ("/v1/completions", f'{{"model": "{MODEL}", "prompt": "hi", "x": {_nested(64)}}}'),  # 65 levels
+    # the message's extra fields reach the chat template, which recursed past Python's limit
+    ("/v1/chat/completions", f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi", '
+                             f'"x": {_nested(900)}}}]}}'),
+])
+async def test_deeply_nested_body_is_400(client, engine, path, content):
+    r = await client.post(path, content=content, headers={"content-type": "application/json"})
+    _assert_error(r, 400, says="nested too deeply")
+    assert engine.submitted == []
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_body_nested_up_to_the_limit_is_accepted(client):
+    # the body is level 1, so 63 more levels of arrays make 64
+    content = f'{{"model": "{MODEL}", "prompt": "hi", "max_tokens": 2, "x": {_nested(63)}}}'
+    r = await client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+LONE_SURROGATES = [
+    ("/v1/completions", {**COMPLETION, "prompt": "a\ud800b"}, "prompt"),
+    ("/v1/completions", {**COMPLETION, "prompt": ["fine", "\udfff"]}, "prompt.1"),
+    ("/v1/completions", {**COMPLETION, "stop": "\ud800"}, "stop"),
+    ("/v1/completions", {**COMPLETION, "stop": ["ok", "x\udc00"]}, "stop.1"),
+    ("/v1/completions", {**COMPLETION, "model": "\ud800"}, "model"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "\ud800"}]},
+     "messages.0.content"),
+    ("/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "\udbff"}]}]},
+     "messages.0.content.1.text"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user\ud800", "content": "hi"}]},
+     "messages.0.role"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["\ud800"]}, "stop.0"),
+]
+
+
+def _raw_json(body: dict) -> str:
+    """The body as JSON text with every surrogate written as a \\uXXXX escape (httpx's json= would
+    fail to encode one; a hostile client sends the escape)."""
+    return json.dumps(body)  # ensure_ascii
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path,body,field", LONE_SURROGATES)
+async def test_lone_surrogate_is_400_naming_the_field(client, engine, path, body, field):
+    r = await client.post(path, content=_raw_json(body), headers={"content-type": "application/json"})
+    error = _assert_error(r, 400, says=f"{field} contains a lone UTF-16 surrogate")
+    assert error["param"] == field
+    assert engine.submitted == []
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_surrogate_pair_is_valid_text(client, engine):
+    body = {**COMPLETION, "prompt": "smile \ud83d\ude00"}
+    r = await client.post("/v1/completions", content=_raw_json(body),
+                          headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert engine.tokenizer.decode(engine.submitted[-1].prompt_token_ids) == "smile \U0001F600"
 
 
 @pytest.mark.anyio
@@ -185,12 +296,41 @@ async def test_engine_rejection_is_400(client, engine, stream):
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("stream", [False, True])
-async def test_dead_engine_is_503_without_internal_details(client, engine, stream):
+async def test_dead_engine_is_503_saying_what_failed(client, engine, stream):
     engine.dead = True
     r = await client.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     error = _assert_error(r, 503)
-    assert "1234" not in error["message"]
+    assert error["message"] == engine.dead_message and error["type"] == "service_unavailable"
     engine.dead = False
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_dead_engine_message_never_carries_a_stack_trace(client, engine):
+    engine.dead = True
+    engine.dead_message = ("decode instance decode-1 failed\nTraceback (most recent call last):\n"
+                           '  File "flow.py", line 9, in read\nKeyError: secret')
+    error = _assert_error(await client.post("/v1/completions", json=COMPLETION), 503)
+    assert error["message"] == "decode instance decode-1 failed"
+    engine.dead_message = "Traceback (most recent call last):\n  File ..."
+    error = _assert_error(await client.post("/v1/completions", json=COMPLETION), 503)
+    assert "Traceback" not in error["message"] and "unavailable" in error["message"]
+    engine.dead = False
+    await _assert_still_serving(client)
+
+
+@pytest.mark.anyio
+async def test_engine_dying_mid_stream_names_what_failed_in_the_error_event(client, engine):
+    engine.die_after_tokens = 2
+    body = {**COMPLETION, "max_tokens": 5, "temperature": 0, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    events = parse_sse(r.text)
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["h", "i"]
+    assert events[2] == {"error": {"message": engine.dead_message, "type": "service_unavailable",
+                                   "param": None, "code": None}}
+    assert events[3:] == ["[DONE]"]
+    engine.die_after_tokens = None
     await _assert_still_serving(client)
 
 

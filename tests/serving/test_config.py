@@ -72,3 +72,36 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     from serving.cli import main
     assert main(["serve", "--max-num-seqs", "0"]) == 2
     assert "--max-num-seqs must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def long_context_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with an 8192-token context, so that --max-model-len 4096 is one it supports."""
+    import json
+    import shutil
+    path = tmp_path_factory.mktemp("models") / "tiny-8k"
+    shutil.copytree(tiny_model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 8192
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disaggregated"])
+def test_cli_refuses_a_kv_pool_smaller_than_one_sequence(capsys, monkeypatch, long_context_model_dir, mode):
+    # disaggregated: refused before any instance starts, not reported as "instance X exited"
+    import serving.api.server
+    import serving.disagg.router
+    from serving.cli import main
+
+    def must_not_run(*args, **kwargs):  # a regression fails here instead of serving for ever
+        raise AssertionError("pdserve serve went on to launch instances or serve")
+    monkeypatch.setattr(serving.disagg.router, "build_disaggregated_client", must_not_run)
+    monkeypatch.setattr(serving.api.server, "run_server", must_not_run)
+    argv = ["serve", "--model", long_context_model_dir, "--mode", mode, "--num-gpu-blocks-override", "4",
+            "--max-model-len", "4096"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve: error: ") and "Traceback" not in err
+    assert "max seq len (4096)" in err and "(64: 4 blocks of 16 tokens)" in err
+    assert "--num-gpu-blocks-override" in err and "--max-model-len to at most 64" in err

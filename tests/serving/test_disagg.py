@@ -15,7 +15,7 @@ import pytest
 from scheduler.sampling_params import SamplingParams
 from serving.disagg.launcher import make_specs
 from serving.disagg.router import build_disaggregated_client
-from serving.engine.protocol import EngineDeadError
+from serving.engine.protocol import EngineDeadError, RequestRejectedError
 from tests.serving.test_disagg_support import (Case, LoopThread, assert_no_leaks, collect, collect_all,
                                                comparable, greedy, instance_children, make_cases, make_prompts,
                                                reference_outputs, tiny_config, token_ids, wait_until_drained)
@@ -135,6 +135,15 @@ class TestOneToOne:
             assert [t for t, _ in mine.new_logprobs[0].top] == [t for t, _ in theirs.new_logprobs[0].top]
         assert_no_leaks(loop.run(wait_until_drained(one_one)))
 
+
+    def test_stop_token_id_outside_the_vocabulary_is_rejected(self, loop, one_one):
+        # the API layer refuses it before sending; this is the instances' own check, whose
+        # INVALID_ARGUMENT the router turns into RequestRejectedError (a 400)
+        prompt = make_prompts(6, [10])[0]
+        with pytest.raises(RequestRejectedError, match="stop_token_ids contains 2048"):
+            loop.run(collect(one_one, Case("bad-stop", prompt, greedy(4, stop_token_ids=[2048]))))
+        assert len(loop.run(collect(one_one, Case("good-stop", prompt, greedy(4, stop_token_ids=[2047]))))) >= 1
+        assert_no_leaks(loop.run(wait_until_drained(one_one)))
 
     def test_first_token_reaches_the_client_before_decoding(self, loop, one_one):
         async def first_then_rest():

@@ -375,7 +375,7 @@ def test_a_dead_peer_is_forgotten_and_new_sends_to_it_fail_fast(tiny_model_dir):
 def test_instance_info_carries_a_layout_the_router_can_read(tiny_model_dir):
     from serving.disagg.instance import instance_info
     from serving.engine.engine import build_engine
-    config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": "1MiB"})
+    config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": "8MiB"})
     engine = build_engine(config, "decode")
     try:
         info = pb.InstanceInfo.FromString(instance_info(InstanceSpec("decode-0", "decode", config), engine)

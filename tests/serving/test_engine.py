@@ -55,8 +55,9 @@ def test_greedy_matches_transformers_chunked_with_prefix_hits(tiny_model_dir, hf
 
 def test_greedy_matches_transformers_under_preemption(tiny_model_dir, hf_model):
     # 40 blocks of 4 tokens cannot hold 8 requests of ~30 tokens at once: requests get preempted
+    # (the context is capped at what the pool holds, or the engine refuses to start)
     llm = LLM(tiny_model_dir, max_num_batched_tokens=64, block_size=4, num_blocks_override=40,
-              enable_prefix_caching=False)
+              max_model_len=160, enable_prefix_caching=False)
     results = llm.generate(PROMPTS, greedy(16))
     assert llm.engine.scheduler.num_preemptions > 0
     for result in results:
@@ -79,7 +80,8 @@ def test_seeded_sampling_survives_preemption(tiny_model_dir):
     params = [SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=s, ignore_eos=True)
               for s in range(8)]
     roomy = LLM(tiny_model_dir, block_size=4, num_blocks_override=512)
-    tight = LLM(tiny_model_dir, block_size=4, num_blocks_override=40, enable_prefix_caching=False)
+    tight = LLM(tiny_model_dir, block_size=4, num_blocks_override=40, max_model_len=160,
+                enable_prefix_caching=False)
     expected = [r.outputs[0].token_ids for r in roomy.generate(PROMPTS, params)]
     got = [r.outputs[0].token_ids for r in tight.generate(PROMPTS, params)]
     assert tight.engine.scheduler.num_preemptions > 0
@@ -130,7 +132,7 @@ def test_async_engine_churn_with_aborts_leaves_no_leaks(tiny_model_dir):
     from serving.config import Config
     from serving.engine.async_llm import AsyncLLM
 
-    config = Config().replace(model=tiny_model_dir, block_size=4, num_blocks_override=96,
+    config = Config().replace(model=tiny_model_dir, block_size=4, num_blocks_override=96, max_model_len=384,
                               max_num_seqs=16, max_num_batched_tokens=64)
     engine = AsyncLLM.from_config(config)
     rng = random.Random(0)
@@ -231,3 +233,37 @@ def test_client_id_and_priority_reach_the_request(tiny_model_dir):
         return seen
 
     assert asyncio.run(asyncio.wait_for(main(), 120)) == {"client_id": "alice", "priority": 2}
+
+
+def test_dead_engine_tells_the_client_that_retrying_here_cannot_help(tiny_model_dir):
+    """A bug that kills the engine thread: every request then fails with a message meant for the
+    client (it becomes the 503's message), which names no internals."""
+    from serving.api.errors import to_api_error
+    from serving.config import Config
+    from serving.engine.async_llm import AsyncLLM
+    from serving.engine.protocol import EngineDeadError
+
+    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir))
+
+    def broken_schedule():
+        raise KeyError("secret internal state")
+
+    async def failure(request_id: str) -> EngineDeadError:
+        with pytest.raises(EngineDeadError) as error:
+            async for _ in engine.generate(request_id, [5, 6, 7], greedy(4)):
+                pass
+        return error.value
+
+    async def main():
+        await engine.call(lambda core: setattr(core.scheduler, "schedule", broken_schedule))
+        errors = [await failure("running"), await failure("after")]
+        await engine.shutdown()
+        return errors
+
+    for error in asyncio.run(asyncio.wait_for(main(), 120)):
+        message = str(error)
+        assert "internal error (KeyError)" in message and "until it is restarted" in message
+        assert "secret" not in message
+        api_error = to_api_error(error, "/v1/completions")
+        assert api_error.status == 503 and api_error.message == message
+    assert not engine.is_healthy()

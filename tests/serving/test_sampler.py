@@ -291,3 +291,22 @@ def test_from_params_flags_and_validation():
         SamplingBatch.from_params([SamplingParams()], [[]], [], [None], device="cpu")
     with pytest.raises(ValueError, match="logits must be"):
         Sampler()(torch.zeros(2, 5), make_batch([SamplingParams()]))
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "min_p", "presence_penalty",
+                                   "frequency_penalty", "repetition_penalty"])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_sampling_params_reject_non_finite_values(field, value):
+    # NaN passes a range check written as `if value < 0: raise` (every comparison is False)
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        SamplingParams(**{field: value})
+
+
+def test_sampling_params_bound_stop_strings_and_top_k():
+    SamplingParams(stop=["x" * 1000] * 16, top_k=2**31 - 1)
+    with pytest.raises(ValueError, match="at most 16 stop strings"):
+        SamplingParams(stop=[str(i) for i in range(17)])
+    with pytest.raises(ValueError, match="at most 1000 characters, got one of 1001"):
+        SamplingParams(stop=["ok", "x" * 1001])
+    with pytest.raises(ValueError, match="top_k must be -1 .* 2147483647"):  # an int32 on the instance wire
+        SamplingParams(top_k=2**31)
