@@ -25,7 +25,7 @@ from kvcache.kv_manager import KVCacheManager
 from scheduler.clock import Clock, MonotonicClock
 from scheduler.config import SchedulerConfig
 from scheduler.connectors import ConnectorPolicy, NullConnector
-from scheduler.connectors.remote_prefill import NoKVSpaceError
+from scheduler.errors import NoKVSpaceError, RequestTooLargeError
 from scheduler.kv_moves import CancelKV, KVMove, MoveTracker
 from scheduler.policies import (OrderingPolicy, PrefillShaping, PreemptionPolicy, make_ordering,
                                 make_preemption, make_prefill_shaping)
@@ -35,10 +35,6 @@ from scheduler.step import CachedRequestData, NewRequestData, StepPlan, StepResu
 logger = logging.getLogger(__name__)
 
 __all__ = ["Scheduler", "RequestTooLargeError", "NoKVSpaceError", "SchedulerUpdate"]
-
-
-class RequestTooLargeError(ValueError):
-    """The request can never be scheduled with this configuration."""
 
 
 @dataclass

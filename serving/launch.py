@@ -13,8 +13,8 @@ def build_engine_client(config: Config) -> EngineClient:
     if config.deploy.mode == "colocated":
         from serving.engine.async_llm import AsyncLLM
         return AsyncLLM.from_config(config)
-    from serving.disagg.launcher import make_specs
-    from serving.disagg.router import build_disaggregated_client
+    from serving.launchers import make_specs
+    from serving.router.engine_client import build_disaggregated_client
     for spec in make_specs(config):
         check_instance_kv_pool(spec.config)
     return build_disaggregated_client(config)

@@ -4,7 +4,7 @@ Every process of one deployment holds the same token (the API server makes one p
 sends it as call metadata, `authorization: Bearer <token>`; a server interceptor lets a call through
 only if it carries exactly that, and otherwise answers UNAUTHENTICATED before any handler runs. The
 KV receiver's sync `grpc.server` uses `ServerTokenInterceptor`; the instance's `grpc.aio.server` uses
-`AioServerTokenInterceptor` (serving/disagg/instance.py). Both count refusals into the given
+`AioServerTokenInterceptor` (serving/instance/servicer.py). Both count refusals into the given
 TransferCounters (`num_unauthenticated_calls`) and log each one with the caller's address, never the
 token or what was sent in its place.
 """

@@ -1,19 +1,32 @@
 """The connector-policy interface and its null object (colocated serving)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from scheduler.kv_moves import MoveResult
+from kvcache.kv_manager import KVCacheManager
+from scheduler.kv_moves import MoveResult, MoveTracker
 from scheduler.request import Request, RequestStatus
 from scheduler.step import StepPlan
 
-if TYPE_CHECKING:
-    from scheduler.scheduler import Scheduler
+
+class Scheduler(Protocol):
+    """What a connector policy may use of the scheduler that composes it (scheduler/scheduler.py)."""
+    kv: KVCacheManager
+    requests: dict[str, Request]
+    moves: MoveTracker
+
+    def enqueue_front(self, request: Request) -> None: ...
+
+    def finish(self, request: Request, status: RequestStatus, error: str | None = None) -> None: ...
+
+    def note_accepted(self, request: Request) -> None: ...
+
+    def note_finished(self, request: Request) -> None: ...
 
 
 class ConnectorPolicy(Protocol):
     """Hooks the Scheduler calls at fixed points of a step; each may mutate the scheduler through its
-    narrow interface (`kv`, `requests`, `moves`, `enqueue_front`, `finish`, `note_accepted`)."""
+    narrow interface (the `Scheduler` protocol above)."""
 
     def admit(self, scheduler: Scheduler, request: Request) -> bool:
         """A request was added: True if this policy holds it until it can run (it is not queued)."""

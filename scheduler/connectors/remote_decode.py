@@ -10,14 +10,11 @@ the blocks come back once no copy reads them.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from scheduler.kv_moves import CancelKV, MoveResult, SendKV
+from scheduler.connectors.base import Scheduler
 from scheduler.request import Request, RequestStatus
 from scheduler.step import Segment, StepPlan
-
-if TYPE_CHECKING:
-    from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -19,22 +19,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, CancelKV, MoveResult, RecvKV
+from scheduler.connectors.base import Scheduler
+from scheduler.errors import NoKVSpaceError
 from scheduler.request import Request, RequestStatus
 from scheduler.step import StepPlan
-
-if TYPE_CHECKING:
-    from scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
 FAILURE_POLICIES = ("recompute", "fail")
-
-
-class NoKVSpaceError(RuntimeError):
-    """No free blocks to receive a remote prefill's KV right now (backpressure): try later or elsewhere."""
 
 
 @dataclass

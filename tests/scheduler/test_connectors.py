@@ -5,7 +5,7 @@ import pytest
 
 from scheduler import RequestStatus
 from scheduler.connectors import RemoteDecode, RemotePrefill
-from scheduler.connectors.remote_prefill import NoKVSpaceError
+from scheduler.errors import NoKVSpaceError
 from scheduler.kv_moves import (ACTIVE, FAILED, FINISHED, STARTED, AdoptKV, CancelKV, MoveResult, RecvKV,
                                 SendKV, SwapIn, SwapOut)
 from tests.scheduler.helpers import Runner, make_request, make_scheduler, step

@@ -91,12 +91,12 @@ def long_context_model_dir(tiny_model_dir, tmp_path_factory):
 def test_cli_refuses_a_kv_pool_smaller_than_one_sequence(capsys, monkeypatch, long_context_model_dir, mode):
     # disaggregated: refused before any instance starts, not reported as "instance X exited"
     import serving.api.server
-    import serving.disagg.router
+    import serving.router.engine_client
     from serving.cli import main
 
     def must_not_run(*args, **kwargs):  # a regression fails here instead of serving for ever
         raise AssertionError("pdserve serve went on to launch instances or serve")
-    monkeypatch.setattr(serving.disagg.router, "build_disaggregated_client", must_not_run)
+    monkeypatch.setattr(serving.router.engine_client, "build_disaggregated_client", must_not_run)
     monkeypatch.setattr(serving.api.server, "run_server", must_not_run)
     argv = ["serve", "--model", long_context_model_dir, "--mode", mode, "--num-gpu-blocks-override", "4",
             "--max-model-len", "4096"]

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from scheduler.sampling_params import SamplingParams
-from serving.disagg.launcher import make_specs
-from serving.disagg.router import build_disaggregated_client
+from serving.launchers import make_specs
+from serving.router.engine_client import build_disaggregated_client
 from serving.engine.protocol import EngineDeadError, RequestRejectedError
 from tests.serving.test_disagg_support import (Case, LoopThread, assert_no_leaks, collect, collect_all,
                                                comparable, greedy, instance_children, make_cases, make_prompts,

@@ -14,11 +14,11 @@ from kvcache.transfer import wire as kv_wire
 from kvcache.transfer._proto import kv_transfer_pb2 as kv_pb
 from kvcache.transfer.auth import METADATA_KEY
 from serving.config import Config
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.instance import InstanceSpec
-from serving.disagg.instance_main import decode_start, encode_start
-from serving.disagg.launcher import make_specs
-from serving.disagg.router import build_disaggregated_client
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance.servicer import InstanceSpec
+from serving.instance.main import decode_start, encode_start
+from serving.launchers import make_specs
+from serving.router.engine_client import build_disaggregated_client
 from serving.metrics import ServingMetrics
 from tests.serving.test_disagg_support import (LoopThread, collect, instance_children, make_cases,
                                                reference_outputs, tiny_config, token_ids)

@@ -140,6 +140,6 @@ def instance_children(parent_pid: int) -> list[int]:
                 command = f.read()
         except (OSError, ValueError):
             continue
-        if int(parent) == parent_pid and state != "Z" and b"serving.disagg.instance_main" in command:
+        if int(parent) == parent_pid and state != "Z" and b"serving.instance.main" in command:
             children.append(int(entry))
     return children

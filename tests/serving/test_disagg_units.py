@@ -18,12 +18,12 @@ from scheduler.engine_core import EngineCoreOutput
 from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, CancelKV, RecvKV, SendKV
 from scheduler.sampling_params import SamplingParams
 from serving.config import Config, DeployConfig
-from serving.disagg import wire
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.instance import InstanceSpec
-from serving.disagg.launcher import LaunchedInstance, make_specs
-from serving.disagg.pool import InstancePool
-from serving.disagg.router import check_peers
+from serving.instance import wire
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance.servicer import InstanceSpec
+from serving.launchers import LaunchedInstance, make_specs
+from serving.router.pool import InstancePool
+from serving.router.engine_client import check_peers
 from serving.engine.protocol import TokenLogprob
 from serving.kv_connector.receives import KVReceives
 from serving.kv_connector.transfer import TransferWorker, model_fingerprint
@@ -54,7 +54,7 @@ def test_generate_request_carries_who_the_request_serves():
 
 def test_the_router_sends_client_id_and_priority_to_both_instances():
     """A flow over a pool whose instance clients record the Generate calls they are asked for."""
-    from serving.disagg.flow import RequestFlow
+    from serving.router.flow import RequestFlow
 
     calls = []
 
@@ -373,7 +373,7 @@ def test_a_dead_peer_is_forgotten_and_new_sends_to_it_fail_fast(tiny_model_dir):
 
 
 def test_instance_info_carries_a_layout_the_router_can_read(tiny_model_dir):
-    from serving.disagg.instance import instance_info
+    from serving.instance.servicer import instance_info
     from serving.engine.engine import build_engine
     config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": "8MiB"})
     engine = build_engine(config, "decode")

@@ -13,7 +13,7 @@ import pytest
 
 from serving.api.server import run_server
 from serving.config import ServerConfig
-from serving.disagg.router import build_disaggregated_client
+from serving.router.engine_client import build_disaggregated_client
 from tests.servers import free_port
 from tests.serving.test_disagg_support import (
     LoopThread,

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from serving.config import DeployConfig
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.client import InstanceClient
-from serving.disagg.launcher import LaunchedInstance, Launcher
+from serving.instance._proto import instance_pb2 as pb
+from serving.router.instance_client import InstanceClient
+from serving.launchers.base import LaunchedInstance, Launcher
 
 logger = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import threading
 from concurrent.futures import Future
 
 from serving.config import DeployConfig
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.instance import InstanceAddress, InstanceSpec, serve_instance
-from serving.disagg.launcher import LaunchedInstance
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance.servicer import InstanceAddress, InstanceSpec, serve_instance
+from serving.launchers.base import LaunchedInstance
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 from kvcache.transfer.auth import AioServerTokenInterceptor, TokenCheck
 from scheduler.scheduler import NoKVSpaceError
 from serving.config import Config
-from serving.disagg import wire
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg._proto import instance_pb2_grpc as pb_grpc
+from serving.instance import wire
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance._proto import instance_pb2_grpc as pb_grpc
 from serving.engine.engine import Engine, build_engine
 from serving.engine.engine_thread import EngineThread
 from serving.engine.protocol import EngineDeadError, RequestRejectedError

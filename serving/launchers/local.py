@@ -1,9 +1,5 @@
-"""Launchers start instance processes and start them again when they die.
-
-`local` runs each instance as a subprocess of the API server (`instance_main`); `ray` (ray_launcher.py)
-runs each as a Ray actor. Both hand back the same `LaunchedInstance`, so the router cannot tell them
-apart.
-"""
+"""The local launcher: each instance a subprocess of the API server (`python -m serving.instance.main`),
+its config and the deployment's token written to its stdin, its ready line read from its stdout."""
 from __future__ import annotations
 
 import asyncio
@@ -14,60 +10,15 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Protocol
 
-from serving.config import Config
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.instance import InstanceAddress, InstanceSpec
-from serving.disagg.instance_main import decode_ready, encode_start
+from serving.instance.main import decode_ready, encode_start
+from serving.instance.servicer import InstanceAddress, InstanceSpec
+from serving.launchers.base import LaunchedInstance
 
 logger = logging.getLogger(__name__)
 
 # how long a stopped instance may take beyond its own drain (--shutdown-timeout) before it is killed
 _STOP_GRACE_S = 10.0
-
-
-@dataclass(frozen=True)
-class LaunchedInstance:
-    spec: InstanceSpec
-    address: str  # host:port of its Instance service
-    info: pb.InstanceInfo
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-class Launcher(Protocol):
-    def start(self, specs: list[InstanceSpec]) -> list[LaunchedInstance]:
-        """Start every instance (concurrently) and wait until all serve; raises RuntimeError naming
-        the instance that failed (and stops the others)."""
-
-    async def restart(self, spec: InstanceSpec) -> LaunchedInstance:
-        """Start a dead (or hung) instance again under the same name; new addresses."""
-
-    def shutdown(self) -> None:
-        """Stop every instance (and what the launcher started for them). Idempotent."""
-
-
-def make_specs(config: Config, token: str | None = None) -> list[InstanceSpec]:
-    """prefill-0..N-1 and decode-0..M-1, each with its role's config overrides applied, without the API
-    key (instances never need it), and with the deployment's token (None: instances refuse to start)."""
-    deploy = config.deploy
-    config = config.replace(api_key=None)
-    prefill = config.replace(**deploy.prefill_overrides) if deploy.prefill_overrides else config
-    decode = config.replace(**deploy.decode_overrides) if deploy.decode_overrides else config
-    return ([InstanceSpec(f"prefill-{i}", "prefill", prefill, token) for i in range(deploy.num_prefill)]
-            + [InstanceSpec(f"decode-{i}", "decode", decode, token) for i in range(deploy.num_decode)])
-
-
-def make_launcher(config: Config) -> Launcher:
-    if config.deploy.launcher == "ray":
-        from serving.disagg.ray_launcher import RayLauncher
-        return RayLauncher(config.deploy)
-    return LocalLauncher(config.deploy.instance_start_timeout_s,
-                         drain_timeout_s=config.server.shutdown_timeout_s)
 
 
 class _Process:
@@ -79,7 +30,7 @@ class _Process:
 
     def __init__(self, spec: InstanceSpec) -> None:
         self.spec = spec
-        command = [sys.executable, "-m", "serving.disagg.instance_main", "--name", spec.name,
+        command = [sys.executable, "-m", "serving.instance.main", "--name", spec.name,
                    "--role", spec.role, "--parent-pid", str(os.getpid()), "--config-stdin"]
         self.popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         # a child that died at once breaks the pipe; the stdout reader below reports its exit

@@ -7,9 +7,9 @@ import grpc
 
 from kvcache.transfer.auth import call_metadata
 from scheduler.sampling_params import SamplingParams
-from serving.disagg import wire
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg._proto import instance_pb2_grpc as pb_grpc
+from serving.instance import wire
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance._proto import instance_pb2_grpc as pb_grpc
 
 # a dead peer is noticed by the health checks and by TCP resets; keepalive catches a silent network
 _CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),

@@ -21,8 +21,8 @@ import grpc
 
 from scheduler.sampling_params import SamplingParams
 from serving.config import DeployConfig
-from serving.disagg import wire
-from serving.disagg.pool import InstancePool, InstanceState
+from serving.instance import wire
+from serving.router.pool import InstancePool, InstanceState
 from scheduler.engine_core import EngineCoreOutput
 from serving.engine.output_processor import RequestState
 from serving.engine.protocol import EngineDeadError, RequestOutput, RequestRejectedError

@@ -1,6 +1,6 @@
 """Entry point of an instance process (what the local launcher starts):
 
-    python -m serving.disagg.instance_main --name decode-0 --role decode --config-stdin < start.json
+    python -m serving.instance.main --name decode-0 --role decode --config-stdin < start.json
 
 where start.json is one JSON document, `{"config": Config.to_dict(), "token": ...}` (`encode_start`):
 the config and the deployment's token come on stdin, never on the command line, which any local user
@@ -24,8 +24,8 @@ import signal
 import sys
 
 from serving.config import Config
-from serving.disagg._proto import instance_pb2 as pb
-from serving.disagg.instance import InstanceAddress, InstanceSpec, serve_instance
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance.servicer import InstanceAddress, InstanceSpec, serve_instance
 
 READY_PREFIX = "pdserve-instance-ready"
 _PARENT_CHECK_S = 1.0
@@ -84,7 +84,7 @@ async def _main(spec: InstanceSpec, parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.disagg.instance_main")
+    parser = argparse.ArgumentParser(prog="python -m serving.instance.main")
     parser.add_argument("--name", required=True)
     parser.add_argument("--role", required=True, choices=["prefill", "decode", "colocated"])
     parser.add_argument("--config-stdin", action="store_true",

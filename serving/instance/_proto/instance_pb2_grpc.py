@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving.disagg._proto import instance_pb2 as serving_dot_disagg_dot___proto_dot_instance__pb2
+from serving.instance._proto import instance_pb2 as serving_dot_instance_dot___proto_dot_instance__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serving/disagg/_proto/instance_pb2_grpc.py depends on'
+        + ' but the generated code in serving/instance/_proto/instance_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class InstanceStub:
         """
         self.Generate = channel.unary_stream(
                 '/pdserve.instance.Instance/Generate',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.GenerateOutput.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.GenerateOutput.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.instance.Instance/Abort',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.AbortRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.AbortResponse.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.AbortRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.AbortResponse.FromString,
                 _registered_method=True)
         self.SetFirstToken = channel.unary_unary(
                 '/pdserve.instance.Instance/SetFirstToken',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.SetFirstTokenRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.SetFirstTokenResponse.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.SetFirstTokenRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.SetFirstTokenResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/pdserve.instance.Instance/Health',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.HealthRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.HealthResponse.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.HealthRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.HealthResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/pdserve.instance.Instance/Info',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.InfoRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.InstanceInfo.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.InfoRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.InstanceInfo.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/pdserve.instance.Instance/Stats',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.StatsRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.StatsResponse.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.StatsRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.StatsResponse.FromString,
                 _registered_method=True)
         self.CheckIntegrity = channel.unary_unary(
                 '/pdserve.instance.Instance/CheckIntegrity',
-                request_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.IntegrityRequest.SerializeToString,
-                response_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.IntegrityResponse.FromString,
+                request_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.IntegrityRequest.SerializeToString,
+                response_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.IntegrityResponse.FromString,
                 _registered_method=True)
 
 
@@ -124,38 +124,38 @@ def add_InstanceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.GenerateRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.GenerateOutput.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.GenerateRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.GenerateOutput.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.AbortRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.AbortRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.AbortResponse.SerializeToString,
             ),
             'SetFirstToken': grpc.unary_unary_rpc_method_handler(
                     servicer.SetFirstToken,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.SetFirstTokenRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.SetFirstTokenResponse.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.SetFirstTokenRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.SetFirstTokenResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.HealthRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.HealthRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.HealthResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.InfoRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.InstanceInfo.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.InfoRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.InstanceInfo.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.StatsRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.StatsRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.StatsResponse.SerializeToString,
             ),
             'CheckIntegrity': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckIntegrity,
-                    request_deserializer=serving_dot_disagg_dot___proto_dot_instance__pb2.IntegrityRequest.FromString,
-                    response_serializer=serving_dot_disagg_dot___proto_dot_instance__pb2.IntegrityResponse.SerializeToString,
+                    request_deserializer=serving_dot_instance_dot___proto_dot_instance__pb2.IntegrityRequest.FromString,
+                    response_serializer=serving_dot_instance_dot___proto_dot_instance__pb2.IntegrityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,8 +183,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/Generate',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.GenerateRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.GenerateOutput.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.GenerateRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.GenerateOutput.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +210,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/Abort',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.AbortRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.AbortResponse.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.AbortRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.AbortResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/SetFirstToken',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.SetFirstTokenRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.SetFirstTokenResponse.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.SetFirstTokenRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.SetFirstTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/Health',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.HealthRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.HealthResponse.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.HealthRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -291,8 +291,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/Info',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.InfoRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.InstanceInfo.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.InfoRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.InstanceInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -318,8 +318,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/Stats',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.StatsRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.StatsResponse.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.StatsRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,8 +345,8 @@ class Instance:
             request,
             target,
             '/pdserve.instance.Instance/CheckIntegrity',
-            serving_dot_disagg_dot___proto_dot_instance__pb2.IntegrityRequest.SerializeToString,
-            serving_dot_disagg_dot___proto_dot_instance__pb2.IntegrityResponse.FromString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.IntegrityRequest.SerializeToString,
+            serving_dot_instance_dot___proto_dot_instance__pb2.IntegrityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from scheduler.engine_core import EngineCoreOutput
 from scheduler.sampling_params import SamplingParams
-from serving.disagg._proto import instance_pb2 as pb
+from serving.instance._proto import instance_pb2 as pb
 from serving.engine.protocol import EngineStats, TokenLogprob
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Instance"].full_name  # "pdserve.instance.Instance"

@@ -20,10 +20,10 @@ from kvcache.transfer._proto import kv_transfer_pb2 as kv_pb
 from kvcache.transfer.layout import IncompatibleLayoutError, KVLayout
 from scheduler.sampling_params import SamplingParams
 from serving.config import Config
-from serving.disagg.flow import RequestFlow
-from serving.disagg.launcher import LaunchedInstance, Launcher, make_launcher, make_specs
-from serving.disagg.pool import InstancePool
-from serving.disagg.stats import aggregate_stats
+from serving.router.flow import RequestFlow
+from serving.launchers import LaunchedInstance, Launcher, make_launcher, make_specs
+from serving.router.pool import InstancePool
+from serving.router.stats import aggregate_stats
 from serving.engine.protocol import EngineDeadError, EngineStats, ModelInfo, RequestOutput, RequestRejectedError
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,10 @@
+"""Why a request cannot be taken (raised by Scheduler.add_request)."""
+from __future__ import annotations
+
+
+class RequestTooLargeError(ValueError):
+    """The request can never be scheduled with this configuration."""
+
+
+class NoKVSpaceError(RuntimeError):
+    """No free blocks to receive a remote prefill's KV right now (backpressure): try later or elsewhere."""
