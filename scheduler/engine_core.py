@@ -45,6 +45,7 @@ class EngineCoreOutput:
     error: str | None = None
     queue_time_s: float | None = None  # arrival -> first scheduled; on the first output only
     accepted: bool = False  # a remote prefill's blocks are reserved and ready to receive
+    kv_transfer: str | None = None  # on the last output of a remote prefill: "transferred" or "recomputed: why"
 
 
 class EngineCore:
@@ -117,7 +118,7 @@ class EngineCore:
             stop_reason=request.stop_reason if finished else None,
             num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=len(request.output_token_ids),
             num_cached_tokens=max(0, request.num_cached_tokens), error=request.error if finished else None,
-            queue_time_s=queue_time, accepted=accepted)
+            queue_time_s=queue_time, accepted=accepted, kv_transfer=request.kv_transfer if finished else None)
 
     # ---- introspection ----
     def check_integrity(self) -> None:

@@ -61,6 +61,7 @@ class Request:
         # it. The connector policy of the instance's role owns what happens to such a request.
         self.kv_peer = kv_peer
         self.remote_prefill = remote_prefill
+        self.kv_transfer: str | None = None  # remote prefill: "transferred", or "recomputed: <why>"
         # the output may not run past the context window
         bounds = [b for b in (sampling_params.max_tokens,
                               max_model_len - len(prompt_token_ids) if max_model_len else None)

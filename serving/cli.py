@@ -89,6 +89,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="a prefill instance frees a sent prompt's KV if the decode side has not "
                         "acknowledged it within this many seconds (default 60)")
     _bool_flag(g, "kv-transfer-enable-shm", "same-host KV moves through shared memory (default on)")
+    _bool_flag(g, "kv-transfer-checksum", "verify a CRC-32 of every KV chunk on receive; a mismatch is "
+               "retried, then recomputed or failed, never used (default off)")
     g.add_argument("--kv-transfer-layers-per-group", type=int, default=None,
                    help="layers per KV send while prefill computes the rest (default 1)")
 

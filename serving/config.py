@@ -99,6 +99,9 @@ class DeployConfig:
     # acknowledgement, then cancels the send and frees the blocks (counted: num_leases_expired)
     kv_transfer_lease_ttl_s: float = 60.0
     kv_transfer_enable_shm: bool = True
+    # a CRC-32 per chunk, verified on receive: a mismatch is refused (retried, then by the failure
+    # policy), counted in num_checksum_mismatches, never decoded from
+    kv_transfer_checksum: bool = False
     kv_transfer_layers_per_group: int = 1  # layers per send while prefill computes the rest
 
     def __post_init__(self) -> None:

@@ -33,6 +33,9 @@ class TransferConfig:
     enable_shm: bool = True
     # Shared-memory slabs per sender, each max_chunk_bytes long: shm chunks in flight at once.
     num_shm_slabs: int = 4
+    # The sender puts a CRC-32 of each chunk's payload in its header; the receiver verifies it before
+    # writing and refuses a mismatch (the transfer is retried, then fails by policy: never wrong KV).
+    checksum: bool = False
 
     def __post_init__(self) -> None:
         if self.max_chunk_bytes < 4096:

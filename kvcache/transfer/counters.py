@@ -24,6 +24,7 @@ class TransferCounters:
     num_refused: int = 0              # reservations refused for lack of blocks (backpressure)
     num_leases_expired: int = 0
     num_stalled: int = 0              # partial transfers the receiver dropped after a stall
+    num_checksum_mismatches: int = 0  # chunks refused because their payload did not match its CRC-32
     num_unauthenticated_calls: int = 0  # calls refused for a missing or wrong deployment token
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 

@@ -27,6 +27,8 @@ class InlinePayloads:
         """(message, done): call done() once the message was sent (or failed)."""
         message, payload = wire.new_chunk_message(header)
         fill(payload)
+        if header.HasField("crc32"):  # known only now: a fixed-size field, rewritten in place
+            wire.rewrite_header(message, header)
         return message, _nothing
 
     def close(self) -> None:

@@ -202,6 +202,13 @@ class KVReceiver:
         reservation = self._pin(header.request_id, header.attempt)
         try:
             buffer = self._payload(header, payload, len(reservation.block_ids))
+            if header.HasField("crc32") and wire.payload_crc32(buffer) != header.crc32:
+                self.counters.add(num_checksum_mismatches=1)
+                logger.error("KV chunk of request %s (layers %d-%d, blocks %d-%d) does not match its "
+                             "checksum: refused", header.request_id, header.layer_start, header.layer_end,
+                             header.block_start, header.block_end)
+                raise RpcError(grpc.StatusCode.DATA_LOSS, f"KV chunk of request {header.request_id!r} "
+                               "does not match its CRC-32: nothing was written")
             dst_block_ids = reservation.block_ids[header.block_start:header.block_end]     # [n]
             unpack_kv(buffer, self.kv_cache, dst_block_ids, header.layer_start)
             with self._lock:

@@ -31,6 +31,7 @@ from kvcache.transfer.lease import LeaseTable
 from kvcache.transfer.payloads import InlinePayloads, ShmPayloads
 from kvcache.transfer.peer import TRANSIENT_CODES, PeerClient
 from kvcache.transfer.reaper import Reaper
+from kvcache.transfer import wire
 from kvcache.transfer.shm import SlabPool, host_id
 from kvcache.transfer.wire import LAYOUT_TRAILER_KEY
 
@@ -236,8 +237,15 @@ class KVSender:
         header = pb.ChunkHeader(request_id=handle.request_id, attempt=attempt, layer_start=chunk.layer_start,
                                 layer_end=chunk.layer_end, block_start=chunk.block_start, block_end=chunk.block_end,
                                 num_bytes=chunk.num_layers * chunk.num_blocks * self.layout.num_bytes_per_layer_block)
-        message, done = self._payloads.encode(header, lambda out: self._pack(handle, chunk, out),
-                                              self.config.rpc_timeout_s)
+        if self.config.checksum:
+            header.crc32 = 0  # present from the start: its encoded size does not change when set
+
+        def fill(out: torch.Tensor) -> None:
+            self._pack(handle, chunk, out)
+            if self.config.checksum:
+                header.crc32 = wire.payload_crc32(out)
+
+        message, done = self._payloads.encode(header, fill, self.config.rpc_timeout_s)
         try:
             self._peer.push(message, self.config.rpc_timeout_s)
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import warnings
+import zlib
 
 import torch
 
@@ -109,6 +110,22 @@ def _aligned_prefix(head: bytes, payload_tag: bytes) -> bytes:
         if (len(head) + len(pad_field) + len(payload_tag)) % _PREFIX_ALIGNMENT == 0:
             return head + pad_field + payload_tag
     raise AssertionError("unreachable: 64 consecutive pad lengths cover every residue")
+
+
+def rewrite_header(message: bytes, header: pb.ChunkHeader) -> None:
+    """Write `header` over the header of a message made by new_chunk_message, in place. Only fields of
+    fixed size may have changed (the CRC-32 of the payload, known once the payload is filled)."""
+    header_bytes = header.SerializeToString()
+    view = torch.frombuffer(message, dtype=torch.uint8)
+    old_len, pos = _read_varint(memoryview(message), 1)
+    if old_len != len(header_bytes):
+        raise ValueError("rewrite_header() may only change fixed-size header fields")
+    view[pos:pos + old_len] = torch.frombuffer(header_bytes, dtype=torch.uint8)
+
+
+def payload_crc32(payload: torch.Tensor) -> int:
+    """CRC-32 (zlib's) of a contiguous tensor's bytes."""
+    return zlib.crc32(payload.contiguous().view(torch.uint8).numpy())
 
 
 def encode_control_chunk(header: pb.ChunkHeader) -> bytes:

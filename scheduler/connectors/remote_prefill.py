@@ -37,6 +37,7 @@ class _PendingRecv:
     block_ids: list[int]  # the prompt's blocks (the first output token's slot is not received)
     active: bool = False  # the peer began sending
     kv: str = "pending"  # "pending", "ok" (arrived) or "recompute" (will not arrive)
+    failure: str = ""  # why it will not arrive
     first_token: int | None = None
     handoff_deadline: float | None = None
 
@@ -109,7 +110,7 @@ class RemotePrefill:
         request_id = pending.request.request_id
         if self.failure_policy == "recompute":
             logger.info("KV of request %s will not arrive (%s): it will be recomputed here", request_id, reason)
-            pending.kv = "recompute"
+            pending.kv, pending.failure = "recompute", reason
             self._promote_if_ready(scheduler, pending)
             return
         logger.warning("KV of request %s will not arrive (%s): failing it", request_id, reason)
@@ -137,9 +138,11 @@ class RemotePrefill:
         del self.pending[request.request_id]
         request.output_token_ids.append(pending.first_token)
         request.num_computed_tokens = request.num_prompt_tokens if pending.kv == "ok" else 0
+        request.kv_transfer = "transferred" if pending.kv == "ok" else f"recomputed: {pending.failure}"
         if pending.kv == "recompute":
             self.num_recompute_fallbacks += 1
-            logger.warning("request %s: its KV did not arrive; recomputing the prompt", request.request_id)
+            logger.warning("request %s: its KV did not arrive (%s); recomputing the prompt", request.request_id,
+                           pending.failure)
         request.status = RequestStatus.WAITING
         scheduler.enqueue_front(request)  # it holds its blocks already: use them first
 

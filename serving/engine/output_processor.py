@@ -53,7 +53,8 @@ class RequestState:
             finish_reason=reason if finished else None, stop_reason=stop_reason if finished else None,
             new_logprobs=output.new_logprobs, num_prompt_tokens=self.num_prompt_tokens,
             num_output_tokens=len(self.output_token_ids), num_cached_tokens=self.num_cached_tokens or 0,
-            error=output.error if finished else None, queue_time_s=queue_time)
+            error=output.error if finished else None, queue_time_s=queue_time,
+            kv_transfer=output.kv_transfer if finished else None)
 
 
 class OutputProcessor:

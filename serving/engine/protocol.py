@@ -49,6 +49,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None  # set when finish_reason == "error"
     queue_time_s: float | None = None  # arrival -> first scheduled; set on the first output
+    # disaggregated, on the last output: whether the prompt's KV was "transferred" from the prefill
+    # instance or "recomputed: <why>" on the decode instance
+    kv_transfer: str | None = None
 
 
 @dataclass

@@ -60,7 +60,8 @@ def output_to_proto(output: EngineCoreOutput) -> pb.GenerateOutput:
         request_id=output.request_id, new_token_ids=output.new_token_ids, finished=output.finished,
         finish_reason=output.finish_reason or "", has_logprobs=output.new_logprobs is not None,
         num_prompt_tokens=output.num_prompt_tokens, num_output_tokens=output.num_output_tokens,
-        num_cached_tokens=output.num_cached_tokens, error=output.error or "", accepted=output.accepted)
+        num_cached_tokens=output.num_cached_tokens, error=output.error or "", accepted=output.accepted,
+        kv_transfer=output.kv_transfer or "")
     if isinstance(output.stop_reason, str):
         message.stop_string = output.stop_reason
     elif output.stop_reason is not None:
@@ -87,7 +88,7 @@ def output_from_proto(message: pb.GenerateOutput) -> EngineCoreOutput:
         num_prompt_tokens=message.num_prompt_tokens, num_output_tokens=message.num_output_tokens,
         num_cached_tokens=message.num_cached_tokens, error=message.error or None,
         queue_time_s=message.queue_time_s if message.HasField("queue_time_s") else None,
-        accepted=message.accepted)
+        accepted=message.accepted, kv_transfer=message.kv_transfer or None)
 
 
 def stats_to_proto(stats: EngineStats) -> pb.StatsResponse:

@@ -49,7 +49,7 @@ def transfer_config(config: Config) -> TransferConfig:
                           stall_timeout_s=deploy.kv_transfer_stall_timeout_s,
                           max_retries=deploy.kv_transfer_max_retries, lease_ttl_s=None,
                           failure_policy=deploy.kv_transfer_failure_policy,
-                          enable_shm=deploy.kv_transfer_enable_shm)
+                          enable_shm=deploy.kv_transfer_enable_shm, checksum=deploy.kv_transfer_checksum)
 
 
 class TransferWorker:

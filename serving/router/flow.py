@@ -199,6 +199,8 @@ class RequestFlow:
                 handoff.cancel()
             while True:
                 output = self._emit(wire.output_from_proto(await self._read(decode_stream)))
+                if output.kv_transfer:
+                    self._count_kv_transfer(output.kv_transfer, decode)
                 yield output
                 if output.finished:
                     return
@@ -322,6 +324,14 @@ class RequestFlow:
     def _close(self, stream: _Stream) -> None:
         self._streams.discard(stream)
         stream.close()
+
+    def _count_kv_transfer(self, outcome: str, decode: InstanceState) -> None:
+        """Per request: did its KV move, or did the decode instance recompute the prompt (and why)."""
+        if outcome == "transferred":
+            self.counters["num_kv_transferred"] += 1
+            return
+        self.counters["num_kv_recomputed"] += 1
+        logger.warning("request %s: decode instance %s %s", self.request_id, decode.name, outcome)
 
     # ---- outputs ----
     def _emit(self, source: EngineCoreOutput) -> RequestOutput:

@@ -88,6 +88,8 @@ def check_greedy_equals_colocated(loop, client, colocated_config, prefix: str):
     for case in cases:
         assert not isinstance(got[case.request_id], BaseException), got[case.request_id]
         assert comparable(got[case.request_id]) == comparable(expected[case.request_id]), case.request_id
+        if case.params.max_tokens > 1:  # each says where its KV came from
+            assert got[case.request_id][-1].kv_transfer == "transferred", case.request_id
     assert_no_leaks(loop.run(wait_until_drained(client)))
     # every request that decodes past its first token got its KV by transfer, none by recompute
     num_decoded = sum(1 for c in cases if c.params.max_tokens > 1)

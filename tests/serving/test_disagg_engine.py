@@ -77,6 +77,7 @@ def test_handoff_matches_colocated(engines, via_router):
     expected = _reference(engines["colocated"], prompt, params)
     assert [first.new_token_ids[0]] + token_ids(rest) == token_ids(expected)
     assert rest[-1].num_output_tokens == 12 and rest[-1].finish_reason == "length"
+    assert rest[-1].kv_transfer == "transferred"
     counters = engines["decode"].transfer_counters()
     assert counters["num_transfers_received"] == 1 and counters["num_recompute_fallbacks"] == 0
     _check_drained(engines["prefill"], engines["decode"])
@@ -100,6 +101,7 @@ def test_kv_that_never_comes_is_recomputed(engines):
     assert [first.new_token_ids[0]] + token_ids(rest) == token_ids(expected)
     assert engines["decode"].transfer_counters()["num_recompute_fallbacks"] == 1
     assert engines["prefill"].transfer_counters()["num_refused"] >= 1
+    assert rest[-1].kv_transfer.startswith("recomputed: ")  # and why
     _check_drained(engines["prefill"], engines["decode"])
 
 

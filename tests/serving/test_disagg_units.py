@@ -385,3 +385,43 @@ def test_instance_info_carries_a_layout_the_router_can_read(tiny_model_dir):
         assert info.kv_address == engine.connector.address and info.kv_address
     finally:
         engine.close()
+
+
+def test_a_corrupted_chunk_is_refused_by_its_checksum_and_never_written(tiny_model_dir, monkeypatch):
+    from kvcache.transfer import receiver as receiver_module
+    real_parse = receiver_module.wire.parse_chunk
+
+    def corrupting_parse(message):
+        header, payload = real_parse(message)
+        damaged = bytearray(payload)
+        damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte on the way
+        return header, memoryview(bytes(damaged))
+
+    monkeypatch.setattr(receiver_module.wire, "parse_chunk", corrupting_parse)
+    prefill, decode, _, decode_cache, address = _workers(tiny_model_dir, kv_transfer_checksum=True,
+                                                         kv_transfer_enable_shm=False)
+    try:
+        decode.start([RecvKV("r", [3, 4], 20)])
+        _send_step(prefill, SendKV("r", [1, 2], 20, address))
+        _poll_until(prefill, "send", FAILED, "r")  # refused, retried once, refused again
+        assert decode.counters()["num_checksum_mismatches"] >= 2
+        assert not decode_cache.any()  # nothing written from a mismatching chunk
+    finally:
+        prefill.close()
+        decode.close()
+
+
+@pytest.mark.parametrize("enable_shm", [True, False])
+def test_checksummed_transfers_are_bit_exact(tiny_model_dir, enable_shm):
+    prefill, decode, prefill_cache, decode_cache, address = _workers(
+        tiny_model_dir, kv_transfer_checksum=True, kv_transfer_enable_shm=enable_shm)
+    try:
+        src, dst = [5, 2, 11], [9, 0, 4]
+        decode.start([RecvKV("r", dst, 40)])
+        _send_step(prefill, SendKV("r", src, 40, address))
+        _poll_until(decode, "recv", FINISHED, "r")
+        torch.testing.assert_close(decode_cache[:, :, dst], prefill_cache[:, :, src], rtol=0, atol=0)
+        assert decode.counters()["num_checksum_mismatches"] == 0
+    finally:
+        prefill.close()
+        decode.close()

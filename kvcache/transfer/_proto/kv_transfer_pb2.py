@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)kvcache/transfer/_proto/kv_transfer.proto\x12\npdserve.kv\"\xa6\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\"n\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.kv.KVLayout\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\x12\x10\n\x08want_shm\x18\x04 \x01(\x08\"s\n\x11HandshakeResponse\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.kv.KVLayout\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0e\n\x06shm_ok\x18\x03 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x04\"S\n\x10\x41ttachShmRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x15\n\rsegment_names\x18\x02 \x03(\t\x12\x15\n\rsegment_bytes\x18\x03 \x01(\x04\"\x13\n\x11\x41ttachShmResponse\"%\n\x10\x44\x65tachShmRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65tachShmResponse\"]\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"%\n\x0fReserveResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\".\n\x06ShmRef\x12\x14\n\x0csegment_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xb6\x01\n\x0b\x43hunkHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x05 \x01(\r\x12\x11\n\tblock_end\x18\x06 \x01(\r\x12\x11\n\tnum_bytes\x18\x07 \x01(\x04\x12\x1f\n\x03shm\x18\x08 \x01(\x0b\x32\x12.pdserve.kv.ShmRef\"V\n\x07KVChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.pdserve.kv.ChunkHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\talignment\x18\x03 \x01(\x0c\"%\n\x08\x43hunkAck\x12\x19\n\x11num_bytes_written\x18\x01 \x01(\x04\"d\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x1b\n\x0e\x66irst_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_first_token_id\",\n\x0e\x43ommitResponse\x12\x1a\n\x12num_bytes_received\x18\x01 \x01(\x04\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rAbortResponse2\xe5\x03\n\nKVTransfer\x12H\n\tHandshake\x12\x1c.pdserve.kv.HandshakeRequest\x1a\x1d.pdserve.kv.HandshakeResponse\x12H\n\tAttachShm\x12\x1c.pdserve.kv.AttachShmRequest\x1a\x1d.pdserve.kv.AttachShmResponse\x12H\n\tDetachShm\x12\x1c.pdserve.kv.DetachShmRequest\x1a\x1d.pdserve.kv.DetachShmResponse\x12\x42\n\x07Reserve\x12\x1a.pdserve.kv.ReserveRequest\x1a\x1b.pdserve.kv.ReserveResponse\x12\x36\n\tPushChunk\x12\x13.pdserve.kv.KVChunk\x1a\x14.pdserve.kv.ChunkAck\x12?\n\x06\x43ommit\x12\x19.pdserve.kv.CommitRequest\x1a\x1a.pdserve.kv.CommitResponse\x12<\n\x05\x41\x62ort\x12\x18.pdserve.kv.AbortRequest\x1a\x19.pdserve.kv.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)kvcache/transfer/_proto/kv_transfer.proto\x12\npdserve.kv\"\xa6\x01\n\x08KVLayout\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\r\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x10\n\x08head_dim\x18\x06 \x01(\r\x12\x0f\n\x07tp_size\x18\x07 \x01(\r\x12\x0f\n\x07tp_rank\x18\x08 \x01(\r\"n\n\x10HandshakeRequest\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.kv.KVLayout\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x11\n\tsender_id\x18\x03 \x01(\t\x12\x10\n\x08want_shm\x18\x04 \x01(\x08\"s\n\x11HandshakeResponse\x12$\n\x06layout\x18\x01 \x01(\x0b\x32\x14.pdserve.kv.KVLayout\x12\x0f\n\x07host_id\x18\x02 \x01(\t\x12\x0e\n\x06shm_ok\x18\x03 \x01(\x08\x12\x17\n\x0fmax_chunk_bytes\x18\x04 \x01(\x04\"S\n\x10\x41ttachShmRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\x12\x15\n\rsegment_names\x18\x02 \x03(\t\x12\x15\n\rsegment_bytes\x18\x03 \x01(\x04\"\x13\n\x11\x41ttachShmResponse\"%\n\x10\x44\x65tachShmRequest\x12\x11\n\tsender_id\x18\x01 \x01(\t\"\x13\n\x11\x44\x65tachShmResponse\"]\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\"%\n\x0fReserveResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\".\n\x06ShmRef\x12\x14\n\x0csegment_name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"\xd4\x01\n\x0b\x43hunkHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x05 \x01(\r\x12\x11\n\tblock_end\x18\x06 \x01(\r\x12\x11\n\tnum_bytes\x18\x07 \x01(\x04\x12\x1f\n\x03shm\x18\x08 \x01(\x0b\x32\x12.pdserve.kv.ShmRef\x12\x12\n\x05\x63rc32\x18\t \x01(\x07H\x00\x88\x01\x01\x42\x08\n\x06_crc32\"V\n\x07KVChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.pdserve.kv.ChunkHeader\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x11\n\talignment\x18\x03 \x01(\x0c\"%\n\x08\x43hunkAck\x12\x19\n\x11num_bytes_written\x18\x01 \x01(\x04\"d\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x1b\n\x0e\x66irst_token_id\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x11\n\x0f_first_token_id\",\n\x0e\x43ommitResponse\x12\x1a\n\x12num_bytes_received\x18\x01 \x01(\x04\"2\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x0f\n\rAbortResponse2\xe5\x03\n\nKVTransfer\x12H\n\tHandshake\x12\x1c.pdserve.kv.HandshakeRequest\x1a\x1d.pdserve.kv.HandshakeResponse\x12H\n\tAttachShm\x12\x1c.pdserve.kv.AttachShmRequest\x1a\x1d.pdserve.kv.AttachShmResponse\x12H\n\tDetachShm\x12\x1c.pdserve.kv.DetachShmRequest\x1a\x1d.pdserve.kv.DetachShmResponse\x12\x42\n\x07Reserve\x12\x1a.pdserve.kv.ReserveRequest\x1a\x1b.pdserve.kv.ReserveResponse\x12\x36\n\tPushChunk\x12\x13.pdserve.kv.KVChunk\x1a\x14.pdserve.kv.ChunkAck\x12?\n\x06\x43ommit\x12\x19.pdserve.kv.CommitRequest\x1a\x1a.pdserve.kv.CommitResponse\x12<\n\x05\x41\x62ort\x12\x18.pdserve.kv.AbortRequest\x1a\x19.pdserve.kv.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,19 +52,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SHMREF']._serialized_start=755
   _globals['_SHMREF']._serialized_end=801
   _globals['_CHUNKHEADER']._serialized_start=804
-  _globals['_CHUNKHEADER']._serialized_end=986
-  _globals['_KVCHUNK']._serialized_start=988
-  _globals['_KVCHUNK']._serialized_end=1074
-  _globals['_CHUNKACK']._serialized_start=1076
-  _globals['_CHUNKACK']._serialized_end=1113
-  _globals['_COMMITREQUEST']._serialized_start=1115
-  _globals['_COMMITREQUEST']._serialized_end=1215
-  _globals['_COMMITRESPONSE']._serialized_start=1217
-  _globals['_COMMITRESPONSE']._serialized_end=1261
-  _globals['_ABORTREQUEST']._serialized_start=1263
-  _globals['_ABORTREQUEST']._serialized_end=1313
-  _globals['_ABORTRESPONSE']._serialized_start=1315
-  _globals['_ABORTRESPONSE']._serialized_end=1330
-  _globals['_KVTRANSFER']._serialized_start=1333
-  _globals['_KVTRANSFER']._serialized_end=1818
+  _globals['_CHUNKHEADER']._serialized_end=1016
+  _globals['_KVCHUNK']._serialized_start=1018
+  _globals['_KVCHUNK']._serialized_end=1104
+  _globals['_CHUNKACK']._serialized_start=1106
+  _globals['_CHUNKACK']._serialized_end=1143
+  _globals['_COMMITREQUEST']._serialized_start=1145
+  _globals['_COMMITREQUEST']._serialized_end=1245
+  _globals['_COMMITRESPONSE']._serialized_start=1247
+  _globals['_COMMITRESPONSE']._serialized_end=1291
+  _globals['_ABORTREQUEST']._serialized_start=1293
+  _globals['_ABORTREQUEST']._serialized_end=1343
+  _globals['_ABORTRESPONSE']._serialized_start=1345
+  _globals['_ABORTRESPONSE']._serialized_end=1360
+  _globals['_KVTRANSFER']._serialized_start=1363
+  _globals['_KVTRANSFER']._serialized_end=1848
 # @@protoc_insertion_point(module_scope)

@@ -101,7 +101,7 @@ class ShmRef(_message.Message):
     def __init__(self, segment_name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
-    __slots__ = ("request_id", "attempt", "layer_start", "layer_end", "block_start", "block_end", "num_bytes", "shm")
+    __slots__ = ("request_id", "attempt", "layer_start", "layer_end", "block_start", "block_end", "num_bytes", "shm", "crc32")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class ChunkHeader(_message.Message):
     BLOCK_END_FIELD_NUMBER: _ClassVar[int]
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     layer_start: int
@@ -118,7 +119,8 @@ class ChunkHeader(_message.Message):
     block_end: int
     num_bytes: int
     shm: ShmRef
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., num_bytes: _Optional[int] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ...) -> None: ...
+    crc32: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., num_bytes: _Optional[int] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload", "alignment")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&serving/instance/_proto/instance.proto\x12\x10pdserve.instance\"\x9a\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\r \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x01\x12\x1b\n\x13skip_special_tokens\x18\x10 \x01(\x08\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xbf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x06params\x18\x03 \x01(\x0b\x32 .pdserve.instance.SamplingParams\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07kv_peer\x18\x05 \x01(\t\x12\x16\n\x0eremote_prefill\x18\x06 \x01(\x08\x12\x10\n\x08priority\x18\x07 \x01(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"\x8d\x03\n\x0eGenerateOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x14\n\x0chas_logprobs\x18\x07 \x01(\x08\x12\x34\n\x0cnew_logprobs\x18\x08 \x03(\x0b\x32\x1e.pdserve.instance.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\t \x01(\r\x12\x19\n\x11num_output_tokens\x18\n \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x19\n\x0cqueue_time_s\x18\r \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x0e \x01(\x08\x42\r\n\x0bstop_reasonB\x0f\n\r_queue_time_s\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x0f\n\rAbortResponse\"<\n\x14SetFirstTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\"\x17\n\x15SetFirstTokenResponse\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\xb0\x01\n\x0cInstanceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tmodel_dir\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x11\n\tkv_layout\x18\t \x01(\x0c\"\x0e\n\x0cStatsRequest\"\xb0\x03\n\rStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x18\n\x10num_total_blocks\x18\t \x01(\r\x12\x1a\n\x12num_remote_waiting\x18\n \x01(\r\x12\x12\n\nnum_leased\x18\x0b \x01(\r\x12!\n\x19num_queued_prefill_tokens\x18\x0c \x01(\x04\x12?\n\x08transfer\x18\r \x03(\x0b\x32-.pdserve.instance.StatsResponse.TransferEntry\x1a/\n\rTransferEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10IntegrityRequest\"\x8b\x01\n\x11IntegrityResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\r\x12\x14\n\x0cnum_requests\x18\x05 \x01(\r\x12\x12\n\nnum_leased\x18\x06 \x01(\r2\xc2\x04\n\x08Instance\x12Q\n\x08Generate\x12!.pdserve.instance.GenerateRequest\x1a .pdserve.instance.GenerateOutput0\x01\x12H\n\x05\x41\x62ort\x12\x1e.pdserve.instance.AbortRequest\x1a\x1f.pdserve.instance.AbortResponse\x12`\n\rSetFirstToken\x12&.pdserve.instance.SetFirstTokenRequest\x1a\'.pdserve.instance.SetFirstTokenResponse\x12K\n\x06Health\x12\x1f.pdserve.instance.HealthRequest\x1a .pdserve.instance.HealthResponse\x12\x45\n\x04Info\x12\x1d.pdserve.instance.InfoRequest\x1a\x1e.pdserve.instance.InstanceInfo\x12H\n\x05Stats\x12\x1e.pdserve.instance.StatsRequest\x1a\x1f.pdserve.instance.StatsResponse\x12Y\n\x0e\x43heckIntegrity\x12\".pdserve.instance.IntegrityRequest\x1a#.pdserve.instance.IntegrityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&serving/instance/_proto/instance.proto\x12\x10pdserve.instance\"\x9a\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x07 \x01(\r\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nignore_eos\x18\n \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0b \x01(\x08\x12\x15\n\x08logprobs\x18\x0c \x01(\rH\x02\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\r \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x01\x12\x1b\n\x13skip_special_tokens\x18\x10 \x01(\x08\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\xbf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x30\n\x06params\x18\x03 \x01(\x0b\x32 .pdserve.instance.SamplingParams\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x0f\n\x07kv_peer\x18\x05 \x01(\t\x12\x16\n\x0eremote_prefill\x18\x06 \x01(\x08\x12\x10\n\x08priority\x18\x07 \x01(\x05\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x01\"\xa2\x03\n\x0eGenerateOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x17\n\rstop_token_id\x18\x05 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\x06 \x01(\tH\x00\x12\x14\n\x0chas_logprobs\x18\x07 \x01(\x08\x12\x34\n\x0cnew_logprobs\x18\x08 \x03(\x0b\x32\x1e.pdserve.instance.TokenLogprob\x12\x19\n\x11num_prompt_tokens\x18\t \x01(\r\x12\x19\n\x11num_output_tokens\x18\n \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\x12\r\n\x05\x65rror\x18\x0c \x01(\t\x12\x19\n\x0cqueue_time_s\x18\r \x01(\x01H\x01\x88\x01\x01\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x0e \x01(\x08\x12\x13\n\x0bkv_transfer\x18\x0f \x01(\tB\r\n\x0bstop_reasonB\x0f\n\r_queue_time_s\"#\n\x0c\x41\x62ortRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\x0f\n\rAbortResponse\"<\n\x14SetFirstTokenRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\"\x17\n\x15SetFirstTokenResponse\"\x0f\n\rHealthRequest\"1\n\x0eHealthResponse\x12\x0f\n\x07healthy\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0bInfoRequest\"\xb0\x01\n\x0cInstanceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x11\n\tmodel_dir\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nkv_address\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\r\x12\x12\n\nnum_blocks\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x11\n\tkv_layout\x18\t \x01(\x0c\"\x0e\n\x0cStatsRequest\"\xb0\x03\n\rStatsResponse\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x13\n\x0bnum_swapped\x18\x03 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x04 \x01(\x01\x12\x17\n\x0fnum_preemptions\x18\x05 \x01(\x04\x12\x1c\n\x14prefix_cache_queries\x18\x06 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x07 \x01(\x04\x12\x17\n\x0fnum_free_blocks\x18\x08 \x01(\r\x12\x18\n\x10num_total_blocks\x18\t \x01(\r\x12\x1a\n\x12num_remote_waiting\x18\n \x01(\r\x12\x12\n\nnum_leased\x18\x0b \x01(\r\x12!\n\x19num_queued_prefill_tokens\x18\x0c \x01(\x04\x12?\n\x08transfer\x18\r \x03(\x0b\x32-.pdserve.instance.StatsResponse.TransferEntry\x1a/\n\rTransferEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10IntegrityRequest\"\x8b\x01\n\x11IntegrityResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x17\n\x0fnum_free_blocks\x18\x03 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x04 \x01(\r\x12\x14\n\x0cnum_requests\x18\x05 \x01(\r\x12\x12\n\nnum_leased\x18\x06 \x01(\r2\xc2\x04\n\x08Instance\x12Q\n\x08Generate\x12!.pdserve.instance.GenerateRequest\x1a .pdserve.instance.GenerateOutput0\x01\x12H\n\x05\x41\x62ort\x12\x1e.pdserve.instance.AbortRequest\x1a\x1f.pdserve.instance.AbortResponse\x12`\n\rSetFirstToken\x12&.pdserve.instance.SetFirstTokenRequest\x1a\'.pdserve.instance.SetFirstTokenResponse\x12K\n\x06Health\x12\x1f.pdserve.instance.HealthRequest\x1a .pdserve.instance.HealthResponse\x12\x45\n\x04Info\x12\x1d.pdserve.instance.InfoRequest\x1a\x1e.pdserve.instance.InstanceInfo\x12H\n\x05Stats\x12\x1e.pdserve.instance.StatsRequest\x1a\x1f.pdserve.instance.StatsResponse\x12Y\n\x0e\x43heckIntegrity\x12\".pdserve.instance.IntegrityRequest\x1a#.pdserve.instance.IntegrityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=667
   _globals['_TOKENLOGPROB']._serialized_end=761
   _globals['_GENERATEOUTPUT']._serialized_start=764
-  _globals['_GENERATEOUTPUT']._serialized_end=1161
-  _globals['_ABORTREQUEST']._serialized_start=1163
-  _globals['_ABORTREQUEST']._serialized_end=1198
-  _globals['_ABORTRESPONSE']._serialized_start=1200
-  _globals['_ABORTRESPONSE']._serialized_end=1215
-  _globals['_SETFIRSTTOKENREQUEST']._serialized_start=1217
-  _globals['_SETFIRSTTOKENREQUEST']._serialized_end=1277
-  _globals['_SETFIRSTTOKENRESPONSE']._serialized_start=1279
-  _globals['_SETFIRSTTOKENRESPONSE']._serialized_end=1302
-  _globals['_HEALTHREQUEST']._serialized_start=1304
-  _globals['_HEALTHREQUEST']._serialized_end=1319
-  _globals['_HEALTHRESPONSE']._serialized_start=1321
-  _globals['_HEALTHRESPONSE']._serialized_end=1370
-  _globals['_INFOREQUEST']._serialized_start=1372
-  _globals['_INFOREQUEST']._serialized_end=1385
-  _globals['_INSTANCEINFO']._serialized_start=1388
-  _globals['_INSTANCEINFO']._serialized_end=1564
-  _globals['_STATSREQUEST']._serialized_start=1566
-  _globals['_STATSREQUEST']._serialized_end=1580
-  _globals['_STATSRESPONSE']._serialized_start=1583
-  _globals['_STATSRESPONSE']._serialized_end=2015
-  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_start=1968
-  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_end=2015
-  _globals['_INTEGRITYREQUEST']._serialized_start=2017
-  _globals['_INTEGRITYREQUEST']._serialized_end=2035
-  _globals['_INTEGRITYRESPONSE']._serialized_start=2038
-  _globals['_INTEGRITYRESPONSE']._serialized_end=2177
-  _globals['_INSTANCE']._serialized_start=2180
-  _globals['_INSTANCE']._serialized_end=2758
+  _globals['_GENERATEOUTPUT']._serialized_end=1182
+  _globals['_ABORTREQUEST']._serialized_start=1184
+  _globals['_ABORTREQUEST']._serialized_end=1219
+  _globals['_ABORTRESPONSE']._serialized_start=1221
+  _globals['_ABORTRESPONSE']._serialized_end=1236
+  _globals['_SETFIRSTTOKENREQUEST']._serialized_start=1238
+  _globals['_SETFIRSTTOKENREQUEST']._serialized_end=1298
+  _globals['_SETFIRSTTOKENRESPONSE']._serialized_start=1300
+  _globals['_SETFIRSTTOKENRESPONSE']._serialized_end=1323
+  _globals['_HEALTHREQUEST']._serialized_start=1325
+  _globals['_HEALTHREQUEST']._serialized_end=1340
+  _globals['_HEALTHRESPONSE']._serialized_start=1342
+  _globals['_HEALTHRESPONSE']._serialized_end=1391
+  _globals['_INFOREQUEST']._serialized_start=1393
+  _globals['_INFOREQUEST']._serialized_end=1406
+  _globals['_INSTANCEINFO']._serialized_start=1409
+  _globals['_INSTANCEINFO']._serialized_end=1585
+  _globals['_STATSREQUEST']._serialized_start=1587
+  _globals['_STATSREQUEST']._serialized_end=1601
+  _globals['_STATSRESPONSE']._serialized_start=1604
+  _globals['_STATSRESPONSE']._serialized_end=2036
+  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_start=1989
+  _globals['_STATSRESPONSE_TRANSFERENTRY']._serialized_end=2036
+  _globals['_INTEGRITYREQUEST']._serialized_start=2038
+  _globals['_INTEGRITYREQUEST']._serialized_end=2056
+  _globals['_INTEGRITYRESPONSE']._serialized_start=2059
+  _globals['_INTEGRITYRESPONSE']._serialized_end=2198
+  _globals['_INSTANCE']._serialized_start=2201
+  _globals['_INSTANCE']._serialized_end=2779
 # @@protoc_insertion_point(module_scope)

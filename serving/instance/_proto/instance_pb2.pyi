@@ -73,7 +73,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateOutput(_message.Message):
-    __slots__ = ("request_id", "new_token_ids", "finished", "finish_reason", "stop_token_id", "stop_string", "has_logprobs", "new_logprobs", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", "error", "queue_time_s", "accepted")
+    __slots__ = ("request_id", "new_token_ids", "finished", "finish_reason", "stop_token_id", "stop_string", "has_logprobs", "new_logprobs", "num_prompt_tokens", "num_output_tokens", "num_cached_tokens", "error", "queue_time_s", "accepted", "kv_transfer")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class GenerateOutput(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
     finished: bool
@@ -102,7 +103,8 @@ class GenerateOutput(_message.Message):
     error: str
     queue_time_s: float
     accepted: bool
-    def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., stop_string: _Optional[str] = ..., has_logprobs: _Optional[bool] = ..., new_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., accepted: _Optional[bool] = ...) -> None: ...
+    kv_transfer: str
+    def __init__(self, request_id: _Optional[str] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[str] = ..., stop_token_id: _Optional[int] = ..., stop_string: _Optional[str] = ..., has_logprobs: _Optional[bool] = ..., new_logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., num_prompt_tokens: _Optional[int] = ..., num_output_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., error: _Optional[str] = ..., queue_time_s: _Optional[float] = ..., accepted: _Optional[bool] = ..., kv_transfer: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_ids",)
