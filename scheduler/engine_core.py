@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from scheduler.clock import Clock, MonotonicClock
+from scheduler.clock import Clock
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
 from scheduler.step import StepPlan, StepResult
@@ -52,7 +52,7 @@ class EngineCore:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock | None = None) -> None:
         self.scheduler = scheduler
         self.executor = executor
-        self.clock = clock or scheduler.clock or MonotonicClock()
+        self.clock = clock or scheduler.clock
         self.last_step_idle = True  # the last step computed nothing (only moves to poll)
         self._awaiting_first_output: set[str] = set()
         self.num_steps = 0

@@ -154,7 +154,7 @@ def check_integrity(engine: Engine) -> pb.IntegrityResponse:
 
 def instance_info(spec: InstanceSpec, engine: Engine) -> pb.InstanceInfo:
     return pb.InstanceInfo(name=spec.name, role=spec.role, model_dir=engine.model_dir,
-                           max_model_len=engine.max_model_len, kv_address=getattr(engine.connector, "address", ""),
+                           max_model_len=engine.max_model_len, kv_address=engine.connector.address,
                            pid=os.getpid(), num_blocks=engine.kv.pool.num_blocks, block_size=engine.kv.block_size,
                            kv_layout=engine.kv_layout.to_proto().SerializeToString())
 

@@ -20,6 +20,8 @@ from scheduler.kv_moves import FAILED, KVMove, MoveResult
 
 
 class KVConnectorWorker(Protocol):
+    address: str  # where peers send KV to this worker ("" when it receives none)
+
     def start(self, moves: list[KVMove]) -> None:
         """Take this step's moves (at the start of the step, on the engine thread). Never raises."""
 
@@ -39,6 +41,7 @@ class KVConnectorWorker(Protocol):
 
 class NullWorker:
     """Moves nothing: any move it is given fails (a colocated instance is never asked for one)."""
+    address = ""
 
     def __init__(self) -> None:
         self._results: list[MoveResult] = []
