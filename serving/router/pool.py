@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from scheduler.routing import LeastLoadedRouting
 from serving.config import DeployConfig
 from serving.instance._proto import instance_pb2 as pb
 from serving.router.instance_client import InstanceClient
@@ -53,6 +54,10 @@ class InstanceState:
         return self.launched.info.kv_address
 
     @property
+    def accepting(self) -> bool:
+        return self.up and not self.draining
+
+    @property
     def num_free_blocks_estimate(self) -> int:
         return self.stats.num_free_blocks - self.num_blocks_reserved_since_poll
 
@@ -66,6 +71,7 @@ class InstancePool:
         self.counters = counters  # the router's: num_instance_failures, num_instance_restarts
         self.launcher = launcher
         self._check_peer = check_peer  # raises ValueError for an instance the others cannot talk to
+        self.routing = LeastLoadedRouting()  # the simulator asks the same policy
         self.instances = [InstanceState(li, InstanceClient(li.address, deploy.instance_timeout_s, li.spec.token))
                           for li in launched]
         for state in self.instances:
@@ -76,15 +82,13 @@ class InstancePool:
     # ---- choosing ----
     def up(self, role: str) -> list[InstanceState]:
         """The instances of `role` that take new requests."""
-        return [s for s in self.instances if s.up and not s.draining and s.role == role]
+        return self.routing.up(self.instances, role)
 
     def pick_prefill(self) -> InstanceState | None:
-        """The prefill instance with the fewest queued prompt tokens."""
-        return min(self.up("prefill"), key=lambda s: s.num_queued_prefill_tokens, default=None)
+        return self.routing.pick_prefill(self.instances)
 
     def decode_candidates(self) -> list[InstanceState]:
-        """Decode instances, best first: most free KV blocks, then fewest running requests."""
-        return sorted(self.up("decode"), key=lambda s: (-s.num_free_blocks_estimate, s.num_active))
+        return self.routing.decode_candidates(self.instances)
 
     async def wait_for_change(self, timeout_s: float) -> None:
         """Wait (at most timeout_s) until some instance comes (back) up."""

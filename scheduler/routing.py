@@ -1,0 +1,40 @@
+"""Routing policy: which prefill and which decode instance a request goes to. The runtime's router
+(serving/router/pool.py) and the simulator both ask it, about whatever they know of each instance.
+
+    prefill  the one with the fewest prompt tokens sent to it and not yet answered (queueing delay
+             is what TTFT waits behind)
+    decode   candidates best first: most free KV blocks (estimated: last poll minus what the router has
+             reserved there since), then fewest requests streaming from it
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, TypeVar
+
+
+class InstanceView(Protocol):
+    """What routing reads of an instance (an InstanceState of the router, a simulated instance)."""
+    role: str
+    num_queued_prefill_tokens: int
+    num_active: int
+
+    @property
+    def accepting(self) -> bool:
+        """Up, and taking new requests (not draining)."""
+
+    @property
+    def num_free_blocks_estimate(self) -> int: ...
+
+
+I = TypeVar("I", bound=InstanceView)
+
+
+class LeastLoadedRouting:
+    def up(self, instances: Sequence[I], role: str) -> list[I]:
+        """The instances of `role` that take new requests."""
+        return [i for i in instances if i.accepting and i.role == role]
+
+    def pick_prefill(self, instances: Sequence[I]) -> I | None:
+        return min(self.up(instances, "prefill"), key=lambda i: i.num_queued_prefill_tokens, default=None)
+
+    def decode_candidates(self, instances: Sequence[I]) -> list[I]:
+        return sorted(self.up(instances, "decode"), key=lambda i: (-i.num_free_blocks_estimate, i.num_active))
