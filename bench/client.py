@@ -6,6 +6,9 @@ counts come from the usage the server sends last (stream_options.include_usage).
 carry no output and are not timed, so servers that send them are not flattered or penalised: a chat
 chunk with only the assistant role and no content (some servers send it before any token exists),
 and a closing chunk with a finish_reason and no text.
+
+A payload with `"stream": false` gets one JSON reply: its arrival is the only token time (TTFT and
+E2EL are both the time to the whole reply).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ class StreamAccumulator:
         self.token_times_s: list[float] = []
         self.text_parts: list[str] = []
         self.usage: dict[str, Any] = {}
+        self.finish_reasons: list[str] = []
         self.error = ""
 
     def feed(self, line: str, now_s: float) -> None:
@@ -72,9 +76,26 @@ class StreamAccumulator:
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         choices = chunk.get("choices") or []
+        self.finish_reasons += [c["finish_reason"] for c in choices if c.get("finish_reason") is not None]
         if choices and self._carries_output(choices[0]):
             self.token_times_s.append(now_s)
             self.text_parts.append(self._text(choices[0]))
+
+    def feed_reply(self, reply: dict[str, Any], now_s: float) -> None:
+        """A whole (non-streamed) reply that arrived at now_s."""
+        if "error" in reply:
+            error = reply["error"]
+            self.error = str(error.get("message", error) if isinstance(error, dict) else error)
+            return
+        if isinstance(reply.get("usage"), dict):
+            self.usage = reply["usage"]
+        choices = reply.get("choices") or []
+        self.finish_reasons += [c["finish_reason"] for c in choices if c.get("finish_reason") is not None]
+        if choices:
+            first = choices[0]
+            self.token_times_s.append(now_s)
+            self.text_parts.append((first.get("message") or {}).get("content") or "" if self.is_chat
+                                   else first.get("text") or "")
 
     def _text(self, choice: dict[str, Any]) -> str:
         if not self.is_chat:
@@ -92,6 +113,7 @@ class StreamAccumulator:
     def finish(self, record: RequestRecord, count_tokens: Callable[[str], int] | None) -> None:
         """Fill the record's timings, texts and token counts (mutates `record`)."""
         record.generated_text = "".join(self.text_parts)
+        record.finish_reasons = list(self.finish_reasons)
         if self.error or not self.token_times_s:
             record.success = False
             record.error = self.error or "the stream ended without any output chunk"
@@ -147,9 +169,19 @@ class StreamingClient:
                       accumulator: StreamAccumulator, clock_origin_s: float) -> None:
         headers = {"x-request-id": record.request_id}
         async with self._http.stream("POST", self.endpoint.url, json=payload, headers=headers) as response:
+            record.http_status = response.status_code
             if response.status_code != 200:
                 body = (await response.aread()).decode("utf-8", "replace")
                 accumulator.error = f"HTTP {response.status_code}: {_error_message(body)}"
+                return
+            if payload.get("stream") is False:
+                body = await response.aread()
+                try:
+                    reply = json.loads(body)
+                except json.JSONDecodeError:
+                    accumulator.error = f"unparsable reply: {body[:200]!r}"
+                    return
+                accumulator.feed_reply(reply, time.perf_counter() - clock_origin_s)
                 return
             async for line in response.aiter_lines():
                 accumulator.feed(line, time.perf_counter() - clock_origin_s)

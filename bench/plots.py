@@ -70,3 +70,21 @@ def cdf_samples(result: dict) -> dict[str, list[float]]:
         "ttft": [1000 * t for t, good in zip(result["ttfts"], ok) if good],
         "tpot": [1000 * t for t, good, n in zip(result["tpots"], ok, out_lens) if good and n > 1],
     }
+
+
+def plot_process_series(series: dict[str, dict], path: Path, title: str = "Soak: memory and open files") -> Path:
+    """Two panels over time, one line per process: RSS (MiB) and open file descriptors;
+    `series[name]` holds "time_s", "rss_bytes" and "num_fds" lists (bench.processes.summarize)."""
+    figure = Figure(figsize=(11, 4.2))
+    rss_axes, fd_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for name, samples in sorted(series.items()):
+        minutes = np.asarray(samples["time_s"], dtype=np.float64) / 60.0
+        rss_axes.plot(minutes, np.asarray(samples["rss_bytes"], dtype=np.float64) / 2**20, label=name)
+        fd_axes.plot(minutes, samples["num_fds"], label=name)
+    for axes, label in ((rss_axes, "RSS (MiB)"), (fd_axes, "open file descriptors")):
+        axes.set_xlabel("time (min)")
+        axes.set_ylabel(label)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.suptitle(title)
+    return _save(figure, path)

@@ -29,6 +29,8 @@ class RequestRecord:
     e2el_s: float = 0.0  # send to last token chunk
     generated_text: str = ""
     error: str = ""
+    http_status: int | None = None  # None: no response came (a transport error, or the client gave up)
+    finish_reasons: list[str] = field(default_factory=list)  # one per choice, as the server sent them
 
     @property
     def queue_s(self) -> float:

@@ -129,3 +129,41 @@ def test_client_reports_the_servers_error_message():
     record = _run_send(COMPLETIONS, handler)
     assert not record.success
     assert record.error == "HTTP 400: max_tokens must be at least 1"
+
+
+def test_client_records_status_and_finish_reasons():
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = "\n\n".join([_text_chunk("a"), _text_chunk("b", "length"), _sse("[DONE]")]) + "\n\n"
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    record = _run_send(COMPLETIONS, handler)
+    assert record.http_status == 200 and record.finish_reasons == ["length"]
+    refused = _run_send(COMPLETIONS, lambda request: httpx.Response(503, json={"error": {"message": "busy"}}))
+    assert refused.http_status == 503 and refused.finish_reasons == [] and refused.error == "HTTP 503: busy"
+
+
+def test_client_reads_a_whole_reply_when_not_streaming():
+    replies = {
+        "/v1/completions": {"choices": [{"index": 0, "text": "hello", "finish_reason": "length"},
+                                        {"index": 1, "text": "world", "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 3, "completion_tokens": 5}},
+        "/v1/chat/completions": {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                              "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 4, "completion_tokens": 1}},
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["stream"] is False
+        return httpx.Response(200, json=replies[request.url.path])
+
+    for endpoint, text, reasons, tokens in [(COMPLETIONS, "hello", ["length", "stop"], 5),
+                                            (CHAT, "hi", ["stop"], 1)]:
+        record = RequestRecord("req-1")
+
+        async def go():
+            async with StreamingClient(endpoint, transport=httpx.MockTransport(handler)) as client:
+                await client.send({"model": "m", "max_tokens": 5, "stream": False}, record, 0.0)
+
+        asyncio.run(go())
+        assert record.success and record.generated_text == text and record.finish_reasons == reasons
+        assert record.num_output_tokens == tokens and record.itl_s == [] and record.e2el_s == record.ttft_s > 0
