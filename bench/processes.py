@@ -1,6 +1,6 @@
 """Memory (RSS) and open file descriptors of a server's processes over time, read from /proc (Linux).
 
-A server is its own process plus the instance processes it started (`serving.disagg.instance_main
+A server is its own process plus the instance processes it started (`serving.instance.main
 --name NAME`, the local launcher's children), looked up again at every sample: an instance that was
 restarted keeps its name and shows a new pid. Ray actors are not the server's children and are not
 seen here.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 SERVER = "api-server"
-_INSTANCE_MODULE = b"serving.disagg.instance_main"
+_INSTANCE_MODULE = b"serving.instance.main"
 _SECONDS_PER_HOUR = 3600.0
 
 

@@ -24,7 +24,7 @@ import uvicorn
 
 from serving.api.server import build_app
 from serving.config import Config
-from serving.disagg.router import build_disaggregated_client
+from serving.router import build_disaggregated_client
 from serving.engine.async_llm import AsyncLLM
 from tests.chaos.traffic import run_all
 from tests.servers import free_port
@@ -36,7 +36,8 @@ from tests.serving.test_disagg_support import LoopThread, make_prompts, tiny_con
 #   1.5 s dropped by the decode side, whose policy then recomputes the prompt.
 CHAOS_TIMEOUTS = {"instance_timeout_s": 20.0, "instance_start_timeout_s": 120.0, "health_check_interval_s": 1.0,
                   "kv_transfer_rpc_timeout_s": 2.0, "kv_transfer_stall_timeout_s": 1.5,
-                  "kv_transfer_max_retries": 1, "kv_transfer_failure_policy": "recompute"}
+                  "kv_transfer_max_retries": 1, "kv_transfer_failure_policy": "recompute",
+                  "kv_transfer_lease_ttl_s": 10.0}
 KV_BUDGET = "32MiB"  # 1024 blocks of 16 tokens of the tiny model per instance: storms fit without queueing
 _SLACK_S = 5.0  # a busy 2-core machine
 RESTART_TIMEOUT_S = 90.0  # a dead (or hung: 10 s grace, then SIGKILL) instance replaced and serving again
@@ -51,15 +52,12 @@ def chaos_config(model_dir: str, **changes) -> Config:
 
 
 def recovery_timeout_s(config: Config) -> float:
-    """How long freeing every block may take once the chaos is over. Each way a KV lease ends without
-    an acknowledgement is bounded by the configured timeouts: the RPCs of every try of a transfer,
-    the decode side's stall timeout, and a health check that finds a peer dead. (The sender's lease
-    TTL, 60 s, is a last resort that DeployConfig does not expose; a correct deployment never waits
-    for it.)"""
+    """How long freeing every block may take once the chaos is over: a KV lease ends, acknowledged or
+    not, within --kv-transfer-lease-ttl-s of the send's start; a decode-side reservation within the
+    stall timeout, or when a health check finds its peer dead."""
     deploy = config.deploy
     health_s = max(2.0, 5 * deploy.health_check_interval_s) + deploy.health_check_interval_s
-    transfer_s = 2 * (deploy.kv_transfer_max_retries + 1) * deploy.kv_transfer_rpc_timeout_s
-    return deploy.kv_transfer_stall_timeout_s + transfer_s + health_s + _SLACK_S
+    return max(deploy.kv_transfer_lease_ttl_s, deploy.kv_transfer_stall_timeout_s + health_s) + _SLACK_S
 
 
 class ServedApp:
@@ -236,7 +234,7 @@ def _colocated_report(core) -> InstanceReport:
     except AssertionError as e:
         ok, error = False, str(e) or "check_integrity failed"
     return InstanceReport(ok, error, core.kv.pool.num_free_blocks, core.kv.pool.num_blocks,
-                          len(core.scheduler.requests), len(core.scheduler.leased))
+                          len(core.scheduler.requests), len(core.scheduler.held))
 
 
 async def integrity_reports(engine, timeout_s: float) -> dict[str, InstanceReport]:
