@@ -114,8 +114,13 @@ def outcome(record: RequestRecord, aborted: bool) -> tuple[str, str]:
     """("finished", reason) | ("aborted", "client") | ("error", kind)."""
     if aborted:
         return "aborted", "client"
+    reasons = "+".join(sorted(set(record.finish_reasons))) or "unknown"
     if record.success:
-        return "finished", "+".join(sorted(set(record.finish_reasons))) or "unknown"
+        return "finished", reasons
+    if record.http_status == 200 and record.finish_reasons and not record.generated_text:
+        # a reply that finished with no text at all (say, end of sequence as its first token): the
+        # benchmark cannot time it, but nothing went wrong
+        return "finished", f"{reasons} (empty text)"
     if record.http_status not in (None, 200):
         return "error", f"http_{record.http_status}"
     if record.http_status == 200:

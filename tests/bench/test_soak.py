@@ -46,6 +46,9 @@ def test_outcomes_by_kind():
     assert outcome(RequestRecord("d", error="no complete reply within --request-timeout 5 s"), False) == \
         ("error", "timeout")
     assert outcome(RequestRecord("e", error="ConnectError: refused"), False) == ("error", "ConnectError")
+    empty = RequestRecord("f", http_status=200, finish_reasons=["stop"],
+                          error="the stream ended without any output chunk")
+    assert outcome(empty, False) == ("finished", "stop (empty text)")  # EOS first: nothing went wrong
 
 
 @pytest.mark.slow
