@@ -34,6 +34,9 @@ class KVConnectorWorker(Protocol):
 
     def counters(self) -> dict[str, float]: ...
 
+    def histograms(self) -> dict[str, dict]:
+        """Histograms by metric name, each as LatencyHistogram.snapshot() (kvcache/transfer/counters.py)."""
+
     def close(self) -> None: ...
 
 
@@ -58,6 +61,9 @@ class NullWorker:
         return results
 
     def counters(self) -> dict[str, float]:
+        return {}
+
+    def histograms(self) -> dict[str, dict]:
         return {}
 
     def close(self) -> None:
