@@ -136,7 +136,7 @@ class Engine:
             num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
             kv_cache_usage=self.kv.pool.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=self.kv.num_prefix_queries, prefix_cache_hits=self.kv.num_prefix_hits,
-            extra={"kv_transfer": self.transfer_counters()})
+            extra={"kv_transfer": self.transfer_counters(), "histograms": self.connector.histograms()})
 
     def transfer_counters(self) -> dict[str, float]:
         """The connector worker's counters and the connector policy's, by name."""
