@@ -210,7 +210,8 @@ class OneSidedWrites:
         self.confirm_stops()
 
     def confirm_stops(self) -> None:
-        """Send every pending stop (Abort with writer_stopped); unanswered ones stay for the reaper."""
+        """Send the pending stops (Abort with writer_stopped) until the peer fails to answer one; the
+        rest stay for the reaper's next round."""
         with self._lock:
             pending = list(self._unconfirmed.items())
         for (request_id, ticket), reason in pending:
@@ -218,10 +219,10 @@ class OneSidedWrites:
                                       sender_id=self._sender.sender_id)
             try:
                 self._peer.abort(request, self._timeout_s)
-            except grpc.RpcError as e:
+            except grpc.RpcError as e:  # the others would wait for the same deaf peer: next round
                 logger.info("KV peer %s has not taken the stop of request %s yet (%s: %s); retrying",
                             self._peer.address, request_id, e.code().name, e.details())
-                continue
+                return
             with self._lock:
                 self._unconfirmed.pop((request_id, ticket), None)
 
