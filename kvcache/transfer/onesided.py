@@ -28,12 +28,11 @@ from kernels.ops import pack_kv, unpack_kv
 from kvcache.shared_memory import check_name, map_region
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 from kvcache.transfer.chunking import ChunkRange
+from kvcache.transfer.handle import TransferHandle, TransferState
 from kvcache.transfer.layout import KVLayout
 from kvcache.transfer.lease import LeaseTable
 from kvcache.transfer.peer import PeerClient
 from kvcache.transfer.pins import Pins
-
-from kvcache.transfer.handle import TransferHandle, TransferState
 
 if TYPE_CHECKING:
     from kvcache.transfer.sender import KVSender
@@ -81,8 +80,8 @@ class PoolWriter:
         self._tickets = memoryview(tickets_map)[:8 * pool.num_slots].cast("q")
         self._progress = memoryview(progress_map)[:8 * pool.num_slots].cast("q")
         self._staging: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(num_staging):
-            self._staging.put(torch.empty(staging_bytes, dtype=torch.uint8))
+        for _ in range(num_staging):  # whole 8-byte words: viewable as any KV dtype
+            self._staging.put(torch.empty(-(-staging_bytes // 8) * 8, dtype=torch.uint8))
 
     def is_open(self, slot: int, ticket: int) -> bool:
         """The receiver still holds the reservation open (one aligned 8-byte load)."""
