@@ -26,7 +26,6 @@ import argparse
 import glob
 import json
 import multiprocessing as mp
-import os
 import random
 import socket
 import statistics

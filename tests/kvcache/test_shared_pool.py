@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kvcache.layout import KVCacheLayout
-from kvcache.shared_memory import SHM_DIR, SharedFile, map_region, sweep_stale
+from kvcache.shared_memory import SHM_DIR, map_region, sweep_stale
 from kvcache.transfer import KVLayout, KVReceiver, KVSender, ReceiverServer, TransferConfig
 from kvcache.transfer.counters import LatencyHistogram
 from kvcache.transfer.writers import OneSidedWriters, pid_namespace
