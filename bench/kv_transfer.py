@@ -4,8 +4,10 @@ transfer layer-wise streaming hides behind prefill compute.
     python -m bench.kv_transfer [--json results.json] [--model-dir DIR]
 
 (a) Throughput, per prompt length of the `small` model (its KV: 24 KiB per token): one request's
-    KV moved from a prefill-side kv_cache to a receiver process's kv_cache through KVSender /
-    KVReceiver (gRPC payloads, then the same-host shm path), against a raw TCP socket on loopback
+    KV moved from a prefill-side kv_cache to a receiver process's kv_cache (in shared memory) through
+    KVSender / KVReceiver: gRPC payloads, shared-memory slabs (shm), and one-sided writes into the
+    receiver's pool (one_sided), with the receiver process's CPU time per GB moved (from
+    /proc/<pid>/task/*/schedstat); against a raw TCP socket on loopback
     moving the same number of bytes from one buffer to another. For reference also: the same socket
     with pack_kv / unpack_kv around it (tcp+pack), and the gRPC transport alone (grpc_wire: the
     same PushChunk messages, prebuilt, to an endpoint that drops them). Methods run interleaved, each repetition in a
@@ -14,10 +16,14 @@ transfer layer-wise streaming hides behind prefill compute.
 (b) Hidden share: prefill of the small model alone (t_prefill), the transfer alone (t_transfer),
     and prefill sending each layer as it finishes (t_streamed, up to the acknowledgement):
     hidden = 1 - (t_streamed - t_prefill) / t_transfer.
+(c) 1P1D with a busy decode process (bench/kv_transfer_1p1d.py): a decode engine process keeps a
+    batch decoding while a prefill engine sends each prompt's KV (~6 MiB) to it; transfer time and
+    TTFT per path, and their ratios, from one run.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import multiprocessing as mp
 import random
@@ -40,6 +46,8 @@ from kvcache.transfer._proto import kv_transfer_pb2 as pb
 PIPE_TIMEOUT_S = 120.0
 _SINK_SERVICE = "pdserve.bench.Sink"
 _HEADER = struct.Struct("!QB")  # payload bytes, mode (0: raw bytes, 1: unpack into the cache)
+# TransferConfig changes that pick each KV path (the receiver's pool is in shared memory)
+PATH_CONFIG = {"grpc": {"enable_shm": False}, "shm": {"one_sided": False}, "one_sided": {}}
 
 
 # ---- receiver processes ----
@@ -64,7 +72,7 @@ class _FreeingAllocator:
         with self.lock:
             self.free.extend(self.owned.pop(request_id))
 
-    def on_transfer_complete(self, request_id):
+    def on_transfer_complete(self, request_id, first_token_id=None):
         self.release(request_id)
 
     def on_transfer_failed(self, request_id, reason):
@@ -81,8 +89,9 @@ def _kv_receiver_main(conn, layout: KVLayout, num_blocks: int, config: TransferC
     # One torch thread: copies are memory-bound, and idle OpenMP workers spinning after each copy
     # would take the second core from the peer process. Same for every process in part (a).
     torch.set_num_threads(1)
-    kv_cache = torch.zeros(layout.num_layers, 2, num_blocks, *layout.block_shape, dtype=layout.torch_dtype)
-    server = ReceiverServer(KVReceiver(kv_cache, layout, _FreeingAllocator(num_blocks, layout.block_size), config))
+    pool = layout.cache_layout.allocate_shared(num_blocks)  # as a decode instance's: one-sided writes possible
+    server = ReceiverServer(KVReceiver(pool.tensor, layout, _FreeingAllocator(num_blocks, layout.block_size), config,
+                                       pool=pool))
     server.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SINK_SERVICE, {
         "Push": grpc.unary_unary_rpc_method_handler(_sink, wire.identity, wire.identity)}),))
     server.start()
@@ -115,6 +124,18 @@ def _tcp_receiver_main(conn, layout: KVLayout, num_blocks: int) -> None:
                 packed = packed.view(layout.num_layers, 2, num_layer_blocks // layout.num_layers, *layout.block_shape)
                 unpack_kv(packed, kv_cache, torch.arange(packed.shape[2]))
             peer.sendall(b"k")
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU time (user + system) of every live thread of a process, in seconds, at ns resolution."""
+    total_ns = 0
+    for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(path) as f:
+                total_ns += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread exited meanwhile
+    return total_ns / 1e9
 
 
 def _spawn(target, *args):
@@ -200,9 +221,11 @@ def run_throughput(layout: KVLayout, token_counts: list[int], num_reps: int, con
     src = torch.randn(layout.num_layers, 2, max_blocks, *layout.block_shape).to(layout.torch_dtype)
     kv_process, kv_conn, kv_address = _spawn(_kv_receiver_main, layout, max_blocks, config)
     tcp_process, tcp_conn, tcp_port = _spawn(_tcp_receiver_main, layout, max_blocks)
-    senders = {"grpc": KVSender(src, layout, kv_address, lambda rid: None,
-                                TransferConfig(**{**config.__dict__, "enable_shm": False})).connect(),
-               "shm": KVSender(src, layout, kv_address, lambda rid: None, config).connect()}
+    paths = PATH_CONFIG
+    senders = {path: KVSender(src, layout, kv_address, lambda rid: None,
+                              TransferConfig(**{**config.__dict__, **changes})).connect()
+               for path, changes in paths.items()}
+    assert senders["one_sided"].one_sided and senders["shm"].uses_shm and not senders["grpc"].uses_shm
     wire_sender = _WireSender(kv_address, config)
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     rows = []
@@ -220,21 +243,28 @@ def run_throughput(layout: KVLayout, token_counts: list[int], num_reps: int, con
                 "grpc_wire": lambda: wire_sender.time_send(messages),
                 "tcp_raw": lambda: _time_tcp(sock, raw, 0),
                 "tcp_pack": lambda: _time_tcp(sock, raw, 1, lambda: pack_kv(src, ids, out=packed)),
-                "grpc": lambda rep: _time_kv_transfer(senders["grpc"], f"g{num_tokens}-{rep}", num_tokens, block_ids),
-                "shm": lambda rep: _time_kv_transfer(senders["shm"], f"s{num_tokens}-{rep}", num_tokens, block_ids),
+                **{path: (lambda rep, path=path: _time_kv_transfer(senders[path], f"{path}{num_tokens}-{rep}",
+                                                                     num_tokens, block_ids)) for path in paths},
             }
             seconds = {name: [] for name in methods}
+            receiver_cpu_s = {path: 0.0 for path in paths}
             for rep in range(num_reps + 1):  # rep 0 warms up every path (page faults, connections)
                 order = list(methods)
                 random.Random(rep).shuffle(order)
                 for name in order:
                     fn = methods[name]
-                    elapsed = fn(rep) if name in ("grpc", "shm") else fn()
+                    cpu_before = process_cpu_s(kv_process.pid)
+                    elapsed = fn(rep) if name in paths else fn()
                     if rep:
                         seconds[name].append(elapsed)
+                        if name in paths:
+                            receiver_cpu_s[name] += process_cpu_s(kv_process.pid) - cpu_before
                 if rep:
                     progress.update()
-            rows.append(_throughput_row(num_tokens, num_bytes, seconds))
+            row = _throughput_row(num_tokens, num_bytes, seconds)
+            for path, cpu_s in receiver_cpu_s.items():  # receiver CPU seconds per GB moved
+                row[f"{path}_receiver_cpu_s_per_gb"] = cpu_s / (num_bytes * num_reps / 1e9)
+            rows.append(row)
         progress.close()
     finally:
         sock.close()
@@ -300,7 +330,7 @@ def run_hidden_share(model_dir: str, prompt_lens: list[int], num_reps: int, conf
     layout = KVLayout.from_kv_cache(kv_cache, f"small:{model_dir}")
     kv_process, kv_conn, kv_address = _spawn(_kv_receiver_main, layout, max_blocks, config)
     senders = {path: KVSender(kv_cache, layout, kv_address, lambda rid: None,
-                              TransferConfig(**{**config.__dict__, "enable_shm": path == "shm"})).connect()
+                              TransferConfig(**{**config.__dict__, **PATH_CONFIG[path]})).connect()
                for path in paths}
     rows = []
     try:
@@ -383,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-threads", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="torch threads for part (b); 1 leaves a core free for the transfer, as an "
                              "accelerator would leave the host CPU free")
-    parser.add_argument("--paths", nargs="+", default=["grpc"], choices=["grpc", "shm"],
+    parser.add_argument("--paths", nargs="+", default=["grpc"], choices=list(PATH_CONFIG),
                         help="transfer paths timed in part (b)")
     parser.add_argument("--chunk-mib", type=float, default=TransferConfig.max_chunk_bytes / 1024**2,
                         help="TransferConfig.max_chunk_bytes in MiB")
@@ -393,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
                                             "default: made in a temporary directory")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-hidden", action="store_true")
+    parser.add_argument("--skip-busy", action="store_true", help="skip part (c), 1P1D with a busy decode process")
+    from bench.kv_transfer_1p1d import add_arguments
+    add_arguments(parser, list(PATH_CONFIG))
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     default_threads = torch.get_num_threads()
@@ -415,6 +448,10 @@ def main(argv: list[str] | None = None) -> int:
                              ("grpc", "grpc_gbps", ".2f"), ("grpc %tcp", "grpc_pct_of_tcp_raw", ".0f"),
                              ("grpc %tcp+pack", "grpc_pct_of_tcp_pack", ".0f"),
                              ("shm", "shm_gbps", ".2f"), ("shm %tcp", "shm_pct_of_tcp_raw", ".0f"),
+                             ("1-sided", "one_sided_gbps", ".2f"), ("1-sided %tcp", "one_sided_pct_of_tcp_raw", ".0f"),
+                             ("rcv cpu s/GB grpc", "grpc_receiver_cpu_s_per_gb", ".3f"),
+                             ("shm", "shm_receiver_cpu_s_per_gb", ".3f"),
+                             ("1-sided", "one_sided_receiver_cpu_s_per_gb", ".3f"),
                              ("tcp+pack %tcp", "tcp_pack_pct_of_tcp_raw", ".0f")])
         if not args.skip_hidden:
             torch.set_num_threads(default_threads)
@@ -430,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
                              ("exposed", "exposed_s", ".3f"), ("± spread", "prefill_spread_s", ".3f"),
                              ("hidden %", "hidden_pct", ".0f"), ("tail", "tail_s", ".3f"),
                              ("hidden tail %", "hidden_tail_pct", ".0f")])
+        if not args.skip_busy:
+            from bench.kv_transfer_1p1d import BUSY_COLUMNS, run_from_args
+            results["busy_decode"] = run_from_args(args, model_dir)
+            _print_table("(c) 1P1D, decode process busy decoding a batch (seconds; medians unless marked; "
+                         "x = ratio to one_sided, same run)", results["busy_decode"]["summary"], BUSY_COLUMNS)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

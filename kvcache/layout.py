@@ -116,6 +116,13 @@ class KVCacheLayout:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
         return torch.zeros(self.shape(num_blocks), dtype=getattr(torch, self.dtype), device=device)
 
+    def allocate_shared(self, num_blocks: int):
+        """A zeroed cache of this layout in POSIX shared memory (host memory), with the control area
+        that one-sided KV writers use: a `kvcache.shared_pool.SharedKVPool`, whose `tensor` is the
+        cache. OSError when /dev/shm cannot hold it (the caller falls back to allocate())."""
+        from kvcache.shared_pool import SharedKVPool
+        return SharedKVPool(self, num_blocks)
+
     def check(self, kv_cache) -> None:
         """Raise ValueError unless kv_cache is a contiguous tensor of this layout."""
         got = tuple(kv_cache.shape)

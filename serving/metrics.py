@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client import generate_latest
 
 from serving.engine.protocol import EngineStats, RequestOutput
@@ -29,6 +29,10 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 _REQUEST_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0,
                          30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# HELP text of histograms that instances report (EngineStats.extra["histograms"]), by name
+_INSTANCE_HISTOGRAM_DOCS = {
+    "kv_transfer_latency_seconds": "KV transfer latency per instance: begin to acknowledgement on a prefill "
+                                   "instance, Reserve to Commit on a decode instance (successful transfers)."}
 # EngineStats counter fields -> metric attribute names
 _STATS_COUNTERS = {"num_preemptions": "num_preemptions",
                    "prefix_cache_queries": "prefix_cache_queries",
@@ -144,6 +148,9 @@ class _ExtraStatsCollector:
                                              retries, recompute fallbacks, ...)
         pdserve:router_<name>_total          re-routes, decode failures, re-prefills, restarts, ...
         pdserve:instance_<name>{instance, role}   gauges: up, queue_depth, num_running, free blocks, ...
+        pdserve:<histogram>{instance, role}       histograms an instance keeps, e.g.
+                                             kv_transfer_latency_seconds (begin -> ack on a prefill
+                                             instance, Reserve -> Commit on a decode instance)
     """
 
     def __init__(self, model_name: str) -> None:
@@ -171,6 +178,16 @@ class _ExtraStatsCollector:
             for instance, info in sorted(instances.items()):
                 if field_name in info:
                     family.add_metric([model, instance, str(info.get("role", ""))], float(info[field_name]))
+            yield family
+        for name, per_instance in sorted(self.latest.get("histograms", {}).items()):
+            if "bounds" in per_instance:  # one engine's own (not per instance)
+                per_instance = {"": per_instance}
+            family = HistogramMetricFamily(f"pdserve:{name}", _INSTANCE_HISTOGRAM_DOCS.get(name, name),
+                                           labels=["model_name", "instance", "role"])
+            for instance, h in sorted(per_instance.items()):
+                buckets = [(repr(float(bound)), count) for bound, count in zip(h["bounds"], h["counts"])]
+                family.add_metric([model, instance, str(h.get("role", ""))], buckets + [("+Inf", h["counts"][-1])],
+                                  sum_value=h["sum"])
             yield family
 
 

@@ -33,6 +33,9 @@ class TransferConfig:
     enable_shm: bool = True
     # Shared-memory slabs per sender, each max_chunk_bytes long: shm chunks in flight at once.
     num_shm_slabs: int = 4
+    # Same host and enable_shm, and the decode side's pool in shared memory: the sender writes the
+    # reserved blocks into it itself (one-sided); the slabs above are then the fallback only.
+    one_sided: bool = True
     # The sender puts a CRC-32 of each chunk's payload in its header; the receiver verifies it before
     # writing and refuses a mismatch (the transfer is retried, then fails by policy: never wrong KV).
     checksum: bool = False

@@ -67,6 +67,8 @@ class TransferHandle:
         self.with_first_token = with_first_token  # the commit waits for the first token
         self.first_token_id: int | None = None
         self.committing = -1                      # the attempt whose commit was spawned
+        self.num_in_flight = 0                    # chunks of any attempt not yet done
+        self.target = None                        # a OneSidedTarget when written into the peer's pool
         self._sender = sender
         self._done = threading.Event()
         self._result: TransferResult | None = None
@@ -80,7 +82,9 @@ class TransferHandle:
         """Every layer sent and acknowledged (and the first token known, if the commit carries it).
         Caller holds the lock."""
         return (self.num_outstanding == 0 and self.all_layers_submitted
-                and (self.first_token_id is not None or not self.with_first_token))
+                and (self.first_token_id is not None or not self.with_first_token)
+                # one-sided: the commit vouches that no write of any attempt still runs
+                and (self.target is None or self.num_in_flight == 0))
 
     def set_first_token(self, token_id: int) -> None:
         """The token the prefill sampled from this prompt: carried by the commit."""

@@ -10,6 +10,16 @@ One request's reservation on this side:
                                                  engine's request (never released from here)
 
 Coverage is tracked per (layer, block) so chunks may arrive in any order and split any way.
+
+One-sided reservations (same host, pool in shared memory, kvcache/transfer/writers.py): the sender
+writes the blocks itself and its Commit lists what it wrote. Such a reservation holds one more pin,
+the writer's, released only by an accepted Commit, by the writer's word that it stopped (Abort with
+writer_stopped, or DetachShm), or by the writer's process exiting. A drop closes the reservation's
+control slot at once but gives the blocks back only after that pin is released; until then they are
+quarantined (counted):
+
+    drop ─► tickets[slot] = 0 ─► writer stops before its next chunk ─► Abort(writer_stopped) ─┐
+                                                   writer's process exits (pidfd readable) ───┴► release
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import grpc
 import torch
 
 from kernels.ops import unpack_kv
+from kvcache.shared_pool import SharedKVPool
 from kvcache.transfer import wire
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 from kvcache.transfer.config import TransferConfig
@@ -31,6 +42,7 @@ from kvcache.transfer.layout import KVLayout
 from kvcache.transfer.pins import Pins
 from kvcache.transfer.reaper import Reaper
 from kvcache.transfer.shm import ShmAttachments, host_id
+from kvcache.transfer.writers import OneSidedWriters
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +86,14 @@ class _Reservation:
     outcome: str = ""           # "" while open; "complete", or why it was dropped
     first_token_id: int | None = None  # carried by the commit
     routine: bool = False       # dropped on request (the sender gave up, the engine cancelled): log quietly
+    # One-sided only: the writer's sender id, its control slot and ticket, whether the writer's pin
+    # is still held, whether the blocks were counted as quarantined, the last progress value seen.
+    writer: str = ""
+    slot: int = -1
+    ticket: int = 0
+    writer_pinned: bool = False
+    quarantined: bool = False
+    progress_seen: int = 0
     pins: Pins = field(init=False)
 
 
@@ -86,8 +106,13 @@ class KVReceiver:
 
     def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, allocator: BlockAllocator,
                  config: TransferConfig = TransferConfig(), counters: TransferCounters | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, pool: SharedKVPool | None = None) -> None:
+        """pool: the shared-memory pool kv_cache lives in (KVCacheLayout.allocate_shared), which lets
+        same-host senders write into it themselves; the receiver owns it from here (close() removes
+        its name)."""
         layout.check_cache(kv_cache)
+        if pool is not None and pool.tensor.data_ptr() != kv_cache.data_ptr():
+            raise ValueError("the shared pool given to KVReceiver is not the one kv_cache lives in")
         self.kv_cache = kv_cache
         self.layout = layout
         self.allocator = allocator
@@ -99,8 +124,8 @@ class KVReceiver:
         self._reservations: dict[str, _Reservation] = {}
         self._draining: dict[str, _Reservation] = {}  # ended, a copy still in flight
         self._shm = ShmAttachments()
-        self._reaper = Reaper(self.drop_stalled, interval_s=min(1.0, config.stall_timeout_s / 4),
-                              name="kv-receiver-reaper")
+        self._writers = OneSidedWriters(pool) if pool is not None else None
+        self._reaper = Reaper(self.sweep, interval_s=min(1.0, config.stall_timeout_s / 4), name="kv-receiver-reaper")
 
     def start(self) -> None:
         self._reaper.start()
@@ -112,12 +137,25 @@ class KVReceiver:
             request_ids = list(self._reservations)
         for request_id in request_ids:
             self.drop(request_id, "the decode instance is shutting down")
+        # Nothing will use the blocks any more (the engine is closing): writers' pins go too.
+        with self._lock:
+            pinned = [r for r in self._draining.values() if r.writer_pinned]
+        for reservation in pinned:
+            self._release_writer_pin(reservation)
         self._shm.close()
+        if self._writers is not None:
+            self._writers.close()
 
     @property
     def num_open(self) -> int:
         with self._lock:
             return len(self._reservations)
+
+    @property
+    def num_quarantined_blocks(self) -> int:
+        """Blocks of dropped one-sided reservations waiting for their writer to stop or exit."""
+        with self._lock:
+            return sum(len(r.block_ids) for r in self._draining.values() if r.quarantined and r.writer_pinned)
 
     # ---- handshake and shared memory ----
     def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeResponse:
@@ -132,8 +170,23 @@ class KVReceiver:
                            "incompatible KV layout: " + "; ".join(differences),
                            ((wire.LAYOUT_TRAILER_KEY, self.layout.to_proto().SerializeToString()),))
         shm_ok = self.config.enable_shm and request.want_shm and request.host_id == self.host_id
-        return pb.HandshakeResponse(layout=self.layout.to_proto(), host_id=self.host_id, shm_ok=shm_ok,
-                                    max_chunk_bytes=self.config.max_chunk_bytes)
+        response = pb.HandshakeResponse(layout=self.layout.to_proto(), host_id=self.host_id, shm_ok=shm_ok,
+                                        max_chunk_bytes=self.config.max_chunk_bytes)
+        if self._admit_writer(request):
+            response.pool.CopyFrom(self._writers.pool_message())
+        return response
+
+    def _admit_writer(self, request: pb.HandshakeRequest) -> bool:
+        """Offer the pool to a same-host sender that asked for it and whose process can be watched.
+        Not with checksums: only a receiver that sees the bytes can verify them before they land."""
+        if not (self._writers is not None and self.config.enable_shm and self.config.one_sided
+                and not self.config.checksum and request.want_one_sided and request.host_id == self.host_id):
+            return False
+        refusal = self._writers.admit(request.sender_id, request.pid, request.pid_namespace)
+        if refusal:
+            logger.info("KV sender %s (pid %d) may not write into the shared pool: %s; it sends payloads",
+                        request.sender_id, request.pid, refusal)
+        return not refusal
 
     def attach_shm(self, request: pb.AttachShmRequest) -> pb.AttachShmResponse:
         if not self.config.enable_shm:
@@ -145,7 +198,9 @@ class KVReceiver:
         return pb.AttachShmResponse()
 
     def detach_shm(self, request: pb.DetachShmRequest) -> pb.DetachShmResponse:
+        """The sender is closing: its slabs are unmapped and, one-sided, it writes nothing any more."""
         self._shm.detach(request.sender_id)
+        self._writer_gone(request.sender_id, "the sender closed")
         return pb.DetachShmResponse()
 
     # ---- one transfer ----
@@ -157,8 +212,12 @@ class KVReceiver:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"{request.num_tokens} tokens need {num_blocks} blocks of {self.layout.block_size}, "
                            f"the sender announced {request.num_blocks}")
-        if self._restart(request.request_id, request.attempt):
-            return pb.ReserveResponse(num_blocks=num_blocks)
+        if request.one_sided and (self._writers is None or self._writers.get(request.sender_id) is None):
+            raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"sender {request.sender_id!r} was not offered "
+                           "one-sided writes at its handshake")
+        restarted = self._restart(request.request_id, request.attempt, request.sender_id if request.one_sided else "")
+        if restarted is not None:
+            return self._reserve_response(restarted)
         block_ids = self.allocator.reserve(request.request_id, request.num_tokens)
         if block_ids is None:
             self.counters.add(num_refused=1)
@@ -173,25 +232,48 @@ class KVReceiver:
                                    request.attempt, torch.zeros(self.layout.num_layers, num_blocks, dtype=torch.bool),
                                    now, now)
         reservation.pins = Pins(lambda: self._finalize(reservation))
+        if request.one_sided:
+            slot = self._writers.open_slot()
+            if slot is None:  # cannot happen: one slot per block, and each reservation holds a block
+                self.allocator.release(request.request_id)
+                raise RpcError(grpc.StatusCode.INTERNAL, "no free control slot for a one-sided transfer")
+            reservation.slot, reservation.ticket = slot
+            reservation.writer, reservation.writer_pinned = request.sender_id, reservation.pins.pin()
         with self._lock:
             self._reservations[request.request_id] = reservation
-        return pb.ReserveResponse(num_blocks=num_blocks)
+        if request.one_sided and self._writers.get(request.sender_id) is None:  # gone meanwhile
+            self._release_writer_pin(reservation)
+            self._drop(reservation, "the sender's process exited", routine=True)
+            raise RpcError(grpc.StatusCode.ABORTED, f"sender {request.sender_id!r} is gone")
+        return self._reserve_response(reservation)
 
-    def _restart(self, request_id: str, attempt: int) -> bool:
-        """A retry of an open transfer: keep its blocks, forget what arrived. False if none is open."""
+    @staticmethod
+    def _reserve_response(reservation: _Reservation) -> pb.ReserveResponse:
+        response = pb.ReserveResponse(num_blocks=len(reservation.block_ids))
+        if reservation.writer:
+            response.block_ids.extend(reservation.block_ids.tolist())
+            response.slot, response.ticket = reservation.slot, reservation.ticket
+        return response
+
+    def _restart(self, request_id: str, attempt: int, writer: str) -> _Reservation | None:
+        """A retry of an open transfer: keep its blocks (and its writer's slot), forget what arrived.
+        None if none is open."""
         with self._lock:
             if request_id in self._draining:
                 raise RpcError(grpc.StatusCode.ABORTED, f"request {request_id!r}: the previous transfer is "
                                "still being dropped; retry later")
             reservation = self._reservations.get(request_id)
             if reservation is None:
-                return False
+                return None
+            if reservation.writer != writer:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request_id!r} is being "
+                               "transferred by another sender or another way")
             # Late chunks of the old attempt are refused by their attempt number from now on.
             reservation.attempt = attempt
             reservation.written.zero_()
             reservation.num_bytes = 0
             reservation.last_progress = self._clock()
-            return True
+            return reservation
 
     def push_chunk(self, message: bytes) -> pb.ChunkAck:
         """Write one chunk (inline or in shared memory) into the reserved blocks."""
@@ -230,6 +312,9 @@ class KVReceiver:
             if reservation.attempt != attempt:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"chunk of attempt {attempt} for request "
                                f"{request_id!r}, which is at attempt {reservation.attempt}")
+            if reservation.writer:
+                raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request_id!r} is written "
+                               "one-sided: its sender writes into the shared pool, not with PushChunk")
             if not reservation.pins.pin():
                 raise RpcError(grpc.StatusCode.NOT_FOUND, f"the transfer of request {request_id!r} was dropped")
             reservation.last_progress = self._clock()
@@ -271,19 +356,48 @@ class KVReceiver:
             if reservation.attempt != request.attempt:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"commit of attempt {request.attempt}, "
                                f"the transfer is at attempt {reservation.attempt}")
+            if reservation.writer:
+                self._mark_written(reservation, request.written)
             missing_layers = (~reservation.written).any(dim=1).nonzero().flatten().tolist()
             if missing_layers:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request.request_id!r} is "
                                f"incomplete: layers {missing_layers} are missing blocks")
             reservation.first_token_id = request.first_token_id if request.HasField("first_token_id") else None
             self._end(reservation, "complete")
+        seconds = self._clock() - reservation.started
         self.counters.add(num_transfers_received=1, num_bytes_received=reservation.num_bytes,
-                          seconds_receiving=self._clock() - reservation.started)
+                          seconds_receiving=seconds, num_one_sided_received=int(bool(reservation.writer)))
+        self.counters.latency.observe(seconds)
         reservation.pins.close()
+        # The writer commits only after its last write of the reservation, and writes none after.
+        self._release_writer_pin(reservation)
         return pb.CommitResponse(num_bytes_received=reservation.num_bytes)
 
+    def _mark_written(self, reservation: _Reservation, ranges) -> None:
+        """Coverage of a one-sided attempt, from the ranges its Commit lists (caller holds the lock)."""
+        num_blocks = len(reservation.block_ids)
+        reservation.written.zero_()
+        for r in ranges:
+            if not (0 <= r.layer_start < r.layer_end <= self.layout.num_layers
+                    and 0 <= r.block_start < r.block_end <= num_blocks):
+                raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"written range layers [{r.layer_start}, {r.layer_end}) blocks [{r.block_start}, "
+                               f"{r.block_end}) outside {self.layout.num_layers} layers x {num_blocks} blocks")
+            reservation.written[r.layer_start:r.layer_end, r.block_start:r.block_end] = True
+        reservation.num_bytes = int(reservation.written.sum()) * self.layout.num_bytes_per_layer_block
+
     def abort(self, request: pb.AbortRequest) -> pb.AbortResponse:
-        self.drop(request.request_id, f"aborted by the sender: {request.reason}", routine=True)
+        """The sender gave up. writer_stopped (one-sided): it also writes nothing more into the
+        reservation `ticket`, whose blocks may come back."""
+        if not request.writer_stopped:
+            self.drop(request.request_id, f"aborted by the sender: {request.reason}", routine=True)
+            return pb.AbortResponse()
+        with self._lock:
+            reservation = self._reservations.get(request.request_id) or self._draining.get(request.request_id)
+        if reservation is None or (reservation.writer, reservation.ticket) != (request.sender_id, request.ticket):
+            return pb.AbortResponse()  # ended already (e.g. its writer's process was seen to exit)
+        self._release_writer_pin(reservation)  # first: an open one is then dropped without quarantine
+        self._drop(reservation, f"aborted by the sender: {request.reason}", routine=True)
         return pb.AbortResponse()
 
     # ---- dropping ----
@@ -292,18 +406,43 @@ class KVReceiver:
         on_transfer_failed is called. False when no such transfer is open."""
         with self._lock:
             reservation = self._reservations.get(request_id)
-            if reservation is None:
+        return reservation is not None and self._drop(reservation, reason, routine)
+
+    def _drop(self, reservation: _Reservation, reason: str, routine: bool) -> bool:
+        """drop() of this very reservation; False if it is not open any more."""
+        request_id = reservation.request_id
+        with self._lock:
+            if self._reservations.get(request_id) is not reservation:
                 return False
             self._end(reservation, reason)
             reservation.routine = routine
+            reservation.quarantined = reservation.writer_pinned
         self.counters.add(num_failed=1)
+        if reservation.quarantined:
+            self.counters.add(num_blocks_quarantined=len(reservation.block_ids))
+            writer = self._writers.get(reservation.writer)
+            logger.log(logging.INFO if routine else logging.WARNING, "KV transfer of request %s dropped (%s): its "
+                       "%d blocks stay quarantined until the writer (pid %s) confirms it stopped or exits",
+                       request_id, reason, len(reservation.block_ids), writer.pid if writer else "?")
         reservation.pins.close()
         return True
 
+    def sweep(self) -> None:
+        """The reaper's round: writers that exited, then stalls."""
+        if self._writers is not None:
+            for writer in self._writers.exited():
+                self._writer_gone(writer.sender_id, f"the process writing it (pid {writer.pid}) exited")
+        self.drop_stalled()
+
     def drop_stalled(self) -> list[str]:
-        """Drop every transfer without progress for stall_timeout_s; returns their request ids."""
-        deadline = self._clock() - self.config.stall_timeout_s
+        """Drop every transfer without progress for stall_timeout_s; returns their request ids.
+        A one-sided writer's progress is the count it keeps in the reservation's control slot."""
+        now = self._clock()
+        deadline = now - self.config.stall_timeout_s
         with self._lock:
+            for r in self._reservations.values():
+                if r.writer and self._writers.progress(r.slot) != r.progress_seen:
+                    r.progress_seen, r.last_progress = self._writers.progress(r.slot), now
             stalled = [r.request_id for r in self._reservations.values() if r.last_progress < deadline]
         dropped = [rid for rid in stalled
                    if self.drop(rid, f"no progress for {self.config.stall_timeout_s:g} s")]
@@ -311,15 +450,43 @@ class KVReceiver:
         return dropped
 
     def _end(self, reservation: _Reservation, outcome: str) -> None:
-        """Move an open reservation to draining (caller holds the lock)."""
+        """Move an open reservation to draining (caller holds the lock); a one-sided writer stops
+        before its next chunk."""
         reservation.outcome = outcome
         del self._reservations[reservation.request_id]
         self._draining[reservation.request_id] = reservation
+        if reservation.writer:
+            self._writers.close_slot(reservation.slot)
+
+    def _release_writer_pin(self, reservation: _Reservation) -> None:
+        """The writer of a one-sided reservation writes nothing more into it (once per reservation)."""
+        with self._lock:
+            if not reservation.writer_pinned:
+                return
+            reservation.writer_pinned = False
+        if reservation.quarantined:
+            self.counters.add(num_blocks_released_from_quarantine=len(reservation.block_ids))
+        reservation.pins.unpin()
+
+    def _writer_gone(self, sender_id: str, reason: str) -> None:
+        """The writer stopped for good (it closed, or its process exited): drop what it was writing
+        and give back every block it held."""
+        # Forget first, then collect: a reservation being made for this writer right now is either
+        # collected here or sees the writer gone itself (reserve()).
+        if self._writers is None or not self._writers.forget(sender_id):
+            return
+        with self._lock:
+            mine = [r for r in [*self._reservations.values(), *self._draining.values()] if r.writer == sender_id]
+        for reservation in mine:
+            self._release_writer_pin(reservation)  # first: an open one is dropped without quarantine
+            self._drop(reservation, reason, routine=reason == "the sender closed")
 
     def _finalize(self, reservation: _Reservation) -> None:
         """Runs once no copy touches the blocks any more: hand them over, or give them back."""
         with self._lock:
             self._draining.pop(reservation.request_id, None)
+        if reservation.writer:
+            self._writers.free_slot(reservation.slot)
         if reservation.outcome == "complete":
             self.allocator.on_transfer_complete(reservation.request_id, reservation.first_token_id)
             return

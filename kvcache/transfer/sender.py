@@ -7,11 +7,17 @@
     every layer submitted and every chunk acked ─► Commit (the ack) ─► lease released, result ok
     any failure ─► one retry (Reserve again, resend every submitted layer) ─► failure by policy
 
+With a same-host peer whose pool is in shared memory, a chunk is written straight into the reserved
+blocks of the peer's pool instead of being pushed (one-sided, kvcache/transfer/onesided.py): the
+peer's CPU sees only Reserve and Commit. A one-sided transfer that ends without success tells the peer
+once no write of it runs any more (Abort with writer_stopped), retried by the reaper until answered.
+
 Nothing here blocks the caller on the wire except begin()'s Reserve and finish().
 """
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import time
 from concurrent import futures
@@ -28,12 +34,14 @@ from kvcache.transfer.counters import TransferCounters
 from kvcache.transfer.handle import TransferHandle, TransferResult, TransferState
 from kvcache.transfer.layout import IncompatibleLayoutError, KVLayout
 from kvcache.transfer.lease import LeaseTable
+from kvcache.transfer.onesided import OneSidedWrites, ReservationClosedError
 from kvcache.transfer.payloads import InlinePayloads, ShmPayloads
 from kvcache.transfer.peer import TRANSIENT_CODES, PeerClient
 from kvcache.transfer.reaper import Reaper
 from kvcache.transfer import wire
 from kvcache.transfer.shm import SlabPool, host_id
 from kvcache.transfer.wire import LAYOUT_TRAILER_KEY
+from kvcache.transfer.writers import pid_namespace
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +84,8 @@ class KVSender:
         self._executor = futures.ThreadPoolExecutor(config.num_streams, thread_name_prefix="kv-sender")
         self._handles: dict[str, TransferHandle] = {}
         self._payloads: InlinePayloads | ShmPayloads = InlinePayloads()  # connect() may switch to shm
-        self._reaper = Reaper(self._expire_leases, interval_s=min(1.0, (config.lease_ttl_s or 4.0) / 4),
+        self._one_sided: OneSidedWrites | None = None  # connect(): into the peer's shared pool
+        self._reaper = Reaper(self._sweep, interval_s=min(1.0, (config.lease_ttl_s or 4.0) / 4),
                               name="kv-sender-reaper")
         self._connected = False
         self._closed = False
@@ -87,6 +96,11 @@ class KVSender:
         return self._payloads.uses_shm
 
     @property
+    def one_sided(self) -> bool:
+        """Transfers write straight into the peer's shared pool."""
+        return self._one_sided is not None
+
+    @property
     def num_open(self) -> int:
         """Transfers begun and not ended."""
         return len(self._handles)
@@ -95,8 +109,10 @@ class KVSender:
     def connect(self) -> KVSender:
         """Handshake (IncompatibleLayoutError names each differing field), then map shared memory
         with the peer when both run on one host and enable_shm is set."""
-        request = pb.HandshakeRequest(layout=self.layout.to_proto(), host_id=host_id(),
-                                      sender_id=self.sender_id, want_shm=self.config.enable_shm)
+        want_one_sided = self.config.enable_shm and self.config.one_sided and not self.config.checksum
+        request = pb.HandshakeRequest(layout=self.layout.to_proto(), host_id=host_id(), sender_id=self.sender_id,
+                                      want_shm=self.config.enable_shm, want_one_sided=want_one_sided,
+                                      pid=os.getpid(), pid_namespace=pid_namespace())
         try:
             response = self._peer.handshake(request, self.config.rpc_timeout_s)
         except grpc.RpcError as e:
@@ -107,7 +123,9 @@ class KVSender:
             raise ValueError(f"the decode peer accepts chunks of at most {response.max_chunk_bytes} bytes, below "
                              f"one block of one layer ({self.layout.num_bytes_per_layer_block}): raise its "
                              "--kv-transfer-max-chunk-bytes")
-        if response.shm_ok:
+        if response.HasField("pool"):
+            self._one_sided = OneSidedWrites.connect(response.pool, self, self._peer, self._leases)
+        if response.shm_ok and self._one_sided is None:
             self._payloads = self._attach_slabs()
         self._reaper.start()
         self._connected = True
@@ -143,13 +161,15 @@ class KVSender:
         self._reaper.stop()
         for handle in list(self._handles.values()):
             self.fail(handle, "the KV sender is closing", notify_peer=False)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        if self._payloads.uses_shm:
-            try:
+        self._executor.shutdown(wait=True, cancel_futures=True)  # no write runs after this
+        if self._payloads.uses_shm or self._one_sided is not None:
+            try:  # also: every one-sided reservation of this sender may be given back
                 self._peer.detach_shm(pb.DetachShmRequest(sender_id=self.sender_id), timeout_s=1.0)
             except grpc.RpcError:
-                pass  # the peer unmaps them when it exits
+                pass  # the peer unmaps slabs when it exits, and sees this process exit
         self._payloads.close()
+        if self._one_sided is not None:
+            self._one_sided.close()
         self._leases.release_all()
         self._peer.close()
 
@@ -173,21 +193,23 @@ class KVSender:
             raise ValueError(f"block ids outside the cache's {self.kv_cache.shape[2]} blocks: {src_block_ids}")
         self._leases.grant(request_id, src_block_ids)
         try:
-            self._reserve_with_retry(request_id, num_tokens, num_blocks)
+            reserved = self._reserve_with_retry(request_id, num_tokens, num_blocks)
+            handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done,
+                                    with_first_token)
+            if self._one_sided is not None:
+                handle.target = self._one_sided.target(handle, reserved)
         except BaseException:
             self._leases.release(request_id)
             raise
-        handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done,
-                                with_first_token)
         self._handles[request_id] = handle
         return handle
 
-    def _reserve_with_retry(self, request_id: str, num_tokens: int, num_blocks: int) -> None:
-        request = pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, num_blocks=num_blocks)
+    def _reserve_with_retry(self, request_id: str, num_tokens: int, num_blocks: int) -> pb.ReserveResponse:
+        request = pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, num_blocks=num_blocks,
+                                    one_sided=self._one_sided is not None, sender_id=self.sender_id)
         for attempt in range(self.config.max_retries + 1):
             try:
-                self._peer.reserve(request, self.config.rpc_timeout_s)
-                return
+                return self._peer.reserve(request, self.config.rpc_timeout_s)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.counters.add(num_refused=1)
@@ -197,6 +219,7 @@ class KVSender:
                     raise PeerUnavailableError(f"reserving KV blocks on {self._peer.address} failed: "
                                                f"{e.code().name}: {e.details()}") from e
                 self.counters.add(num_retries=1)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def submit_layers(self, handle: TransferHandle, layer_start: int, layer_end: int) -> None:
         if not 0 <= layer_start < layer_end <= self.layout.num_layers:
@@ -213,6 +236,7 @@ class KVSender:
                 return  # the retry resends every submitted range once it has reserved again
             chunks = self._plan(handle, layer_start, layer_end)
             handle.num_outstanding += len(chunks)
+            handle.num_in_flight += len(chunks)
             attempt = handle.attempt
         self._submit_chunks(handle, attempt, chunks)
 
@@ -231,9 +255,12 @@ class KVSender:
 
     # ---- worker-thread steps ----
     def _send_chunk(self, handle: TransferHandle, attempt: int, chunk: ChunkRange) -> int:
-        """Pack one chunk from the leased blocks and push it; returns its payload bytes."""
+        """Pack one chunk from the leased blocks and push it (or write it into the peer's pool);
+        returns its payload bytes."""
         if attempt != handle.attempt:
             return 0  # superseded by a retry, which resends it
+        if handle.target is not None:
+            return self._one_sided.write_chunk(handle, chunk)
         header = pb.ChunkHeader(request_id=handle.request_id, attempt=attempt, layer_start=chunk.layer_start,
                                 layer_end=chunk.layer_end, block_start=chunk.block_start, block_end=chunk.block_end,
                                 num_bytes=chunk.num_layers * chunk.num_blocks * self.layout.num_bytes_per_layer_block)
@@ -268,18 +295,30 @@ class KVSender:
     def _chunk_done(self, handle: TransferHandle, attempt: int, chunk: ChunkRange, future: futures.Future) -> None:
         error = "cancelled" if future.cancelled() else future.exception()
         with handle.lock:
-            if handle.state is not TransferState.ACTIVE or attempt != handle.attempt:
+            handle.num_in_flight -= 1  # chunks of any attempt: a one-sided commit waits for every write
+            if handle.state is not TransferState.ACTIVE:
                 return
-            if error is None:
+            current = handle.attempt
+            if attempt != current:  # superseded: the current attempt may have been waiting only for it
+                ready = handle.target is not None and not handle.restarting and handle.ready_to_commit
+            elif error is None:
                 handle.num_outstanding -= 1
                 handle.num_bytes_acked += future.result()
+                if handle.target is not None:
+                    handle.target.written.append(chunk)
                 ready = handle.ready_to_commit
-        if error is not None:
+            else:
+                ready = False
+        if attempt == current and isinstance(error, ReservationClosedError):
+            self.fail(handle, "the decode side dropped the reservation")  # nothing left to retry into
+            return
+        if attempt == current and error is not None:
             self._retry(handle, f"chunk {chunk} failed: {_describe(error)}")
             return
-        self.counters.add(num_bytes_sent=future.result())
+        if attempt == current:
+            self.counters.add(num_bytes_sent=future.result())
         if ready:
-            self._spawn(handle, self._commit, handle, attempt)
+            self._spawn(handle, self._commit, handle, current)
 
     def first_token_set(self, handle: TransferHandle) -> None:
         """handle.set_first_token() was called: commit if that was all the transfer waited for."""
@@ -294,9 +333,12 @@ class KVSender:
             if handle.committing == attempt:
                 return  # the last ack and the first token both asked for this commit
             handle.committing = attempt
+            written = list(handle.target.written) if handle.target is not None else []
         request = pb.CommitRequest(request_id=handle.request_id, attempt=attempt)
         if handle.first_token_id is not None:
             request.first_token_id = handle.first_token_id
+        request.written.extend(pb.WrittenRange(layer_start=c.layer_start, layer_end=c.layer_end,
+                                               block_start=c.block_start, block_end=c.block_end) for c in written)
         try:
             self._peer.commit(request, self.config.rpc_timeout_s)
         except grpc.RpcError as e:
@@ -327,11 +369,18 @@ class KVSender:
         """Reserve again under the new attempt (the peer keeps or re-allocates the blocks) and
         resend every layer range submitted so far."""
         request = pb.ReserveRequest(request_id=handle.request_id, num_tokens=handle.num_tokens,
-                                    num_blocks=len(handle.src_block_ids), attempt=attempt)
+                                    num_blocks=len(handle.src_block_ids), attempt=attempt,
+                                    one_sided=handle.target is not None, sender_id=self.sender_id)
         try:
-            self._peer.reserve(request, self.config.rpc_timeout_s)
+            reserved = self._peer.reserve(request, self.config.rpc_timeout_s)
         except grpc.RpcError as e:
-            self.fail(handle, f"{reason}; retry could not reserve: {e.code().name}: {e.details()}")
+            self.fail(handle, f"{reason}; retry could not reserve: {_describe(e)}")
+            return
+        if handle.target is not None and reserved.ticket != handle.target.ticket:
+            # The peer keeps an open reservation on a retry; a new one means the old one was dropped
+            # (and waits for this transfer's stop, sent once its writes end). Nothing is written here.
+            self._one_sided.never_written(handle.request_id, reserved.ticket, reason)
+            self.fail(handle, f"{reason}; the retry was given another reservation")
             return
         with handle.lock:
             if handle.state is not TransferState.ACTIVE or handle.attempt != attempt:
@@ -339,6 +388,9 @@ class KVSender:
             handle.restarting = False
             chunks = [c for start, end in handle.layer_ranges for c in self._plan(handle, start, end)]
             handle.num_outstanding = len(chunks)
+            handle.num_in_flight += len(chunks)
+            if handle.target is not None:
+                handle.target.written = []
             ready = handle.ready_to_commit
         self._submit_chunks(handle, attempt, chunks)
         if ready:
@@ -348,7 +400,8 @@ class KVSender:
     def fail(self, handle: TransferHandle, reason: str, notify_peer: bool = True, requested: bool = False) -> None:
         """End the transfer as failed (no-op if it already ended): lease released, peer told.
         requested: the caller gave it up (logged as routine, not as a failure)."""
-        if self._end(handle, ok=False, reason=reason, requested=requested) and notify_peer:
+        if self._end(handle, ok=False, reason=reason, requested=requested) and notify_peer and handle.target is None:
+            # (one-sided: the peer is told once no write runs, by OneSidedWrites.writes_stopped)
             abort = pb.AbortRequest(request_id=handle.request_id, reason=reason)
             try:
                 self._executor.submit(self._abort_quietly, abort)
@@ -372,8 +425,12 @@ class KVSender:
             handle.set_result(result)
         self._handles.pop(handle.request_id, None)
         self._leases.release(handle.request_id)
+        if handle.target is not None:
+            handle.target.writes.close()  # no new write starts; writes_stopped() once none runs
         if ok:
-            self.counters.add(num_transfers_sent=1, seconds_sending=seconds)
+            self.counters.add(num_transfers_sent=1, seconds_sending=seconds,
+                              num_one_sided_sent=int(handle.target is not None))
+            self.counters.latency.observe(seconds)
         else:
             logger.log(logging.INFO if requested else logging.WARNING, "KV transfer of request %s %s: %s",
                        handle.request_id, "given up" if requested else "failed", reason)
@@ -389,6 +446,17 @@ class KVSender:
             self._executor.submit(fn, *args)
         except RuntimeError:
             self.fail(handle, "the KV sender is closing", notify_peer=False)
+
+    def _sweep(self) -> None:
+        self._expire_leases()
+        if self._one_sided is not None:
+            for handle in self._one_sided.dropped(list(self._handles.values())):
+                self.fail(handle, "the decode side dropped the reservation")
+            self._one_sided.confirm_stops()
+
+    def submit(self, fn: Callable, *args) -> None:
+        """Run fn on a sender thread; RuntimeError once the sender is closing."""
+        self._executor.submit(fn, *args)
 
     def _expire_leases(self) -> None:
         for request_id in self._leases.expire():

@@ -28,7 +28,7 @@ from serving.config import Config
 from serving.engine.protocol import EngineStats, RequestRejectedError
 from serving.engine.validation import check_kv_pool_fits, check_stop_token_ids
 from serving.kv_connector.base import KVConnectorWorker
-from serving.kv_connector.transfer import make_worker, model_fingerprint
+from serving.kv_connector.transfer import make_worker, model_fingerprint, wants_shared_pool
 from serving.models import ModelArchConfig, load_model
 from serving.runner.model_runner import ModelRunner, model_kv_layout, num_kv_blocks, resolve_device, resolve_dtype
 
@@ -136,7 +136,7 @@ class Engine:
             num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
             kv_cache_usage=self.kv.pool.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=self.kv.num_prefix_queries, prefix_cache_hits=self.kv.num_prefix_hits,
-            extra={"kv_transfer": self.transfer_counters()})
+            extra={"kv_transfer": self.transfer_counters(), "histograms": self.connector.histograms()})
 
     def transfer_counters(self) -> dict[str, float]:
         """The connector worker's counters and the connector policy's, by name."""
@@ -157,6 +157,16 @@ class Engine:
         self.connector.close()
 
 
+def _allocate_shared(layout, num_blocks: int):
+    """The KV pool in shared memory, or None (logged) when /dev/shm cannot hold it."""
+    try:
+        return layout.allocate_shared(num_blocks)
+    except OSError as e:
+        logger.warning("KV pool not in shared memory (%s): same-host prefill instances will send it payloads "
+                       "instead of writing it themselves; enlarge /dev/shm to enable one-sided writes", e)
+        return None
+
+
 def build_engine(config: Config, role: str = "colocated", clock: Clock | None = None,
                  token: str | None = None) -> Engine:
     """Every part from the config, each injected into the next. For a decode role the connector
@@ -170,11 +180,12 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     layout = model_kv_layout(model, config.cache.block_size)
     num_blocks = num_kv_blocks(layout, config.cache)
     check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
-    kv_cache = layout.allocate(num_blocks, device)
-    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, layout.block_size,
-                num_blocks * layout.bytes_per_block / 2**20)
+    pool = _allocate_shared(layout, num_blocks) if wants_shared_pool(role, config, device) else None
+    kv_cache = pool.tensor if pool is not None else layout.allocate(num_blocks, device)
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s)", num_blocks, layout.block_size,
+                num_blocks * layout.bytes_per_block / 2**20, f", shared memory {pool.name}" if pool else "")
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
-    connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host, token)
+    connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host, token, pool)
     runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector)
     clock = clock or MonotonicClock()
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)

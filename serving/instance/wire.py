@@ -92,7 +92,10 @@ def output_from_proto(message: pb.GenerateOutput) -> EngineCoreOutput:
 
 
 def stats_to_proto(stats: EngineStats) -> pb.StatsResponse:
-    return pb.StatsResponse(**{name: getattr(stats, name) for name in _STATS_FIELDS})
+    message = pb.StatsResponse(**{name: getattr(stats, name) for name in _STATS_FIELDS})
+    for name, histogram in stats.extra.get("histograms", {}).items():  # LatencyHistogram.snapshot()s
+        message.histograms[name].CopyFrom(pb.Histogram(**histogram))
+    return message
 
 
 def stats_from_proto(message: pb.StatsResponse) -> EngineStats:

@@ -36,6 +36,9 @@ class KVConnectorWorker(Protocol):
 
     def counters(self) -> dict[str, float]: ...
 
+    def histograms(self) -> dict[str, dict]:
+        """Histograms by metric name, each as LatencyHistogram.snapshot() (kvcache/transfer/counters.py)."""
+
     def close(self) -> None: ...
 
 
@@ -61,6 +64,9 @@ class NullWorker:
         return results
 
     def counters(self) -> dict[str, float]:
+        return {}
+
+    def histograms(self) -> dict[str, dict]:
         return {}
 
     def close(self) -> None:

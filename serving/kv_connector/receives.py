@@ -6,30 +6,35 @@ and reports the end of the transfer. Each step reports what happened as MoveResu
 
     expect ─► started ──reserve──► active ──commit──► finished (the commit may carry the first token)
                  │                   ├──dropped (stall, sender gave up) ──► failed
-                 │                   └──cancel (the scheduler gave up) ──► wait until the receiver
-                 │                                                         let go ──► failed
+                 │                   └──cancel (the scheduler gave up) ──► the receiver drops it;
+                 │                                                         failed once it let go
                  └──cancel before any Reserve ──► failed
 
-`cancel` runs on the engine thread and returns only once no receiver thread can write the blocks
-any more; only then does the scheduler see the move end and free them. What to do about a failed
-receive (recompute or fail) is the scheduler's connector policy's call, not this module's.
+`cancel` runs on the engine thread and does not wait: the receive is reported failed (and only then
+does the scheduler free the blocks, which it holds meanwhile) once no copy can write them any more.
+On the one-sided path that is when the prefill process confirmed its writes stopped or exited, which
+a stopped (SIGSTOP) or hung writer may delay for as long as it lasts: its blocks stay quarantined
+(counted by the receiver) and the engine thread goes on. What to do about a failed receive
+(recompute or fail) is the scheduler's connector policy's call, not this module's.
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
 
+from kvcache.shared_pool import SharedKVPool
 from kvcache.transfer import KVReceiver, ReceiverServer, TransferConfig, TransferCounters
 from kvcache.transfer.layout import KVLayout
 from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, MoveResult
 
 logger = logging.getLogger(__name__)
 
-_LET_GO_TIMEOUT_S = 10.0
-_DROP_RETRY_S = 0.01
+_RECORD_WAIT_S = 1.0
+_DROP_RETRY_S = 0.001
 
 
 @dataclass
@@ -37,6 +42,8 @@ class _Expected:
     block_ids: list[int]
     lent: bool = False
     let_go: threading.Event = field(default_factory=threading.Event)  # the receiver holds nothing
+    cancelled: str = ""  # why the engine cancelled it while lent (reported when the receiver lets go)
+    dropped: bool = False  # the receiver has dropped its reservation
 
 
 class KVReceives:
@@ -52,10 +59,12 @@ class KVReceives:
         self._server: ReceiverServer | None = None
         self.address = ""  # of the KVTransfer service, once started
 
-    def start_server(self, kv_cache: torch.Tensor, layout: KVLayout, host: str) -> str:
-        """Serve KVTransfer on host (a free port); returns its address."""
+    def start_server(self, kv_cache: torch.Tensor, layout: KVLayout, host: str,
+                     pool: SharedKVPool | None = None) -> str:
+        """Serve KVTransfer on host (a free port); returns its address. pool: the shared-memory pool
+        kv_cache lives in (same-host senders then write into it themselves); the receiver owns it."""
         self._block_size = layout.block_size
-        receiver = KVReceiver(kv_cache, layout, self, self.config, self.counters)
+        receiver = KVReceiver(kv_cache, layout, self, self.config, self.counters, pool=pool)
         self._server = ReceiverServer(receiver, host, token=self._token).start()
         self.address = self._server.address
         return self.address
@@ -75,38 +84,38 @@ class KVReceives:
             return request_id in self._expected
 
     def cancel(self, request_id: str, reason: str) -> None:
-        """Forget the request; returns once the receiver writes none of its blocks, and reports the
-        receive failed (unless it ended first)."""
+        """Forget the request and drop its transfer; the receive is reported failed once the receiver
+        writes none of its blocks (at once if it never lent them). Does not wait for that."""
         with self._lock:
             expected = self._expected.pop(request_id, None)
-            if expected is not None and expected.lent:
-                self._cancelled[request_id] = expected
-        if expected is None:
-            return
-        if expected.lent and not expected.let_go.is_set():
-            self._wait_let_go(request_id, expected)
-        with self._lock:
-            self._cancelled.pop(request_id, None)
-            self._results.append(MoveResult(request_id, "recv", FAILED, reason))
+            if expected is None:
+                return
+            if not expected.lent or expected.let_go.is_set():
+                self._results.append(MoveResult(request_id, "recv", FAILED, reason))
+                return
+            expected.cancelled = reason
+            self._cancelled[request_id] = expected
+        self._drop(request_id, expected, wait_s=_RECORD_WAIT_S)
 
-    def _wait_let_go(self, request_id: str, expected: _Expected) -> None:
-        deadline = threading.Event()
-        timer = threading.Timer(_LET_GO_TIMEOUT_S, deadline.set)
-        timer.start()
-        try:
-            # drop() finds nothing while the receiver is still between reserve() and recording the
-            # reservation, so ask again until it lets go
-            while not deadline.is_set():
-                self._server.receiver.drop(request_id, "the request was cancelled on the decode instance",
-                                           routine=True)
-                if expected.let_go.wait(_DROP_RETRY_S):
-                    return
-            logger.error("KV receiver still holds blocks of cancelled request %s after %.0fs", request_id,
-                         _LET_GO_TIMEOUT_S)
-        finally:
-            timer.cancel()
+    def _drop(self, request_id: str, expected: _Expected, wait_s: float = 0.0) -> None:
+        """Ask the receiver to drop the transfer. It finds nothing while it is between lending the
+        blocks (reserve()) and recording the reservation, a moment without I/O: ask again for up to
+        wait_s; poll() keeps asking after that."""
+        deadline = time.monotonic() + wait_s
+        while not expected.let_go.is_set():
+            if self._server.receiver.drop(request_id, "the request was cancelled on the decode instance",
+                                          routine=True):
+                expected.dropped = True
+                return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(_DROP_RETRY_S)
 
     def poll(self) -> list[MoveResult]:
+        with self._lock:
+            undropped = [(rid, e) for rid, e in self._cancelled.items() if not e.dropped]
+        for request_id, expected in undropped:
+            self._drop(request_id, expected)
         with self._lock:
             results, self._results = self._results, []
         return results
@@ -142,9 +151,14 @@ class KVReceives:
             self._let_go_locked(request_id)
 
     def _let_go_locked(self, request_id: str) -> None:
-        expected = self._expected.get(request_id) or self._cancelled.get(request_id)
+        """The receiver holds none of the request's blocks any more; a cancelled receive ends here."""
+        expected = self._expected.get(request_id)
         if expected is not None:
             expected.let_go.set()
+        cancelled = self._cancelled.pop(request_id, None)
+        if cancelled is not None:
+            cancelled.let_go.set()
+            self._results.append(MoveResult(request_id, "recv", FAILED, cancelled.cancelled))
 
     def counter_values(self) -> dict[str, float]:
         return self.counters.snapshot()

@@ -1,5 +1,6 @@
 """The transfer worker: carries out SendKV and RecvKV moves over kvcache.transfer (gRPC, and shared
-memory between instances on one host).
+memory between instances on one host: a decode instance's pool in shared memory, written by the
+prefill instance itself).
 
 An instance that sends (prefill) has `KVSends`; one that receives (decode) has `KVReceives` and serves
 the KVTransfer service. Both are built from the instance's config; `make_worker(role, ...)` picks.
@@ -12,6 +13,7 @@ import os
 
 import torch
 
+from kvcache.shared_pool import SharedKVPool
 from kvcache.transfer import TransferConfig
 from kvcache.transfer.layout import KVLayout
 from scheduler.kv_moves import FAILED, CancelKV, KVMove, MoveResult, RecvKV, SendKV
@@ -58,7 +60,8 @@ class TransferWorker:
     process)."""
 
     def __init__(self, config: Config, kv_cache: torch.Tensor, layout: KVLayout, send: bool, receive: bool,
-                 host: str = "127.0.0.1", token: str | None = None) -> None:
+                 host: str = "127.0.0.1", token: str | None = None, pool: SharedKVPool | None = None) -> None:
+        """pool: the shared-memory pool kv_cache lives in, if any (a receiving worker then owns it)."""
         transfer = transfer_config(config)
         self.layout = layout
         self.sends = KVSends(transfer, token) if send else None
@@ -68,7 +71,9 @@ class TransferWorker:
         if self.sends is not None:
             self.sends.bind(kv_cache, layout)
         if self.receives is not None:
-            self.address = self.receives.start_server(kv_cache, layout, host)
+            self.address = self.receives.start_server(kv_cache, layout, host, pool)
+        elif pool is not None:
+            pool.close()  # nobody will write into it from outside
 
     def start(self, moves: list[KVMove]) -> None:
         for move in moves:
@@ -111,6 +116,12 @@ class TransferWorker:
                     values[name] = values.get(name, 0) + value
         return values
 
+    def histograms(self) -> dict[str, dict]:
+        """pdserve:kv_transfer_latency_seconds of this instance: begin -> acknowledgement of each
+        transfer sent, Reserve -> Commit of each received."""
+        side = self.sends if self.sends is not None else self.receives
+        return {"kv_transfer_latency_seconds": side.counters.latency.snapshot()} if side is not None else {}
+
     def close(self) -> None:
         for side in (self.sends, self.receives):
             if side is not None:
@@ -121,11 +132,22 @@ ROLES = ("prefill", "decode", "colocated")
 
 
 def make_worker(role: str, config: Config, kv_cache: torch.Tensor, layout: KVLayout,
-                host: str = "127.0.0.1", token: str | None = None) -> KVConnectorWorker:
-    """prefill: sends; decode: receives (and serves KVTransfer on host); colocated: moves nothing."""
+                host: str = "127.0.0.1", token: str | None = None, pool: SharedKVPool | None = None
+                ) -> KVConnectorWorker:
+    """prefill: sends; decode: receives (and serves KVTransfer on host); colocated: moves nothing.
+    pool: the shared-memory pool kv_cache lives in (see wants_shared_pool); the worker owns it."""
     if role not in ROLES:
         raise ValueError(f"instance role must be one of {', '.join(ROLES)}, got {role!r}")
     if role == "colocated":
+        if pool is not None:
+            pool.close()
         return NullWorker()
     return TransferWorker(config, kv_cache, layout, send=role == "prefill", receive=role == "decode", host=host,
-                          token=token)
+                          token=token, pool=pool)
+
+
+def wants_shared_pool(role: str, config: Config, device) -> bool:
+    """A decode instance in host memory keeps its KV pool in shared memory, so that prefill instances
+    on its host write into it themselves (one-sided). On CUDA that would take CUDA IPC: not done yet,
+    such a pool is private and same-host peers use shared-memory slabs."""
+    return role == "decode" and config.deploy.kv_transfer_enable_shm and str(device).startswith("cpu")

@@ -9,6 +9,8 @@
                   num_kv_waits_total, num_instance_failures_total, num_instance_restarts_total
     instances     {name: {role, up, queue_depth, num_queued_prefill_tokens, num_running,
                           num_free_blocks, num_total_blocks, num_restarts}}
+    histograms    {metric: {instance name: {role, bounds, counts (cumulative, +Inf last), sum, count}}}
+                  e.g. kv_transfer_latency_seconds, per instance (not summed: roles measure differently)
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ def aggregate_stats(instances: list, router_counters: dict[str, int]) -> EngineS
     num_used = num_total = 0
     transfer: dict[str, float] = {}
     per_instance = {}
+    histograms: dict[str, dict] = {}
     for state in instances:
         s = state.stats
         per_instance[state.name] = {
@@ -29,6 +32,10 @@ def aggregate_stats(instances: list, router_counters: dict[str, int]) -> EngineS
             "num_restarts": state.num_restarts}
         for name, value in s.transfer.items():
             transfer[name] = transfer.get(name, 0) + value
+        for name, h in s.histograms.items():
+            histograms.setdefault(name, {})[state.name] = {
+                "role": state.role, "bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum,
+                "count": h.count}
         # counters keep a down instance's last figures; gauges count only what is up
         stats.num_preemptions += s.num_preemptions
         stats.prefix_cache_queries += s.prefix_cache_queries
@@ -42,5 +49,5 @@ def aggregate_stats(instances: list, router_counters: dict[str, int]) -> EngineS
         num_total += s.num_total_blocks
     stats.kv_cache_usage = num_used / num_total if num_total else 0.0
     router = {f"{name}_total": value for name, value in router_counters.items()}
-    stats.extra = {"kv_transfer": transfer, "router": router, "instances": per_instance}
+    stats.extra = {"kv_transfer": transfer, "router": router, "instances": per_instance, "histograms": histograms}
     return stats

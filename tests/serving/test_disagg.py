@@ -97,6 +97,12 @@ def check_greedy_equals_colocated(loop, client, colocated_config, prefix: str):
                                     >= num_decoded))
     assert stats.extra["kv_transfer"]["num_recompute_fallbacks"] == 0
     transfer, instances = stats.extra["kv_transfer"], stats.extra["instances"]
+    # instances on one host: every prompt's KV was written by the prefill instance into the decode
+    # instance's shared pool (one-sided); each instance reports its transfer latencies
+    assert transfer["num_one_sided_received"] == transfer["num_transfers_received"]
+    latency = stats.extra["histograms"]["kv_transfer_latency_seconds"]
+    assert {info["role"] for info in latency.values()} == {"prefill", "decode"}
+    assert all(info["count"] >= 1 and info["counts"][-1] == info["count"] for info in latency.values())
     assert transfer["num_bytes_received"] > 0 and transfer["seconds_sending"] > 0
     assert stats.extra["router"]["num_reroutes_total"] == 0
     assert set(instances) == {spec.name for spec in make_specs(client.config)}
@@ -164,20 +170,26 @@ class TestOneToOne:
         from serving.api import build_app
         from serving.config import ServerConfig
 
-        def value(text: str, name: str) -> float:
-            lines = [line for line in text.splitlines() if line.startswith(name + "{")]
+        def value(text: str, name: str, prefix: str) -> float:
+            lines = [line for line in text.splitlines() if line.startswith(name + "{") and line.startswith(prefix)]
             return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
 
         async def run():
             app = build_app(one_one, ServerConfig())
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
-                name = "pdserve:kv_transfer_num_bytes_received_total"
-                before = value((await http.get("/metrics")).text, name)
+                names = ["pdserve:kv_transfer_num_bytes_received_total",
+                         # the transfer-latency histogram of each instance
+                         'pdserve:kv_transfer_latency_seconds_count{instance="decode-0"',
+                         'pdserve:kv_transfer_latency_seconds_count{instance="prefill-0"']
+                text = (await http.get("/metrics")).text
+                before = [value(text, name.split("{")[0], name) for name in names]
                 await collect(one_one, Case("fresh-metrics", make_prompts(31, [64])[0], greedy(3)))
-                return before, value((await http.get("/metrics")).text, name)
+                text = (await http.get("/metrics")).text
+                return before, [value(text, name.split("{")[0], name) for name in names]
 
         before, after = loop.run(run())
-        assert after > before  # no health-check interval to wait for: the scrape polled the instances
+        # no health-check interval to wait for: the scrape polled the instances
+        assert all(a > b for a, b in zip(after, before)), (before, after)
 
     # ---- aborts and leaks ----
     def test_mixed_run_with_aborts_leaks_nothing(self, loop, one_one, colocated_config):

@@ -80,6 +80,10 @@ def test_handoff_matches_colocated(engines, via_router):
     assert rest[-1].kv_transfer == "transferred"
     counters = engines["decode"].transfer_counters()
     assert counters["num_transfers_received"] == 1 and counters["num_recompute_fallbacks"] == 0
+    # one host: the prefill engine wrote straight into the decode engine's shared pool
+    assert counters["num_one_sided_received"] == 1
+    for role in ("prefill", "decode"):
+        assert engines[role].get_stats().extra["histograms"]["kv_transfer_latency_seconds"]["count"] == 1
     _check_drained(engines["prefill"], engines["decode"])
 
 

@@ -247,6 +247,40 @@ def test_receives_cancel_before_any_reserve_fails_at_once():
     assert _states(receives.poll()) == [("recv", STARTED), ("recv", FAILED)]
 
 
+class _Receiver:
+    """Stands in for the KVReceiver: records drops; finds the reservation only once `recorded`."""
+
+    def __init__(self) -> None:
+        self.recorded, self.drops = False, []
+
+    def drop(self, request_id, reason, routine=False):
+        self.drops.append(request_id)
+        return self.recorded
+
+
+def test_receives_cancel_while_lent_does_not_wait_and_fails_once_the_receiver_lets_go(monkeypatch):
+    """The engine thread is not held while a copy (or a stopped one-sided writer) still holds the
+    blocks: the receive is reported failed, with the cancel's reason, exactly once it let go."""
+    import serving.kv_connector.receives as receives_module
+    monkeypatch.setattr(receives_module, "_RECORD_WAIT_S", 0.05)
+    receives, receiver = _receives(), _Receiver()
+    receives._server = type("Server", (), {"receiver": receiver})()
+    receives.expect("r", [1, 2])
+    receives.reserve("r", 5)
+    started = time.monotonic()
+    receives.cancel("r", "the client went away")  # the reservation is not recorded yet: asked again
+    assert time.monotonic() - started < 1.0 and receiver.drops
+    assert _states(receives.poll()) == [("recv", STARTED), ("recv", ACTIVE)]  # not failed: still held
+    receiver.recorded = True
+    receives.poll()  # asks the receiver again, which now drops it
+    num_drops = len(receiver.drops)
+    assert receives.poll() == [] and len(receiver.drops) == num_drops  # dropped: not asked again
+    receives.release("r")  # the receiver let go (its last copy ended, or the writer stopped)
+    receives.on_transfer_failed("r", "cancelled on the decode instance")
+    results = receives.poll()
+    assert _states(results) == [("recv", FAILED)] and results[0].reason == "the client went away"
+
+
 # ---- both workers over real gRPC ----
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM = 4, 16, 16, 2, 32
 
@@ -313,7 +347,7 @@ def test_a_cancelled_receive_never_writes_blocks_given_back(tiny_model_dir):
         while not decode.receives._expected.get("r", None) or not decode.receives._expected["r"].lent:
             assert time.monotonic() < deadline, "the Reserve never arrived"
             time.sleep(0.01)
-        decode.start([CancelKV("r", "aborted")])  # returns once nothing writes the blocks
+        decode.start([CancelKV("r", "aborted")])  # the receiver drops it: nothing is written after
         for start, end in [(0, 2), (2, 4)]:
             prefill.layers_done(["r"], start, end)  # late chunks: refused, the retry finds nothing to lend
         prefill.tokens_sampled({"r": 7})

@@ -151,3 +151,31 @@ def test_mode_specific_stats_are_exported():
     # a colocated engine has no extra stats: nothing mode-specific is exported
     metrics.observe_engine_stats(EngineStats())
     assert "kv_transfer" not in metrics.render().decode()
+
+
+def test_instance_histograms_are_exported_per_instance():
+    """pdserve:kv_transfer_latency_seconds as each instance reports it (Stats RPC -> the router's
+    aggregate -> /metrics), with the instance and its role as labels."""
+    from serving.instance import wire
+    from serving.instance._proto import instance_pb2 as pb
+    from serving.router.stats import aggregate_stats
+
+    class State:  # what the router's pool keeps per instance
+        def __init__(self, name, role, histogram):
+            self.name, self.role, self.up, self.num_restarts = name, role, True, 0
+            stats = wire.stats_to_proto(EngineStats(extra={"histograms": {"kv_transfer_latency_seconds": histogram}}))
+            self.stats = pb.StatsResponse.FromString(stats.SerializeToString())  # as it crosses the wire
+
+    decode = {"bounds": [0.01, 0.1], "counts": [1, 3, 4], "sum": 0.9, "count": 4}
+    prefill = {"bounds": [0.01, 0.1], "counts": [0, 2, 2], "sum": 0.1, "count": 2}
+    stats = aggregate_stats([State("decode-0", "decode", decode), State("prefill-0", "prefill", prefill)], {})
+    metrics = ServingMetrics(MODEL, 128)
+    metrics.observe_engine_stats(stats)
+    name = "pdserve:kv_transfer_latency_seconds"
+    decode_labels = {"instance": "decode-0", "role": "decode"}
+    assert _sample(metrics, f"{name}_bucket", le="0.01", **decode_labels) == 1
+    assert _sample(metrics, f"{name}_bucket", le="0.1", **decode_labels) == 3
+    assert _sample(metrics, f"{name}_bucket", le="+Inf", **decode_labels) == 4
+    assert _sample(metrics, f"{name}_count", **decode_labels) == 4
+    assert _sample(metrics, f"{name}_sum", **decode_labels) == pytest.approx(0.9)
+    assert _sample(metrics, f"{name}_count", instance="prefill-0", role="prefill") == 2

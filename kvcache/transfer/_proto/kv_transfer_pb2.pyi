@@ -27,28 +27,54 @@ class KVLayout(_message.Message):
     def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("layout", "host_id", "sender_id", "want_shm")
+    __slots__ = ("layout", "host_id", "sender_id", "want_shm", "want_one_sided", "pid", "pid_namespace")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     WANT_SHM_FIELD_NUMBER: _ClassVar[int]
+    WANT_ONE_SIDED_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PID_NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     layout: KVLayout
     host_id: str
     sender_id: str
     want_shm: bool
-    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., want_shm: _Optional[bool] = ...) -> None: ...
+    want_one_sided: bool
+    pid: int
+    pid_namespace: str
+    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., want_shm: _Optional[bool] = ..., want_one_sided: _Optional[bool] = ..., pid: _Optional[int] = ..., pid_namespace: _Optional[str] = ...) -> None: ...
+
+class SharedPool(_message.Message):
+    __slots__ = ("name", "kv_bytes", "num_blocks", "tickets_offset", "progress_offset", "num_slots", "control_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TICKETS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kv_bytes: int
+    num_blocks: int
+    tickets_offset: int
+    progress_offset: int
+    num_slots: int
+    control_bytes: int
+    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., tickets_offset: _Optional[int] = ..., progress_offset: _Optional[int] = ..., num_slots: _Optional[int] = ..., control_bytes: _Optional[int] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
-    __slots__ = ("layout", "host_id", "shm_ok", "max_chunk_bytes")
+    __slots__ = ("layout", "host_id", "shm_ok", "max_chunk_bytes", "pool")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_OK_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
     layout: KVLayout
     host_id: str
     shm_ok: bool
     max_chunk_bytes: int
-    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., shm_ok: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    pool: SharedPool
+    def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., shm_ok: _Optional[bool] = ..., max_chunk_bytes: _Optional[int] = ..., pool: _Optional[_Union[SharedPool, _Mapping]] = ...) -> None: ...
 
 class AttachShmRequest(_message.Message):
     __slots__ = ("sender_id", "segment_names", "segment_bytes")
@@ -75,22 +101,32 @@ class DetachShmResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "num_tokens", "num_blocks", "attempt")
+    __slots__ = ("request_id", "num_tokens", "num_blocks", "attempt", "one_sided", "sender_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ONE_SIDED_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     num_tokens: int
     num_blocks: int
     attempt: int
-    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    one_sided: bool
+    sender_id: str
+    def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., attempt: _Optional[int] = ..., one_sided: _Optional[bool] = ..., sender_id: _Optional[str] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("num_blocks",)
+    __slots__ = ("num_blocks", "block_ids", "slot", "ticket")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
-    def __init__(self, num_blocks: _Optional[int] = ...) -> None: ...
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    slot: int
+    ticket: int
+    def __init__(self, num_blocks: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., slot: _Optional[int] = ..., ticket: _Optional[int] = ...) -> None: ...
 
 class ShmRef(_message.Message):
     __slots__ = ("segment_name", "offset")
@@ -139,14 +175,28 @@ class ChunkAck(_message.Message):
     def __init__(self, num_bytes_written: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("request_id", "attempt", "first_token_id")
+    __slots__ = ("request_id", "attempt", "first_token_id", "written")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     first_token_id: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token_id: _Optional[int] = ...) -> None: ...
+    written: _containers.RepeatedCompositeFieldContainer[WrittenRange]
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., first_token_id: _Optional[int] = ..., written: _Optional[_Iterable[_Union[WrittenRange, _Mapping]]] = ...) -> None: ...
+
+class WrittenRange(_message.Message):
+    __slots__ = ("layer_start", "layer_end", "block_start", "block_end")
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_START_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_END_FIELD_NUMBER: _ClassVar[int]
+    layer_start: int
+    layer_end: int
+    block_start: int
+    block_end: int
+    def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("num_bytes_received",)
@@ -155,12 +205,18 @@ class CommitResponse(_message.Message):
     def __init__(self, num_bytes_received: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id", "reason")
+    __slots__ = ("request_id", "reason", "writer_stopped", "ticket", "sender_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    WRITER_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SENDER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reason: str
-    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    writer_stopped: bool
+    ticket: int
+    sender_id: str
+    def __init__(self, request_id: _Optional[str] = ..., reason: _Optional[str] = ..., writer_stopped: _Optional[bool] = ..., ticket: _Optional[int] = ..., sender_id: _Optional[str] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ()
