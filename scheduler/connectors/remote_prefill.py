@@ -121,6 +121,8 @@ class RemotePrefill:
 
     def on_finish(self, scheduler: Scheduler, request: Request) -> None:
         self.pending.pop(request.request_id, None)
+        # a receive not planned yet must never be: its blocks go back to the pool right now
+        self._due = [move for move in self._due if move.request_id != request.request_id]
 
     def set_first_token(self, scheduler: Scheduler, request_id: str, token_id: int, now: float) -> None:
         pending = self.pending.get(request_id)

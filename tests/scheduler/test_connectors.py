@@ -263,3 +263,16 @@ def test_move_bookkeeping(kind):
     sched.check_integrity()
     assert sched.kv.pool.num_free_blocks == 16
     assert sched.moves.num_started[kind] == 2 and sched.moves.num_failed[kind] == 1
+
+
+def test_a_request_aborted_before_its_receive_was_planned_never_registers_it():
+    """A client gone between the reservation and the next step: its blocks are free at once and no
+    RecvKV for it ever reaches the worker (the receiver would write blocks someone else owns)."""
+    sched, runner = decode_side()
+    sched.add_request(make_request("r", prompt_len=10, max_tokens=3, remote_prefill=True))
+    sched.finish_requests(["r"], RequestStatus.FINISHED_ABORTED)
+    assert sched.kv.pool.num_free_blocks == 32 and not sched.held
+    plan, _ = step(sched, runner)
+    assert not plan.kv_moves and not runner.moves
+    sched.check_integrity()
+    assert not sched.has_unfinished()
