@@ -28,9 +28,8 @@ class LatencyModel:
     meta: dict = field(default_factory=dict)  # model, device, dtype, tp, pp, ...
 
     def prefill_time(self, prompt_lens: list[int]) -> float:
-        lens = np.asarray(prompt_lens, dtype=np.float64)
-        p = self.prefill
-        return p.a + p.b * lens.sum() + p.c * (lens ** 2).sum()
+        p = self.prefill  # plain Python: a step's handful of lengths is cheaper than a numpy round trip
+        return p.a + p.b * float(sum(prompt_lens)) + p.c * float(sum(n * n for n in prompt_lens))
 
     def decode_time(self, context_lens: list[int]) -> float:
         d = self.decode
