@@ -81,17 +81,25 @@ class LatencyModelExecutor:
                 raise RuntimeError(f"plan and executor disagree on request {delta.request_id}: "
                                    f"{delta.num_computed_tokens} vs {state.num_computed_tokens} computed tokens")
             state.num_tokens += len(delta.new_token_ids)
-        seconds = self.step_seconds(plan)
+        # one pass: classify each row as step_seconds does (before it advances), then advance it
+        chunks, contexts, sampled = [], [], {}
+        states, token_id = self.states, self.token_id
+        for request_id, num_tokens in plan.num_scheduled_tokens.items():
+            state = states[request_id]
+            computed = state.num_computed_tokens
+            if num_tokens == 1 and computed + 1 >= state.num_tokens > 1:
+                contexts.append(computed + 1)
+            else:
+                chunks.append(num_tokens)
+            state.num_computed_tokens = computed = computed + num_tokens
+            if computed >= state.num_tokens:
+                sampled[request_id] = token_id
+                state.num_tokens += 1
+        seconds = self._seconds(chunks, contexts)
         self.busy_seconds += seconds
         for move in plan.kv_moves:
             self.moves.start(move, now, seconds)
-        result = StepResult(step_seconds=seconds)
-        for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            state = self.states[request_id]
-            state.num_computed_tokens += num_tokens
-            if state.num_computed_tokens >= state.num_tokens:
-                result.sampled_token_ids[request_id] = self.token_id
-                state.num_tokens += 1
+        result = StepResult(sampled_token_ids=sampled, step_seconds=seconds)
         result.moves = self.moves.due(now + seconds)
         return result
 
@@ -104,6 +112,9 @@ class LatencyModelExecutor:
                 contexts.append(state.num_computed_tokens + 1)  # a decode row
             else:
                 chunks.append(num_tokens)
+        return self._seconds(chunks, contexts)
+
+    def _seconds(self, chunks: list[int], contexts: list[int]) -> float:
         model = self.latency_model
         seconds = 0.0
         if chunks:

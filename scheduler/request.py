@@ -44,6 +44,7 @@ class Request:
             raise ValueError("the prompt is empty: send at least one token")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        self._num_prompt_tokens = len(self.prompt_token_ids)  # the prompt never changes
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
         self.client_id = client_id  # whom the request serves (the OpenAI `user` field): fairness keys on it
@@ -72,11 +73,11 @@ class Request:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return self._num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self._num_prompt_tokens + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -159,10 +159,11 @@ class Simulator:
             if flow is not None:
                 handle(instance, flow, output)
                 any_finished = any_finished or output.finished
-        scheduler = instance.scheduler
-        instance.max_num_waiting = max(instance.max_num_waiting, scheduler.num_waiting)
+        num_waiting = instance.scheduler.num_waiting
+        if num_waiting > instance.max_num_waiting:
+            instance.max_num_waiting = num_waiting
         if worked or outputs or instance.poked:
-            self._at(self.now, self._step, instance)
+            self._step(instance)  # at once: the next step starts when this one ends
         else:
             instance.stepping = False
         if any_finished and instance.role == "decode" and self._router_queue:
