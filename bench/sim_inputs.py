@@ -34,7 +34,10 @@ def model_shape(model_dir: str | None) -> ModelShape:
     from serving.models.config import ModelArchConfig
 
     path = resolve_model_dir(model_dir)
-    arch = ModelArchConfig.from_model_dir(path)
+    try:
+        arch = ModelArchConfig.from_model_dir(path)
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json lacks {e}; is it a Hugging Face Llama/Qwen/Mistral config?") from None
     return ModelShape(Path(path).name, arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.num_heads,
                       arch.num_kv_heads, arch.head_dim, arch.vocab_size, arch.max_position_embeddings,
                       arch.tie_word_embeddings)

@@ -126,6 +126,9 @@ def _sweep(args: argparse.Namespace, deployment: SimDeployment, tokenizer: Any, 
     slos = parse_slos(args.goodput)
     percentiles = tuple(float(p) for p in args.metric_percentiles.split(","))
     workload = build_workload(workload_config, LengthSynthesizer(tokenizer))
+    if workload.num_dropped:
+        print(f"note: {workload.num_dropped} conversations did not fit --max-model-len {args.max_model_len} and "
+              "were left out")
     overhead = prompt_overhead(tokenizer, args.endpoint.endswith("chat/completions"))
     label = args.label or "simulated"
     info = {"label": label, "backend": "simulated", "endpoint": args.endpoint, "base_url": None,
