@@ -28,11 +28,13 @@ _ARRIVAL_SEED_OFFSET = 1  # as bench/runner.py: arrivals draw from their own str
 
 # ---- the model and the cluster ----
 def model_shape(model_dir: str | None) -> ModelShape:
-    """The shape of a model directory (None: the built-in tiny model). Raises ValueError for a directory
-    without config.json or an architecture pdserve does not support."""
+    """The shape of a model directory, or of its config.json alone (None: the built-in tiny model).
+    Raises ValueError for a directory without config.json or an architecture pdserve does not support."""
     from serving.engine.engine import resolve_model_dir
     from serving.models.config import ModelArchConfig
 
+    if model_dir is not None and Path(model_dir).is_file() and Path(model_dir).name == "config.json":
+        model_dir = str(Path(model_dir).parent)
     path = resolve_model_dir(model_dir)
     try:
         arch = ModelArchConfig.from_model_dir(path)

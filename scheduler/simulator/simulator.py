@@ -32,7 +32,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from scheduler.engine_core import EngineCoreOutput

@@ -87,8 +87,11 @@ def test_malformed_yaml_unknown_architecture_and_impossible_slos(tmp_path, tiny_
 
 @pytest.mark.slow
 def test_the_plan_starts_with_pdserve_serve(tmp_path, tiny_model_dir):
-    code, out = _plan(tmp_path, tiny_model_dir)
+    # two "nodes" would get the Ray launcher (ray_address: auto); this box has no Ray cluster running
+    code, out = _plan(tmp_path, tiny_model_dir, "--launcher", "local")
     assert code == 0
+    deploy = Config.load(str(out)).deploy
+    num_instances = deploy.num_replicas if deploy.mode == "colocated" else deploy.num_prefill + deploy.num_decode
     port = free_port()
     server = start_server(["--config", str(out)], port, tmp_path / "server.log", timeout_s=240)
     try:
@@ -96,5 +99,8 @@ def test_the_plan_starts_with_pdserve_serve(tmp_path, tiny_model_dir):
                            json={"model": tiny_model_dir, "prompt": "Hello", "max_tokens": 8, "temperature": 0})
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] == 8
+        if num_instances > 1:  # every instance the plan asked for started (each logs it)
+            log = (tmp_path / "server.log").read_text()
+            assert log.count(") serving on ") == num_instances, log[-3000:]
     finally:
         stop_server(server)
