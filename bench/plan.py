@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     group = parser.add_argument_group("inputs")
     group.add_argument("--model", required=True, help="model directory (its config.json is what is read)")
-    group.add_argument("--cluster", required=True, help="cluster YAML (deploy/cluster-example.yaml)")
+    group.add_argument("--cluster", required=True, help="cluster YAML (deploy/clusters/example.yaml)")
     group.add_argument("--latency-model", nargs="+", required=True, metavar="FILE_OR_DIR",
                        help="latency models from `pdserve profile`, one JSON per TP x PP plan (or a directory)")
     group.add_argument("--goodput", nargs="+", required=True, metavar="KEY:MS",

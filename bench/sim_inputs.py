@@ -52,7 +52,7 @@ def load_cluster(path: str) -> ClusterSpec:
     except OSError as e:
         raise ValueError(f"cannot read the cluster description {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML ({e}); see deploy/cluster-example.yaml") from None
+        raise ValueError(f"{path} is not valid YAML ({e}); see deploy/clusters/example.yaml") from None
     return ClusterSpec.from_dict(values, where=path)
 
 

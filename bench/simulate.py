@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--latency-model", nargs="+", required=True, metavar="FILE_OR_DIR",
                        help="latency models from `pdserve profile` (one JSON per TP x PP plan, or a directory)")
     group.add_argument("--cluster", default=None,
-                       help="cluster YAML (nodes, bandwidths; deploy/cluster-example.yaml); default: this machine")
+                       help="cluster YAML (nodes, bandwidths; deploy/clusters/example.yaml); default: this machine")
     group.add_argument("--model", default=None, help="model directory (default: the deployment's)")
     group.add_argument("--tokenizer", default=None,
                        help="tokenizer for text datasets and the server's BOS (default: the model's; 'none')")

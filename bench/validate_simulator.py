@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency model per system, e.g. colocated=lat2.json (repeat per system)")
     parser.add_argument("--systems", default="colocated,1p1d", help="comma list of colocated, 1p1d")
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--cluster", default="deploy/cluster-cpu.yaml", help="links for the simulated transfers")
+    parser.add_argument("--cluster", default="deploy/clusters/cpu.yaml", help="links for the simulated transfers")
     parser.add_argument("--result-dir", default="results/sim-validation")
     parser.add_argument("--target-attainment", type=float, default=0.9)
     args, bench_args = parser.parse_known_args(argv)

@@ -128,7 +128,7 @@ class DisaggregatedClient:
             return False
         if self._pool is None:
             return True  # launched and checked; nothing has failed yet
-        if self.config.deploy.mode == "colocated":
+        if self._pool.replicas:
             return bool(self._pool.up("colocated"))
         return bool(self._pool.up("prefill")) and bool(self._pool.up("decode"))
 

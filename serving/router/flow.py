@@ -182,7 +182,7 @@ class RequestFlow:
         leg_id = f"{self.request_id}@{leg}"  # fresh on every leg: nothing of a failed leg can mix in
         prompt = self.prompt_token_ids + self.output_token_ids
         params = self._leg_params()
-        if self.deploy.mode == "colocated":
+        if self.pool.replicas:
             async for output in self._replica_leg(leg_id, prompt, params):
                 yield output
             return

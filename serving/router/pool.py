@@ -80,6 +80,11 @@ class InstancePool:
         self._changed = asyncio.Event()  # set whenever an instance comes up
 
     # ---- choosing ----
+    @property
+    def replicas(self) -> bool:
+        """Colocated replicas (a request is one stream on one of them), not prefill/decode pairs."""
+        return any(state.role == "colocated" for state in self.instances)
+
     def up(self, role: str) -> list[InstanceState]:
         """The instances of `role` that take new requests."""
         return self.routing.up(self.instances, role)
