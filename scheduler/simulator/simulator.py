@@ -120,8 +120,11 @@ class Simulator:
             self.now = when
             fn(*args)
             self._num_events += 1
+        waiting_at_router = {id(flow) for flow in self._router_queue}
         for flow in list(self._flows.values()):
-            self._finish(flow, "the simulation ended with the request unfinished (nothing left to run it)")
+            self._finish(flow, f"no decode instance could take request {flow.record.request_id} (all are out of "
+                               "free KV blocks)" if id(flow) in waiting_at_router else
+                         "the simulation ended with the request unfinished (nothing left to run it)")
         self.records.sort(key=lambda r: (r.conversation_id, r.turn_index))
         duration = max((r.finish_s for r in self.records), default=0.0)
         return SimResult(self.records, duration, self._instance_stats(), self.network.stats, self.max_router_queue,
@@ -296,13 +299,8 @@ class Simulator:
             decode.core.set_first_token(record.request_id, output.new_token_ids[0])
             self._wake(decode)
             return
-        # a real stop at the first token (max_tokens 1), or an error: drop the decode reservation
-        error = _error_of(output)
-        if decode is not None:
-            decode.core.abort_requests([record.request_id])
-            decode.num_active -= 1
-            self._wake(decode)
-        self._finish(flow, error)
+        # a real stop at the first token (max_tokens 1), or an error: _finish drops the decode reservation
+        self._finish(flow, _error_of(output))
 
     def _on_decode_output(self, decode: SimInstance, flow: _Flow, output: EngineCoreOutput) -> None:
         record = flow.record
@@ -331,6 +329,13 @@ class Simulator:
         flow.done = True
         record = flow.record
         record.error = error
+        decode = flow.decode
+        if decode is not None and record.request_id in decode.scheduler.requests:
+            # it ends before its decode instance ran it (a stop at the first token, a prefill that
+            # refused it): the router aborts the reservation there, freeing its blocks
+            decode.core.abort_requests([record.request_id])
+            decode.num_active -= 1
+            self._wake(decode)
         record.decode_instance = flow.decode.name if flow.decode else ""
         record.instance = flow.instance.name if flow.instance else ""
         del self._flows[record.request_id]

@@ -160,3 +160,12 @@ def test_simulated_time_grows_with_load_as_queueing_says():
     _, b = run(solo, heavy)
     assert mean_ttft(b.records) > 1.5 * mean_ttft(a.records)
     assert math.isclose(min(r.token_times_s[0] - r.start_s for r in a.records), D, rel_tol=1e-9)
+
+
+def test_a_prompt_the_prefill_instance_refuses_releases_its_decode_reservation():
+    conversations = [SimConversation(0, 0.0, (SimTurn(300, 5),)), SimConversation(1, 0.1, (SimTurn(100, 5),))]
+    deploy = deployment(instance("prefill-0", "prefill", max_model_len=256), instance("decode-0", "decode"))
+    _, result = run(deploy, conversations)  # run() checks that every block came back
+    refused, served = result.records
+    assert not refused.success and "max-model-len" in refused.error
+    assert served.success and served.num_output_tokens == 5
