@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 
 from bench.cli_args import _add_load_args, _add_output_args, _add_workload_args
@@ -77,7 +78,12 @@ def _deployment(args: argparse.Namespace) -> tuple[SimDeployment, Any, str]:
     from serving.config import Config
     from serving.engine.engine import resolve_model_dir
 
-    config = Config.load(args.config, {"model": args.model} if args.model else None)
+    try:
+        config = Config.load(args.config, {"model": args.model} if args.model else None)
+    except OSError as e:
+        raise ValueError(f"cannot read the deployment {args.config}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{args.config} is not valid YAML ({e}); see deploy/1p1d.yaml") from None
     latency = LatencyModelSet.load(args.latency_model)
     cluster = load_cluster(args.cluster) if args.cluster else None
     deployment = sim_deployment(config, latency, cluster, args.max_concurrency)

@@ -129,3 +129,8 @@ def test_pdserve_simulate_says_what_is_wrong(tmp_path, tiny_model_dir, capsys):
     bad.write_text("deploy: {mode: sideways}\n")
     assert simulate_main(["--config", str(bad), "--latency-model", latency]) == 2
     assert "--mode must be one of" in capsys.readouterr().err
+    bad.write_text("deploy: [mode\n")
+    assert simulate_main(["--config", str(bad), "--latency-model", latency]) == 2
+    assert "is not valid YAML" in capsys.readouterr().err
+    assert simulate_main(["--config", str(tmp_path / "none.yaml"), "--latency-model", latency]) == 2
+    assert "cannot read the deployment" in capsys.readouterr().err
