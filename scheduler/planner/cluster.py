@@ -1,4 +1,4 @@
-"""The cluster a deployment is planned for, from a small YAML mapping (deploy/cluster-*.yaml):
+"""The cluster a deployment is planned for, from a small YAML mapping (deploy/clusters/*.yaml):
 
     nodes: 64                        # machines
     devices_per_node: 8              # accelerators per machine (CPU cores on a CPU box)
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 _REQUIRED = ("nodes", "devices_per_node", "device_memory_gib", "intra_node_bandwidth_gbps",
              "inter_node_bandwidth_gbps")
-_EXAMPLE = "see deploy/cluster-example.yaml"
+_EXAMPLE = "see deploy/clusters/example.yaml"
 
 
 @dataclass(frozen=True)
