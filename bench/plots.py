@@ -20,7 +20,8 @@ def _save(figure: Figure, path: Path) -> Path:
 
 
 def plot_attainment(series: dict[str, list[tuple[float, float]]], target: float | None,
-                    path: Path, title: str = "SLO attainment vs request rate") -> Path:
+                    path: Path, title: str = "SLO attainment vs request rate",
+                    xlabel: str = "request rate (req/s)") -> Path:
     """One line per system: (rate, attainment in [0, 1]) points, sorted by rate."""
     figure = Figure(figsize=(6.4, 4.2))
     axes = figure.add_subplot()
@@ -31,7 +32,7 @@ def plot_attainment(series: dict[str, list[tuple[float, float]]], target: float 
     if target is not None:
         axes.axhline(100 * target, color="grey", linestyle="--", linewidth=1,
                      label=f"target {100 * target:g}%")
-    axes.set_xlabel("request rate (req/s)")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel("SLO attainment (%)")
     axes.set_ylim(-2, 102)
     axes.set_title(title)

@@ -1,6 +1,12 @@
 """`pdserve profile`: measure prefill and decode step latency on this hardware and fit the latency model.
 
-    pdserve profile --model DIR --out latency.json [--quick]
+    pdserve profile --model DIR --out latency.json [--quick] [--threads N]
+    pdserve profile --model DIR --out LATENCY_DIR/        (writes LATENCY_DIR/latency-tp1-pp1.json)
+
+A latency-model set for the simulator and planner is one such file per TP x PP plan (its meta says tp
+and pp); a directory of them is what `--latency-model` takes. Plans not profiled are scaled from a
+profiled one by the rule in scheduler/latency_plans.py. Profile with the torch threads an instance will
+have (`--threads`: an instance of a disaggregated deployment gets num_cpus_per_instance threads).
 
 Drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
 forward pass plus sampling, exactly what a serving step costs. The fitted model (scheduler/latency_model.py)
@@ -9,6 +15,7 @@ is what the placement planner and simulator read.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -18,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from scheduler.latency_model import LatencyModel, fit_decode, fit_prefill
+from scheduler.latency_plans import save_set
 from scheduler.sampling_params import SamplingParams
 from scheduler.step import NewRequestData, StepPlan
 
@@ -69,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=2048, help="largest prefill batch in tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds, for smoke tests)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; match the instances you will simulate)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
 
     from kvcache.config import CacheConfig
     from serving.engine.engine import resolve_model_dir
@@ -95,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
         "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)]})
-    model.save(args.out)
+    out = args.out
+    if out.endswith("/") or os.path.isdir(out):
+        out = save_set([model], out)[0]
+    else:
+        model.save(out)
     p, d = model.prefill, model.decode
     print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
     print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 

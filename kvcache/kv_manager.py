@@ -68,6 +68,9 @@ class KVCacheManager:
     def can_allocate(self, request_id: str, num_total_tokens: int,
                      cached_block_ids: Sequence[int] = ()) -> bool:
         """Whether the request can hold `num_total_tokens` tokens (reviving `cached_block_ids`)."""
+        if not cached_block_ids:  # the common case (a running request growing), without the general sums
+            needed = -(-num_total_tokens // self.block_size) - len(self._blocks.get(request_id, ()))
+            return needed <= 0 or needed <= self.pool.num_free_blocks
         revived = self.pool.num_free_among(list(cached_block_ids))
         needed = self.num_new_blocks(request_id, num_total_tokens, cached_block_ids) + revived
         return needed <= self.pool.num_free_blocks
@@ -78,6 +81,8 @@ class KVCacheManager:
         """Grow the request's block table to hold `num_total_tokens`; returns the block ids appended
         (the revived cached ones first on a request's first allocation). Assumes can_allocate."""
         blocks = self._blocks.get(request_id)
+        if blocks is not None and -(-num_total_tokens // self.block_size) <= len(blocks):
+            return []  # the common case: a decode token that fits in the last block
         appended: list[int] = []
         if blocks is None:
             blocks = self._blocks[request_id] = []

@@ -30,7 +30,7 @@ class Executor(Protocol):
         loop goes on); every move it was given is still reported, in a later result."""
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """One increment of one request's output: token deltas, no text. The last one has finished=True."""
     request_id: str
@@ -87,9 +87,11 @@ class EngineCore:
         self.clock.advance(result.step_seconds)
         update = self.scheduler.update(plan, result)
         outputs = [self._output(r, [], accepted=True) for r in update.accepted if not r.is_finished]
+        logprobs = result.logprobs
+        output = self._output
         for request in update.updated:
-            logprob = result.logprobs.get(request.request_id)
-            outputs.append(self._output(request, [request.output_token_ids[-1]], [logprob] if logprob else None))
+            logprob = logprobs.get(request.request_id) if logprobs else None
+            outputs.append(output(request, [request.output_token_ids[-1]], [logprob] if logprob else None))
         outputs.extend(self._output(r, []) for r in update.finished)
         return outputs
 
@@ -106,19 +108,23 @@ class EngineCore:
         request_id = request.request_id
         finished = request.is_finished
         queue_time = None
-        if request_id in self._awaiting_first_output and (new_token_ids or finished):
-            self._awaiting_first_output.discard(request_id)
+        awaiting = self._awaiting_first_output
+        if (new_token_ids or finished) and request_id in awaiting:
+            awaiting.discard(request_id)
             if request.first_scheduled_time is not None and request.arrival_time is not None:
                 queue_time = request.first_scheduled_time - request.arrival_time
-        if finished:
-            self._awaiting_first_output.discard(request_id)
+        cached = request.num_cached_tokens
+        if not finished:  # the common case (a decode token), with fewer lookups
+            return EngineCoreOutput(request_id, new_token_ids, logprobs, False, None, None, request.num_prompt_tokens,
+                                    len(request.output_token_ids), cached if cached > 0 else 0, None, queue_time,
+                                    accepted, None)
+        awaiting.discard(request_id)
         return EngineCoreOutput(
             request_id=request_id, new_token_ids=new_token_ids, new_logprobs=logprobs, finished=finished,
-            finish_reason=request.status.finish_reason if finished else None,
-            stop_reason=request.stop_reason if finished else None,
+            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
             num_prompt_tokens=request.num_prompt_tokens, num_output_tokens=len(request.output_token_ids),
-            num_cached_tokens=max(0, request.num_cached_tokens), error=request.error if finished else None,
-            queue_time_s=queue_time, accepted=accepted, kv_transfer=request.kv_transfer if finished else None)
+            num_cached_tokens=max(0, cached), error=request.error,
+            queue_time_s=queue_time, accepted=accepted, kv_transfer=request.kv_transfer)
 
     # ---- introspection ----
     def check_integrity(self) -> None:

@@ -7,9 +7,15 @@ its virtual clock by that duration, so a few hundred requests "run" in milliseco
 through the runtime's own scheduler, KV manager and policies.
 
 A mixed step (prefill chunks beside decode rows) costs prefill(chunks) + decode(contexts), minus one
-fixed overhead: the two fits each include the per-step constant. KV moves end through a `MoveModel`;
-the default ends each at once (started, active and finished in the step that issued it), which is what
-a colocated or single-instance simulation needs; a multi-instance simulation models transfers there.
+fixed overhead: the two fits each include the per-step constant. `latency_model` is anything with
+those two methods and the two fixed terms (`prefill.a`, `decode.a`): a fitted `LatencyModel`, or a
+`PlanLatency` that scales one to another TP x PP plan (scheduler/latency_plans.py).
+
+KV moves end through a `MoveModel`, told when each move was planned and how long the step that
+planned it lasts (a send streams its layers out while that step computes them); the default ends
+each at once (started, active and finished in the step that issued it), which is what a colocated or
+single-instance simulation needs. The simulator's transfer model (scheduler/simulator/transfer.py)
+times them from link bandwidth instead.
 """
 from __future__ import annotations
 
@@ -22,8 +28,8 @@ from scheduler.step import StepPlan, StepResult
 
 
 class MoveModel(Protocol):
-    def start(self, move: KVMove, now: float) -> None:
-        """A move was planned at virtual time `now`."""
+    def start(self, move: KVMove, now: float, step_seconds: float) -> None:
+        """A move was planned in a step that starts at virtual time `now` and lasts `step_seconds`."""
 
     def due(self, now: float) -> list[MoveResult]:
         """Results whose time has come by `now`."""
@@ -35,7 +41,7 @@ class InstantMoves:
     def __init__(self) -> None:
         self._due: list[MoveResult] = []
 
-    def start(self, move: KVMove, now: float) -> None:
+    def start(self, move: KVMove, now: float, step_seconds: float) -> None:
         if isinstance(move, CancelKV):
             return  # its move has ended already
         if move.kind == "recv":
@@ -65,8 +71,6 @@ class LatencyModelExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         now = self.clock.now() if self.clock is not None else 0.0
-        for move in plan.kv_moves:
-            self.moves.start(move, now)
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self.states.pop(request_id, None)
         for new in plan.new_requests:
@@ -77,15 +81,25 @@ class LatencyModelExecutor:
                 raise RuntimeError(f"plan and executor disagree on request {delta.request_id}: "
                                    f"{delta.num_computed_tokens} vs {state.num_computed_tokens} computed tokens")
             state.num_tokens += len(delta.new_token_ids)
-        seconds = self.step_seconds(plan)
-        self.busy_seconds += seconds
-        result = StepResult(step_seconds=seconds)
+        # one pass: classify each row as step_seconds does (before it advances), then advance it
+        chunks, contexts, sampled = [], [], {}
+        states, token_id = self.states, self.token_id
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            state = self.states[request_id]
-            state.num_computed_tokens += num_tokens
-            if state.num_computed_tokens >= state.num_tokens:
-                result.sampled_token_ids[request_id] = self.token_id
+            state = states[request_id]
+            computed = state.num_computed_tokens
+            if num_tokens == 1 and computed + 1 >= state.num_tokens > 1:
+                contexts.append(computed + 1)
+            else:
+                chunks.append(num_tokens)
+            state.num_computed_tokens = computed = computed + num_tokens
+            if computed >= state.num_tokens:
+                sampled[request_id] = token_id
                 state.num_tokens += 1
+        seconds = self._seconds(chunks, contexts)
+        self.busy_seconds += seconds
+        for move in plan.kv_moves:
+            self.moves.start(move, now, seconds)
+        result = StepResult(sampled_token_ids=sampled, step_seconds=seconds)
         result.moves = self.moves.due(now + seconds)
         return result
 
@@ -98,6 +112,9 @@ class LatencyModelExecutor:
                 contexts.append(state.num_computed_tokens + 1)  # a decode row
             else:
                 chunks.append(num_tokens)
+        return self._seconds(chunks, contexts)
+
+    def _seconds(self, chunks: list[int], contexts: list[int]) -> float:
         model = self.latency_model
         seconds = 0.0
         if chunks:

@@ -21,13 +21,14 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value.startswith("finished")
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         return _FINISH_REASONS.get(self)
 
 
+_FINISHED = frozenset(s for s in RequestStatus if s.value.startswith("finished"))
 _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                    RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error",
                    RequestStatus.FINISHED_REMOTE_DECODE: "remote_decode"}
@@ -43,6 +44,7 @@ class Request:
             raise ValueError("the prompt is empty: send at least one token")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
+        self._num_prompt_tokens = len(self.prompt_token_ids)  # the prompt never changes
         self.sampling_params = sampling_params
         self.eos_token_ids = tuple(eos_token_ids)
         self.client_id = client_id  # whom the request serves (the OpenAI `user` field): fairness keys on it
@@ -62,6 +64,7 @@ class Request:
         self.kv_peer = kv_peer
         self.remote_prefill = remote_prefill
         self.kv_transfer: str | None = None  # remote prefill: "transferred", or "recomputed: <why>"
+        self._token_view = _TokenView(self)
         # the output may not run past the context window
         bounds = [b for b in (sampling_params.max_tokens,
                               max_model_len - len(prompt_token_ids) if max_model_len else None)
@@ -70,11 +73,11 @@ class Request:
 
     @property
     def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+        return self._num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return self._num_prompt_tokens + len(self.output_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -91,11 +94,11 @@ class Request:
     @property
     def token_view(self) -> "_TokenView":
         """All token ids as a read-only sequence, without concatenating lists."""
-        return _TokenView(self)
+        return self._token_view
 
     @property
     def is_finished(self) -> bool:
-        return self.status.finished
+        return self.status in _FINISHED
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.value}, prompt={self.num_prompt_tokens}, "

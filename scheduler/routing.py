@@ -5,6 +5,9 @@
              is what TTFT waits behind)
     decode   candidates best first: most free KV blocks (estimated: last poll minus what the router has
              reserved there since), then fewest requests streaming from it
+    replica  (colocated replicas, data parallel) the one with the fewest prompt tokens sent to it and
+             not yet answered, then the fewest requests streaming from it: a new prompt waits behind
+             queued prompts first, and shares its decode batch with the streaming ones after
 """
 from __future__ import annotations
 
@@ -35,6 +38,10 @@ class LeastLoadedRouting:
 
     def pick_prefill(self, instances: Sequence[I]) -> I | None:
         return min(self.up(instances, "prefill"), key=lambda i: i.num_queued_prefill_tokens, default=None)
+
+    def pick_replica(self, instances: Sequence[I]) -> I | None:
+        return min(self.up(instances, "colocated"), key=lambda i: (i.num_queued_prefill_tokens, i.num_active),
+                   default=None)
 
     def decode_candidates(self, instances: Sequence[I]) -> list[I]:
         return sorted(self.up(instances, "decode"), key=lambda i: (-i.num_free_blocks_estimate, i.num_active))

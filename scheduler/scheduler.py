@@ -193,25 +193,27 @@ class Scheduler:
         """Returns the budget left and whether a running request had to be preempted for blocks."""
         starved = False
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = self.prefill.num_tokens(request.num_tokens - request.num_computed_tokens, budget)
+        running, kv, num_tokens_of = self.running, self.kv, self.prefill.num_tokens  # hot loop: bound once
+        cached_requests, scheduled = plan.cached_requests, plan.num_scheduled_tokens
+        while i < len(running) and budget > 0:
+            request = running[i]
+            computed = request.num_computed_tokens
+            num_new = num_tokens_of(request.num_tokens - computed, budget)
             if num_new <= 0:
                 i += 1
                 continue
-            total = request.num_computed_tokens + num_new
-            while not self.kv.can_allocate(request.request_id, total):
-                victim = self.ordering.victim(self.running)
+            request_id = request.request_id
+            total = computed + num_new
+            while not kv.can_allocate(request_id, total):
+                victim = self.ordering.victim(running)
                 self._preempt(victim, plan)
                 starved = True
                 if victim is request:
                     break
-            if request.status != RequestStatus.RUNNING:
+            if request.status is not RequestStatus.RUNNING:
                 break  # it preempted itself: nothing below it is left to schedule
-            new_block_ids = self.kv.allocate(request.request_id, total)
-            plan.cached_requests.append(
-                CachedRequestData(request.request_id, new_block_ids, request.num_computed_tokens))
-            plan.num_scheduled_tokens[request.request_id] = num_new
+            cached_requests.append(CachedRequestData(request_id, kv.allocate(request_id, total), computed))
+            scheduled[request_id] = num_new
             budget -= num_new
             i += 1
         return budget, starved
@@ -257,16 +259,19 @@ class Scheduler:
         hit a stop condition, then apply the moves' results (a send acknowledged within the step of
         its prefill ends the hold taken just now)."""
         now = self.clock.now()
+        requests, sampled, updated = self.requests, result.sampled_token_ids, self._update.updated
+        caching = self.kv.pool.enable_prefix_caching
         for request_id in plan.num_scheduled_tokens:
-            request = self.requests.get(request_id)
+            request = requests.get(request_id)
             if request is None:
                 continue  # finished while the step ran
-            self.kv.cache_blocks(request_id, request.token_view, request.num_computed_tokens)
-            token_id = result.sampled_token_ids.get(request_id)
+            if caching:
+                self.kv.cache_blocks(request_id, request.token_view, request.num_computed_tokens)
+            token_id = sampled.get(request_id)
             if token_id is None:
                 continue  # a prompt chunk that did not reach the end of the prompt
             request.output_token_ids.append(token_id)
-            self._update.updated.append(request)
+            updated.append(request)
             status = self._check_stop(request, token_id) or self.connector.finish_status(request)
             if status is not None:
                 self.finish(request, status)

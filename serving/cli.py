@@ -1,4 +1,4 @@
-"""`pdserve` command line: serve, make-model, bench, profile.
+"""`pdserve` command line: serve, make-model, bench, profile, simulate, plan.
 
 Flags follow vLLM's names where the meaning is the same. Every `serve` flag is also a key of
 `--config FILE.yaml`; flags given on the command line win over the file.
@@ -61,6 +61,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="answer 408 to a request whose body is not complete in this time (default 30)")
     g = parser.add_argument_group("deployment")
     g.add_argument("--mode", default=None, choices=["colocated", "disaggregated"])
+    g.add_argument("--num-replicas", type=int, default=None,
+                   help="colocated: data-parallel replicas behind the router (default 1: the engine in-process)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="devices each instance splits its layers over (only 1 runs yet)")
+    g.add_argument("--pipeline-parallel-size", type=int, default=None,
+                   help="pipeline stages of each instance (only 1 runs yet)")
     g.add_argument("--num-prefill", type=int, default=None, help="prefill instances (disaggregated)")
     g.add_argument("--num-decode", type=int, default=None, help="decode instances (disaggregated)")
     g.add_argument("--launcher", default=None, choices=["local", "ray"])
@@ -119,7 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # bench/profile/make-model own their flags: hand them the rest of the line
+    # bench/profile/make-model/simulate/plan own their flags: hand them the rest of the line
     if argv and argv[0] in _SUBCOMMANDS:
         return _SUBCOMMANDS[argv[0]]()(argv[1:])
     parser = argparse.ArgumentParser(prog="pdserve", description="LLM serving with disaggregated "
@@ -129,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_args(serve)
     for name, help in (("make-model", "write a random-weight test model"),
                        ("bench", "load-generator benchmarks against an OpenAI endpoint"),
-                       ("profile", "profile step latency and fit the latency model")):
+                       ("profile", "profile step latency and fit the latency model"),
+                       ("simulate", "simulate a deployment on a workload (bench's report, no server)"),
+                       ("plan", "choose a deployment (phases' parallelism, instance counts) for SLOs")):
         sub.add_parser(name, help=help, add_help=False)
     args = parser.parse_args(argv)
     try:
@@ -156,7 +164,18 @@ def _profile_main():
     return profile_main
 
 
-_SUBCOMMANDS = {"make-model": _make_model_main, "bench": _bench_main, "profile": _profile_main}
+def _simulate_main():
+    from bench.simulate import main as simulate_main
+    return simulate_main
+
+
+def _plan_main():
+    from bench.plan import main as plan_main
+    return plan_main
+
+
+_SUBCOMMANDS = {"make-model": _make_model_main, "bench": _bench_main, "profile": _profile_main,
+                "simulate": _simulate_main, "plan": _plan_main}
 
 if __name__ == "__main__":
     sys.exit(main())

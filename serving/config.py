@@ -1,7 +1,8 @@
 """One `Config` composed of one frozen dataclass per package, loaded from YAML plus CLI overrides.
 
 YAML keys are the CLI flag names with dashes or underscores (`max-num-seqs` or `max_num_seqs`), flat or
-grouped under `model:`, `cache:`, `scheduler:`, `server:`, `deploy:`. CLI flags win over the file.
+grouped under `model:`, `cache:`, `scheduler:`, `parallel:`, `server:`, `deploy:`. CLI flags win over the
+file.
 """
 from __future__ import annotations
 
@@ -38,6 +39,31 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
+TP_PP_NOT_SUPPORTED = ("not supported yet: TP/PP lands with issue 'Tensor and pipeline parallelism'; serve "
+                       "with tensor_parallel_size and pipeline_parallel_size 1 (the simulator and the planner "
+                       "model larger plans already)")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one instance splits the model over devices. Larger than 1 is understood (the planner emits
+    it, the simulator models it) but refused at start until the runtime implements it."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+
+    def check_supported(self, where: str = "") -> None:
+        """ValueError for a plan the runtime cannot run yet."""
+        if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
+            plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
+            raise ValueError(f"{where}{plan}: {TP_PP_NOT_SUPPORTED}")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless told otherwise
@@ -69,6 +95,8 @@ class ServerConfig:
 @dataclass(frozen=True)
 class DeployConfig:
     mode: str = "colocated"
+    # colocated: data-parallel replicas; more than 1 runs them as instance processes behind the router
+    num_replicas: int = 1
     num_prefill: int = 1
     num_decode: int = 1
     launcher: str = "local"
@@ -111,6 +139,11 @@ class DeployConfig:
             raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("--num-prefill and --num-decode must be at least 1")
+        if self.num_replicas < 1:
+            raise ValueError(f"--num-replicas must be at least 1, got {self.num_replicas}")
+        if self.num_replicas > 1 and self.mode != "colocated":
+            raise ValueError("--num-replicas is for --mode colocated (data-parallel replicas); in disaggregated "
+                             "mode use --num-prefill and --num-decode")
         for name in ("prefill_overrides", "decode_overrides"):
             _check_role_overrides(name, getattr(self, name))
         if self.num_cpus_per_instance <= 0 or self.num_gpus_per_instance < 0:
@@ -136,7 +169,7 @@ def _check_role_overrides(name: str, overrides: dict) -> None:
         norm = _ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if _FIELD_OWNER.get(norm) not in _ROLE_SECTIONS:
             raise ValueError(f"deploy.{name}: {key!r} is not a key that may differ per role; use keys of "
-                             f"the model, cache or scheduler sections (e.g. max_num_batched_tokens)")
+                             f"the model, cache, scheduler or parallel sections (e.g. max_num_batched_tokens)")
 
 
 @dataclass(frozen=True)
@@ -144,6 +177,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
@@ -201,8 +235,8 @@ class Config:
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "server": ServerConfig, "deploy": DeployConfig}
+             "parallel": ParallelConfig, "server": ServerConfig, "deploy": DeployConfig}
 _FIELD_OWNER = {f.name: name for name, klass in _SECTIONS.items() for f in dataclasses.fields(klass)}
-_ROLE_SECTIONS = ("model", "cache", "scheduler")
+_ROLE_SECTIONS = ("model", "cache", "scheduler", "parallel")
 _ALIASES = {"num_gpu_blocks_override": "num_blocks_override", "enable_prefix_caching": "enable_prefix_caching",
             "shutdown_timeout": "shutdown_timeout_s"}

@@ -9,13 +9,18 @@ from serving.engine.protocol import EngineClient
 
 def build_engine_client(config: Config) -> EngineClient:
     """Raises ValueError (what `pdserve serve` prints before exiting 2) for a configuration no engine
-    can start with."""
-    if config.deploy.mode == "colocated":
+    can start with.
+
+    colocated with one replica: the engine in this process. Otherwise (colocated replicas, or prefill
+    and decode instances) instance processes behind the router."""
+    from serving.launchers import make_specs
+    config.parallel.check_supported()
+    if config.deploy.mode == "colocated" and config.deploy.num_replicas == 1:
         from serving.engine.async_llm import AsyncLLM
         return AsyncLLM.from_config(config)
-    from serving.launchers import make_specs
     from serving.router.engine_client import build_disaggregated_client
     for spec in make_specs(config):
+        spec.config.parallel.check_supported(f"{spec.name}: ")
         check_instance_kv_pool(spec.config)
     return build_disaggregated_client(config)
 

@@ -172,6 +172,7 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     """Every part from the config, each injected into the next. For a decode role the connector
     worker starts serving KVTransfer on deploy.internal_host; token: the deployment's, for every
     internal KV call (None: no check)."""
+    config.parallel.check_supported()
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
     model = load_model(model_dir, resolve_dtype(config.model.dtype, device), device)

@@ -37,10 +37,13 @@ class Launcher(Protocol):
 
 
 def make_specs(config: Config, token: str | None = None) -> list[InstanceSpec]:
-    """prefill-0..N-1 and decode-0..M-1, each with its role's config overrides applied, without the API
-    key (instances never need it), and with the deployment's token (None: instances refuse to start)."""
+    """prefill-0..N-1 and decode-0..M-1 (colocated: replica-0..R-1), each with its role's config
+    overrides applied, without the API key (instances never need it), and with the deployment's token
+    (None: instances refuse to start)."""
     deploy = config.deploy
     config = config.replace(api_key=None)
+    if deploy.mode == "colocated":
+        return [InstanceSpec(f"replica-{i}", "colocated", config, token) for i in range(deploy.num_replicas)]
     prefill = config.replace(**deploy.prefill_overrides) if deploy.prefill_overrides else config
     decode = config.replace(**deploy.decode_overrides) if deploy.decode_overrides else config
     return ([InstanceSpec(f"prefill-{i}", "prefill", prefill, token) for i in range(deploy.num_prefill)]

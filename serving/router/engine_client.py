@@ -1,4 +1,5 @@
-"""The disaggregated EngineClient: a router in the API server over prefill and decode instances.
+"""The router's EngineClient, in the API server: over prefill and decode instances (disaggregated), or
+over colocated replicas (data parallel, `--num-replicas`).
 
 `build_disaggregated_client(config)` launches the instances (local subprocesses or Ray actors), checks
 that every prefill instance can send KV to every decode instance, and returns the client. Its gRPC
@@ -127,6 +128,8 @@ class DisaggregatedClient:
             return False
         if self._pool is None:
             return True  # launched and checked; nothing has failed yet
+        if self._pool.replicas:
+            return bool(self._pool.up("colocated"))
         return bool(self._pool.up("prefill")) and bool(self._pool.up("decode"))
 
     def get_stats(self) -> EngineStats:

@@ -1,4 +1,5 @@
-"""One client request across a decode and a prefill instance (the order is in proto/instance.proto).
+"""One client request across a decode and a prefill instance (the order is in proto/instance.proto),
+or on one colocated replica (data parallel: a leg is one Generate stream, `_replica_leg`).
 
 A *leg* is one try: reserve KV blocks on a decode instance D, prefill on a prefill instance P that
 sends the KV to D, hand P's first token to the client at once and to D, then stream D's tokens. A leg
@@ -181,6 +182,10 @@ class RequestFlow:
         leg_id = f"{self.request_id}@{leg}"  # fresh on every leg: nothing of a failed leg can mix in
         prompt = self.prompt_token_ids + self.output_token_ids
         params = self._leg_params()
+        if self.pool.replicas:
+            async for output in self._replica_leg(leg_id, prompt, params):
+                yield output
+            return
         decode_stream = await self._reserve_decode(leg_id, prompt, params)
         decode = decode_stream.state  # its num_active counts this leg until the finally below
         try:
@@ -207,6 +212,34 @@ class RequestFlow:
         finally:
             decode.num_active -= 1
             self._close(decode_stream)
+
+    async def _replica_leg(self, leg_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """The whole request on one replica; its prompt counts as queued there until the first output."""
+        replica = self.pool.pick_replica()
+        if replica is None:
+            await self._wait_for_instance("colocated", self.deploy.instance_start_timeout_s)
+            replica = self.pool.pick_replica()
+            if replica is None:
+                raise EngineDeadError("no replica is up")
+        stream = self._open(replica, replica.client.generate(leg_id, prompt, params, client_id=self.client_id,
+                                                             priority=self.priority))
+        replica.num_queued_prefill_tokens += len(prompt)
+        replica.num_active += 1
+        queued = True
+        try:
+            while True:
+                output = self._emit(wire.output_from_proto(await self._read(stream)))
+                if queued:
+                    queued = False
+                    replica.num_queued_prefill_tokens = max(0, replica.num_queued_prefill_tokens - len(prompt))
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if queued:
+                replica.num_queued_prefill_tokens = max(0, replica.num_queued_prefill_tokens - len(prompt))
+            replica.num_active -= 1
+            self._close(stream)
 
     def _leg_params(self) -> SamplingParams:
         num_sent = len(self.output_token_ids)

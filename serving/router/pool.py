@@ -31,8 +31,8 @@ class InstanceState:
     client: InstanceClient
     up: bool = True
     # router-side load
-    num_queued_prefill_tokens: int = 0  # prefill: prompt tokens sent, first token not yet back
-    num_active: int = 0  # decode: requests reserved or streaming here
+    num_queued_prefill_tokens: int = 0  # prefill, replica: prompt tokens sent, first token not yet back
+    num_active: int = 0  # decode, replica: requests reserved or streaming here
     num_blocks_reserved_since_poll: int = 0
     stats: pb.StatsResponse = field(default_factory=pb.StatsResponse)
     # calls to cancel when the instance is found dead: call -> the flow's failure callback
@@ -80,12 +80,20 @@ class InstancePool:
         self._changed = asyncio.Event()  # set whenever an instance comes up
 
     # ---- choosing ----
+    @property
+    def replicas(self) -> bool:
+        """Colocated replicas (a request is one stream on one of them), not prefill/decode pairs."""
+        return any(state.role == "colocated" for state in self.instances)
+
     def up(self, role: str) -> list[InstanceState]:
         """The instances of `role` that take new requests."""
         return self.routing.up(self.instances, role)
 
     def pick_prefill(self) -> InstanceState | None:
         return self.routing.pick_prefill(self.instances)
+
+    def pick_replica(self) -> InstanceState | None:
+        return self.routing.pick_replica(self.instances)
 
     def decode_candidates(self) -> list[InstanceState]:
         return self.routing.decode_candidates(self.instances)

