@@ -1,14 +1,14 @@
 """Torch paths of paged attention: what pdserve runs on CPU (and any non-CUDA device).
 
-Both gather each request's KV from the paged cache with one vectorised index and hand the math to
-torch's SDPA without repeating K/V per query head: decode views the G query heads of a KV head as G
-query rows, prefill uses SDPA's enable_gqa.
+Both gather each request's KV from the paged cache by whole blocks and hand the math to torch's SDPA
+without repeating K/V per query head: decode views the G query heads of a KV head as G query rows,
+prefill uses SDPA's enable_gqa.
 
-Block table to gathered context (block_size 4, seq_len 10, table row [7, 2, 9, <garbage>]):
+Block table to gathered context (block_size 4, seq_len 10, max_seq_len 12, row [7, 2, 9, <garbage>]):
 
-    positions  0 1 2 3 | 4 5 6 7 | 8 9 . .
-    block      7       | 2       | 9          slot = block * 4 + position % 4; positions past
-    slot      28 ... 31| 8 ... 11|36 37 0 0     seq_len read slot 0 and are masked out
+    table      7       | 2       | 9           the first ceil(max_seq_len / 4) entries; an entry past
+    gathered  k7[0..3] | k2[0..3] | k9[0..3]    the request's last block reads block 0 instead
+    positions  0 1 2 3 | 4 5 6 7 | 8 9 10 11   positions at or past seq_len are masked out
 """
 
 import torch
@@ -16,19 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def context_slots(block_tables: Tensor, seq_lens: Tensor, block_size: int, max_seq_len: int
-                  ) -> tuple[Tensor, Tensor]:
-    """Cache slot of every context position: slots [B, max_seq_len] int64 and valid [B, max_seq_len].
+def context_blocks(block_tables: Tensor, seq_lens: Tensor, block_size: int, max_seq_len: int
+                   ) -> tuple[Tensor, Tensor]:
+    """The blocks holding each request's context: block_ids [B, nb] int64 with nb = ceil(max_seq_len /
+    block_size), and valid [B, nb * block_size] (position < seq_len).
 
-    Positions at or past a request's seq_len (whose table entries may hold anything) read slot 0 and
-    are marked invalid.
+    Table entries of blocks wholly past a request's seq_len (which may hold anything) become block 0.
     """
-    positions = torch.arange(max_seq_len, device=block_tables.device)                  # [S]
-    block_index = (positions // block_size).clamp(max=block_tables.shape[1] - 1)
-    block_ids = block_tables.long()[:, block_index]                                     # [B, S]
-    valid = positions[None, :] < seq_lens.long()[:, None]
-    slots = torch.where(valid, block_ids * block_size + positions % block_size, 0)
-    return slots, valid
+    num_blocks = -(-max_seq_len // block_size)
+    if num_blocks > block_tables.shape[1]:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns, max_seq_len {max_seq_len} needs "
+                         f"{num_blocks} blocks of {block_size}")
+    positions = torch.arange(num_blocks * block_size, device=block_tables.device)       # [S']
+    valid = positions[None, :] < seq_lens.long()[:, None]                                # [B, S']
+    used = valid[:, ::block_size]                                                        # [B, nb]
+    return torch.where(used, block_tables[:, :num_blocks].long(), 0), valid
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -39,18 +41,20 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     its K/V without repeating them.
     """
     num_seqs, num_q_heads, head_dim = q.shape
-    num_blocks, block_size, num_kv_heads, _ = k_cache.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     if num_seqs == 0:
         return torch.empty_like(q)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
-    slots, valid = context_slots(block_tables, seq_lens, block_size, max_seq_len)   # [B, S]
+    block_ids, valid = context_blocks(block_tables, seq_lens, block_size, max_seq_len)  # [B, nb], [B, S']
+    num_positions = valid.shape[1]
 
-    def gather(cache: Tensor) -> Tensor:                                              # [Hkv, B, S, D]
-        # index the contiguous slot axis: indexing a transposed view would copy the whole layer cache
-        rows = cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_select(0, slots.flatten())
-        return rows.view(num_seqs, max_seq_len, num_kv_heads, head_dim).permute(2, 0, 1, 3).to(q.dtype)
+    def gather(cache: Tensor) -> Tensor:                                              # [Hkv, B, S', D]
+        # whole blocks (block_size * Hkv * D contiguous elements each) from the contiguous cache: a
+        # gather from a transposed view would copy the whole layer cache first
+        rows = cache.index_select(0, block_ids.flatten())                             # [B * nb, bs, Hkv, D]
+        return rows.view(num_seqs, num_positions, num_kv_heads, head_dim).permute(2, 0, 1, 3).to(q.dtype)
 
     q4 = q.reshape(num_seqs, num_kv_heads, group, head_dim).transpose(0, 1)          # [Hkv, B, G, D]
     out = F.scaled_dot_product_attention(q4, gather(k_cache), gather(v_cache),
