@@ -17,6 +17,8 @@ Shapes are the small model's (`pdserve make-model --size small`): qkv 768->1280,
                   here for every M and its pack time is reported, not counted
     w@xT          torch.mm(w, x.T): the weight as the (non-transposed) A operand; at M = 1 also
                   "w@xT pad2", the row repeated to M = 2
+    x@wT          torch.mm(x, wT) on a copy of the weight stored transposed, [K, N]: at M = 1 MKL's
+                  gemv over rows of wT (axpy form) instead of dot products over rows of w
 
 By default each method cycles through enough copies of the weight to exceed the last-level cache
 several times over, so every call streams its weight from memory as a decode step does (`--hot`
@@ -64,6 +66,7 @@ def _methods(weights: list[torch.Tensor], m: int, hints: list[int], with_mkl: bo
         packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, m) for w in weights]
         methods["mkl[M]"] = (packed, lambda x, w, orig: torch.ops.mkl._mkl_linear(x, w, orig, None, m))
     methods["w@xT"] = (weights, lambda x, w, orig: torch.mm(w, x.t()).t())
+    methods["x@wT"] = ([w.t().contiguous() for w in weights], lambda x, wt, orig: torch.mm(x, wt))
     if m == 1:  # the M = 2 kernel of w@xT streams faster than MKL's gemv: pad one row to two
         methods["w@xT pad2"] = (weights, lambda x, w, orig: torch.mm(w, torch.cat([x, x]).t())[:, :1].t())
     return methods

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 # The M oneDNN chooses the weight's blocked layout for (vLLM's kProbeM). Every hint from 2 up gives the
 # same layout here (AB16b64a on AVX-512); hint 1 keeps the plain one.
 PACK_BATCH_HINT = 128
-# At 1-2 rows MKL's kernel for w @ x.T (the weight as the big, untransposed operand, N = 2 columns)
-# streams the plain weight ~1.5x faster than oneDNN's blocked one (bench/cpu_linear.py: 16-18 GB/s
-# against 10-12 on one core), for in_features <= 1024; at in_features 2048 it is slower, and from 3
-# rows on oneDNN wins everywhere. One row is padded to two (the M = 1 kernel, gemv, is the slow one).
+# At 1-2 rows MKL's kernel for w @ x.T (the plain weight as the big, untransposed operand, N = 2
+# columns) streams the weight faster than oneDNN's matmul on the blocked one (bench/cpu_linear.py, one
+# core: 15-18 GB/s against 10-13 for in_features 768; about even at 2048). From 3 rows on oneDNN wins
+# everywhere. A single row is padded to two where that is faster than the M = 1 kernel (gemv).
 PLAIN_MAX_ROWS = 2
-PLAIN_MAX_IN_FEATURES = 1024
+PAD_ONE_ROW_MAX_IN_FEATURES = 1024
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -35,8 +35,8 @@ def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose matmul runs on a weight packed once for oneDNN (or, for 1-2 rows of a narrow
-    layer, on the plain weight through MKL's w @ x.T kernel).
+    """An nn.Linear whose matmul runs on a weight packed once for oneDNN (or, for 1-2 rows, on the plain
+    weight through MKL's w @ x.T kernel).
 
     `weight` (and `bias`) stay the original Parameters, so ties, state_dict and `unpack_linears` see
     the same tensors; the packed copy is derived from them at construction and never updated. Both
@@ -50,15 +50,15 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias                                                # [N] or None
         with torch.no_grad():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
-        self.plain_max_rows = PLAIN_MAX_ROWS if self.in_features <= PLAIN_MAX_IN_FEATURES else 0
+        self.pad_one_row = self.in_features <= PAD_ONE_ROW_MAX_IN_FEATURES
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)                                 # [M, K]
         num_rows = rows.shape[0]
-        if 0 < num_rows <= self.plain_max_rows:
-            if num_rows == 1:
+        if 0 < num_rows <= PLAIN_MAX_ROWS:
+            if num_rows == 1 and self.pad_one_row:
                 rows = torch.cat([rows, rows])                                 # [2, K]
-            out = torch.mm(self.weight, rows.t())[:, :num_rows].t().contiguous()   # [N, 2] -> [M, N]
+            out = torch.mm(self.weight, rows.t())[:, :num_rows].t().contiguous()   # [N, M'] -> [M, N]
             if self.bias is not None:
                 out += self.bias
         else:

@@ -12,8 +12,8 @@ from serving.models.cpu_linear import PackedLinear, pack_linears, packing_suppor
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),
                                 reason="this torch has no oneDNN")
 
-# (in_features, out_features, bias): the small model's narrow layers (MKL's w @ x.T path at 1-2 rows),
-# a wide-input one (oneDNN at every M), odd sizes.
+# (in_features, out_features, bias): the small model's layers (MKL's w @ x.T at 1-2 rows, one row padded
+# to two up to in_features 1024; oneDNN from 3 rows), odd sizes.
 SHAPES = [(768, 1280, False), (2048, 768, False), (768, 4096, True), (33, 17, True), (1100, 5, False)]
 ROWS = [0, 1, 2, 3, 4, 7, 64, 300]
 
