@@ -26,6 +26,7 @@ from kvcache.layout import KVCacheLayout
 from scheduler.step import Segment, StepPlan, StepResult
 from serving.kv_connector.base import KVConnectorWorker, NullWorker
 from serving.models import CausalLM, load_model
+from serving.runner.cpu_malloc import keep_step_memory
 from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, StepInputs, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
 
@@ -84,6 +85,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: Tensor, layout: KVCacheLayout, device: torch.device,
                  seed: int = 0, connector: KVConnectorWorker | None = None) -> None:
         layout.check(kv_cache)
+        if device.type == "cpu":
+            keep_step_memory()  # else every step page-faults its large temporaries in again
         self.model = model
         self.arch = model.config
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
