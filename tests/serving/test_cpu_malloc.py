@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 _STEPS = """
 import resource, sys, torch
 from serving.runner.cpu_malloc import keep_step_memory
@@ -35,6 +37,6 @@ def _faults_per_step(mode: str) -> int:
 def test_step_temporaries_stop_faulting():
     kept = _faults_per_step("kept")
     if kept == -1:
-        return  # malloc is not glibc's: nothing was changed, nothing to check
+        pytest.skip("malloc is not glibc's: keep_step_memory changes nothing")
     default = _faults_per_step("default")
     assert kept < 50 and default > 10 * max(kept, 1), (kept, default)
