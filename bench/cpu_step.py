@@ -18,6 +18,9 @@ and prints step time, the bound (bytes / bandwidth) and their ratio (the issue's
 1-8). Bandwidth and steps are sampled in interleaved rounds, so drift in the machine's load moves both.
 With --compare-plain every round also runs the same model with plain nn.Linear layers (the transform
 of serving/models/cpu_linear.py undone), and the table gains the plain step time and the speedup.
+--breakdown then runs each decode case again with CPU-time counters around the step's parts (linear
+layers, attention: KV write + paged attention, norms, rotary; the rest is embedding, activations,
+input preparation and sampling) and prints each part's share of the step.
 Times are wall-clock medians; the CPU time of the process is shown beside them (on a shared machine
 the gap is time other jobs held the cores).
 """
@@ -92,6 +95,45 @@ def run(runner, cases: dict[str, tuple[list[int], list[int]]], variants: dict, r
     return samples, bandwidth
 
 
+def breakdown(runner, cases: dict, repeats: int) -> dict[str, dict[str, float]]:
+    """Per decode case, each part's share of the step's CPU time (timers wrap the functions the model
+    and runner call; restored afterwards)."""
+    from serving.models import causal_lm
+    from serving.models.cpu_linear import PackedLinear
+    from serving.runner import model_runner
+
+    spent: dict[str, float] = {}
+
+    def timed(part: str, fn):
+        def wrapper(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.process_time() - started
+        return wrapper
+
+    patches = [(PackedLinear, "forward", "linear"), (causal_lm, "rms_norm", "norms"),
+               (causal_lm, "rotary_embedding", "rotary"), (model_runner, "write_kv", "attention"),
+               (model_runner, "paged_attention", "attention")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, part in patches:
+        setattr(owner, name, timed(part, getattr(owner, name)))
+    shares = {}
+    try:
+        for case, (lens, num_new) in cases.items():
+            if not case.startswith("decode"):
+                continue
+            spent.clear()
+            total = sum(time_step(runner, lens, num_new, 10**6 + i)[1] for i in range(repeats))
+            shares[case] = {part: seconds / total for part, seconds in spent.items()}
+            shares[case]["rest"] = 1 - sum(shares[case].values())
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    return shares
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model directory (pdserve make-model --size small)")
@@ -103,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--compare-plain", action="store_true", help="also time plain nn.Linear layers")
+    parser.add_argument("--breakdown", action="store_true", help="each part's share of a decode step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -164,10 +207,16 @@ def main(argv: list[str] | None = None) -> int:
             line += f" {plain * 1e3:>9.1f} {plain_cpu * 1e3:>9.1f} {plain / wall:>7.2f}x {plain_cpu / cpu:>10.2f}x"
         rows.append(row)
         print(line)
+    shares = breakdown(runner, cases, args.repeats) if args.breakdown else {}
+    if shares:
+        parts = ["linear", "attention", "norms", "rotary", "rest"]
+        print(f"\nshare of decode step CPU time\n{'case':>14} " + " ".join(f"{p:>9}" for p in parts))
+        for case, share in shares.items():
+            print(f"{case:>14} " + " ".join(f"{share.get(p, 0.0):>9.1%}" for p in parts))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "bandwidth_bps": bandwidth, "weight_bytes": weights, "rows": rows,
-                       "load": [load_before, os.getloadavg()[0]]}, f, indent=2)
+                       "shares": shares, "load": [load_before, os.getloadavg()[0]]}, f, indent=2)
     return 0
 
 
