@@ -84,10 +84,11 @@ def pin_compute_threads(cores: Sequence[int], other_cores: Sequence[int] | None 
         torch.set_num_threads(size)  # may start an (idle) pthreadpool thread for NNPACK: not a worker
         before = thread_ids()
         _run_parallel_region()
-        for tid in sorted(thread_ids() - before):  # libgomp starts exactly one worker per growth
+        started = sorted(thread_ids() - before)  # libgomp starts one worker per growth
+        for tid in started:
             os.sched_setaffinity(tid, {cores[size - 1]})
             result.compute[tid] = cores[size - 1]
-            team_size += 1
+        team_size += bool(started)
     torch.set_num_threads(len(cores))
     result.unpinned_workers = len(cores) - team_size
     if other_cores and not result.unpinned_workers:  # else some of the others are compute workers
