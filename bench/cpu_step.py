@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--compare-plain", action="store_true", help="also time plain nn.Linear layers")
     parser.add_argument("--breakdown", action="store_true", help="each part's share of a decode step")
+    parser.add_argument("--buffer-mib", type=int, default=16 * _LLC_BYTES // 2**20,
+                        help="size of the bandwidth probe's buffer (default 16x a 32 MiB last-level cache)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -171,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"packed": lambda: pack_linears(model)}
     if args.compare_plain:
         variants["plain"] = lambda: unpack_linears(model)
-    buffer = torch.ones(16 * _LLC_BYTES // 4)
+    buffer = torch.ones(args.buffer_mib * 2**20 // 4)
     load_before = os.getloadavg()[0]
     samples, bandwidth = run(runner, cases, variants, args.repeats, buffer)
     pack_linears(model)
