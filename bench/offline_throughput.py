@@ -1,7 +1,7 @@
 """Offline throughput and per-step overhead of pdserve's engine against transformers' batched generate.
 
     python -m bench.offline_throughput --model DIR [--batch-sizes 1,8,32,64] [--input-len 128]
-                                       [--output-len 128] [--json out.json]
+                                       [--output-len 128] [--threads N [--cores 0,1]] [--json out.json]
 
 Both systems get the same token-id prompts (lengths spread +-25% around --input-len, so batching must
 cope with ragged prompts). With --output-len-dist fixed every request produces exactly --output-len tokens
@@ -9,12 +9,16 @@ cope with ragged prompts). With --output-len-dist fixed every request produces e
 workloads do: pdserve gives each request its max_tokens, while transformers' static batch must run until
 the longest request is done, and only each request's own tokens count as throughput. Overhead is the
 share of the engine's wall time spent outside the model's forward pass (scheduling, batch preparation,
-sampling, detokenization). The ratio column is pdserve's throughput over transformers' in this run.
+sampling, detokenization), in wall time and in this process's CPU time (on a shared machine the wall
+share shrinks when other jobs slow the forward pass down; the CPU share does not). The ratio column is
+pdserve's throughput over transformers' in this run. --threads pins that many compute threads, one per
+core (serving/runner/cpu_threads.py), before anything runs; both systems use them.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -40,14 +44,15 @@ def run_pdserve(llm, prompts, output_lens: list[int]) -> dict:
     from scheduler import SamplingParams
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
     runner = llm.engine.runner
-    forward_before = runner.forward_seconds
-    started = time.perf_counter()
+    forward_before, forward_cpu_before = runner.forward_seconds, runner.forward_cpu_seconds
+    started, cpu_started = time.perf_counter(), time.process_time()
     results = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     forward = runner.forward_seconds - forward_before
+    forward_cpu = runner.forward_cpu_seconds - forward_cpu_before
     num_out = sum(len(r.outputs[0].token_ids) for r in results)
-    return {"seconds": elapsed, "output_tokens": num_out, "tok_per_s": num_out / elapsed,
-            "overhead_share": max(0.0, 1 - forward / elapsed)}
+    return {"seconds": elapsed, "cpu_seconds": cpu, "output_tokens": num_out, "tok_per_s": num_out / elapsed,
+            "overhead_share": max(0.0, 1 - forward / elapsed), "overhead_cpu_share": max(0.0, 1 - forward_cpu / cpu)}
 
 
 def run_transformers(model, prompts, output_lens: list[int], pad_id: int) -> dict:
@@ -85,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="both systems' weights and KV (auto: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="compute threads, pinned one per core (default: torch's default, unpinned)")
+    parser.add_argument("--cores", default=None, help="cores for --threads (default: the first allowed ones)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    if args.threads:
+        from serving.runner.cpu_threads import pin_compute_threads
+        cores = ([int(c) for c in args.cores.split(",")] if args.cores
+                 else sorted(os.sched_getaffinity(0))[:args.threads])
+        pin_compute_threads(cores)
 
     from transformers import AutoModelForCausalLM
     from serving.llm import LLM
@@ -111,12 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     print(f"\nmodel={args.model} input_len~{args.input_len} output_len={args.output_len} "
           f"({args.output_len_dist}) device={runner.device} dtype={str(dtype).removeprefix('torch.')} "
-          f"threads={torch.get_num_threads()}")
-    print(f"{'batch':>5} {'pdserve tok/s':>14} {'overhead':>9} {'transformers tok/s':>19} {'ratio':>6}")
+          f"threads={torch.get_num_threads()} load(1 min)={os.getloadavg()[0]:.2f}")
+    print(f"{'batch':>5} {'pdserve tok/s':>14} {'overhead':>9} {'cpu overhead':>13} {'transformers tok/s':>19} "
+          f"{'ratio':>6}")
     for row in rows:
         hf_tps = row.get("transformers", {}).get("tok_per_s", float("nan"))
-        print(f"{row['batch']:>5} {row['pdserve']['tok_per_s']:>14.1f} {row['pdserve']['overhead_share']:>8.1%} "
-              f"{hf_tps:>19.1f} {row.get('ratio', float('nan')):>6.2f}")
+        ours = row["pdserve"]
+        print(f"{row['batch']:>5} {ours['tok_per_s']:>14.1f} {ours['overhead_share']:>8.1%} "
+              f"{ours['overhead_cpu_share']:>12.1%} {hf_tps:>19.1f} {row.get('ratio', float('nan')):>6.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=2)

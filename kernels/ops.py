@@ -27,12 +27,15 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
         from kernels import triton_norm
         return triton_norm.rms_norm(x, weight, eps, residual)
     if residual is not None:
-        summed = (x.float() + residual.float()).to(x.dtype)
+        summed = x + residual if x.dtype == torch.float32 else (x.float() + residual.float()).to(x.dtype)
         return _rms_norm_torch(summed, weight, eps), summed
     return _rms_norm_torch(x, weight, eps)
 
 
 def _rms_norm_torch(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    if x.dtype == weight.dtype == torch.float32:
+        # one call instead of six: the same float32 ops, bit for bit, with less per-op overhead
+        return torch.rms_norm(x, (x.shape[-1],), weight, eps)
     x32 = x.float()
     inv_rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)     # [T, 1]
     return (x32 * inv_rms * weight.float()).to(x.dtype)

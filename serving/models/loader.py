@@ -11,6 +11,9 @@ checkpoint tensor onto a row range of a model parameter, as vLLM's stacked-param
 
 Tensors are read memory-mapped with safetensors.torch and converted to the target dtype on copy, so no
 full copy of the checkpoint is ever held in memory; transformers is not imported.
+
+On CPU the loaded model then gets its linear layers' weights packed for oneDNN
+(serving.models.cpu_linear): the last load hook, after every weight is in place.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from serving.models.causal_lm import CausalLM
 from serving.models.config import ModelArchConfig
+from serving.models.cpu_linear import pack_linears, packing_supported
 
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tensors some checkpoints carry that the model recomputes (RoPE tables of old Llama exports).
@@ -39,7 +43,8 @@ class WeightTarget(NamedTuple):
 
 
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    """A CausalLM in eval mode on `device` with the checkpoint's weights in `dtype`."""
+    """A CausalLM in eval mode on `device` with the checkpoint's weights in `dtype`; on CPU in float32
+    its nn.Linear layers are PackedLinear (same parameters, weights also packed for oneDNN)."""
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {_SUPPORTED_DTYPES} "
                          "(float32 on CPU, bfloat16/float16 on CUDA)")
@@ -51,7 +56,10 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> Caus
     model.tie_weights()
     model.reset_cos_sin_cache()
     load_weights(model, iter_safetensors(model_dir))
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if packing_supported(device, dtype):
+        pack_linears(model)
+    return model
 
 
 def load_weights(model: CausalLM, weights: Iterator[tuple[str, Tensor]]) -> None:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -24,6 +26,7 @@ from kvcache.layout import KVCacheLayout
 from scheduler.step import Segment, StepPlan, StepResult
 from serving.kv_connector.base import KVConnectorWorker, NullWorker
 from serving.models import CausalLM, load_model
+from serving.runner.cpu_malloc import keep_step_memory
 from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, StepInputs, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
 
@@ -82,6 +85,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: Tensor, layout: KVCacheLayout, device: torch.device,
                  seed: int = 0, connector: KVConnectorWorker | None = None) -> None:
         layout.check(kv_cache)
+        if device.type == "cpu":
+            keep_step_memory()  # else every step page-faults its large temporaries in again
         self.model = model
         self.arch = model.config
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
@@ -97,7 +102,10 @@ class ModelRunner:
         self.states: dict[str, RunnerRequestState] = {}
         # hidden state of chains that stopped before the last layer: request ids -> (hidden, residual)
         self.carried: dict[tuple[str, ...], tuple[Tensor, Tensor]] = {}
-        self.forward_seconds = 0.0  # cumulative time inside the model's forward + logits
+        # cumulative wall and process CPU time inside the model's forward passes + logits (not input
+        # preparation, sampling or KV moves): what benchmarks call the step's compute
+        self.forward_seconds = 0.0
+        self.forward_cpu_seconds = 0.0
 
     @classmethod
     def load(cls, model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
@@ -136,18 +144,26 @@ class ModelRunner:
         result.step_seconds = time.perf_counter() - started
         return result
 
+    @contextmanager
+    def _forward_timer(self, sync: bool = False) -> Iterator[None]:
+        """Adds the block's wall and CPU time to forward_seconds / forward_cpu_seconds; with sync, waits
+        for the device first (absorbing any work the earlier, unsynced blocks left queued)."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        yield
+        if sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.forward_seconds += time.perf_counter() - started
+        self.forward_cpu_seconds += time.process_time() - cpu_started
+
     def _execute(self, plan: StepPlan) -> StepResult:
-        started = time.perf_counter()
         hidden_rows, sample_ids = [], []
         for chain in _chains(plan.segments or [Segment(list(plan.num_scheduled_tokens))]):
             rows, hidden, inputs = self._run_chain(plan, chain)
             if hidden is not None and inputs.sample_request_ids:
                 hidden_rows.append(hidden[inputs.logits_indices])                     # [S_i, H]
                 sample_ids += inputs.sample_request_ids
-        logits = self.model.compute_logits(torch.cat(hidden_rows)) if hidden_rows else None   # [S, V]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.forward_seconds += time.perf_counter() - started
+        with self._forward_timer(sync=True):
+            logits = self.model.compute_logits(torch.cat(hidden_rows)) if hidden_rows else None   # [S, V]
         if logits is None:
             return StepResult()
         result = self._sample(logits, sample_ids)
@@ -170,8 +186,9 @@ class ModelRunner:
                                "state was carried for these rows")
         for segment in chain:
             end = num_layers if segment.layer_end is None else segment.layer_end
-            hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
-                                          hidden, residual)                               # [T, H]
+            with self._forward_timer():
+                hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
+                                              hidden, residual)                           # [T, H]
             if len(chain) > 1 and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # a sender reads the cache
             self.connector.layers_done(rows, segment.layer_start, end)
