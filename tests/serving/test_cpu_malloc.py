@@ -10,6 +10,7 @@ import pytest
 _STEPS = """
 import resource, sys, torch
 from serving.runner.cpu_malloc import keep_step_memory
+torch.set_num_threads(1)  # worker threads allocate from arenas of their own, which glibc trims apart
 if sys.argv[1] == "kept" and not keep_step_memory():
     print(-1); sys.exit()
 cache = torch.zeros(2000, 4096)
