@@ -32,6 +32,7 @@ import zmq
 
 from scheduler.engine_core import EngineCoreOutput
 from serving.engine import core_messages as m
+from serving.engine.cpu_placement import engine_environment
 from serving.engine.protocol import EngineDeadError, EngineStats
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class CoreConnection:
         self.input.setsockopt(zmq.LINGER, 0)
         self.input.connect(f"ipc://{self._dir}/in")
         self.proc = subprocess.Popen([sys.executable, "-m", "serving.engine.engine_core_proc"],
-                                     stdin=subprocess.PIPE, stdout=2)  # its stdout is not ours to use
+                                     stdin=subprocess.PIPE, stdout=2,  # its stdout is not ours to use
+                                     env=engine_environment())
         self.pid = self.proc.pid
         self.pidfd = os.pidfd_open(self.pid)
         self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}

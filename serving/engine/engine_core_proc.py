@@ -33,7 +33,7 @@ import zmq
 
 from scheduler.request import RequestStatus
 from serving.engine import core_messages as m
-from serving.engine.cpu_placement import CpuPlacement, place_engine_threads
+from serving.engine.cpu_placement import CpuPlacement, name_os_thread, place_engine_threads
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class CoreLoop:
 
     # ---- input thread ----
     def _read_input(self) -> None:
+        name_os_thread("pdserve-eng-in")
         while True:
             message = m.unpack(self.input.recv(copy=False).buffer)
             if message[0] == m.CANCEL:
@@ -194,6 +195,7 @@ def _read_line(fd: int) -> bytes:
 
 def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the parent, which stops us when done
+    name_os_thread("pdserve-engine")  # the main thread runs the loop; `ps` and `top` show this name
     start = json.loads(_read_line(0))
     place_engine_threads(CpuPlacement(tuple(start["cores"]) if start["cores"] else None, start["num_threads"]))
     logging.basicConfig(level=start["log_level"].upper(), stream=sys.stderr,

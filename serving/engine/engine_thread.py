@@ -24,6 +24,7 @@ from scheduler.engine_core import EngineCoreOutput
 from scheduler.request import RequestStatus
 from scheduler.sampling_params import SamplingParams
 from serving.engine.core_messages import EngineInfo
+from serving.engine.cpu_placement import name_os_thread
 from serving.engine.engine import Engine
 from serving.engine.protocol import EngineDeadError, EngineStats
 
@@ -121,6 +122,7 @@ class EngineThread:
         return future
 
     def _run(self) -> None:
+        name_os_thread("pdserve-engine")
         try:
             while not self._stopping:
                 self._drain_inbox()
