@@ -1,15 +1,15 @@
 """How much of a core each process and thread of a running server uses, from /proc (Linux).
 
-    python -m bench.cpu_share --pid SERVER_PID [--seconds 30] [--json out.json]
+    python -m bench.cpu_share --pid SERVER_PID [--seconds 30 | --until-exit LOADGEN_PID] [--json out.json]
 
 Samples the CPU time (user + system) of the process, its descendants, and every one of their threads
 at the start and the end of the window, and prints cores used (CPU seconds / wall seconds) per
 process and per thread. The engine loop is the thread named `pdserve-engine` that was created first
 in its process (torch's worker threads, created by it later, inherit the name): with the engine
 thread (--no-engine-process) it lives in the server process; with the engine process it is that
-process's main thread. Its share of a core is the fraction of the window it actually ran: under a
-load that always keeps the engine busy, what it lacks from 1.0 is time spent waiting for the GIL or
-for a core.
+process's main thread. Its share of a core is the fraction of the window it actually ran; the rest is
+split from /proc/.../schedstat into time it was runnable but waited for a core (too many runnable
+threads for the cores) and time it was blocked (the GIL, a lock, an OpenMP barrier, or no work).
 """
 from __future__ import annotations
 
@@ -49,8 +49,14 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def sample(pids: list[int]) -> dict[tuple[int, int], tuple[str, float]]:
-    """(pid, tid) -> (thread name, CPU seconds so far)."""
+def _run_delay_seconds(pid: int, tid: int) -> float:
+    """Time spent runnable but waiting for a core (schedstat's second field), 0 if unknown."""
+    schedstat = _read(f"/proc/{pid}/task/{tid}/schedstat")
+    return int(schedstat.split()[1]) / 1e9 if schedstat else 0.0
+
+
+def sample(pids: list[int]) -> dict[tuple[int, int], tuple[str, float, float]]:
+    """(pid, tid) -> (thread name, CPU seconds so far, seconds waiting for a core so far)."""
     result = {}
     for pid in pids:
         try:
@@ -60,20 +66,30 @@ def sample(pids: list[int]) -> dict[tuple[int, int], tuple[str, float]]:
         for tid in tids:
             stat, comm = _read(f"/proc/{pid}/task/{tid}/stat"), _read(f"/proc/{pid}/task/{tid}/comm")
             if stat and comm:
-                result[(pid, tid)] = (comm.strip(), _cpu_seconds(stat))
+                result[(pid, tid)] = (comm.strip(), _cpu_seconds(stat), _run_delay_seconds(pid, tid))
     return result
 
 
-def measure(pid: int, seconds: float) -> dict:
+def _wait(seconds: float, until_exit: int | None) -> None:
+    if until_exit is None:
+        time.sleep(seconds)
+        return
+    while _read(f"/proc/{until_exit}/stat") and _read(f"/proc/{until_exit}/stat").rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.1)
+
+
+def measure(pid: int, seconds: float, until_exit: int | None = None) -> dict:
     pids = process_tree(pid)
     names = {p: (_read(f"/proc/{p}/comm") or "?").strip() for p in pids}
     before, started = sample(pids), time.monotonic()
-    time.sleep(seconds)
+    _wait(seconds, until_exit)
     after, wall = sample(pids), time.monotonic() - started
     threads = []
-    for key, (name, cpu) in after.items():
-        threads.append({"pid": key[0], "tid": key[1], "name": name,
-                        "cores": (cpu - before.get(key, (name, 0.0))[1]) / wall})
+    for key, (name, cpu, delay) in after.items():
+        _, cpu_before, delay_before = before.get(key, (name, 0.0, 0.0))
+        running, waiting = (cpu - cpu_before) / wall, (delay - delay_before) / wall
+        threads.append({"pid": key[0], "tid": key[1], "name": name, "cores": running,
+                        "waiting_for_core": waiting, "blocked": max(0.0, 1 - running - waiting)})
     processes = [{"pid": p, "name": names[p], "cores": sum(t["cores"] for t in threads if t["pid"] == p)}
                  for p in pids]
     loops = sorted((t for t in threads if t["name"] == "pdserve-engine"), key=lambda t: (t["pid"], t["tid"]))
@@ -87,16 +103,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_share")
     parser.add_argument("--pid", type=int, required=True, help="the server process")
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--until-exit", type=int, default=None,
+                        help="instead of --seconds: measure until this process (e.g. the load generator) exits")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    result = measure(args.pid, args.seconds)
+    result = measure(args.pid, args.seconds, args.until_exit)
     for process in result["processes"]:
         print(f"process {process['pid']:>7} {process['name']:<16} {process['cores']:.2f} cores")
     for thread in result["threads"][:10]:
         print(f"  thread {thread['tid']:>7} {thread['name']:<16} {thread['cores']:.2f}")
-    if result["engine_loop"]:
-        print(f"engine loop (tid {result['engine_loop']['tid']}): {result['engine_loop']['cores']:.2f} of a core")
-    print(f"total {result['total_cores']:.2f} cores; load average {result['load_average'][0]:.2f}")
+    loop = result["engine_loop"]
+    if loop:
+        print(f"engine loop (tid {loop['tid']}): ran {loop['cores']:.2f} of the time, waited for a core "
+              f"{loop['waiting_for_core']:.2f}, blocked {loop['blocked']:.2f} (GIL, locks, barriers, idle)")
+    print(f"total {result['total_cores']:.2f} cores over {result['wall_s']:.1f}s; load average "
+          f"{result['load_average'][0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

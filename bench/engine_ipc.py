@@ -10,9 +10,10 @@ its first token to the step that finished the last — so it includes encoding, 
 and the hop onto the event loop. The ratio column is process over thread (1.00: free). Both
 backends live side by side and take turns, so a loaded machine slows both alike.
 
-`--codec-only` skips the model and times one batch-64 OUTPUTS message alone: msgpack + zmq ipc
-(what EngineProcess uses) against pickle + a multiprocessing Pipe, sender and receiver in two
-threads of one process (a pessimistic bound: they share a GIL).
+It first times one OUTPUTS message of 1 and of 64 outputs alone (`--codec-only`: only that): its
+encoding (the engine's cost per step), its decoding (the API's), and the whole trip through msgpack
++ zmq ipc (what EngineProcess uses) against pickle + a multiprocessing Pipe, sender and receiver in
+two threads of one process (a pessimistic bound: they share a GIL).
 """
 from __future__ import annotations
 
@@ -149,8 +150,19 @@ def bench_pipe_pickle(outputs: list[EngineCoreOutput], count: int) -> tuple[floa
 
 
 def bench_codec(batch: int, count: int) -> list[dict]:
+    import timeit
+
+    from serving.engine import core_messages as m
     outputs = sample_outputs(batch)
-    rows = []
+    data = m.outputs_message(outputs, None)
+    number = max(10, count // 4)
+    encode = min(timeit.repeat(lambda: m.outputs_message(outputs, None), number=number, repeat=5)) / number
+    decode = min(timeit.repeat(lambda: [m.decode_output(v) for v in m.unpack(data)[1]], number=number,
+                               repeat=5)) / number
+    rows = [{"transport": "msgpack encode (engine side)", "batch": batch, "us_per_message": 1e6 * encode,
+             "bytes": len(data)},
+            {"transport": "msgpack decode (API side)", "batch": batch, "us_per_message": 1e6 * decode,
+             "bytes": len(data)}]
     for name, fn in (("zmq ipc + msgpack", bench_zmq_msgpack), ("multiprocessing Pipe + pickle", bench_pipe_pickle)):
         seconds, size = min((fn(outputs, count) for _ in range(3)), key=lambda r: r[0])
         rows.append({"transport": name, "batch": batch, "us_per_message": 1e6 * seconds, "bytes": size})
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec-only", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    result: dict = {"load_before": os.getloadavg(), "codec": bench_codec(64, 2000)}
+    result: dict = {"load_before": os.getloadavg(), "codec": bench_codec(1, 2000) + bench_codec(64, 2000)}
     for row in result["codec"]:
         print(f"{row['transport']:<32} batch {row['batch']:>3}: {row['us_per_message']:8.1f} us/message, "
               f"{row['bytes']} bytes")
