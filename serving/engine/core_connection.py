@@ -252,11 +252,12 @@ class CoreConnection:
         if kill and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        for closeable in (self.proc.stdin, self.input, self.output):
-            try:
-                closeable.close()
-            except Exception:  # noqa: BLE001 - closing what may be half-open already
-                pass
+        with self._send_lock:  # a socket is one thread's at a time: no send races its closing
+            for closeable in (self.proc.stdin, self.input, self.output):
+                try:
+                    closeable.close()
+                except Exception:  # noqa: BLE001 - closing what may be half-open already
+                    pass
         os.close(self.pidfd)
         self.context.term()
         shutil.rmtree(self._dir, ignore_errors=True)
