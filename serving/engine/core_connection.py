@@ -103,7 +103,7 @@ class CoreConnection:
         if self.output.poll(0):
             message = m.unpack(self.output.recv())
             if message[0] == m.READY:
-                return m.EngineInfo(*message[1][:3], tuple(message[1][3]), *message[1][4:])
+                return m.EngineInfo.from_list(message[1])
             if message[0] == m.STARTUP_ERROR:
                 error = m.load_exception(message[1])
                 if isinstance(error, ValueError):  # a configuration error: `pdserve serve` prints it

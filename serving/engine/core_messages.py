@@ -59,6 +59,14 @@ class EngineInfo:
     kv_address: str = ""  # a decode role's KVTransfer address
     pid: int = 0  # the process that computes
 
+    def to_list(self) -> list:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def from_list(cls, values: list) -> "EngineInfo":
+        info = cls(*values)
+        return dataclasses.replace(info, eos_token_ids=tuple(info.eos_token_ids))
+
     @classmethod
     def of(cls, engine, pid: int) -> "EngineInfo":
         return cls(engine.model_dir, engine.max_model_len, engine.vocab_size, tuple(engine.eos_token_ids),

@@ -165,7 +165,7 @@ def _serve(start: dict, context: zmq.Context) -> int:
         return 1
     try:
         info = m.EngineInfo.of(engine, os.getpid())
-        output.send(m.pack([m.READY, [getattr(info, name) for name in info.__dataclass_fields__]]))
+        output.send(m.pack([m.READY, info.to_list()]))
         loop = CoreLoop(engine, input_socket, output)
         try:
             loop.run()

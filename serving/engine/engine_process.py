@@ -36,6 +36,8 @@ from serving.engine.protocol import EngineDeadError, EngineStats
 
 logger = logging.getLogger(__name__)
 
+_RESTART_NOTE = "; it is being restarted: retry shortly"
+
 
 def _engine_stats(engine) -> EngineStats:
     return engine.get_stats()
@@ -58,7 +60,6 @@ class EngineProcess:
         self._restart = restart
         self._lock = threading.Lock()
         self._stopping = False
-        self._restarting = False
         self._restart_error: str | None = None
         self.num_restarts = 0
         self._conn = self._start()
@@ -67,8 +68,8 @@ class EngineProcess:
         start = {"config": self.config.to_dict(), "role": self.role, "token": self._token,
                  "cores": list(self.placement.cores) if self.placement.cores else None,
                  "num_threads": self.placement.num_threads, "log_level": self.config.server.log_level}
-        note = "; it is being restarted: retry shortly" if self._restart else ""
-        return CoreConnection(start, self.config.deploy.instance_start_timeout_s, self._exited, note)
+        return CoreConnection(start, self.config.deploy.instance_start_timeout_s, self._exited,
+                              _RESTART_NOTE if self._restart else "")
 
     # ---- what the API needs to know ----
     @property
@@ -173,7 +174,8 @@ class EngineProcess:
             conn = self._start()
         except Exception as e:  # noqa: BLE001 - it stays dead, and says why
             logger.exception("restarting the engine process failed")
-            self._restart_error = f"{dead.dead_reason}, and restarting it failed ({e})"
+            reason = (dead.dead_reason or "").removesuffix(_RESTART_NOTE)
+            self._restart_error = f"{reason}, and restarting it failed ({e})"
             return
         with self._lock:
             if not self._stopping:

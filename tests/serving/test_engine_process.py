@@ -229,6 +229,25 @@ def test_killed_engine_process_fails_its_requests_at_once_and_is_restarted(tiny_
     assert llm.core.num_restarts == 1 and llm.core.pid != pid and not alive(pid)
 
 
+def test_a_restart_that_fails_leaves_the_engine_dead_saying_why(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    llm = make_llm(str(model_dir))
+    pid = llm.core.pid
+    shutil.rmtree(model_dir)  # the restart cannot load it again
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: "restarting it failed" in (llm.core.dead_reason or ""), "the restart to fail", DEADLINE_S)
+    reason = llm.core.dead_reason
+    assert reason.startswith(f"the engine process (pid {pid}) died (killed by SIGKILL), and restarting it failed (")
+    assert "retry shortly" not in reason and not llm.is_healthy()
+
+    async def refused():
+        with pytest.raises(EngineDeadError, match="restarting it failed"):
+            await tokens_of(llm, "late", [5, 6, 7], greedy(2))
+        await llm.shutdown()
+    asyncio.run(asyncio.wait_for(refused(), DEADLINE_S))
+
+
 def test_internal_error_in_the_engine_loop_is_reported_then_restarted(tiny_model_dir):
     from serving.api.errors import to_api_error
 
