@@ -73,6 +73,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local one)")
     g.add_argument("--internal-host", default=None,
                    help="address the internal gRPC ports bind to (default 127.0.0.1)")
+    _bool_flag(g, "engine-process", "run the engine (scheduler, model, KV cache) in a process of its own, "
+               "apart from the HTTP server or instance service (default on; off: a thread of theirs)")
     _bool_flag(g, "same-node", "Ray: keep each prefill/decode pair on one node (placement group)")
     g.add_argument("--num-cpus-per-instance", type=float, default=None, help="Ray: CPUs per instance")
     g.add_argument("--num-gpus-per-instance", type=float, default=None, help="Ray: GPUs per instance")

@@ -104,6 +104,9 @@ class DeployConfig:
     # host the internal gRPC ports bind to; loopback keeps them off the network by default
     internal_host: str = "127.0.0.1"
     same_node: bool = False  # Ray: keep each prefill/decode pair on one node (placement group)
+    # the engine core (scheduler, model, KV cache) in a process of its own, in colocated mode and in
+    # each instance; False: a thread of the API server's (or instance's) process, as before
+    engine_process: bool = True
     # config keys (model, cache, scheduler) that differ per role, e.g. {max_num_batched_tokens: 4096}
     prefill_overrides: dict = field(default_factory=dict)
     decode_overrides: dict = field(default_factory=dict)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import Future
@@ -22,8 +23,10 @@ from typing import Any, AsyncIterator, Callable
 from scheduler.engine_core import EngineCoreOutput
 from scheduler.request import RequestStatus
 from scheduler.sampling_params import SamplingParams
+from serving.engine.core_messages import EngineInfo
+from serving.engine.cpu_placement import name_os_thread
 from serving.engine.engine import Engine
-from serving.engine.protocol import EngineDeadError
+from serving.engine.protocol import EngineDeadError, EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,21 @@ class EngineThread:
         self.num_cancelled_calls = 0  # posted calls skipped because their caller had gone
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
+
+    # ---- what the API needs to know (EngineProcess has the same) ----
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo.of(self.engine, os.getpid())
+
+    @property
+    def pid(self) -> int:
+        return os.getpid()
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.get_stats()  # plain reads of ints: fine to race the engine thread
+
+    async def refresh_stats(self) -> None:
+        """Stats are read live: nothing to refresh."""
 
     # ---- event loop side ----
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -104,6 +122,7 @@ class EngineThread:
         return future
 
     def _run(self) -> None:
+        name_os_thread("pdserve-engine")
         try:
             while not self._stopping:
                 self._drain_inbox()

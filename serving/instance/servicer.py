@@ -1,18 +1,25 @@
 """One instance: an engine in a role (prefill, decode, colocated) behind the Instance gRPC service.
 
-The engine runs on its EngineThread; the gRPC server (grpc.aio) and every handler run on the event
-loop that `serve_instance` is awaited on. The decode role also serves KVTransfer on a second port
+The engine runs in an engine process of its own (EngineProcess; with --no-engine-process on an
+EngineThread of this one); the gRPC server (grpc.aio) and every handler run on the event loop that
+`serve_instance` is awaited on. The decode role also serves KVTransfer on a second port
 (its connector worker's receiver), which prefill instances push KV to. Instances stream token ids:
 the router detokenizes.
 
 Stopping drains: new Generate calls are refused (UNAVAILABLE, `wire.draining_details`: the router
 sends them elsewhere), running ones go on until the engine holds nothing — on a prefill instance that
 includes KV leased until the decode side acknowledged it — for at most --shutdown-timeout.
+
+A dead engine process fails the instance's streams at once (UNAVAILABLE, with the pid and the
+signal) and Health answers unhealthy with the same reason: the router marks the instance failed and
+its launcher replaces the whole instance (serving/router/pool.py). The instance does not restart its
+engine itself, so there is one restart path for every way an instance can die.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,7 +34,10 @@ from serving.config import Config
 from serving.instance import wire
 from serving.instance._proto import instance_pb2 as pb
 from serving.instance._proto import instance_pb2_grpc as pb_grpc
+from serving.engine.core_messages import EngineInfo
+from serving.engine.cpu_placement import engine_placement
 from serving.engine.engine import Engine, build_engine
+from serving.engine.engine_process import EngineProcess
 from serving.engine.engine_thread import EngineThread
 from serving.engine.protocol import EngineDeadError, RequestRejectedError
 
@@ -58,10 +68,9 @@ def num_torch_threads(config: Config) -> int:
 
 
 class InstanceServicer(pb_grpc.InstanceServicer):
-    def __init__(self, spec: InstanceSpec, thread: EngineThread, auth: TokenCheck) -> None:
+    def __init__(self, spec: InstanceSpec, core: EngineProcess | EngineThread, auth: TokenCheck) -> None:
         self.spec = spec
-        self.thread = thread
-        self.engine = thread.engine
+        self.core = core
         self.auth = auth
         self.draining = False  # set once: new Generate calls are refused
         self.num_generating = 0  # Generate calls being answered
@@ -84,7 +93,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
             params = wire.params_from_proto(request.params)
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        stream = self.thread.generate(request.request_id, list(request.prompt_token_ids), params,
+        stream = self.core.generate(request.request_id, list(request.prompt_token_ids), params,
                                       **wire.request_kwargs(request))
         try:
             async for output in stream:
@@ -100,34 +109,38 @@ class InstanceServicer(pb_grpc.InstanceServicer):
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         for rid in request.request_ids:
-            await self.thread.abort(rid)
+            await self.core.abort(rid)
         return pb.AbortResponse()
 
     async def SetFirstToken(self, request: pb.SetFirstTokenRequest, context) -> pb.SetFirstTokenResponse:
-        await self.thread.call(lambda engine: engine.set_first_token(request.request_id, request.token_id))
+        await self.core.call(functools.partial(set_first_token, request.request_id, request.token_id))
         return pb.SetFirstTokenResponse()
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
-        healthy = self.thread.is_healthy()
-        return pb.HealthResponse(healthy=healthy, reason="" if healthy else "the engine thread died")
+        healthy = self.core.is_healthy()
+        return pb.HealthResponse(healthy=healthy, reason="" if healthy else self.core.dead_reason or "the engine died")
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InstanceInfo:
-        return instance_info(self.spec, self.engine)
+        return instance_info(self.spec, self.core.info)
 
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
-        if not self.thread.is_healthy():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine thread died")
-        message = await self.thread.call(collect_stats)
+        if not self.core.is_healthy():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.core.dead_reason or "the engine died")
+        message = await self.core.call(collect_stats)
         # calls this service refused (KVTransfer's refusals are in the connector's counters already)
         message.transfer["num_unauthenticated_calls"] += self.auth.num_unauthenticated_calls
         return message
 
     async def CheckIntegrity(self, request: pb.IntegrityRequest, context) -> pb.IntegrityResponse:
-        return await self.thread.call(check_integrity)
+        return await self.core.call(check_integrity)
+
+
+def set_first_token(request_id: str, token_id: int, engine: Engine) -> None:
+    engine.set_first_token(request_id, token_id)
 
 
 def collect_stats(engine: Engine) -> pb.StatsResponse:
-    """Engine thread: the instance's gauges and counters."""
+    """In the engine process: the instance's gauges and counters."""
     stats = engine.get_stats()
     message = wire.stats_to_proto(stats)
     message.num_free_blocks = engine.kv.pool.num_free_blocks
@@ -140,7 +153,7 @@ def collect_stats(engine: Engine) -> pb.StatsResponse:
 
 
 def check_integrity(engine: Engine) -> pb.IntegrityResponse:
-    """Engine thread: the pool's invariants, and what is still held."""
+    """In the engine process: the pool's invariants, and what is still held."""
     try:
         engine.check_integrity()
         ok, error = True, ""
@@ -152,11 +165,11 @@ def check_integrity(engine: Engine) -> pb.IntegrityResponse:
                                 num_leased=len(engine.scheduler.held))
 
 
-def instance_info(spec: InstanceSpec, engine: Engine) -> pb.InstanceInfo:
-    return pb.InstanceInfo(name=spec.name, role=spec.role, model_dir=engine.model_dir,
-                           max_model_len=engine.max_model_len, kv_address=engine.connector.address,
-                           pid=os.getpid(), num_blocks=engine.kv.pool.num_blocks, block_size=engine.kv.block_size,
-                           kv_layout=engine.kv_layout.to_proto().SerializeToString())
+def instance_info(spec: InstanceSpec, info: EngineInfo) -> pb.InstanceInfo:
+    """pid: the instance's process (what a launcher stops), not its engine process."""
+    return pb.InstanceInfo(name=spec.name, role=spec.role, model_dir=info.model_dir,
+                           max_model_len=info.max_model_len, kv_address=info.kv_address, pid=os.getpid(),
+                           num_blocks=info.num_blocks, block_size=info.block_size, kv_layout=info.kv_layout)
 
 
 @dataclass(frozen=True)
@@ -176,7 +189,7 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
     name = servicer.spec.name
     logger.info("instance %s draining: no new requests; waiting up to %gs for %d running", name,
                 timeout_s, servicer.num_generating)
-    while servicer.num_generating or await _engine_holds_requests(servicer.thread):
+    while servicer.num_generating or await _engine_holds_requests(servicer.core):
         if loop.time() >= deadline or force.is_set():
             logger.warning("instance %s stops with %d request(s) unfinished (%s)", name, servicer.num_generating,
                            "a second signal" if force.is_set() else "--shutdown-timeout")
@@ -185,40 +198,54 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
     logger.info("instance %s drained", name)
 
 
-async def _engine_holds_requests(thread: EngineThread) -> bool:
+def _has_unfinished(engine: Engine) -> bool:
+    return engine.has_unfinished()
+
+
+async def _engine_holds_requests(core: EngineProcess | EngineThread) -> bool:
     try:
-        return await thread.call(lambda engine: engine.has_unfinished())
+        return await core.call(_has_unfinished)
     except EngineDeadError:
         return False  # nothing left to wait for
 
 
 async def serve_instance(spec: InstanceSpec, on_ready: Callable[[InstanceAddress], None],
                          stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
-    """Build the engine, serve until `stop` is set, drain (`drain`: at most --shutdown-timeout, or
-    until `force` is set), then shut down. Binds only free ports."""
+    """Start the engine (its process, or its thread), serve until `stop` is set, drain (`drain`: at
+    most --shutdown-timeout, or until `force` is set), then shut down. Binds only free ports."""
     config = spec.config
-    torch.set_num_threads(num_torch_threads(config))
     host = config.deploy.internal_host
     auth = TokenCheck(spec.token)  # both internal services refuse calls without the deployment's token
-    engine = build_engine(config, spec.role, token=spec.token)
+    core = start_engine(spec)
     try:
-        thread = EngineThread(engine)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)],
                                  interceptors=[AioServerTokenInterceptor(auth)])
-        servicer = InstanceServicer(spec, thread, auth)
+        servicer = InstanceServicer(spec, core, auth)
         pb_grpc.add_InstanceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         try:
             address = f"{host}:{port}"
-            info = instance_info(spec, engine)
+            info = instance_info(spec, core.info)
             on_ready(InstanceAddress(address, info))
-            logger.info("instance %s (%s) serving on %s, KV on %s", spec.name, spec.role, address,
-                        info.kv_address or "-")
+            logger.info("instance %s (%s) serving on %s, KV on %s, engine pid %d", spec.name, spec.role,
+                        address, info.kv_address or "-", core.pid)
             await stop.wait()
             await drain(servicer, config.server.shutdown_timeout_s, force or asyncio.Event())
         finally:
             await server.stop(_GRACE_S)
-            await thread.shutdown()
     finally:
-        engine.close()
+        await core.shutdown()
+        if isinstance(core, EngineThread):
+            core.engine.close()
+
+
+def start_engine(spec: InstanceSpec) -> EngineProcess | EngineThread:
+    """The instance's engine with --num-cpus-per-instance compute threads: in its own process (not
+    restarted here: see the module's docstring), or on a thread of this one."""
+    config = spec.config
+    if config.deploy.engine_process:
+        return EngineProcess(config, spec.role, token=spec.token,
+                             placement=engine_placement(num_torch_threads(config)))
+    torch.set_num_threads(num_torch_threads(config))
+    return EngineThread(build_engine(config, spec.role, token=spec.token))

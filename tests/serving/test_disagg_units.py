@@ -407,12 +407,14 @@ def test_a_dead_peer_is_forgotten_and_new_sends_to_it_fail_fast(tiny_model_dir):
 
 
 def test_instance_info_carries_a_layout_the_router_can_read(tiny_model_dir):
-    from serving.instance.servicer import instance_info
+    from serving.engine.core_messages import EngineInfo
     from serving.engine.engine import build_engine
+    from serving.instance.servicer import instance_info
     config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": "8MiB"})
     engine = build_engine(config, "decode")
     try:
-        info = pb.InstanceInfo.FromString(instance_info(InstanceSpec("decode-0", "decode", config), engine)
+        info = pb.InstanceInfo.FromString(instance_info(InstanceSpec("decode-0", "decode", config),
+                                                        EngineInfo.of(engine, pid=0))
                                           .SerializeToString())
         layout = KVLayout.from_proto(kv_pb.KVLayout.FromString(info.kv_layout))
         assert (layout.block_size, layout.num_layers, layout.dtype) == (BLOCK_SIZE, NUM_LAYERS, "float32")

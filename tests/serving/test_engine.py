@@ -177,13 +177,14 @@ def test_async_engine_churn_with_aborts_leaves_no_leaks(tiny_model_dir):
 
 def test_engine_survives_calls_whose_caller_gave_up(tiny_model_dir):
     """A client that disconnects cancels the future of a call still waiting in the engine's inbox
-    (its add_request, its abort). The engine thread must skip such a call, not die completing it."""
+    (its add_request, its abort). The engine thread must skip such a call, not die completing it.
+    (The engine thread of --no-engine-process; the engine process: tests/serving/test_engine_process.py.)"""
     import threading
 
     from serving.config import Config
     from serving.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir))
+    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir, engine_process=False))
     gate = threading.Event()
 
     async def main():
@@ -214,7 +215,7 @@ def test_engine_survives_calls_whose_caller_gave_up(tiny_model_dir):
     assert healthy
     assert outputs[-1].finished and outputs[-1].num_output_tokens == 4
     assert free == total
-    assert engine.thread.num_cancelled_calls >= 3
+    assert engine.core.num_cancelled_calls >= 3
 
 
 def test_client_id_and_priority_reach_the_request(tiny_model_dir):
@@ -237,13 +238,14 @@ def test_client_id_and_priority_reach_the_request(tiny_model_dir):
 
 def test_dead_engine_tells_the_client_that_retrying_here_cannot_help(tiny_model_dir):
     """A bug that kills the engine thread: every request then fails with a message meant for the
-    client (it becomes the 503's message), which names no internals."""
+    client (it becomes the 503's message), which names no internals. (The engine thread of
+    --no-engine-process, which is not restarted; the engine process, which is: test_engine_process.py.)"""
     from serving.api.errors import to_api_error
     from serving.config import Config
     from serving.engine.async_llm import AsyncLLM
     from serving.engine.protocol import EngineDeadError
 
-    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir))
+    engine = AsyncLLM.from_config(Config().replace(model=tiny_model_dir, engine_process=False))
 
     def broken_schedule():
         raise KeyError("secret internal state")
