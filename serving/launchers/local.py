@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,28 @@ logger = logging.getLogger(__name__)
 
 # how long a stopped instance may take beyond its own drain (--shutdown-timeout) before it is killed
 _STOP_GRACE_S = 10.0
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid's descendants (its engine process and anything that started), children first; Linux /proc.
+    Read them before killing pid: once it is gone they belong to init and cannot be found from it."""
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        parent = queue.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            queue += children
+    return found
 
 
 class _Process:
@@ -61,13 +84,19 @@ class _Process:
                                "(--instance-start-timeout-s)") from None
 
     def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
-        """SIGTERM (the instance drains), then SIGKILL after grace_s."""
+        """SIGTERM (the instance drains), then SIGKILL after grace_s — to the instance and its engine
+        process: a frozen instance (SIGSTOP, a hung host) froze its engine process too, and a stopped
+        process cannot see that its parent is gone."""
         if self.popen.poll() is None:
             self.popen.terminate()
         try:
             self.popen.wait(grace_s)
         except subprocess.TimeoutExpired:
+            family = process_tree(self.popen.pid)
             self.popen.kill()
+            for pid in family:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.popen.wait()
 
 

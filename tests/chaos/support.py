@@ -24,6 +24,7 @@ import uvicorn
 
 from serving.api.server import build_app
 from serving.config import Config
+from serving.launchers.local import process_tree
 from serving.router import build_disaggregated_client
 from serving.engine.async_llm import AsyncLLM
 from tests.chaos.traffic import run_all
@@ -291,24 +292,44 @@ def process_state(pid: int) -> str | None:
         return None
 
 
-def assert_replaced(app: ServedApp, name: str, old_pid: int) -> None:
-    """`name` runs as a new process and the old one is gone (killed and reaped by the launcher)."""
+def assert_replaced(app: ServedApp, name: str, old_pid: int, old_family: list[int] = ()) -> None:
+    """`name` runs as a new process and the old one is gone (killed and reaped by the launcher), with
+    its engine process (old_family: the pids freeze() returned)."""
     app.on_server(wait_all_up(app.engine, RESTART_TIMEOUT_S), RESTART_TIMEOUT_S + 10)
     assert app.pid(name) != old_pid, f"{name} is up again but still as the old process {old_pid}"
-    state = process_state(old_pid)
-    assert state is None, f"the replaced {name} process {old_pid} is still there (state {state})"
+    for pid in [old_pid, *old_family]:
+        deadline = time.monotonic() + 10  # an orphaned engine process exits on its own, soon
+        while process_state(pid) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        state = process_state(pid)
+        assert state in (None, "Z"), f"process {pid} of the replaced {name} ({old_pid}) is still there (state {state})"
+
+
+def freeze(pid: int) -> list[int]:
+    """SIGSTOP an instance and its engine process, as a hung host freezes both; returns every pid stopped."""
+    pids = [pid, *process_tree(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+    return pids
+
+
+def kill_if_left(pids: list[int], signal_number: int = signal.SIGKILL) -> None:
+    for pid in pids:
+        if process_state(pid) not in (None, "Z"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal_number)
 
 
 @contextlib.contextmanager
 def stopped_until_exit(pid: int):
-    """SIGSTOP pid; on exit, SIGCONT it if it still exists (a scenario that failed half-way must not
+    """freeze(pid); on exit, SIGCONT what still exists (a scenario that failed half-way must not
     leave a frozen process behind)."""
-    os.kill(pid, signal.SIGSTOP)
+    pids = freeze(pid)
     try:
         yield
     finally:
-        if process_state(pid) not in (None, "Z"):
-            os.kill(pid, signal.SIGCONT)
+        kill_if_left(pids, signal.SIGCONT)
 
 
 # ---- KV transfer counters, asked of the instances now (not the router's last poll) ----

@@ -11,7 +11,8 @@ import pytest
 
 from tests.chaos.disconnects import admission_wave, disconnect_storm
 from tests.chaos.support import (REQUEST_TIMEOUT_S, Deployment, assert_recovered, assert_replaced,
-                                 chaos_config, greedy_probe, process_state)
+                                 chaos_config, freeze, greedy_probe, kill_if_left)
+from serving.launchers.local import process_tree
 from tests.chaos.traffic import (Stream, assert_victims_failed_cleanly, completion, each_has,
                                  strike_mid_stream)
 from tests.serving.test_disagg_support import make_prompts
@@ -44,18 +45,25 @@ def test_clients_leaving_while_admitted(app, reference):
     admission_wave(app, reference, num_clients=80, seed=12)
 
 
-def _strike_decode(app, victim: str, signal_number: int) -> tuple[int, list[Stream]]:
-    """Long greedy streams spread over both decode instances; once each has a few tokens, send
-    signal_number to `victim`. Returns how many streams the victim held, and the streams."""
+def _strike_decode(app, victim: str, signal_number: int) -> tuple[int, list[Stream], list[int]]:
+    """Long greedy streams spread over both decode instances; once each has a few tokens, strike
+    `victim`: SIGSTOP freezes the instance and its engine process (a hung host), SIGKILL kills the
+    instance process alone (its engine process must notice and exit). Returns how many streams the
+    victim held, the streams, and the victim's pids (instance first)."""
     streams = [completion(app.model, p, 200) for p in make_prompts(11, [20, 35, 50, 65, 80, 95])]
-    holders = []
+    holders, family = [], []
 
     def strike() -> None:
         holders.append(app.instance(victim).num_active)
-        os.kill(app.pid(victim), signal_number)
+        pid = app.pid(victim)
+        if signal_number == signal.SIGSTOP:
+            family.extend(freeze(pid))
+        else:
+            family.extend([pid, *process_tree(pid)])
+            os.kill(pid, signal_number)
 
     asyncio.run(strike_mid_stream(app.base_url, streams, each_has(streams, 3), strike, REQUEST_TIMEOUT_S))
-    return holders[0], streams
+    return holders[0], streams, family
 
 
 def test_sigstop_decode_mid_stream_is_replaced(app, reference):
@@ -63,20 +71,20 @@ def test_sigstop_decode_mid_stream_is_replaced(app, reference):
     its streams end with an error, the others finish, and the launcher kills it and starts a new one."""
     victim = "decode-1"
     old_pid = app.pid(victim)
+    family: list[int] = []
     try:
-        holders, streams = _strike_decode(app, victim, signal.SIGSTOP)
+        holders, streams, family = _strike_decode(app, victim, signal.SIGSTOP)
         assert_victims_failed_cleanly(streams, holders, victim)
-        assert_replaced(app, victim, old_pid)
+        assert_replaced(app, victim, old_pid, family)
     finally:
-        if process_state(old_pid) not in (None, "Z"):
-            os.kill(old_pid, signal.SIGKILL)  # the launcher did not: leave nothing frozen behind
+        kill_if_left(family or [old_pid])  # the launcher did not: leave nothing frozen behind
     assert_recovered(app, reference)
 
 
 def test_kill_9_decode_mid_stream_is_restarted(app, reference):
     victim = "decode-0"
     old_pid = app.pid(victim)
-    holders, streams = _strike_decode(app, victim, signal.SIGKILL)
+    holders, streams, family = _strike_decode(app, victim, signal.SIGKILL)
     assert_victims_failed_cleanly(streams, holders, victim)
-    assert_replaced(app, victim, old_pid)
+    assert_replaced(app, victim, old_pid, family)
     assert_recovered(app, reference)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.chaos.disconnects import admission_wave, disconnect_storm
 from tests.chaos.support import (REQUEST_TIMEOUT_S, Deployment, assert_recovered, assert_replaced,
-                                 chaos_config, greedy_probe, kv_counters, process_state, run_streams,
+                                 chaos_config, freeze, greedy_probe, kill_if_left, kv_counters, run_streams,
                                  stopped_until_exit)
 from tests.chaos.traffic import Stream, assert_failed_clearly, long_prompt_streams, strike_mid_stream
 
@@ -130,15 +130,15 @@ def test_sigstop_prefill_is_replaced_and_its_requests_rerouted(app, reference):
     old_pid = app.pid(victim)
     reroutes_before = app.engine.get_stats().extra["router"]["num_reroutes_total"]
     streams = burst(app, seed)
+    frozen: list[int] = []
     try:
         asyncio.run(strike_mid_stream(app.base_url, streams, _prefill_busy(app, victim, streams),
-                                      lambda: os.kill(old_pid, signal.SIGSTOP), REQUEST_TIMEOUT_S))
+                                      lambda: frozen.extend(freeze(old_pid)), REQUEST_TIMEOUT_S))
         _assert_all_finished(streams)
         assert app.engine.get_stats().extra["router"]["num_reroutes_total"] > reroutes_before, "nothing was re-routed"
-        assert_replaced(app, victim, old_pid)
+        assert_replaced(app, victim, old_pid, frozen)
     finally:
-        if process_state(old_pid) not in (None, "Z"):
-            os.kill(old_pid, signal.SIGKILL)  # the launcher did not: leave nothing frozen behind
+        kill_if_left(frozen or [old_pid])  # the launcher did not: leave nothing frozen behind
     _assert_same_as_undisturbed(app, streams, seed)
     assert_recovered(app, reference)
 
