@@ -75,6 +75,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="address the internal gRPC ports bind to (default 127.0.0.1)")
     _bool_flag(g, "engine-process", "run the engine (scheduler, model, KV cache) in a process of its own, "
                "apart from the HTTP server or instance service (default on; off: a thread of theirs)")
+    g.add_argument("--cpu-threads-bind", default=None, metavar="nobind|auto|CORES",
+                   help="CPU: where the colocated engine process computes — nobind (default): one unpinned "
+                        "thread per core; auto: every core but the last, one pinned thread each, the last left "
+                        "to the HTTP server (vLLM's layout); or a core list such as 0-2,5")
     _bool_flag(g, "same-node", "Ray: keep each prefill/decode pair on one node (placement group)")
     g.add_argument("--num-cpus-per-instance", type=float, default=None, help="Ray: CPUs per instance")
     g.add_argument("--num-gpus-per-instance", type=float, default=None, help="Ray: GPUs per instance")

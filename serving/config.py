@@ -7,6 +7,7 @@ file.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,9 @@ class DeployConfig:
     # the engine core (scheduler, model, KV cache) in a process of its own, in colocated mode and in
     # each instance; False: a thread of the API server's (or instance's) process, as before
     engine_process: bool = True
+    # where a colocated engine process computes (serving/engine/cpu_placement.py): nobind (one unpinned
+    # thread per core), auto (every core but the last, a pinned thread each: vLLM's layout), or a core list
+    cpu_threads_bind: str = "nobind"
     # config keys (model, cache, scheduler) that differ per role, e.g. {max_num_batched_tokens: 4096}
     prefill_overrides: dict = field(default_factory=dict)
     decode_overrides: dict = field(default_factory=dict)
@@ -149,6 +153,11 @@ class DeployConfig:
                              "mode use --num-prefill and --num-decode")
         for name in ("prefill_overrides", "decode_overrides"):
             _check_role_overrides(name, getattr(self, name))
+        if self.cpu_threads_bind not in ("auto", "nobind"):
+            parse_cores(self.cpu_threads_bind)
+        if self.cpu_threads_bind not in ("auto", "nobind") and self.mode != "colocated":
+            raise ValueError("--cpu-threads-bind with a core list is for --mode colocated: the instances of a "
+                             "disaggregated deployment share their host and run unbound")
         if self.num_cpus_per_instance <= 0 or self.num_gpus_per_instance < 0:
             raise ValueError("--num-cpus-per-instance must be positive and --num-gpus-per-instance "
                              "not negative")
@@ -243,3 +252,17 @@ _FIELD_OWNER = {f.name: name for name, klass in _SECTIONS.items() for f in datac
 _ROLE_SECTIONS = ("model", "cache", "scheduler", "parallel")
 _ALIASES = {"num_gpu_blocks_override": "num_blocks_override", "enable_prefix_caching": "enable_prefix_caching",
             "shutdown_timeout": "shutdown_timeout_s"}
+
+
+def parse_cores(text: str) -> tuple[int, ...]:
+    """'0-2,5' -> (0, 1, 2, 5); a ValueError that says what is wrong."""
+    cores: list[int] = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:-(\d+))?\s*", part)
+        if not match:
+            raise ValueError(f"--cpu-threads-bind must be auto, nobind or a core list such as 0-2,5; got {text!r}")
+        lo, hi = int(match[1]), int(match[2] or match[1])
+        cores += range(lo, hi + 1)
+    if not cores or len(set(cores)) != len(cores):
+        raise ValueError(f"--cpu-threads-bind {text!r}: the cores must be distinct")
+    return tuple(cores)

@@ -21,6 +21,7 @@ from scheduler.request import RequestStatus
 from scheduler.sampling_params import SamplingParams
 from serving.config import Config
 from serving.engine.engine import Engine, build_engine, resolve_model_dir
+from serving.engine.cpu_placement import engine_placement
 from serving.engine.engine_process import EngineProcess
 from serving.engine.engine_thread import EngineThread
 from serving.engine.output_processor import RequestState
@@ -46,7 +47,8 @@ class AsyncLLM:
         model_dir = resolve_model_dir(config.model.model)  # here: the built-in model is made once
         engine_config = config.replace(model=model_dir)
         if config.deploy.engine_process:
-            core = EngineProcess(engine_config, restart=True)
+            core = EngineProcess(engine_config, restart=True,
+                                 placement=engine_placement(bind=config.deploy.cpu_threads_bind))
         else:
             core = EngineThread(build_engine(engine_config))
         tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or model_dir)

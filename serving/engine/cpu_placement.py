@@ -13,28 +13,51 @@ a spinning thread holds the core its partner needs, and a batch-64 step of the t
 ~10 ms to 100-400 ms (docs/benchmarks.md, "Engine process"). In-process the same runtime throttled
 its spinning by itself, because the server's threads made it see more threads than cores.
 
-A stopgap on purpose: serving/runner/cpu_threads.py (`pin_compute_threads(cores)`, branch cpu-step)
-pins each compute thread to one core; once it lands, `place_engine_threads` should call it.
+Binding (`--cpu-threads-bind`, the meaning of vLLM's VLLM_CPU_OMP_THREADS_BIND):
+- `nobind` (default): one unpinned compute thread per core this process may use; the kernel places
+  them and the API server's threads among them.
+- `auto`: a colocated engine computes on every core but the last, one compute thread pinned per core
+  (serving/runner/cpu_threads.py), and the last core is left to the API server and the engine's I/O
+  threads — vLLM's layout (it reserves one core for its frontend and engine-core processes). With one
+  core, that core.
+- a list (`0-2,5`): those cores, one pinned compute thread each.
+On the 2-core CPU box `nobind` served 1.5 req/s within the SLOs where `auto` served under 1.0 (docs/
+benchmarks.md, "Side by side"): one more compute thread is worth more than a core kept clear for the
+server. On a many-core host, where one core is a small share, `auto` keeps the server off the compute.
+The instances of a disaggregated deployment share their host and stay unbound (one thread each,
+--num-cpus-per-instance on Ray).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+from serving.config import parse_cores
+
 
 @dataclass(frozen=True)
 class CpuPlacement:
     cores: tuple[int, ...] | None  # None: leave the affinity the process inherited
     num_threads: int  # torch intra-op threads
+    pin: bool = False  # one compute thread per core of `cores`, the engine's other threads off them
 
 
-def engine_placement(num_threads: int | None = None) -> CpuPlacement:
-    """The cores this process may use, all for the engine; one compute thread per core unless told
-    (an instance: --num-cpus-per-instance)."""
+def engine_placement(num_threads: int | None = None, bind: str = "nobind") -> CpuPlacement:
+    """Where the engine computes (module doc). num_threads: the thread count when unbound (an instance:
+    --num-cpus-per-instance); a bound placement has one thread per core."""
     if not hasattr(os, "sched_getaffinity"):
         return CpuPlacement(None, max(1, num_threads or os.cpu_count() or 1))
-    cores = tuple(sorted(os.sched_getaffinity(0)))
-    return CpuPlacement(cores, max(1, num_threads or len(cores)))
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    if bind == "nobind":
+        return CpuPlacement(allowed, max(1, num_threads or len(allowed)))
+    if bind == "auto":
+        cores = allowed[:-1] if len(allowed) > 1 else allowed
+    else:
+        cores = parse_cores(bind)
+        if not set(cores) <= set(allowed):
+            raise ValueError(f"--cpu-threads-bind {bind}: this process may only use cores "
+                             f"{','.join(map(str, allowed))}")
+    return CpuPlacement(cores, len(cores), pin=True)
 
 
 def engine_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -44,12 +67,18 @@ def engine_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     return environment
 
 
-def place_engine_threads(placement: CpuPlacement) -> None:
-    """In the engine process, before any torch computation: its affinity and thread count."""
+def place_engine_threads(placement: CpuPlacement):
+    """In the engine process, before any torch computation: its affinity and thread count; pinned, the
+    compute threads one per core and the process's other threads on the cores it may use besides
+    (returns the ThreadPinning: call move_other_threads on it once the I/O threads have started)."""
+    if placement.pin and placement.cores:
+        from serving.runner.cpu_threads import pin_compute_threads
+        return pin_compute_threads(placement.cores)
     if placement.cores is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, placement.cores)
     import torch
     torch.set_num_threads(placement.num_threads)
+    return None
 
 
 def name_os_thread(name: str) -> None:

@@ -34,6 +34,7 @@ import zmq
 from scheduler.request import RequestStatus
 from serving.engine import core_messages as m
 from serving.engine.cpu_placement import CpuPlacement, name_os_thread, place_engine_threads
+from serving.runner.cpu_threads import move_other_threads
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ def _watch_parent(fd: int) -> None:
     os._exit(0)
 
 
-def _serve(start: dict, context: zmq.Context) -> int:
+def _serve(start: dict, context: zmq.Context, pinning=None) -> int:
     from serving.config import Config
     from serving.engine.engine import build_engine
 
@@ -167,6 +168,8 @@ def _serve(start: dict, context: zmq.Context) -> int:
         info = m.EngineInfo.of(engine, os.getpid())
         output.send(m.pack([m.READY, info.to_list()]))
         loop = CoreLoop(engine, input_socket, output)
+        if pinning is not None:  # zmq's and the input thread were born on a compute core
+            move_other_threads(pinning)
         try:
             loop.run()
         except BaseException as e:  # a bug in the engine's own bookkeeping: fail everything loudly
@@ -197,13 +200,14 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the parent, which stops us when done
     name_os_thread("pdserve-engine")  # the main thread runs the loop; `ps` and `top` show this name
     start = json.loads(_read_line(0))
-    place_engine_threads(CpuPlacement(tuple(start["cores"]) if start["cores"] else None, start["num_threads"]))
+    pinning = place_engine_threads(CpuPlacement(tuple(start["cores"]) if start["cores"] else None,
+                                                start["num_threads"], bool(start.get("pin"))))
     logging.basicConfig(level=start["log_level"].upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [engine {os.getpid()}] %(name)s: %(message)s")
     threading.Thread(target=_watch_parent, args=(0,), name="pdserve-parent-watch", daemon=True).start()
     context = zmq.Context(io_threads=1)
     try:
-        return _serve(start, context)
+        return _serve(start, context, pinning)
     finally:
         context.term()
 

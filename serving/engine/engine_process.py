@@ -67,7 +67,7 @@ class EngineProcess:
     def _start(self) -> CoreConnection:
         start = {"config": self.config.to_dict(), "role": self.role, "token": self._token,
                  "cores": list(self.placement.cores) if self.placement.cores else None,
-                 "num_threads": self.placement.num_threads, "log_level": self.config.server.log_level}
+                 "num_threads": self.placement.num_threads, "pin": self.placement.pin, "log_level": self.config.server.log_level}
         return CoreConnection(start, self.config.deploy.instance_start_timeout_s, self._exited,
                               _RESTART_NOTE if self._restart else "")
 

@@ -37,6 +37,8 @@ class ThreadPinning:
     compute: dict[int, int] = field(default_factory=dict)  # tid -> core (caller first)
     others: dict[int, tuple[int, ...]] = field(default_factory=dict)  # tid -> allowed cores
     unpinned_workers: int = 0  # team members that existed before the call (not pinned)
+    other_cores: tuple[int, ...] = ()  # where every thread but the compute team goes
+
 
     @property
     def complete(self) -> bool:
@@ -51,6 +53,21 @@ def thread_ids() -> set[int]:
 def pin_current_thread(cores: Sequence[int]) -> None:
     """Restrict the calling thread (and threads it starts later) to `cores`."""
     os.sched_setaffinity(0, set(cores))
+
+
+def move_other_threads(pinning: ThreadPinning) -> None:
+    """Move every thread of this process but the compute team to pinning.other_cores: call it again once
+    the process has started its I/O threads (they inherit the core of the thread that started them).
+    Left alone if there are no other cores, or if some workers were not pinned (they cannot be told
+    apart from the other threads)."""
+    if not pinning.other_cores or pinning.unpinned_workers:
+        return
+    for tid in thread_ids() - set(pinning.compute):
+        try:
+            os.sched_setaffinity(tid, set(pinning.other_cores))
+            pinning.others[tid] = pinning.other_cores
+        except OSError:  # the thread ended meanwhile
+            pass
 
 
 def _run_parallel_region() -> None:
@@ -91,13 +108,8 @@ def pin_compute_threads(cores: Sequence[int], other_cores: Sequence[int] | None 
         team_size += bool(started)
     torch.set_num_threads(len(cores))
     result.unpinned_workers = len(cores) - team_size
-    if other_cores and not result.unpinned_workers:  # else some of the others are compute workers
-        for tid in thread_ids() - set(result.compute):
-            try:
-                os.sched_setaffinity(tid, set(other_cores))
-                result.others[tid] = tuple(other_cores)
-            except OSError:  # the thread ended meanwhile
-                pass
+    result.other_cores = tuple(other_cores)
+    move_other_threads(result)
     if result.unpinned_workers:
         logger.warning("pin_compute_threads: %d OpenMP worker(s) already existed and were not pinned; call it "
                        "before the first multi-threaded torch op", result.unpinned_workers)

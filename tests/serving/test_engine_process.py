@@ -394,3 +394,61 @@ def test_instance_whose_engine_process_dies_is_replaced(tiny_model_dir, role):
         loop.run(client.shutdown())
         loop.close()
 
+
+
+# ---- where the engine process computes (--cpu-threads-bind) ----
+def _thread_affinity(pid: int) -> dict[tuple[int, str], set[int]]:
+    """(thread id, name) -> the cores it may run on, for every thread of pid."""
+    found = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                found[int(tid), f.read().strip()] = os.sched_getaffinity(int(tid))
+        except OSError:
+            continue
+    return found
+
+
+def test_cpu_threads_bind_parses_and_refuses_what_cannot_work():
+    from serving.config import parse_cores
+    from serving.engine.cpu_placement import engine_placement
+    assert parse_cores("0-2,5") == (0, 1, 2, 5)
+    for bad in ("x", "1-", "0,0", "-1", ""):
+        with pytest.raises(ValueError, match="cpu-threads-bind"):
+            parse_cores(bad)
+    with pytest.raises(ValueError, match="may only use cores"):
+        engine_placement(bind="4096")
+    with pytest.raises(ValueError, match="colocated"):
+        Config.from_dict({"deploy": {"mode": "disaggregated", "cpu_threads_bind": "0"}})
+    allowed = sorted(os.sched_getaffinity(0))
+    auto = engine_placement(bind="auto")
+    assert auto.pin and auto.cores == (tuple(allowed[:-1]) if len(allowed) > 1 else tuple(allowed))
+    assert auto.num_threads == len(auto.cores)
+    nobind = engine_placement(bind="nobind")
+    assert not nobind.pin and nobind.num_threads == len(allowed)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores: one to compute, one left over")
+def test_auto_bind_pins_the_compute_thread_and_moves_the_rest_off_its_core(tiny_model_dir):
+    """auto: the engine loop (the compute thread, OpenMP's master) on the first core alone; zmq's I/O
+    thread and the input thread, born on that core, moved to the core left to the API server; the
+    outputs are those of an unbound engine process."""
+    allowed = sorted(os.sched_getaffinity(0))
+
+    async def run(llm):
+        try:
+            tokens = [o.new_token_ids async for o in llm.generate("r", list(range(10, 60)), greedy(8))]
+            return tokens, _thread_affinity(llm.core.pid), llm.core.pid
+        finally:
+            await llm.shutdown()
+
+    tokens, threads, pid = asyncio.run(asyncio.wait_for(run(make_llm(tiny_model_dir, cpu_threads_bind="auto")),
+                                                   DEADLINE_S))
+    names = {name for _, name in threads}
+    assert {"pdserve-eng-in", "ZMQbg/IO/0"} <= names, names
+    for (tid, name), cores in threads.items():  # the engine loop (the main thread) computes; the rest moved
+        assert cores == ({allowed[0]} if tid == pid else {allowed[-1]}), f"thread {tid} ({name}): {cores}"
+    unbound_tokens, unbound, _ = asyncio.run(asyncio.wait_for(
+        run(make_llm(tiny_model_dir, cpu_threads_bind="nobind")), DEADLINE_S))
+    assert all(cores == set(allowed) for cores in unbound.values()), unbound
+    assert tokens == unbound_tokens
