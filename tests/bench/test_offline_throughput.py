@@ -22,3 +22,25 @@ def test_offline_benchmark_runs_both_systems(tiny_model_dir, tmp_path):
         assert row["transformers"]["output_tokens"] == wanted
         assert 0.0 <= row["pdserve"]["overhead_share"] < 1.0
         assert row["ratio"] > 0
+
+
+def test_offline_vs_vllm_runs_each_configuration_in_its_own_process(tiny_model_dir, tmp_path):
+    """Without vLLM installed (CI): pdserve's two configurations, each in a fresh process, the same
+    greedy tokens from both; asking for vLLM without its interpreter is an error that says what to do."""
+    import pytest
+    from bench import offline_vs_vllm
+    out = tmp_path / "vs.json"
+    assert offline_vs_vllm.main(["--model", tiny_model_dir, "--systems", "pdserve-1core,pdserve", "--batch-sizes",
+                                 "1,3", "--input-len", "12", "--output-len", "5", "--repeats", "1",
+                                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["batch"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["output_tokens"] == 5 * row["batch"]
+        assert row["pdserve"] > 0 and row["pdserve-1core"] > 0
+        assert row["pdserve_differ"] == 0
+    assert result["mismatches"] == []
+    with pytest.raises(SystemExit):
+        offline_vs_vllm.main(["--model", tiny_model_dir, "--vllm-python", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        offline_vs_vllm.main(["--model", tiny_model_dir, "--systems", "sglang"])

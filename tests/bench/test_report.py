@@ -71,7 +71,7 @@ def test_table_omits_what_was_not_configured_and_lists_tenants():
 
 def test_comparison_table_rows():
     outcomes = {
-        "pdserve-colocated": {"runs": [_result(request_rate=2.0), _result(request_rate=1.0)],
+        "pdserve-colocated": {"runs": [_result(request_rate=2.0), _result(request_rate=1.0, cores_used=1.25)],
                               "goodput": {"target_attainment": 0.9, "max_rate": 1.5, "hit_ceiling": False,
                                           "num_devices": 1, "goodput_per_device": 1.5}},
         "vllm-cpu": {"runs": [_result(request_rate="inf", slo_attainment=None)], "goodput": None},
@@ -80,6 +80,7 @@ def test_comparison_table_rows():
     lines = format_comparison_table(outcomes).splitlines()
     rows = [line.split() for line in lines]
     assert rows[2][:4] == ["pdserve-colocated", "1.00", "1.80", "70.0"]  # sorted by rate
+    assert rows[2][-1] == "1.25" and rows[3][-1] == "-"  # cores used: measured, or not known
     assert rows[3][:2] == ["pdserve-colocated", "2.00"]
     assert rows[4][:4] == ["vllm-cpu", "inf", "1.80", "-"]
     assert lines[5] == "broken                   not benchmarked: the server exited with code 1"

@@ -71,3 +71,26 @@ def test_wait_ready_reports_a_server_that_died(tmp_path):
 def test_wait_ready_times_out_with_advice(tmp_path):
     with pytest.raises(RuntimeError, match="did not answer /health or /v1/models within 0.2 s"):
         wait_ready(f"http://127.0.0.1:{free_port()}", None, 0.2, tmp_path / "absent.log")
+
+
+def test_group_cpu_seconds_counts_the_whole_process_group():
+    """A server's processes are one process group (started in a session of its own): the CPU a child
+    of its leader burns is counted, and another group's is not."""
+    import subprocess
+    import sys
+    import time
+    from bench.processes import group_cpu_seconds
+    burn = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.3: pass']); "
+            "import time; time.sleep(60)")
+    leader = subprocess.Popen([sys.executable, "-c", burn], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while group_cpu_seconds(leader.pid) < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert group_cpu_seconds(leader.pid) >= 0.3  # the reaped child's CPU, through the leader's cutime
+        assert group_cpu_seconds(leader.pid) < 30
+        assert group_cpu_seconds(2 ** 22 + 7) == 0.0  # no such group
+    finally:
+        leader.kill()
+        leader.wait()
