@@ -129,8 +129,8 @@ def assert_no_leaks(replies: dict) -> None:
         assert reply.num_free_blocks == reply.num_total_blocks, f"{name} leaked blocks: {reply}"
 
 
-def instance_children(parent_pid: int) -> list[int]:
-    """Live instance processes (`instance_main`) whose parent is parent_pid."""
+def children_running(parent_pid: int, module: bytes) -> list[int]:
+    """Live processes whose parent is parent_pid and whose command line names `module`."""
     children = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -140,6 +140,11 @@ def instance_children(parent_pid: int) -> list[int]:
                 command = f.read()
         except (OSError, ValueError):
             continue
-        if int(parent) == parent_pid and state != "Z" and b"serving.instance.main" in command:
+        if int(parent) == parent_pid and state != "Z" and module in command:
             children.append(int(entry))
     return children
+
+
+def instance_children(parent_pid: int) -> list[int]:
+    """Live instance processes (`serving.instance.main`) whose parent is parent_pid."""
+    return children_running(parent_pid, b"serving.instance.main")

@@ -26,6 +26,7 @@ from serving.config import Config
 from serving.engine import core_messages as m
 from serving.engine.protocol import EngineDeadError, EngineStats, RequestRejectedError, TokenLogprob
 from tests.servers import StreamedCompletion, free_port, log_tail, start_server, stop_server, wait_until
+from tests.serving.test_disagg_support import children_running
 
 # bounds that only a broken engine reaches (the box is slow and shared); never what a test measures
 DEADLINE_S = 180.0
@@ -38,18 +39,7 @@ def greedy(max_tokens: int, **changes) -> SamplingParams:
 
 def engine_children(parent_pid: int) -> list[int]:
     """Live engine processes whose parent is parent_pid."""
-    children = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read()
-        except (OSError, ValueError):
-            continue
-        if int(parent) == parent_pid and state != "Z" and ENGINE_PROC in command:
-            children.append(int(entry))
-    return children
+    return children_running(parent_pid, ENGINE_PROC)
 
 
 def alive(pid: int) -> bool:
