@@ -98,7 +98,13 @@ def test_outputs_through_the_process_equal_outputs_in_process(tiny_model_dir):
         await llm.shutdown()
         return results, integrity
 
-    in_process = asyncio.run(run(make_llm(tiny_model_dir, engine_process=False)))
+    import torch
+    threads = torch.get_num_threads()  # earlier tests may have changed this process's count
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # what the engine process computes with (nobind)
+    try:
+        in_process = asyncio.run(run(make_llm(tiny_model_dir, engine_process=False)))
+    finally:
+        torch.set_num_threads(threads)
     separate = make_llm(tiny_model_dir)
     assert separate.core.pid != os.getpid()
     assert asyncio.run(asyncio.wait_for(run(separate), DEADLINE_S)) == in_process
