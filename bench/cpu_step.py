@@ -53,11 +53,18 @@ def read_bandwidth(buffer: torch.Tensor) -> tuple[float, str]:
 
 
 def weight_bytes_per_decode_step(model: torch.nn.Module) -> int:
-    """Bytes of every parameter a decode step reads in full: all but the embedding table, plus the
-    LM head (which is the embedding table when tied)."""
+    """Bytes of every weight a decode step reads in full: all but the embedding table, plus the LM head
+    (which is the embedding table when tied). A PackedLinear counts its [N, K] weight once, whatever
+    copies it holds (only one is read per call)."""
+    from serving.models.cpu_linear import PackedLinear
     embedding = model.embed_tokens.weight
-    total = sum(p.nbytes for p in model.parameters() if p is not embedding)
-    return total + (embedding.nbytes if model.lm_head.weight is embedding else 0)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    total = sum(m.in_features * m.out_features * 4 + (m.bias.nbytes if m.bias is not None else 0) for m in packed)
+    counted = {id(embedding)} | {id(p) for m in packed for p in m.parameters()}
+    total += sum(p.nbytes for p in model.parameters() if id(p) not in counted)
+    if not isinstance(model.lm_head, PackedLinear) and model.lm_head.weight is embedding:
+        total += embedding.nbytes
+    return total
 
 
 def kv_bytes_per_decode_step(model: torch.nn.Module, batch: int, context: int) -> int:

@@ -1,0 +1,171 @@
+"""A float32 CPU kernel for linear layers at decode sizes (1-8 rows), built on first use.
+
+torch ships no matmul that streams a weight from memory at full speed for a few rows: MKL's sgemm
+re-packs the weight on every call, oneDNN's kernel for a packed weight reads 11-18 GB/s at 1-8 rows
+where a plain `sum` reads 23-27 GB/s on one core here (docs/kernels.md, "Decode-size linear layers").
+`kernels/csrc/cpu_small_m_linear.cpp` does: the weight laid out once in tiles of 32 output columns,
+each tile one contiguous run, every row of x multiplied by each weight as it streams by.
+
+    weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/32), K, 32]
+    linear(x [M, K], tiled, bias, N) -> y [M, N]          1 <= M <= MAX_ROWS
+
+The library is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
+`-O3 -march=native -fopenmp`, about two seconds) into `$PDSERVE_CACHE_DIR/kernels` (default
+`~/.cache/pdserve/kernels`), keyed by the source, the flags, the compiler and the CPU's features, and
+loaded with ctypes (no torch headers; the call releases the GIL; its OpenMP threads are torch's, the
+one libgomp of the process). Where it cannot be built (no compiler, no OpenMP) `library()` returns
+None once with a warning and callers keep torch's paths; `PDSERVE_CPU_KERNELS=0` turns it off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_small_m_linear.cpp"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+TILE = 32       # output columns per tile (kTile in the source)
+MAX_ROWS = 8    # the largest M the kernel serves (pdserve_max_rows)
+BUILD_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "library": CDLL or None once decided
+
+
+def enabled() -> bool:
+    return os.environ.get("PDSERVE_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
+    return Path(root) / "kernels"
+
+
+def compiler() -> str | None:
+    for name in [os.environ.get("CXX"), "c++", "g++", "clang++"]:
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_features()]).encode())
+    return cache_dir() / f"libpdserve_cpu_small_m_{key.hexdigest()[:16]}.so"
+
+
+def build(cxx: str) -> Path:
+    """Compile the library unless a build for this source, compiler and CPU is cached; its path.
+    Raises RuntimeError with the compiler's message."""
+    path = _library_path(cxx)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("compiling pdserve's CPU linear kernel (once per machine): %s", path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: processes building at once each leave a whole file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.pdserve_small_m_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.pdserve_small_m_linear.restype = ctypes.c_int
+    if lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS:
+        raise RuntimeError(f"{path} does not match kernels/cpu_small_m.py (tile {lib.pdserve_tile_width()}, "
+                           f"rows {lib.pdserve_max_rows()})")
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, built on first use; None where it is turned off or cannot be built
+    (then a warning says why, once per process)."""
+    if "library" in _state:
+        return _state["library"]  # type: ignore[return-value]
+    with _lock:
+        if "library" not in _state:
+            _state["library"] = _build_and_load()
+    return _state["library"]  # type: ignore[return-value]
+
+
+def _build_and_load() -> ctypes.CDLL | None:
+    if not enabled():
+        logger.info("PDSERVE_CPU_KERNELS=0: CPU linear layers use torch's paths only")
+        return None
+    cxx = compiler()
+    if cxx is None:
+        logger.warning("no C++ compiler found (set CXX, or install g++): decode-size CPU linear layers fall "
+                       "back to torch's oneDNN/MKL paths, 1.3-2x slower")
+        return None
+    try:
+        return _load(build(cxx))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("pdserve's CPU linear kernel could not be built or loaded; decode-size CPU linear "
+                       "layers fall back to torch's paths, 1.3-2x slower. %s", e)
+        return None
+
+
+def tile_weight(weight: Tensor) -> Tensor:
+    """[N, K] float32 -> [ceil(N / 32), K, 32]: tile t holds output columns 32t..32t+31, zero-padded."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // TILE) * TILE, k, dtype=weight.dtype) if n % TILE else None
+    if padded is not None:
+        padded[:n] = weight
+    source = weight if padded is None else padded
+    return source.view(-1, TILE, k).transpose(1, 2).contiguous()
+
+
+def untile_weight(tiled: Tensor, out_features: int) -> Tensor:
+    """The inverse of tile_weight: [N, K], bit-identical to the weight it came from."""
+    num_tiles, k, _ = tiled.shape
+    return tiled.transpose(1, 2).reshape(num_tiles * TILE, k)[:out_features].contiguous()
+
+
+def linear(lib: ctypes.CDLL, x: Tensor, tiled: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+    """x [M, K] float32 (1 <= M <= MAX_ROWS) @ weight.T + bias -> [M, N], from tile_weight(weight)."""
+    rows = x.contiguous()
+    m, k = rows.shape
+    if not (1 <= m <= MAX_ROWS) or tiled.shape[1] != k or rows.dtype != torch.float32:
+        raise ValueError(f"small-M linear takes 1-{MAX_ROWS} float32 rows of {tiled.shape[1]}, got {tuple(rows.shape)} "
+                         f"{rows.dtype}")
+    out = torch.empty(m, out_features, dtype=torch.float32)
+    status = lib.pdserve_small_m_linear(rows.data_ptr(), tiled.data_ptr(),
+                                        None if bias is None else bias.data_ptr(), out.data_ptr(),
+                                        m, k, out_features, torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"pdserve_small_m_linear returned {status} for M={m}")
+    return out
+
+
+if __name__ == "__main__":  # `python -m kernels.cpu_small_m`: build now (make install does)
+    logging.basicConfig(level=logging.INFO)
+    lib = library()
+    print("pdserve CPU linear kernel:", "ready" if lib is not None else "unavailable (torch's paths are used)")

@@ -1,0 +1,155 @@
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]) for a few rows of x (decode): float32, CPU.
+//
+// A decode step's linear layers are bound by reading each weight once from memory: 2*M flops per
+// weight element. The weight is re-laid once, at load, into tiles of 32 output columns:
+//
+//     w [N, K] (row-major)  ->  tiled [ceil(N / 32)][K][32]      (zero-padded to whole tiles)
+//
+// so a tile is one contiguous run of K * 128 bytes that the kernel reads front to back (what the
+// hardware prefetcher streams best), and for each k the 32 weights of the tile multiply the broadcast
+// x[m, k] of every row m: M x 32 accumulators stay in registers, no horizontal sums. Several tiles
+// are read at once when M is small, so there are enough independent accumulators to hide the FMA
+// latency. Written with GCC/Clang vector extensions: -march=native lowers a 16-lane vector to one
+// AVX-512 register, two AVX2 ones or four NEON ones. Threads: OpenMP over tiles (the process's
+// libgomp, which is torch's).
+//
+// Built and loaded by kernels/cpu_small_m.py (ctypes; no torch headers, compiles in seconds), which
+// also lays the weight out (tile_weight).
+#include <cstdint>
+#include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int kTile = 32;  // output columns per tile: two 16-lane vectors
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+    v16 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// k in [k0, k1) of tiles [t, t + P) against the M rows of x; the first chunk starts the sums, the last
+// adds the bias, the others add to what y holds
+template <int M, int P>
+inline void tiles(const float* __restrict x, const float* __restrict tiled, const float* __restrict bias,
+                  float* __restrict y, int64_t K, int64_t N, int64_t t, int64_t k0, int64_t k1) {
+    v16 acc[M][P][2];
+    float staged[M][P][kTile];  // y's values for a partial last tile, or a chunk's partial sums
+    for (int p = 0; p < P; ++p) {
+        const int64_t n0 = (t + p) * kTile;
+        const int64_t width = N - n0 < kTile ? N - n0 : kTile;  // the last tile may be partly padding
+        for (int m = 0; m < M; ++m) {
+            if (k0 == 0) {
+                acc[m][p][0] = acc[m][p][1] = v16{};
+            } else {
+                std::memset(staged[m][p], 0, sizeof(staged[m][p]));
+                std::memcpy(staged[m][p], y + m * N + n0, width * sizeof(float));
+                acc[m][p][0] = load16(staged[m][p]);
+                acc[m][p][1] = load16(staged[m][p] + 16);
+            }
+        }
+    }
+    const float* wt[P];
+    for (int p = 0; p < P; ++p) wt[p] = tiled + (t + p) * K * kTile;
+    for (int64_t k = k0; k < k1; ++k) {
+        v16 w0[P], w1[P];
+        for (int p = 0; p < P; ++p) {
+            w0[p] = load16(wt[p] + k * kTile);
+            w1[p] = load16(wt[p] + k * kTile + 16);
+        }
+        for (int m = 0; m < M; ++m) {
+            const float xv = x[m * K + k];
+            for (int p = 0; p < P; ++p) {
+                acc[m][p][0] += xv * w0[p];
+                acc[m][p][1] += xv * w1[p];
+            }
+        }
+    }
+    for (int p = 0; p < P; ++p) {
+        const int64_t n0 = (t + p) * kTile;
+        const int64_t width = N - n0 < kTile ? N - n0 : kTile;
+        v16 b0 = v16{}, b1 = v16{};
+        if (bias && k1 == K) {
+            float b[kTile] = {};
+            std::memcpy(b, bias + n0, width * sizeof(float));
+            b0 = load16(b);
+            b1 = load16(b + 16);
+        }
+        for (int m = 0; m < M; ++m) {
+            if (width == kTile) {
+                store16(y + m * N + n0, acc[m][p][0] + b0);
+                store16(y + m * N + n0 + 16, acc[m][p][1] + b1);
+            } else {
+                store16(staged[m][p], acc[m][p][0] + b0);
+                store16(staged[m][p] + 16, acc[m][p][1] + b1);
+                std::memcpy(y + m * N + n0, staged[m][p], width * sizeof(float));
+            }
+        }
+    }
+}
+
+// tiles read at once: at least 8 independent accumulators, at most 16 (32 vector registers)
+template <int M> constexpr int tiles_at_once() { return M == 1 ? 4 : M == 2 ? 4 : M <= 4 ? 2 : 1; }
+
+// k is walked in chunks whose slice of x (M rows) fits in 24 of a 32 KiB L1 cache, so every tile
+// reads x from L1; a chunk's run of a tile is still contiguous (chunk * 128 bytes)
+constexpr int64_t kChunkFloats = 6144;
+
+template <int M>
+void run(const float* x, const float* tiled, const float* bias, float* y, int64_t K, int64_t N, int threads) {
+    constexpr int P = tiles_at_once<M>();
+    const int64_t num_tiles = (N + kTile - 1) / kTile;
+    const int64_t num_groups = (num_tiles + P - 1) / P;
+    const int64_t chunk = kChunkFloats / M;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        int64_t first = 0, last = num_groups;
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        first = num_groups * me / team;
+        last = num_groups * (me + 1) / team;
+#endif
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+            const int64_t k1 = K - k0 < chunk ? K : k0 + chunk;
+            for (int64_t g = first; g < last; ++g) {
+                if ((g + 1) * P <= num_tiles) {
+                    tiles<M, P>(x, tiled, bias, y, K, N, g * P, k0, k1);
+                } else {
+                    for (int64_t t = g * P; t < num_tiles; ++t) tiles<M, 1>(x, tiled, bias, y, K, N, t, k0, k1);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int pdserve_tile_width() { return kTile; }
+
+int pdserve_max_rows() { return 8; }
+
+// returns 0, or -1 for an M it does not serve (1..pdserve_max_rows())
+int pdserve_small_m_linear(const float* x, const float* tiled, const float* bias, float* y, int64_t M, int64_t K,
+                           int64_t N, int threads) {
+    switch (M) {
+        case 1: run<1>(x, tiled, bias, y, K, N, threads); return 0;
+        case 2: run<2>(x, tiled, bias, y, K, N, threads); return 0;
+        case 3: run<3>(x, tiled, bias, y, K, N, threads); return 0;
+        case 4: run<4>(x, tiled, bias, y, K, N, threads); return 0;
+        case 5: run<5>(x, tiled, bias, y, K, N, threads); return 0;
+        case 6: run<6>(x, tiled, bias, y, K, N, threads); return 0;
+        case 7: run<7>(x, tiled, bias, y, K, N, threads); return 0;
+        case 8: run<8>(x, tiled, bias, y, K, N, threads); return 0;
+        default: return -1;
+    }
+}
+
+}
