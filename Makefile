@@ -20,13 +20,13 @@ install: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e .
-	$(PY) -m kernels.cpu_small_m  # compile the CPU kernels now rather than at the first request
+	$(PY) -m kernels  # compile the CPU kernels now rather than at the first request
 
 install-test: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
-	$(PY) -m kernels.cpu_small_m
+	$(PY) -m kernels
 
 serve: install
 	$(VENV)/bin/pdserve serve $(SERVE_ARGS)

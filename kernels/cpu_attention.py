@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels import cpu_native
+
 
 def context_blocks(block_tables: Tensor, seq_lens: Tensor, block_size: int, max_seq_len: int
                    ) -> tuple[Tensor, Tensor]:
@@ -43,7 +45,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      seq_lens: Tensor, scale: float, max_seq_len: int | None = None) -> Tensor:
     """One query token per request, the whole padded batch at once. q [B, Hq, D] -> [B, Hq, D].
 
-    Two equivalent paths: float32 batches of BMM_MIN_SEQS or more requests gather K/V heads-first and
+    float32 runs pdserve's compiled kernel (kernels/cpu_native.py) where it is built. Otherwise two
+    equivalent torch paths: float32 batches of BMM_MIN_SEQS or more requests gather K/V heads-first and
     run two batched matmuls (`_decode_bmm`); the rest gather whole blocks for one SDPA call, with the
     batch axes ordered (Hkv, B) rather than (B, Hkv) so the G query heads of one KV head share its K/V
     without repeating them.
@@ -53,6 +56,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
     group = num_q_heads // num_kv_heads
     if num_seqs == 0:
         return torch.empty_like(q)
+    lib = cpu_native.library()
+    if lib is not None and cpu_native.decode_attention_supported(q, k_cache, v_cache):
+        return cpu_native.decode_attention(lib, q, k_cache, v_cache, block_tables, seq_lens, scale)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     block_ids, valid = context_blocks(block_tables, seq_lens, block_size, max_seq_len)  # [B, nb], [B, S']

@@ -6,7 +6,7 @@ once (bench/cpu_linear.py: 2-4x slower per call than at batch 1). vLLM's CPU bac
 each weight once into the layout oneDNN's matmul kernel wants (`csrc/cpu/dnnl_helper.cpp`: format
 `any` chosen for M = 128) and reuses it; torch exposes the same primitive as
 `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`. That is what prefill-sized calls
-run here. Decode-sized calls (1-8 rows) run pdserve's own kernel (kernels/cpu_small_m.py) on the
+run here. Decode-sized calls (1-8 rows) run pdserve's own kernel (kernels/cpu_native.py) on the
 weight laid out in tiles of 32 columns, which streams it at 20-28 GB/s where oneDNN reads 11-18.
 `pack_linears(model)` swaps each `nn.Linear` for a `PackedLinear`: the model code stays plain.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kernels import cpu_small_m
+from kernels import cpu_native
 
 # The M oneDNN chooses the weight's blocked layout for (vLLM's kProbeM). Every hint from 2 up gives the
 # same layout here (AB16b64a on AVX-512); hint 1 keeps the plain one.
@@ -60,8 +60,8 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()                                        # [N, K]
         with torch.no_grad():
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-        self.kernels = cpu_small_m.library()
-        self.tiled_weight = cpu_small_m.tile_weight(weight) if self.kernels is not None else None
+        self.kernels = cpu_native.library()
+        self.tiled_weight = cpu_native.tile_weight(weight) if self.kernels is not None else None
         self.plain_weight = linear.weight if keep_plain or self.kernels is None else None
         self.pad_one_row = self.in_features <= PAD_ONE_ROW_MAX_IN_FEATURES
 
@@ -70,13 +70,13 @@ class PackedLinear(nn.Module):
         """The [N, K] weight: the original Parameter where kept, else rebuilt from the tiled copy."""
         if self.plain_weight is not None:
             return self.plain_weight
-        return nn.Parameter(cpu_small_m.untile_weight(self.tiled_weight, self.out_features), requires_grad=False)
+        return nn.Parameter(cpu_native.untile_weight(self.tiled_weight, self.out_features), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, self.in_features)                                 # [M, K]
         num_rows = rows.shape[0]
-        if self.tiled_weight is not None and 0 < num_rows <= cpu_small_m.MAX_ROWS:
-            out = cpu_small_m.linear(self.kernels, rows, self.tiled_weight, self.bias, self.out_features)
+        if self.tiled_weight is not None and 0 < num_rows <= cpu_native.MAX_ROWS:
+            out = cpu_native.linear(self.kernels, rows, self.tiled_weight, self.bias, self.out_features)
         elif self.tiled_weight is None and 0 < num_rows <= PLAIN_MAX_ROWS:
             if num_rows == 1 and self.pad_one_row:
                 rows = torch.cat([rows, rows])                                 # [2, K]

@@ -72,10 +72,22 @@ def _run_decode(decode_fn, device: str, seq_lens, shape, dtype, seed: int, **kwa
     assert_close(actual, expected, dtype)
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def cpu_path(request, monkeypatch):
+    """float32 CPU decode runs pdserve's compiled kernel where it is built; "torch" is what a machine
+    without a compiler runs (both must match the reference)."""
+    from kernels import cpu_native
+    if request.param == "compiled" and cpu_native.library() is None:
+        pytest.fail("pdserve's CPU kernels did not build here (g++ is part of the setup)")
+    if request.param == "torch":
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, _bf16_param()])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("seq_lens", DECODE_SEQ_LENS)
-def test_cpu_decode_attention_matches_reference(seq_lens, shape, dtype):
+def test_cpu_decode_attention_matches_reference(seq_lens, shape, dtype, cpu_path):
     _run_decode(ops.paged_decode_attention, "cpu", seq_lens, shape, dtype, seed=3)
 
 

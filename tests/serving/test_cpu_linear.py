@@ -7,7 +7,7 @@ from torch import nn
 
 from scheduler import SamplingParams
 from serving.models import load_model
-from kernels import cpu_small_m
+from kernels import cpu_native
 from serving.models.cpu_linear import PackedLinear, pack_linears, packing_supported, unpack_linears
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),
@@ -24,10 +24,10 @@ ROWS = [0, 1, 2, 3, 4, 7, 8, 9, 64, 300]
 def kernels(request, monkeypatch):
     """The small-M kernel library (built for this machine) or none (what a machine without a compiler gets)."""
     if request.param == "kernel":
-        if cpu_small_m.library() is None:
+        if cpu_native.library() is None:
             pytest.fail("the small-M kernel library did not build here (see the warning); g++ is part of the setup")
     else:
-        monkeypatch.setattr(cpu_small_m, "library", lambda: None)
+        monkeypatch.setattr(cpu_native, "library", lambda: None)
     return request.param
 
 
@@ -72,7 +72,7 @@ def test_pack_and_unpack_give_back_the_same_weights(tiny_model_dir, monkeypatch)
 
 def test_packing_drops_the_plain_weight_unless_it_is_shared(tiny_model_dir):
     model = load_model(tiny_model_dir, torch.float32, torch.device("cpu"))
-    if cpu_small_m.library() is None:
+    if cpu_native.library() is None:
         pytest.fail("the small-M kernel library did not build here")
     layer = model.layers[0].mlp.down_proj
     assert isinstance(layer, PackedLinear) and layer.plain_weight is None and layer.tiled_weight is not None

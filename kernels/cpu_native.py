@@ -1,4 +1,5 @@
-"""A float32 CPU kernel for linear layers at decode sizes (1-8 rows), built on first use.
+"""pdserve's float32 CPU kernels, compiled on first use: linear layers at decode sizes (1-8 rows) and
+decode attention over the paged KV cache.
 
 torch ships no matmul that streams a weight from memory at full speed for a few rows: MKL's sgemm
 re-packs the weight on every call, oneDNN's kernel for a packed weight reads 11-18 GB/s at 1-8 rows
@@ -9,12 +10,20 @@ each tile one contiguous run, every row of x multiplied by each weight as it str
     weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/32), K, 32]
     linear(x [M, K], tiled, bias, N) -> y [M, N]          1 <= M <= MAX_ROWS
 
-The library is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
+Decode attention (`kernels/csrc/cpu_decode_attention.cpp`) reads each request's K and V straight from
+its cache blocks, once, per (request, KV head) task, where the torch path gathers them into new tensors
+and runs several ops per layer (kernels/cpu_attention.py).
+
+    decode_attention(q [B, Hq, D], k_cache, v_cache [blocks, block_size, Hkv, D], block_tables [B, *]
+                     int32, seq_lens [B] int32, scale) -> [B, Hq, D]      D <= MAX_HEAD_DIM
+
+The library (both sources) is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
 `-O3 -march=native -fopenmp`, about two seconds) into `$PDSERVE_CACHE_DIR/kernels` (default
 `~/.cache/pdserve/kernels`), keyed by the source, the flags, the compiler and the CPU's features, and
 loaded with ctypes (no torch headers; the call releases the GIL; its OpenMP threads are torch's, the
 one libgomp of the process). Where it cannot be built (no compiler, no OpenMP) `library()` returns
 None once with a warning and callers keep torch's paths; `PDSERVE_CPU_KERNELS=0` turns it off.
+`python -m kernels` builds it ahead of time (make install does).
 """
 from __future__ import annotations
 
@@ -33,10 +42,11 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_small_m_linear.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 TILE = 32       # output columns per tile (kTile in the source)
 MAX_ROWS = 8    # the largest M the kernel serves (pdserve_max_rows)
+MAX_HEAD_DIM = 143  # the largest head_dim decode attention serves (pdserve_decode_attention_max_head_dim)
 BUILD_TIMEOUT_S = 300
 
 _lock = threading.Lock()
@@ -69,8 +79,9 @@ def _cpu_features() -> str:
 
 def _library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_features()]).encode())
-    return cache_dir() / f"libpdserve_cpu_small_m_{key.hexdigest()[:16]}.so"
+    sources = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*sources, " ".join(FLAGS), version, _cpu_features()]).encode())
+    return cache_dir() / f"libpdserve_cpu_{key.hexdigest()[:16]}.so"
 
 
 def build(cxx: str) -> Path:
@@ -80,15 +91,18 @@ def build(cxx: str) -> Path:
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("compiling pdserve's CPU linear kernel (once per machine): %s", path)
+    logger.info("compiling pdserve's CPU kernels (once per machine): %s", path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp, path)  # atomic: processes building at once each leave a whole file
+        for stale in path.parent.glob("libpdserve_cpu*.so"):  # builds of other sources (a process that
+            if stale != path:                                  # mapped one keeps its copy)
+                stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -99,9 +113,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.pdserve_small_m_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.pdserve_small_m_linear.restype = ctypes.c_int
-    if lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS:
-        raise RuntimeError(f"{path} does not match kernels/cpu_small_m.py (tile {lib.pdserve_tile_width()}, "
-                           f"rows {lib.pdserve_max_rows()})")
+    lib.pdserve_decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+                                             + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int])
+    lib.pdserve_decode_attention.restype = ctypes.c_int
+    if (lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS
+            or lib.pdserve_decode_attention_max_head_dim() != MAX_HEAD_DIM):
+        raise RuntimeError(f"{path} does not match kernels/cpu_native.py")
     return lib
 
 
@@ -118,18 +135,18 @@ def library() -> ctypes.CDLL | None:
 
 def _build_and_load() -> ctypes.CDLL | None:
     if not enabled():
-        logger.info("PDSERVE_CPU_KERNELS=0: CPU linear layers use torch's paths only")
+        logger.info("PDSERVE_CPU_KERNELS=0: CPU linear layers and attention use torch's paths only")
         return None
     cxx = compiler()
     if cxx is None:
-        logger.warning("no C++ compiler found (set CXX, or install g++): decode-size CPU linear layers fall "
-                       "back to torch's oneDNN/MKL paths, 1.3-2x slower")
+        logger.warning("no C++ compiler found (set CXX, or install g++): CPU decode steps fall back to "
+                       "torch's paths (linear layers 1.3-2x slower, attention slower)")
         return None
     try:
         return _load(build(cxx))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        logger.warning("pdserve's CPU linear kernel could not be built or loaded; decode-size CPU linear "
-                       "layers fall back to torch's paths, 1.3-2x slower. %s", e)
+        logger.warning("pdserve's CPU kernels could not be built or loaded; CPU decode steps fall back to "
+                       "torch's paths (linear layers 1.3-2x slower, attention slower). %s", e)
         return None
 
 
@@ -165,7 +182,34 @@ def linear(lib: ctypes.CDLL, x: Tensor, tiled: Tensor, bias: Tensor | None, out_
     return out
 
 
-if __name__ == "__main__":  # `python -m kernels.cpu_small_m`: build now (make install does)
-    logging.basicConfig(level=logging.INFO)
-    lib = library()
-    print("pdserve CPU linear kernel:", "ready" if lib is not None else "unavailable (torch's paths are used)")
+def decode_attention_supported(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    return (q.dtype == k_cache.dtype == v_cache.dtype == torch.float32 and q.device.type == "cpu"
+            and q.shape[-1] <= MAX_HEAD_DIM and k_cache.is_contiguous() and v_cache.is_contiguous())
+
+
+def decode_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                     seq_lens: Tensor, scale: float) -> Tensor:
+    """q [B, Hq, D] float32 over seq_lens[b] positions of the paged cache -> [B, Hq, D]; a request with
+    seq_len 0 gets zeros. Table entries past a request's last block are never read."""
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if not decode_attention_supported(q, k_cache, v_cache) or cache_head_dim != head_dim \
+            or v_cache.shape != k_cache.shape or num_q_heads % num_kv_heads:
+        raise ValueError(f"decode attention takes float32 q [B, Hq, D<={MAX_HEAD_DIM}] and contiguous caches "
+                         f"[blocks, block_size, Hkv, D] with Hkv dividing Hq; got q {tuple(q.shape)} {q.dtype}, "
+                         f"caches {tuple(k_cache.shape)} {k_cache.dtype}")
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    needed = -(-int(lens.max()) // block_size) if num_seqs else 0
+    if tables.shape[0] != num_seqs or lens.shape[0] != num_seqs or tables.shape[1] < needed:
+        raise ValueError(f"block_tables {tuple(tables.shape)} and seq_lens {tuple(lens.shape)} do not cover "
+                         f"{num_seqs} requests of up to {needed} blocks")
+    queries = q.contiguous()
+    out = torch.empty_like(queries)
+    status = lib.pdserve_decode_attention(queries.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                          tables.data_ptr(), tables.shape[1], lens.data_ptr(), out.data_ptr(),
+                                          num_seqs, num_q_heads, num_kv_heads, head_dim, block_size, scale,
+                                          torch.get_num_threads())
+    if status != 0:
+        raise RuntimeError(f"pdserve_decode_attention returned {status}")
+    return out

@@ -1,0 +1,175 @@
+// Decode attention over the paged KV cache, float32, CPU: one query token per request.
+//
+//   q [B, Hq, D], k_cache/v_cache [num_blocks, block_size, Hkv, D], block_tables [B, table_stride]
+//   int32, seq_lens [B] int32  ->  out [B, Hq, D]
+//
+// One task per (request, KV head): its G = Hq / Hkv query heads read the head's K and V straight from
+// the cache blocks the table names (no gathered copy), each once: pass 1 the G scores of every
+// position, pass 2 a softmax per query head, pass 3 the weighted sum of V. The torch path gathers K/V
+// into a new tensor first and runs several ops per layer (kernels/cpu_attention.py). Tasks are
+// spread over OpenMP threads (torch's libgomp). Written with GCC/Clang vector extensions.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+    v16 v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float sum_lanes(v16 v) {
+    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// exp(x) for x <= 0 (scores minus their max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree
+// 6 (Cephes' expf coefficients); below -87 the result is 0 or a tiny normal, as expf gives.
+inline v16 exp_nonpositive(v16 x) {
+    const v16 lo = v16{} - 87.0f;
+    x = x < lo ? lo : x;
+    const v16 fx = x * 1.44269504088896341f + 0.5f;
+    vi16 n = __builtin_convertvector(fx, vi16);                // truncates toward zero
+    n += (vi16)(__builtin_convertvector(n, v16) > fx);         // floor: -1 where truncation rounded up
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v16 p = v16{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const vi16 bits = (n + 127) << 23;
+    v16 scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    return p * scale;
+}
+
+// C = D / 16 whole vectors per head row; the last D % 16 elements are done one by one
+template <int C>
+void one_task(const float* q, const float* k_cache, const float* v_cache, const int32_t* table,
+              int64_t seq_len, float* out, int64_t group, int64_t num_kv_heads, int64_t head_dim,
+              int64_t block_size, int64_t kv_head, float scale, std::vector<float>& scores,
+              std::vector<float>& acc) {
+    const int64_t rem_start = int64_t(C) * 16;
+    const int64_t row_stride = num_kv_heads * head_dim;  // between positions within a block
+    scores.resize(group * seq_len);
+    // pass 1: scores[g][s] = scale * q_g . k_s
+    for (int64_t s = 0; s < seq_len; ++s) {
+        const int64_t block = table[s / block_size];
+        const float* k = k_cache + (block * block_size + s % block_size) * row_stride + kv_head * head_dim;
+        v16 kv[C > 0 ? C : 1];
+        for (int c = 0; c < C; ++c) kv[c] = load16(k + c * 16);
+        for (int64_t g = 0; g < group; ++g) {
+            const float* qg = q + g * head_dim;
+            v16 dot = v16{};
+            for (int c = 0; c < C; ++c) dot += load16(qg + c * 16) * kv[c];
+            float total = sum_lanes(dot);
+            for (int64_t d = rem_start; d < head_dim; ++d) total += qg[d] * k[d];
+            scores[g * seq_len + s] = total * scale;
+        }
+    }
+    // pass 2: softmax of each query head's scores
+    std::vector<float> inv_sum(group);
+    for (int64_t g = 0; g < group; ++g) {
+        float* row = scores.data() + g * seq_len;
+        float top = row[0];
+        for (int64_t s = 1; s < seq_len; ++s) top = row[s] > top ? row[s] : top;
+        v16 vsum = v16{};
+        float total = 0.0f;
+        int64_t s = 0;
+        for (; s + 16 <= seq_len; s += 16) {
+            const v16 e = exp_nonpositive(load16(row + s) - top);
+            store16(row + s, e);
+            vsum += e;
+        }
+        if (s < seq_len) {
+            float tail[16];
+            for (int i = 0; i < 16; ++i) tail[i] = s + i < seq_len ? row[s + i] - top : -100.0f;
+            const v16 e = exp_nonpositive(load16(tail));
+            for (int64_t i = 0; s + i < seq_len; ++i) {
+                row[s + i] = e[i];
+                total += e[i];
+            }
+        }
+        inv_sum[g] = 1.0f / (sum_lanes(vsum) + total);
+    }
+    // pass 3: out_g = sum_s p[g][s] v_s / sum
+    acc.assign(group * head_dim, 0.0f);
+    for (int64_t s = 0; s < seq_len; ++s) {
+        const int64_t block = table[s / block_size];
+        const float* v = v_cache + (block * block_size + s % block_size) * row_stride + kv_head * head_dim;
+        v16 vv[C > 0 ? C : 1];
+        for (int c = 0; c < C; ++c) vv[c] = load16(v + c * 16);
+        for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * seq_len + s];
+            float* a = acc.data() + g * head_dim;
+            for (int c = 0; c < C; ++c) store16(a + c * 16, load16(a + c * 16) + p * vv[c]);
+            for (int64_t d = rem_start; d < head_dim; ++d) a[d] += p * v[d];
+        }
+    }
+    for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = acc[g * head_dim + d] * inv_sum[g];
+}
+
+template <int C>
+void run(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
+         int64_t table_stride, const int32_t* seq_lens, float* out, int64_t num_seqs, int64_t num_q_heads,
+         int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int threads) {
+    const int64_t group = num_q_heads / num_kv_heads;
+    const int64_t num_tasks = num_seqs * num_kv_heads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        std::vector<float> scores, acc;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_tasks; ++task) {
+            const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
+            const int64_t offset = (b * num_q_heads + h * group) * head_dim;
+            if (seq_lens[b] <= 0) {
+                std::memset(out + offset, 0, group * head_dim * sizeof(float));
+                continue;
+            }
+            one_task<C>(q + offset, k_cache, v_cache, block_tables + b * table_stride, seq_lens[b],
+                        out + offset, group, num_kv_heads, head_dim, block_size, h, scale, scores, acc);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// head_dim up to this is served (callers use torch's path above it)
+int pdserve_decode_attention_max_head_dim() { return 16 * 8 + 15; }
+
+// returns 0, or -1 for a shape it does not serve
+int pdserve_decode_attention(const float* q, const float* k_cache, const float* v_cache,
+                             const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens,
+                             float* out, int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
+                             int64_t head_dim, int64_t block_size, float scale, int threads) {
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || block_size <= 0) return -1;
+#define PDSERVE_CASE(C) \
+    case C: run<C>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_q_heads, \
+                   num_kv_heads, head_dim, block_size, scale, threads); return 0;
+    switch (head_dim / 16) {
+        PDSERVE_CASE(0) PDSERVE_CASE(1) PDSERVE_CASE(2) PDSERVE_CASE(3) PDSERVE_CASE(4)
+        PDSERVE_CASE(5) PDSERVE_CASE(6) PDSERVE_CASE(7) PDSERVE_CASE(8)
+        default: return -1;
+    }
+#undef PDSERVE_CASE
+}
+
+}
