@@ -9,6 +9,7 @@ from kernels.ops import (
     paged_decode_attention,
     rms_norm,
     rotary_embedding,
+    silu_and_mul,
     unpack_kv,
     write_kv,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "paged_decode_attention",
     "rms_norm",
     "rotary_embedding",
+    "silu_and_mul",
     "unpack_kv",
     "write_kv",
 ]

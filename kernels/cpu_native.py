@@ -10,6 +10,10 @@ each tile one contiguous run, every row of x multiplied by each weight as it str
     weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/32), K, 32]
     linear(x [M, K], tiled, bias, N) -> y [M, N]          1 <= M <= MAX_ROWS
 
+The small per-layer ops (`kernels/csrc/cpu_elementwise.cpp`: RMSNorm with the residual add fused,
+rotary embedding, K/V into the paged cache, SiLU-and-multiply) are one call each where torch
+dispatches several ops (an RMSNorm of one row costs ~50 us through aten).
+
 Decode attention (`kernels/csrc/cpu_decode_attention.cpp`) reads each request's K and V straight from
 its cache blocks, once, per (request, KV head) task, where the torch path gathers them into new tensors
 and runs several ops per layer (kernels/cpu_attention.py).
@@ -42,7 +46,9 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp")]
+_CSRC = Path(__file__).parent / "csrc"
+SOURCES = [_CSRC / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp", "cpu_elementwise.cpp")]
+HEADERS = [_CSRC / "vec.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 TILE = 32       # output columns per tile (kTile in the source)
 MAX_ROWS = 8    # the largest M the kernel serves (pdserve_max_rows)
@@ -79,7 +85,7 @@ def _cpu_features() -> str:
 
 def _library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    sources = [source.read_text() for source in SOURCES]
+    sources = [source.read_text() for source in SOURCES + HEADERS]
     key = hashlib.sha256("\0".join([*sources, " ".join(FLAGS), version, _cpu_features()]).encode())
     return cache_dir() / f"libpdserve_cpu_{key.hexdigest()[:16]}.so"
 
@@ -116,6 +122,15 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_decode_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
                                              + [ctypes.c_int64] * 5 + [ctypes.c_float, ctypes.c_int])
     lib.pdserve_decode_attention.restype = ctypes.c_int
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.pdserve_rms_norm.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.pdserve_rms_norm.restype = None
+    lib.pdserve_rotary.argtypes = [ptr, ptr, i64, ptr, i64, ptr, i64, ptr, ptr] + [i64] * 5 + [ctypes.c_int]
+    lib.pdserve_rotary.restype = ctypes.c_int
+    lib.pdserve_write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.pdserve_write_kv.restype = ctypes.c_int
+    lib.pdserve_silu_and_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
+    lib.pdserve_silu_and_mul.restype = None
     if (lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS
             or lib.pdserve_decode_attention_max_head_dim() != MAX_HEAD_DIM):
         raise RuntimeError(f"{path} does not match kernels/cpu_native.py")
@@ -212,4 +227,89 @@ def decode_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tens
                                           torch.get_num_threads())
     if status != 0:
         raise RuntimeError(f"pdserve_decode_attention returned {status}")
+    return out
+
+
+def _float32_cpu(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+
+
+def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+             ) -> Tensor | tuple[Tensor, Tensor]:
+    """kernels.ops.rms_norm for float32 [T, H] on CPU: rms_norm(x (+ residual)) * weight, and with a
+    residual also the sum. Inputs are not modified."""
+    rows = x.contiguous()
+    hidden = rows.shape[-1]
+    res = residual.contiguous() if residual is not None else None
+    w = weight.contiguous()
+    if not _float32_cpu(rows, w, *([res] if res is not None else [])) or w.numel() != hidden \
+            or (res is not None and res.shape != rows.shape):
+        raise ValueError(f"rms_norm takes float32 CPU x [.., H] and weight [H]; got {tuple(x.shape)} {x.dtype}, "
+                         f"weight {tuple(weight.shape)} {weight.dtype}")
+    out = torch.empty_like(rows)
+    summed = torch.empty_like(rows) if res is not None else None
+    lib.pdserve_rms_norm(rows.data_ptr(), None if res is None else res.data_ptr(), w.data_ptr(), out.data_ptr(),
+                         None if summed is None else summed.data_ptr(), rows.numel() // hidden if hidden else 0,
+                         hidden, eps, torch.get_num_threads())
+    return out if summed is None else (out, summed)
+
+
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """t [T, heads, D] as a tensor whose tokens are rows of heads * D contiguous elements, and the row
+    stride in elements (a view of a fused qkv output has a stride wider than its row)."""
+    if t.shape[0] > 0 and not (t.stride(2) == 1 and t.stride(1) == t.shape[2]):
+        t = t.contiguous()
+    return t, (t.stride(0) if t.shape[0] > 0 else 0)
+
+
+def rotary_embedding(lib: ctypes.CDLL, positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
+                     is_neox: bool = True) -> tuple[Tensor, Tensor]:
+    """kernels.ops.rotary_embedding for float32 on CPU: new rotated q [T, Hq, D] and k [T, Hkv, D]."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, rot_dim = k.shape[1], cos_sin_cache.shape[1]
+    table = cos_sin_cache.contiguous()
+    if not _float32_cpu(q, k, table) or k.shape[0] != num_tokens or k.shape[2] != head_dim \
+            or rot_dim > head_dim or rot_dim % 2:
+        raise ValueError(f"rotary takes float32 CPU q [T, Hq, D], k [T, Hkv, D] and a table [P, rot_dim <= D]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos_sin_cache.shape)}")
+    (qs, q_stride), (ks, k_stride) = _rows(q), _rows(k)
+    pos = positions.to(torch.int64).contiguous()
+    q_out = torch.empty(num_tokens, num_q_heads, head_dim)
+    k_out = torch.empty(num_tokens, num_kv_heads, head_dim)
+    status = lib.pdserve_rotary(pos.data_ptr(), qs.data_ptr(), q_stride, ks.data_ptr(), k_stride, table.data_ptr(),
+                                table.shape[0], q_out.data_ptr(), k_out.data_ptr(), num_tokens, num_q_heads,
+                                num_kv_heads, head_dim, rot_dim, int(is_neox))
+    if status != 0:
+        raise ValueError(f"a position is outside the rotary table's {table.shape[0]} positions")
+    return q_out, k_out
+
+
+def write_kv(lib: ctypes.CDLL, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
+    """kernels.ops.write_kv for float32 on CPU: key/value [T, Hkv, D] into slot_mapping [T] of the
+    contiguous caches [blocks, block_size, Hkv, D]; slot < 0 skips; a slot past the cache is an error
+    and writes nothing."""
+    if not (_float32_cpu(key, value, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and k_cache.shape == v_cache.shape and key.shape == value.shape and key.shape[1:] == k_cache.shape[2:]):
+        raise ValueError(f"write_kv takes float32 CPU key/value [T, Hkv, D] and contiguous caches "
+                         f"[blocks, block_size, Hkv, D]; got {tuple(key.shape)}, {tuple(k_cache.shape)}")
+    (ks, k_stride), (vs, v_stride) = _rows(key), _rows(value)
+    slots = slot_mapping.to(torch.int64).contiguous()
+    row = key.shape[1] * key.shape[2]
+    status = lib.pdserve_write_kv(ks.data_ptr(), k_stride, vs.data_ptr(), v_stride, k_cache.data_ptr(),
+                                  v_cache.data_ptr(), slots.data_ptr(), key.shape[0], row,
+                                  k_cache.shape[0] * k_cache.shape[1])
+    if status != 0:
+        raise IndexError(f"a slot in slot_mapping is past the cache's {k_cache.shape[0] * k_cache.shape[1]} slots")
+
+
+def silu_and_mul(lib: ctypes.CDLL, gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for float32 gate_up [..., 2I] (gate first) on CPU -> [..., I]."""
+    rows = gate_up.contiguous()
+    if not _float32_cpu(rows) or rows.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul takes float32 CPU [..., 2I]; got {tuple(gate_up.shape)} {gate_up.dtype}")
+    inter = rows.shape[-1] // 2
+    out = torch.empty(*rows.shape[:-1], inter)
+    lib.pdserve_silu_and_mul(rows.data_ptr(), out.data_ptr(), rows.numel() // rows.shape[-1] if inter else 0, inter,
+                             torch.get_num_threads())
     return out

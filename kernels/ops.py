@@ -1,7 +1,8 @@
 """Dispatching entry points of the kernels package.
 
-Each op runs its Triton kernel when the tensors live on CUDA and a torch path otherwise; both are tested
-against the loop definitions in `kernels.reference`. The Triton modules are imported only on the CUDA
+Each op runs its Triton kernel when the tensors live on CUDA, pdserve's compiled CPU kernel for float32
+on CPU where it is built (kernels/cpu_native.py), and a torch path otherwise; all are tested against
+the loop definitions in `kernels.reference`. The Triton modules are imported only on the CUDA
 branch, so CPU serving never loads (or JIT-compiles) the Triton kernels.
 
 KV cache layout used throughout: kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D]; the per-layer
@@ -10,10 +11,27 @@ block_id * block_size + offset.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_attention
+from kernels import cpu_attention, cpu_native
 from kernels.checks import check_attention_inputs
+
+
+def _native(*tensors: Tensor):
+    """pdserve's CPU kernel library when every tensor is float32 on the CPU and it is built, else None."""
+    if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+        return cpu_native.library()
+    return None
+
+
+def silu_and_mul(gate_up: Tensor) -> Tensor:
+    """silu(gate) * up for gate_up [..., 2I] (gate first, as a fused gate_up projection gives) -> [..., I]."""
+    lib = _native(gate_up)
+    if lib is not None:
+        return cpu_native.silu_and_mul(lib, gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
@@ -26,6 +44,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     if x.is_cuda:
         from kernels import triton_norm
         return triton_norm.rms_norm(x, weight, eps, residual)
+    lib = _native(x, weight, *([residual] if residual is not None else []))
+    if lib is not None:
+        return cpu_native.rms_norm(lib, x, weight, eps, residual)
     if residual is not None:
         summed = x + residual if x.dtype == torch.float32 else (x.float() + residual.float()).to(x.dtype)
         return _rms_norm_torch(summed, weight, eps), summed
@@ -52,6 +73,9 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
     if q.is_cuda:
         from kernels import triton_norm
         return triton_norm.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
+    lib = _native(q, k, cos_sin_cache)
+    if lib is not None and q.dim() == k.dim() == 3:
+        return cpu_native.rotary_embedding(lib, positions, q, k, cos_sin_cache, is_neox)
     cos_sin = cos_sin_cache.index_select(0, positions.long())              # [T, rot_dim]
     half = cos_sin.shape[1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]            # [T, 1, rot_dim/2]
@@ -77,6 +101,10 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_
     if key.is_cuda:
         from kernels import triton_cache
         triton_cache.write_kv(key, value, k_cache, v_cache, slot_mapping)
+        return
+    lib = _native(key, value, k_cache, v_cache)
+    if lib is not None and k_cache.is_contiguous() and v_cache.is_contiguous():
+        cpu_native.write_kv(lib, key, value, k_cache, v_cache, slot_mapping)
         return
     slots = slot_mapping.long()
     keep = slots >= 0

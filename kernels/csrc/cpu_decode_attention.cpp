@@ -13,50 +13,11 @@
 #include <cstring>
 #include <vector>
 
+#include "vec.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-    v16 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float sum_lanes(v16 v) {
-    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// exp(x) for x <= 0 (scores minus their max): 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p of degree
-// 6 (Cephes' expf coefficients); below -87 the result is 0 or a tiny normal, as expf gives.
-inline v16 exp_nonpositive(v16 x) {
-    const v16 lo = v16{} - 87.0f;
-    x = x < lo ? lo : x;
-    const v16 fx = x * 1.44269504088896341f + 0.5f;
-    vi16 n = __builtin_convertvector(fx, vi16);                // truncates toward zero
-    n += (vi16)(__builtin_convertvector(n, v16) > fx);         // floor: -1 where truncation rounded up
-    const v16 nf = __builtin_convertvector(n, v16);
-    const v16 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-    v16 p = v16{} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const vi16 bits = (n + 127) << 23;
-    v16 scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    return p * scale;
-}
+using namespace pdserve;
 
 // C = D / 16 whole vectors per head row; the last D % 16 elements are done one by one
 template <int C>
@@ -92,14 +53,14 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
         float total = 0.0f;
         int64_t s = 0;
         for (; s + 16 <= seq_len; s += 16) {
-            const v16 e = exp_nonpositive(load16(row + s) - top);
+            const v16 e = exp16(load16(row + s) - top);
             store16(row + s, e);
             vsum += e;
         }
         if (s < seq_len) {
             float tail[16];
             for (int i = 0; i < 16; ++i) tail[i] = s + i < seq_len ? row[s + i] - top : -100.0f;
-            const v16 e = exp_nonpositive(load16(tail));
+            const v16 e = exp16(load16(tail));
             for (int64_t i = 0; s + i < seq_len; ++i) {
                 row[s + i] = e[i];
                 total += e[i];

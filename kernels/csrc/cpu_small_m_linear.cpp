@@ -21,18 +21,12 @@
 #include <omp.h>
 #endif
 
+#include "vec.h"
+
 namespace {
 
 constexpr int kTile = 32;  // output columns per tile: two 16-lane vectors
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-    v16 v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+using namespace pdserve;
 
 // k in [k0, k1) of tiles [t, t + P) against the M rows of x; the first chunk starts the sums, the last
 // adds the bias, the others add to what y holds

@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.ops import rms_norm, rotary_embedding
+from kernels.ops import rms_norm, rotary_embedding, silu_and_mul
 from kernels.rotary import compute_cos_sin_cache
 from serving.models.config import ModelArchConfig
 
@@ -87,8 +86,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)   # 2 x [T, I]
-        return self.down_proj(F.silu(gate) * up)                               # [T, H]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))             # [T, 2I] -> [T, I] -> [T, H]
 
 
 class DecoderLayer(nn.Module):

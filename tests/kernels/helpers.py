@@ -43,3 +43,31 @@ def make_paged_batch(q_lens: list[int], seq_lens: list[int], num_q_heads: int, n
 
 def to_device(batch: dict, device: str) -> dict:
     return {name: t.to(device) for name, t in batch.items()}
+
+
+def torch_path(fn):
+    """fn with pdserve's compiled CPU kernels switched off: the torch path a machine without a compiler runs."""
+    import functools
+    from unittest import mock
+
+    from kernels import cpu_native
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with mock.patch.object(cpu_native, "library", lambda: None):
+            return fn(*args, **kwargs)
+    return run
+
+
+def compiled_path(fn):
+    """fn with pdserve's compiled CPU kernels required (float32 on CPU runs them)."""
+    import functools
+
+    from kernels import cpu_native
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if cpu_native.library() is None:
+            raise AssertionError("pdserve's CPU kernels did not build here (g++ is part of the setup)")
+        return fn(*args, **kwargs)
+    return run

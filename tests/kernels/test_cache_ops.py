@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kernels import ops, reference
-from tests.kernels.helpers import TRITON_DEVICE
+from tests.kernels.helpers import TRITON_DEVICE, compiled_path, torch_path
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -19,7 +19,10 @@ def _impls(name: str):
             return triton_cache.pack_kv(kv_cache, block_ids, layer_start, layer_end, out)
     else:
         triton_fn = getattr(triton_cache, name)
-    return [pytest.param(torch_fn, "cpu", id="torch"), pytest.param(triton_fn, TRITON_DEVICE, id="triton")]
+    cpu = [pytest.param(torch_path(torch_fn), "cpu", id="torch")]
+    if name == "write_kv":
+        cpu.append(pytest.param(compiled_path(torch_fn), "cpu", id="compiled"))
+    return [*cpu, pytest.param(triton_fn, TRITON_DEVICE, id="triton")]
 
 
 def _random_cache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, gen):

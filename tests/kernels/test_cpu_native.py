@@ -113,6 +113,54 @@ def test_decode_attention_refuses_what_it_does_not_serve(lib):
     assert torch.equal(zero[0], torch.zeros(4, 16))
 
 
+def test_rms_norm_rotary_and_silu_on_fresh_inputs(lib):
+    import torch.nn.functional as F
+    from kernels import reference
+    from kernels.rotary import compute_cos_sin_cache
+    gen = torch.Generator().manual_seed(torch.seed())
+    seed = gen.initial_seed()
+    for tokens in (1, 3, 300):
+        hidden = int(torch.randint(1, 1100, (1,), generator=gen))
+        x, res = (torch.randn(tokens, hidden, generator=gen) * 3 for _ in range(2))
+        weight = torch.randn(hidden, generator=gen)
+        out, summed = cpu_native.rms_norm(lib, x, weight, 1e-6, res)
+        ref_out, ref_summed = reference.rms_norm(x, weight, 1e-6, res)
+        assert torch.equal(summed, ref_summed)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=lambda t: f"seed={seed} H={hidden}: {t}")
+        torch.testing.assert_close(cpu_native.rms_norm(lib, x, weight, 1e-6), reference.rms_norm(x, weight, 1e-6),
+                                   atol=1e-5, rtol=1e-5)
+        # q and k as views of a fused qkv output: rows wider than their heads
+        qkv = torch.randn(tokens, (6 + 2 + 2) * 64, generator=gen)
+        q, k, _ = qkv.split([6 * 64, 2 * 64, 2 * 64], dim=-1)
+        q, k = q.view(tokens, 6, 64), k.view(tokens, 2, 64)
+        positions = torch.randint(0, 500, (tokens,), generator=gen)
+        for rot_dim, is_neox in [(64, True), (32, False)]:
+            table = compute_cos_sin_cache(rot_dim, 500, 10000.0)
+            got = cpu_native.rotary_embedding(lib, positions, q, k, table, is_neox)
+            want = reference.rotary_embedding(positions, q, k, table, is_neox)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda t: f"seed={seed}: {t}")
+        gate_up = torch.randn(tokens, 2 * hidden, generator=gen) * 30  # exp far past float range both ways
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(cpu_native.silu_and_mul(lib, gate_up), F.silu(gate) * up, atol=1e-5, rtol=1e-5,
+                                   msg=lambda t: f"seed={seed}: {t}")
+
+
+def test_rotary_refuses_a_position_outside_the_table(lib):
+    from kernels.rotary import compute_cos_sin_cache
+    q, k = torch.randn(2, 4, 16), torch.randn(2, 2, 16)
+    with pytest.raises(ValueError, match="outside the rotary table's 100 positions"):
+        cpu_native.rotary_embedding(lib, torch.tensor([3, 100]), q, k, compute_cos_sin_cache(16, 100, 10000.0))
+
+
+def test_write_kv_refuses_a_slot_past_the_cache_and_writes_nothing(lib):
+    k_cache, v_cache = torch.zeros(4, 2, 2, 8), torch.zeros(4, 2, 2, 8)
+    key = value = torch.ones(3, 2, 8)
+    with pytest.raises(IndexError, match="past the cache's 8 slots"):
+        cpu_native.write_kv(lib, key, value, k_cache, v_cache, torch.tensor([0, 5, 8]))
+    assert not k_cache.any() and not v_cache.any()
+
+
 def test_tiling_round_trips_bit_exactly():
     for k, n in SHAPES:
         weight = torch.randn(n, k)

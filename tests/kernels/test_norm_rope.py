@@ -6,20 +6,22 @@ import torch
 
 from kernels import ops, reference
 from kernels.rotary import compute_cos_sin_cache
-from tests.kernels.helpers import TRITON_DEVICE, assert_close
+from tests.kernels.helpers import TRITON_DEVICE, assert_close, compiled_path, torch_path
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _rms_norm_impls():
     from kernels import triton_norm
-    return [pytest.param(ops.rms_norm, "cpu", id="torch"),
+    return [pytest.param(torch_path(ops.rms_norm), "cpu", id="torch"),
+            pytest.param(compiled_path(ops.rms_norm), "cpu", id="compiled"),
             pytest.param(triton_norm.rms_norm, TRITON_DEVICE, id="triton")]
 
 
 def _rotary_impls():
     from kernels import triton_norm
-    return [pytest.param(ops.rotary_embedding, "cpu", id="torch"),
+    return [pytest.param(torch_path(ops.rotary_embedding), "cpu", id="torch"),
+            pytest.param(compiled_path(ops.rotary_embedding), "cpu", id="compiled"),
             pytest.param(triton_norm.rotary_embedding, TRITON_DEVICE, id="triton")]
 
 
