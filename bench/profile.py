@@ -2,13 +2,19 @@
 
     pdserve profile --model DIR --out latency.json [--quick] [--threads N]
     pdserve profile --model DIR --out LATENCY_DIR/        (writes LATENCY_DIR/latency-tp1-pp1.json)
+    pdserve profile --from-trace TRACE_DIR_OR_FILE... --out latency.json     (no model run: see below)
 
 A latency-model set for the simulator and planner is one such file per TP x PP plan (its meta says tp
 and pp); a directory of them is what `--latency-model` takes. Plans not profiled are scaled from a
 profiled one by the rule in scheduler/latency_plans.py. Profile with the torch threads an instance will
 have (`--threads`: an instance of a disaggregated deployment gets num_cpus_per_instance threads).
 
-Drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
+--from-trace fits the model from the steps a *serving* engine took instead (`pdserve serve
+--step-trace-dir DIR` writes them; scheduler/step_trace.py): the step cost in place, with the API
+server, the router, KV transfer and the neighbours it really has. For 1P1D give both instances'
+files: the prefill instance's steps fit prefill, the decode instance's decode.
+
+Otherwise it drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
 forward pass plus sampling, exactly what a serving step costs. The fitted model (scheduler/latency_model.py)
 is what the placement planner and simulator read.
 """
@@ -79,7 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds, for smoke tests)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; match the instances you will simulate)")
+    parser.add_argument("--from-trace", nargs="+", default=None, metavar="TRACE",
+                        help="fit from step traces (files or directories of *.jsonl written with "
+                             "`pdserve serve --step-trace-dir`) instead of running the model")
     args = parser.parse_args(argv)
+    if args.from_trace:
+        return fit_from_trace(args.from_trace, args.out)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
 
@@ -113,6 +124,31 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model.save(out)
     p, d = model.prefill, model.decode
+    print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
+    print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def fit_from_trace(paths: list[str], out: str) -> int:
+    from scheduler import step_trace
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        print(f"pdserve profile: no such trace: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    steps = step_trace.read(paths)
+    try:
+        model = step_trace.fit(steps, meta={"traces": [os.path.abspath(p) for p in paths], "tp": 1, "pp": 1})
+    except ValueError as e:
+        print(f"pdserve profile: {e}", file=sys.stderr)
+        return 2
+    if out.endswith("/") or os.path.isdir(out):
+        out = save_set([model], out)[0]
+    else:
+        model.save(out)
+    p, d = model.prefill, model.decode
+    print(f"{len(steps)} traced steps ({model.meta['num_prefill_steps']} with prefill, {model.meta['num_mixed_steps']} "
+          f"mixed, {model.meta['num_decode_steps']} decode only)")
     print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
     print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
     print(f"wrote {out}")

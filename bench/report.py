@@ -36,6 +36,7 @@ def run_result_dict(run: RunResult, info: dict[str, Any], save_detailed: bool = 
     records = run.records
     result: dict[str, Any] = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "started_at": run.started_at,  # the run's wall-clock start (epoch seconds; matches step traces)
         **info,
         "request_rate": rate_to_json(load.request_rate),
         "arrival": load.arrival,

@@ -46,6 +46,7 @@ class RunResult:
     records: list[RequestRecord]
     duration_s: float
     metrics: BenchmarkMetrics
+    started_at: float | None = None  # wall clock (seconds since the epoch) when the run began; None: simulated
 
 
 def run_benchmark(spec: RunSpec, workload: Workload, count_tokens: Callable[[str], int] | None = None,
@@ -54,10 +55,11 @@ def run_benchmark(spec: RunSpec, workload: Workload, count_tokens: Callable[[str
     replaces the network (tests use httpx.MockTransport)."""
     rng = np.random.default_rng([spec.seed, _ARRIVAL_SEED_OFFSET])
     arrivals_s = arrival_times(spec.load, len(workload.conversations), rng, workload.trace_times_s)
+    started_at = time.time()
     records, duration_s = asyncio.run(_run(spec, workload, arrivals_s, count_tokens, transport))
     metrics = compute_metrics(records, duration_s, list(spec.percentiles), spec.slos_ms,
                               workload.tenant_weights)
-    return RunResult(spec, records, duration_s, metrics)
+    return RunResult(spec, records, duration_s, metrics, started_at)
 
 
 def check_ready(endpoint: EndpointConfig, model: str, workload: Workload) -> None:

@@ -70,7 +70,7 @@ def compare_main(args: argparse.Namespace, deployment: SimDeployment) -> int:
                      "wall_s": simulated["simulation"]["wall_s"]})
     rows.sort(key=lambda row: row["rate"])
     print(format_comparison(rows))
-    summary = _goodput_summary(rows, args.target_attainment)
+    summary = goodput_summary(rows, args.target_attainment)
     if summary:
         print(summary["text"])
     if args.save_result:
@@ -109,7 +109,7 @@ def _fmt(value: Any, scale: float) -> str:
     return "-" if value is None else f"{value * scale:.1f}" if scale != 1.0 else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
-def _goodput_summary(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
+def goodput_summary(rows: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     if len(rows) < 2 or any(row["measured"]["slo_attainment"] is None for row in rows):
         return None
     measured = crossing_rate([(r["rate"], r["measured"]["slo_attainment"]) for r in rows], target)

@@ -12,6 +12,7 @@ Clock (real, or virtual for simulation) — and touches no tensors itself.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ from scheduler.clock import Clock
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
 from scheduler.step import StepPlan, StepResult
+from scheduler.step_trace import StepTrace, classify
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +51,10 @@ class EngineCoreOutput:
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock | None = None,
+                 trace: StepTrace | None = None) -> None:
         self.scheduler = scheduler
+        self.trace = trace  # every computed step's shape and duration (scheduler/step_trace.py), or None
         self.executor = executor
         self.clock = clock or scheduler.clock
         self.last_step_idle = True  # the last step computed nothing (only moves to poll)
@@ -80,10 +84,16 @@ class EngineCore:
         plan = self.scheduler.schedule()
         self.last_step_idle = plan.is_empty
         self.num_steps += 1
+        trace = self.trace if not plan.is_empty else None
+        if trace is not None:
+            chunks, contexts = classify(plan, self.scheduler.requests)
+            started = time.time()
         try:
             result = self.executor.execute(plan)
         except Exception as e:  # a failed step fails its requests, not the engine
             return self._fail_step(plan, e)
+        if trace is not None:
+            trace.record(started, result.step_seconds, chunks, contexts)
         self.clock.advance(result.step_seconds)
         update = self.scheduler.update(plan, result)
         outputs = [self._output(r, [], accepted=True) for r in update.accepted if not r.is_finished]

@@ -50,7 +50,7 @@ class LatencyModel:
             raise ValueError(f"{path} is not a latency model written by `pdserve profile`: {e}") from e
 
 
-def _fit(features: np.ndarray, seconds: np.ndarray) -> PhaseCoefficients:
+def fit_weighted(features: np.ndarray, seconds: np.ndarray) -> PhaseCoefficients:
     """Least squares on relative error (each row weighted by 1/seconds): a plain fit lets the few long
     steps of a profile (big batches) decide the coefficients and misses the short ones (one decode row,
     a short prompt) by 50-100%, while a serving run is mostly short steps."""
@@ -65,10 +65,10 @@ def _fit(features: np.ndarray, seconds: np.ndarray) -> PhaseCoefficients:
 def fit_prefill(batches: list[list[int]], seconds: list[float]) -> PhaseCoefficients:
     """batches: prompt lengths of each profiled prefill step."""
     x = np.array([[1.0, sum(b), sum(l * l for l in b)] for b in batches])
-    return _fit(x, np.asarray(seconds, dtype=np.float64))
+    return fit_weighted(x, np.asarray(seconds, dtype=np.float64))
 
 
 def fit_decode(batches: list[list[int]], seconds: list[float]) -> PhaseCoefficients:
     """batches: context lengths of each profiled decode step."""
     x = np.array([[1.0, sum(b), len(b)] for b in batches])
-    return _fit(x, np.asarray(seconds, dtype=np.float64))
+    return fit_weighted(x, np.asarray(seconds, dtype=np.float64))

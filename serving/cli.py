@@ -79,6 +79,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="CPU: where the colocated engine process computes — nobind (default): one unpinned "
                         "thread per core; auto: every core but the last, one pinned thread each, the last left "
                         "to the HTTP server (vLLM's layout); or a core list such as 0-2,5")
+    g.add_argument("--step-trace-dir", default=None, metavar="DIR",
+                   help="every engine appends each step's shape and duration to DIR/<role>-<pid>.jsonl, for "
+                        "`pdserve profile --from-trace` (a latency model measured in place); default off")
     _bool_flag(g, "same-node", "Ray: keep each prefill/decode pair on one node (placement group)")
     g.add_argument("--num-cpus-per-instance", type=float, default=None, help="Ray: CPUs per instance")
     g.add_argument("--num-gpus-per-instance", type=float, default=None, help="Ray: GPUs per instance")

@@ -111,6 +111,9 @@ class DeployConfig:
     # where a colocated engine process computes (serving/engine/cpu_placement.py): nobind (one unpinned
     # thread per core), auto (every core but the last, a pinned thread each: vLLM's layout), or a core list
     cpu_threads_bind: str = "nobind"
+    # every engine writes each step's shape and duration to DIR/<role>-<pid>.jsonl (scheduler/step_trace.py;
+    # `pdserve profile --from-trace` fits a latency model from them); None: no trace
+    step_trace_dir: str | None = None
     # config keys (model, cache, scheduler) that differ per role, e.g. {max_num_batched_tokens: 4096}
     prefill_overrides: dict = field(default_factory=dict)
     decode_overrides: dict = field(default_factory=dict)

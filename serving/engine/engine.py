@@ -24,6 +24,7 @@ from scheduler.engine_core import EngineCore, EngineCoreOutput
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import RequestTooLargeError, Scheduler
+from scheduler.step_trace import StepTrace
 from serving.config import Config
 from serving.engine.protocol import EngineStats, RequestRejectedError
 from serving.engine.validation import check_kv_pool_fits, check_stop_token_ids
@@ -155,6 +156,8 @@ class Engine:
 
     def close(self) -> None:
         self.connector.close()
+        if self.core.trace is not None:
+            self.core.trace.close()
 
 
 def _allocate_shared(layout, num_blocks: int):
@@ -193,5 +196,8 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     kv = KVCacheManager(pool, config.cache.block_size)
     scheduler = Scheduler(config.scheduler, kv, max_model_len, make_connector_policy(role, config, arch.num_layers),
                           clock)
-    return Engine(EngineCore(scheduler, runner, clock), runner, connector, kv_layout, model_dir, max_model_len,
+    trace = StepTrace.in_dir(config.deploy.step_trace_dir, role) if config.deploy.step_trace_dir else None
+    if trace is not None:
+        logger.info("step trace: %s", trace.path)
+    return Engine(EngineCore(scheduler, runner, clock, trace), runner, connector, kv_layout, model_dir, max_model_len,
                   arch.eos_token_ids, arch.vocab_size, role)

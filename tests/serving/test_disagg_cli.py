@@ -1,5 +1,6 @@
 """`pdserve serve --config deploy/1p1d.yaml` as a user runs it: the real CLI process starts its prefill
-and decode instances (local launcher), serves the openai client, and stops them all on SIGTERM."""
+and decode instances (local launcher), serves the openai client, and stops them all on SIGTERM; with
+--step-trace-dir each instance's engine traces its own steps."""
 from __future__ import annotations
 
 import os
@@ -30,7 +31,8 @@ def test_serve_disaggregated_from_the_deploy_yaml(tiny_model_dir, tmp_path):
     base_url = f"http://127.0.0.1:{port}"
     log_path = tmp_path / "server.log"
     process = start_server(["--config", str(DEPLOY_1P1D), "--model", tiny_model_dir,
-                            "--kv-cache-memory-bytes", KV_BUDGET, "--log-level", "warning"],
+                            "--kv-cache-memory-bytes", KV_BUDGET, "--log-level", "warning",
+                            "--step-trace-dir", str(tmp_path / "trace")],
                            port, log_path, STARTUP_TIMEOUT_S)
     try:
         instances = instance_children(process.pid)
@@ -55,6 +57,13 @@ def test_serve_disaggregated_from_the_deploy_yaml(tiny_model_dir, tmp_path):
         assert process.wait(60) == 0, log_path.read_text()[-4000:]
         # the server has exited: its instances were stopped (and reaped) before it did
         assert not [pid for pid in instances if os.path.exists(f"/proc/{pid}")], "instances outlived the server"
+        # each engine traced its own role's steps: prompts prefilled on one, tokens decoded on the other
+        from scheduler import step_trace
+        traces = {path.name.split("-")[0]: step_trace.read([path]) for path in (tmp_path / "trace").glob("*.jsonl")}
+        assert sorted(traces) == ["decode", "prefill"]
+        assert sum(sum(s.prefill) for s in traces["prefill"]) >= sum(len(c.prompt_token_ids) for c in cases)
+        assert not any(s.decode for s in traces["prefill"])
+        assert sum(len(s.decode) for s in traces["decode"]) >= len(cases) * (12 - 1)
     finally:
         if process.poll() is None:
             process.kill()
