@@ -158,7 +158,10 @@ def _build_and_load() -> ctypes.CDLL | None:
                        "torch's paths (linear layers 1.3-2x slower, attention slower)")
         return None
     try:
-        return _load(build(cxx))
+        path = build(cxx)
+        lib = _load(path)
+        logger.info("pdserve CPU kernels loaded: %s", path)
+        return lib
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("pdserve's CPU kernels could not be built or loaded; CPU decode steps fall back to "
                        "torch's paths (linear layers 1.3-2x slower, attention slower). %s", e)
