@@ -154,7 +154,18 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
         goodput["in place"] = summary["text"]
     (out / "validation.json").write_text(json.dumps({"rows": {str(k): v for k, v in rows.items()},
                                                      "goodput": goodput}, indent=2))
+    print(f"plot: {plot_validation(rows, args.target_attainment, out / 'validation-attainment.png', system)}")
     return {"rows": rows, "goodput": goodput}
+
+
+def plot_validation(rows: dict[float, dict], target: float, path: Path, system: str) -> Path:
+    """Attainment against rate: measured, simulated with the profile, simulated with the in-place fit."""
+    from bench.plots import plot_attainment
+    labels = {"measured": "measured", "profile": "simulated (profile)", "in_place": "simulated (in place)"}
+    series = {label: [(float(rate), row[key]["slo_attainment"]) for rate, row in rows.items()
+                      if row.get(key) and row[key]["slo_attainment"] is not None]
+              for key, label in labels.items()}
+    return plot_attainment(series, target, path, title=f"{system}: measured vs simulated SLO attainment")
 
 
 if __name__ == "__main__":

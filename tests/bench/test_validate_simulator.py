@@ -32,5 +32,6 @@ def test_validation_serves_traces_and_compares_both_fits(tiny_model_dir, tmp_pat
     fitted = sorted(system.glob("latency-in-place-without-*.json"))
     assert len(fitted) == 2
     assert all(json.loads(p.read_text())["meta"]["left_out"] in p.name for p in fitted)
+    assert (system / "validation-attainment.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
     assert "simulated (in place)" in summary and "| colocated | 4 |" in summary and "| colocated | 8 |" in summary
