@@ -7,6 +7,7 @@ port and stopped at the end of the module.
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ NUM_PROMPTS = 10
 OUTPUT_LEN = 8
 METRICS = ("ttft", "tpot", "itl", "e2el")
 RUN_KEYS = {
-    "date", "label", "backend", "endpoint", "base_url", "model_id", "tokenizer_id", "dataset_name",
+    "date", "started_at", "label", "backend", "endpoint", "base_url", "model_id", "tokenizer_id", "dataset_name",
     "num_prompts", "num_turns", "prompt_format", "ignore_eos", "seed", "tenant_weights", "request_rate",
     "arrival", "burstiness", "max_concurrency", "goodput_slos_ms", "percentiles", "num_requests",
     "duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -53,6 +54,7 @@ def server(model_dir, tmp_path_factory):
 def check_result(result: dict, model_dir: str, num_requests: int, output_len: int) -> None:
     """Every field present, consistent with the per-request lists and the definitions."""
     assert set(result) == RUN_KEYS
+    assert time.time() - 3600 < result["started_at"] < time.time() - result["duration"]  # wall clock, like traces
     assert (result["completed"], result["failed"], result["num_requests"]) == (num_requests, 0, num_requests)
     assert result["errors"] == [""] * num_requests
     assert result["output_lens"] == [output_len] * num_requests  # max_tokens with ignore_eos
