@@ -27,11 +27,14 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
               std::vector<float>& acc) {
     const int64_t rem_start = int64_t(C) * 16;
     const int64_t row_stride = num_kv_heads * head_dim;  // between positions within a block
+    // the head's row of position s in a cache, through the block table
+    auto row = [&](const float* cache, int64_t s) {
+        return cache + (table[s / block_size] * block_size + s % block_size) * row_stride + kv_head * head_dim;
+    };
     scores.resize(group * seq_len);
     // pass 1: scores[g][s] = scale * q_g . k_s
     for (int64_t s = 0; s < seq_len; ++s) {
-        const int64_t block = table[s / block_size];
-        const float* k = k_cache + (block * block_size + s % block_size) * row_stride + kv_head * head_dim;
+        const float* k = row(k_cache, s);
         v16 kv[C > 0 ? C : 1];
         for (int c = 0; c < C; ++c) kv[c] = load16(k + c * 16);
         for (int64_t g = 0; g < group; ++g) {
@@ -71,8 +74,7 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
     // pass 3: out_g = sum_s p[g][s] v_s / sum
     acc.assign(group * head_dim, 0.0f);
     for (int64_t s = 0; s < seq_len; ++s) {
-        const int64_t block = table[s / block_size];
-        const float* v = v_cache + (block * block_size + s % block_size) * row_stride + kv_head * head_dim;
+        const float* v = row(v_cache, s);
         v16 vv[C > 0 ? C : 1];
         for (int c = 0; c < C; ++c) vv[c] = load16(v + c * 16);
         for (int64_t g = 0; g < group; ++g) {
