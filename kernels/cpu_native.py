@@ -233,7 +233,8 @@ def decode_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tens
     return out
 
 
-def _float32_cpu(*tensors: Tensor) -> bool:
+def float32_cpu(*tensors: Tensor) -> bool:
+    """Every tensor float32 on the CPU: what these kernels take (kernels/ops.py dispatches on it)."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
@@ -245,7 +246,7 @@ def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float, residual: 
     hidden = rows.shape[-1]
     res = residual.contiguous() if residual is not None else None
     w = weight.contiguous()
-    if not _float32_cpu(rows, w, *([res] if res is not None else [])) or w.numel() != hidden \
+    if not float32_cpu(rows, w, *([res] if res is not None else [])) or w.numel() != hidden \
             or (res is not None and res.shape != rows.shape):
         raise ValueError(f"rms_norm takes float32 CPU x [.., H] and weight [H]; got {tuple(x.shape)} {x.dtype}, "
                          f"weight {tuple(weight.shape)} {weight.dtype}")
@@ -271,7 +272,7 @@ def rotary_embedding(lib: ctypes.CDLL, positions: Tensor, q: Tensor, k: Tensor, 
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, rot_dim = k.shape[1], cos_sin_cache.shape[1]
     table = cos_sin_cache.contiguous()
-    if not _float32_cpu(q, k, table) or k.shape[0] != num_tokens or k.shape[2] != head_dim \
+    if not float32_cpu(q, k, table) or k.shape[0] != num_tokens or k.shape[2] != head_dim \
             or rot_dim > head_dim or rot_dim % 2:
         raise ValueError(f"rotary takes float32 CPU q [T, Hq, D], k [T, Hkv, D] and a table [P, rot_dim <= D]; "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos_sin_cache.shape)}")
@@ -292,7 +293,7 @@ def write_kv(lib: ctypes.CDLL, key: Tensor, value: Tensor, k_cache: Tensor, v_ca
     """kernels.ops.write_kv for float32 on CPU: key/value [T, Hkv, D] into slot_mapping [T] of the
     contiguous caches [blocks, block_size, Hkv, D]; slot < 0 skips; a slot past the cache is an error
     and writes nothing."""
-    if not (_float32_cpu(key, value, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()
+    if not (float32_cpu(key, value, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()
             and k_cache.shape == v_cache.shape and key.shape == value.shape and key.shape[1:] == k_cache.shape[2:]):
         raise ValueError(f"write_kv takes float32 CPU key/value [T, Hkv, D] and contiguous caches "
                          f"[blocks, block_size, Hkv, D]; got {tuple(key.shape)}, {tuple(k_cache.shape)}")
@@ -309,7 +310,7 @@ def write_kv(lib: ctypes.CDLL, key: Tensor, value: Tensor, k_cache: Tensor, v_ca
 def silu_and_mul(lib: ctypes.CDLL, gate_up: Tensor) -> Tensor:
     """silu(gate) * up for float32 gate_up [..., 2I] (gate first) on CPU -> [..., I]."""
     rows = gate_up.contiguous()
-    if not _float32_cpu(rows) or rows.shape[-1] % 2:
+    if not float32_cpu(rows) or rows.shape[-1] % 2:
         raise ValueError(f"silu_and_mul takes float32 CPU [..., 2I]; got {tuple(gate_up.shape)} {gate_up.dtype}")
     inter = rows.shape[-1] // 2
     out = torch.empty(*rows.shape[:-1], inter)

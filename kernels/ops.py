@@ -20,7 +20,7 @@ from kernels.checks import check_attention_inputs
 
 def _native(*tensors: Tensor):
     """pdserve's CPU kernel library when every tensor is float32 on the CPU and it is built, else None."""
-    if all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
+    if cpu_native.float32_cpu(*tensors):
         return cpu_native.library()
     return None
 

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from scheduler.kv_moves import ACTIVE, FINISHED, STARTED, CancelKV, KVMove, MoveResult
 from scheduler.latency_model import LatencyModel
-from scheduler.step import StepPlan, StepResult
+from scheduler.step import StepPlan, StepResult, is_decode_row
 
 
 class MoveModel(Protocol):
@@ -87,7 +87,7 @@ class LatencyModelExecutor:
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
             state = states[request_id]
             computed = state.num_computed_tokens
-            if num_tokens == 1 and computed + 1 >= state.num_tokens > 1:
+            if is_decode_row(num_tokens, computed, state.num_tokens):
                 contexts.append(computed + 1)
             else:
                 chunks.append(num_tokens)
@@ -108,7 +108,7 @@ class LatencyModelExecutor:
         chunks, contexts = [], []
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
             state = self.states[request_id]
-            if num_tokens == 1 and state.num_computed_tokens + 1 >= state.num_tokens > 1:
+            if is_decode_row(num_tokens, state.num_computed_tokens, state.num_tokens):
                 contexts.append(state.num_computed_tokens + 1)  # a decode row
             else:
                 chunks.append(num_tokens)

@@ -79,6 +79,12 @@ class StepPlan:
         return not self.num_scheduled_tokens
 
 
+def is_decode_row(num_scheduled: int, computed_before: int, num_known_tokens: int) -> bool:
+    """A plan row that decodes: one token, the one after everything computed before it (a prompt of one
+    token is a prefill). The latency-model executor prices rows by this rule; step traces record by it."""
+    return num_scheduled == 1 and computed_before + 1 >= num_known_tokens > 1
+
+
 @dataclass
 class StepResult:
     # one sampled token per request that completed its prompt (or decoded) this step

@@ -27,7 +27,7 @@ from typing import Iterable
 import numpy as np
 
 from scheduler.latency_model import LatencyModel, PhaseCoefficients, fit_decode, fit_weighted
-from scheduler.step import StepPlan
+from scheduler.step import StepPlan, is_decode_row
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ def classify(plan: StepPlan, requests: dict) -> tuple[list[int], list[int]]:
         request = requests.get(request_id)
         if request is None:
             continue
-        computed = request.num_computed_tokens  # after this step
-        if num_tokens == 1 and computed >= request.num_tokens > 1:
-            contexts.append(computed)
+        computed = request.num_computed_tokens - num_tokens  # schedule() already counted the step's tokens
+        if is_decode_row(num_tokens, computed, request.num_tokens):
+            contexts.append(computed + 1)
         else:
             chunks.append(num_tokens)
     return chunks, contexts
