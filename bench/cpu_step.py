@@ -16,11 +16,13 @@ process and with the same pinned threads:
 
 and prints step time, the bound (bytes / bandwidth) and their ratio (the issue's goal: <= 1.2 at batch
 1-8). Bandwidth and steps are sampled in interleaved rounds, so drift in the machine's load moves both.
-With --compare-plain every round also runs the same model with plain nn.Linear layers (the transform
-of serving/models/cpu_linear.py undone), and the table gains the plain step time and the speedup.
---breakdown then runs each decode case again with CPU-time counters around the step's parts (linear
-layers, attention: KV write + paged attention, norms, rotary; the rest is embedding, activations,
-input preparation and sampling) and prints each part's share of the step.
+Every round also runs the same steps with --enforce-eager (the model's Python path, where decode steps
+otherwise run each layer range in one native call: serving/models/native_decoder.py): the "eager ms"
+column. With --compare-plain every round also runs the same model with plain nn.Linear layers (the
+transform of serving/models/cpu_linear.py undone), and the table gains the plain step time and the
+speedup. --breakdown then runs each decode case again on the eager path with CPU-time counters around
+the step's parts (linear layers, attention: KV write + paged attention, norms, rotary; the rest is
+embedding, activations, input preparation and sampling) and prints each part's share of the step.
 Times are wall-clock medians; the CPU time of the process is shown beside them (on a shared machine
 the gap is time other jobs held the cores).
 """
@@ -50,6 +52,16 @@ def read_bandwidth(buffer: torch.Tensor) -> tuple[float, str]:
         rate = buffer.nbytes / (time.perf_counter() - started)
         best = max(best, (rate, name))
     return best
+
+
+def matmul_flops(size: int = 1024) -> float:
+    """Float32 flops per second of one large square matmul (MKL's sgemm, near the cores' FMA peak):
+    the compute roof a decode step meets when its rows times the weights' flops outrun memory."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    started = time.perf_counter()
+    torch.mm(a, b)
+    return 2 * size**3 / (time.perf_counter() - started)
 
 
 def weight_bytes_per_decode_step(model: torch.nn.Module) -> int:
@@ -83,15 +95,19 @@ def time_step(runner, lens: list[int], num_new: list[int], step: int) -> tuple[f
 
 
 def run(runner, cases: dict[str, tuple[list[int], list[int]]], variants: dict, repeats: int,
-        buffer: torch.Tensor) -> tuple[dict, list[float]]:
-    """samples[variant][case] = [(wall, cpu), ...] and bandwidth samples, in interleaved rounds."""
+        buffer: torch.Tensor) -> tuple[dict, list[float], list[float]]:
+    """samples[variant][case] = [(wall, cpu), ...], bandwidth and matmul flop-rate samples, in
+    interleaved rounds."""
     samples = {v: {c: [] for c in cases} for v in variants}
     bandwidth: list[float] = []
+    flops: list[float] = []
     step = 0
     for round_ in range(repeats + 1):  # round 0 warms up every shape (oneDNN builds a kernel per M)
         rate, _ = read_bandwidth(buffer)
+        flop_rate = matmul_flops()
         if round_:
             bandwidth.append(rate)
+            flops.append(flop_rate)
         for variant, apply in variants.items():
             apply()
             for case, (lens, num_new) in cases.items():
@@ -99,7 +115,7 @@ def run(runner, cases: dict[str, tuple[list[int], list[int]]], variants: dict, r
                 sample = time_step(runner, lens, num_new, step)
                 if round_:
                     samples[variant][case].append(sample)
-    return samples, bandwidth
+    return samples, bandwidth, flops
 
 
 def breakdown(runner, cases: dict, repeats: int) -> dict[str, dict[str, float]]:
@@ -152,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--compare-plain", action="store_true", help="also time plain nn.Linear layers")
-    parser.add_argument("--breakdown", action="store_true", help="each part's share of a decode step")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="each part's share of a decode step on the eager (Python) path")
     parser.add_argument("--buffer-mib", type=int, default=16 * _LLC_BYTES // 2**20,
                         help="size of the bandwidth probe's buffer (default 16x a 32 MiB last-level cache)")
     parser.add_argument("--json", default=None)
@@ -177,13 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     model = runner.model
     cases = {f"decode b={b}": ([args.context] * b, [1] * b) for b in batch_sizes}
     cases[f"prefill {args.prefill_tokens}"] = ([args.prefill_tokens], [args.prefill_tokens])
-    variants = {"packed": lambda: pack_linears(model)}
+    def variant(pack: bool, eager: bool):
+        def apply():
+            (pack_linears if pack else unpack_linears)(model)
+            runner.enforce_eager = eager
+            runner.bind_native_decoder()
+        return apply
+    variants = {"packed": variant(True, False), "eager": variant(True, True)}
     if args.compare_plain:
-        variants["plain"] = lambda: unpack_linears(model)
+        variants["plain"] = variant(False, True)
     buffer = torch.ones(args.buffer_mib * 2**20 // 4)
     load_before = os.getloadavg()[0]
-    samples, bandwidth = run(runner, cases, variants, args.repeats, buffer)
-    pack_linears(model)
+    samples, bandwidth, flops = run(runner, cases, variants, args.repeats, buffer)
+    variants["eager"]()  # the breakdown's timers wrap the Python path's parts
     bw = statistics.median(bandwidth)
     weights = weight_bytes_per_decode_step(model)
     print(f"\nmodel={args.model} threads={torch.get_num_threads()} cores={cores} context={args.context} "
@@ -191,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bandwidth)}; min {min(bandwidth) / 1e9:.1f}, "
           f"max {max(bandwidth) / 1e9:.1f}); weights read per decode step {weights / 2**20:.0f} MiB -> "
           f"bound {weights / bw * 1e3:.1f} ms")
-    header = f"{'case':>14} {'step ms':>8} {'cpu ms':>7} {'bound ms':>9} {'ratio':>6} {'+KV ratio':>9}"
+    peak = statistics.median(flops)
+    print(f"matmul {peak / 1e9:.0f} GFLOP/s (median of {len(flops)}): the compute roof of a decode step at batch B is "
+          f"2 * B * weights / that ({2 * weights / 4 / peak * 1e3:.1f} ms per row); 'roof' = the larger of the two")
+    header = (f"{'case':>14} {'step ms':>8} {'cpu ms':>7} {'bound ms':>9} {'ratio':>6} {'+KV ratio':>9} "
+              f"{'roof ratio':>10} {'eager ms':>9} {'eager ratio':>11}")
     if args.compare_plain:
         header += f" {'plain ms':>9} {'plain cpu':>9} {'speedup':>8} {'cpu speedup':>11}"
     print(header)
@@ -205,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
             batch = int(case.split("=")[1])
             bound = weights / bw
             with_kv = (weights + kv_bytes_per_decode_step(model, batch, args.context)) / bw
-            row.update(bound_s=bound, ratio=wall / bound, ratio_with_kv=wall / with_kv)
-            line += f" {bound * 1e3:>9.1f} {wall / bound:>6.2f} {wall / with_kv:>9.2f}"
+            roof = max(bound, 2 * batch * weights / 4 / peak)
+            row.update(bound_s=bound, ratio=wall / bound, ratio_with_kv=wall / with_kv, roof_s=roof,
+                       roof_ratio=wall / roof)
+            line += f" {bound * 1e3:>9.1f} {wall / bound:>6.2f} {wall / with_kv:>9.2f} {wall / roof:>10.2f}"
         else:
-            line += f" {'':>9} {'':>6} {'':>9}"
+            line += f" {'':>9} {'':>6} {'':>9} {'':>10}"
+        eager = statistics.median(s[0] for s in samples["eager"][case])
+        row["eager_step_s"] = eager
+        line += f" {eager * 1e3:>9.1f}" + (f" {eager / row['bound_s']:>11.2f}" if "bound_s" in row else f" {'':>11}")
         if args.compare_plain:
             plain = statistics.median(s[0] for s in samples["plain"][case])
             plain_cpu = statistics.median(s[1] for s in samples["plain"][case])
@@ -224,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case:>14} " + " ".join(f"{share.get(p, 0.0):>9.1%}" for p in parts))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "bandwidth_bps": bandwidth, "weight_bytes": weights, "rows": rows,
+            json.dump({"args": vars(args), "bandwidth_bps": bandwidth, "matmul_flops": flops, "weight_bytes": weights, "rows": rows,
                        "shares": shares, "load": [load_before, os.getloadavg()[0]]}, f, indent=2)
     return 0
 

@@ -47,8 +47,9 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
-SOURCES = [_CSRC / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp", "cpu_elementwise.cpp")]
-HEADERS = [_CSRC / "vec.h"]
+SOURCES = [_CSRC / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp", "cpu_elementwise.cpp",
+                                     "cpu_decode_layers.cpp")]
+HEADERS = [_CSRC / "vec.h", _CSRC / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 TILE = 32       # output columns per tile (kTile in the source)
 MAX_ROWS = 8    # the largest M the kernel serves (pdserve_max_rows)
@@ -131,6 +132,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_write_kv.restype = ctypes.c_int
     lib.pdserve_silu_and_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
     lib.pdserve_silu_and_mul.restype = None
+    lib.pdserve_decode_layers_scratch.argtypes = [ptr, i64]
+    lib.pdserve_decode_layers_scratch.restype = i64
+    lib.pdserve_decode_layers.argtypes = ([ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int] + [ptr] * 3
+                                          + [i64] + [ptr] * 3 + [ctypes.c_int])
+    lib.pdserve_decode_layers.restype = ctypes.c_int
     if (lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS
             or lib.pdserve_decode_attention_max_head_dim() != MAX_HEAD_DIM):
         raise RuntimeError(f"{path} does not match kernels/cpu_native.py")

@@ -29,6 +29,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     g.add_argument("--seed", type=int, default=None)
+    _bool_flag(g, "enforce-eager", "run every step through the model's Python modules (off: decode steps of "
+               "1-8 rows on CPU run each layer range in one native call; same outputs, less overhead)")
     g = parser.add_argument_group("KV cache and scheduler")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,

@@ -30,6 +30,9 @@ class ModelConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     seed: int = 0
     device: str = "auto"  # auto: cuda if available else cpu
+    # run every step through the model's Python modules: no native decode step on CPU
+    # (serving/models/native_decoder.py), as vLLM's flag turns off CUDA graphs
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

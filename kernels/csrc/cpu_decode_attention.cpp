@@ -3,9 +3,11 @@
 //   q [B, Hq, D], k_cache/v_cache [num_blocks, block_size, Hkv, D], block_tables [B, table_stride]
 //   int32, seq_lens [B] int32  ->  out [B, Hq, D]
 //
-// One task per (request, KV head): its G = Hq / Hkv query heads read the head's K and V straight from
-// the cache blocks the table names (no gathered copy), each once: pass 1 the G scores of every
-// position, pass 2 a softmax per query head, pass 3 the weighted sum of V. The torch path gathers K/V
+// One task per request (or per range of its KV heads, when there are fewer requests than threads):
+// its query heads read K and V straight from the cache blocks the table names (no gathered copy), a
+// position's rows for the task's heads being one contiguous run. Per query head: pass 1 the scores of
+// every position (16 positions' dot products reduced together), pass 2 a softmax, pass 3 the
+// weighted sum of V; positions in chunks that stay in L1 across query heads. The torch path gathers K/V
 // into a new tensor first and runs several ops per layer (kernels/cpu_attention.py). Tasks are
 // spread over OpenMP threads (torch's libgomp). Written with GCC/Clang vector extensions.
 #include <cmath>
@@ -19,94 +21,193 @@ namespace {
 
 using namespace pdserve;
 
-// C = D / 16 whole vectors per head row; the last D % 16 elements are done one by one
+// lane i of the result = the sum of v[i]'s lanes, for 16 vectors: four rounds of pairwise shuffles
+// and adds (30 shuffles, 15 adds) where 16 separate horizontal sums take ~4x as many
+inline v16 transpose_sum16(const v16* v) {
+    v16 a[8], b[4], c[2];
+    for (int j = 0; j < 8; ++j)  // a[j]: lanes 0-7 partial sums of v[2j], 8-15 of v[2j+1]
+        a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
+                                       30, 31);
+    for (int j = 0; j < 4; ++j)  // b[j]: four lanes each of v[4j] .. v[4j+3]
+        b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a[2 * j], a[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
+                                       31);
+    for (int j = 0; j < 2; ++j)  // c[j]: two lanes each of v[8j] .. v[8j+7]
+        c[j] = __builtin_shufflevector(b[2 * j], b[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(b[2 * j], b[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
+                                       31);
+    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// A task's rows of K (and V) for its heads are contiguous within a position; positions jump through
+// the block table, so the task asks for the next chunk's rows itself while it computes this one.
+inline void prefetch_rows(const float* cache, const int64_t* rows, int64_t first, int64_t last, int64_t width) {
+    for (int64_t s = first; s < last; ++s)
+        // into L2 (more misses in flight than L1 allows), every other line: the adjacent-line
+        // prefetcher takes the other 64 bytes
+        for (int64_t d = 0; d < width; d += 32) __builtin_prefetch(cache + rows[s] + d, 0, 1);
+}
+
+// Positions are taken in chunks whose K (or V) rows for the task's heads fit in half a 32 KiB L1
+// cache: each query head after the first reads the chunk from L1.
+inline int64_t chunk_positions(int64_t width) {
+    const int64_t fit = 16384 / (width * int64_t(sizeof(float))) / 16 * 16;
+    return fit > 16 ? fit : 16;
+}
+
+// One request, KV heads [h0, h1): their G query heads each. C = D / 16 whole vectors per head row;
+// the last D % 16 elements are done one by one. q and out point at the request's head h0 * G.
+//   pass 1, per chunk of positions, per query head: scores = scale * q . k_s, 16 positions at a time
+//           (16 independent sums, reduced together by transpose_sum16)
+//   pass 2, per query head: softmax of its scores
+//   pass 3, per chunk, per query head: out += sum_s p[s] v_s (in C registers within a chunk)
 template <int C>
 void one_task(const float* q, const float* k_cache, const float* v_cache, const int32_t* table,
               int64_t seq_len, float* out, int64_t group, int64_t num_kv_heads, int64_t head_dim,
-              int64_t block_size, int64_t kv_head, float scale, std::vector<float>& scores,
-              std::vector<float>& acc) {
+              int64_t block_size, int64_t h0, int64_t h1, float scale, std::vector<float>& scores,
+              std::vector<int64_t>& rows) {
     const int64_t rem_start = int64_t(C) * 16;
     const int64_t row_stride = num_kv_heads * head_dim;  // between positions within a block
-    // the head's row of position s in a cache, through the block table
-    auto row = [&](const float* cache, int64_t s) {
-        return cache + (table[s / block_size] * block_size + s % block_size) * row_stride + kv_head * head_dim;
-    };
-    scores.resize(group * seq_len);
-    // pass 1: scores[g][s] = scale * q_g . k_s
-    for (int64_t s = 0; s < seq_len; ++s) {
-        const float* k = row(k_cache, s);
-        v16 kv[C > 0 ? C : 1];
-        for (int c = 0; c < C; ++c) kv[c] = load16(k + c * 16);
-        for (int64_t g = 0; g < group; ++g) {
-            const float* qg = q + g * head_dim;
-            v16 dot = v16{};
-            for (int c = 0; c < C; ++c) dot += load16(qg + c * 16) * kv[c];
-            float total = sum_lanes(dot);
-            for (int64_t d = rem_start; d < head_dim; ++d) total += qg[d] * k[d];
-            scores[g * seq_len + s] = total * scale;
+    const int64_t width = (h1 - h0) * head_dim;          // the task's part of a position's row
+    const int64_t num_heads = (h1 - h0) * group;          // query heads of the task
+    // rows[s]: offset of position s's row for head h0 in a cache, through the block table
+    rows.resize(seq_len);
+    for (int64_t s = 0, b = 0, i = 0; s < seq_len; ++s) {
+        rows[s] = (int64_t(table[b]) * block_size + i) * row_stride + h0 * head_dim;
+        if (++i == block_size) i = 0, ++b;
+    }
+    scores.resize(num_heads * seq_len);
+    const int64_t chunk = chunk_positions(width);
+    for (int64_t c0 = 0; c0 < seq_len; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < seq_len ? c0 + chunk : seq_len;
+        prefetch_rows(k_cache, rows.data(), c1, c1 + chunk < seq_len ? c1 + chunk : seq_len, width);
+        for (int64_t j = 0; j < num_heads; ++j) {  // query head j reads KV head h0 + j / group
+            const float* qj = q + j * head_dim;
+            const float* kh = k_cache + (j / group) * head_dim;
+            float* sj = scores.data() + j * seq_len;
+            v16 qv[C > 0 ? C : 1];
+            for (int c = 0; c < C; ++c) qv[c] = load16(qj + c * 16);
+            auto tail = [&](int64_t s) {  // q . k_s over the last D % 16 elements
+                const float* k = kh + rows[s];
+                float total = 0.0f;
+                for (int64_t d = rem_start; d < head_dim; ++d) total += qj[d] * k[d];
+                return total;
+            };
+            int64_t s0 = c0;
+            for (; s0 + 16 <= c1; s0 += 16) {
+                const float* k[16];
+                v16 dots[16];
+                for (int i = 0; i < 16; ++i) {
+                    k[i] = kh + rows[s0 + i];
+                    dots[i] = v16{};
+                }
+                for (int c = 0; c < C; ++c)
+                    for (int i = 0; i < 16; ++i) dots[i] += qv[c] * load16(k[i] + c * 16);
+                v16 r = transpose_sum16(dots);
+                if (rem_start < head_dim)
+                    for (int i = 0; i < 16; ++i) r[i] += tail(s0 + i);
+                store16(sj + s0, r * scale);
+            }
+            for (; s0 < c1; ++s0) {
+                const float* k = kh + rows[s0];
+                v16 d = v16{};
+                for (int c = 0; c < C; ++c) d += qv[c] * load16(k + c * 16);
+                sj[s0] = (sum_lanes(d) + tail(s0)) * scale;
+            }
         }
     }
-    // pass 2: softmax of each query head's scores
-    std::vector<float> inv_sum(group);
-    for (int64_t g = 0; g < group; ++g) {
-        float* row = scores.data() + g * seq_len;
-        float top = row[0];
-        for (int64_t s = 1; s < seq_len; ++s) top = row[s] > top ? row[s] : top;
+    std::vector<float> inv_sum(num_heads);
+    for (int64_t j = 0; j < num_heads; ++j) {
+        float* p = scores.data() + j * seq_len;
+        v16 vtop = v16{} + p[0];
+        int64_t m = 0;
+        for (; m + 16 <= seq_len; m += 16) {
+            const v16 x = load16(p + m);
+            vtop = x > vtop ? x : vtop;
+        }
+        float top = vtop[0];
+        for (int i = 1; i < 16; ++i) top = vtop[i] > top ? vtop[i] : top;
+        for (; m < seq_len; ++m) top = p[m] > top ? p[m] : top;
         v16 vsum = v16{};
         float total = 0.0f;
         int64_t s = 0;
         for (; s + 16 <= seq_len; s += 16) {
-            const v16 e = exp16(load16(row + s) - top);
-            store16(row + s, e);
+            const v16 e = exp16(load16(p + s) - top);
+            store16(p + s, e);
             vsum += e;
         }
         if (s < seq_len) {
-            float tail[16];
-            for (int i = 0; i < 16; ++i) tail[i] = s + i < seq_len ? row[s + i] - top : -100.0f;
-            const v16 e = exp16(load16(tail));
+            float rest[16];
+            for (int i = 0; i < 16; ++i) rest[i] = s + i < seq_len ? p[s + i] - top : -100.0f;
+            const v16 e = exp16(load16(rest));
             for (int64_t i = 0; s + i < seq_len; ++i) {
-                row[s + i] = e[i];
+                p[s + i] = e[i];
                 total += e[i];
             }
         }
-        inv_sum[g] = 1.0f / (sum_lanes(vsum) + total);
+        inv_sum[j] = 1.0f / (sum_lanes(vsum) + total);
     }
-    // pass 3: out_g = sum_s p[g][s] v_s / sum
-    acc.assign(group * head_dim, 0.0f);
-    for (int64_t s = 0; s < seq_len; ++s) {
-        const float* v = row(v_cache, s);
-        v16 vv[C > 0 ? C : 1];
-        for (int c = 0; c < C; ++c) vv[c] = load16(v + c * 16);
-        for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * seq_len + s];
-            float* a = acc.data() + g * head_dim;
-            for (int c = 0; c < C; ++c) store16(a + c * 16, load16(a + c * 16) + p * vv[c]);
-            for (int64_t d = rem_start; d < head_dim; ++d) a[d] += p * v[d];
+    for (int64_t i = 0; i < num_heads * head_dim; ++i) out[i] = 0.0f;
+    for (int64_t c0 = 0; c0 < seq_len; c0 += chunk) {
+        const int64_t c1 = c0 + chunk < seq_len ? c0 + chunk : seq_len;
+        prefetch_rows(v_cache, rows.data(), c1, c1 + chunk < seq_len ? c1 + chunk : seq_len, width);
+        for (int64_t j = 0; j < num_heads; ++j) {
+            const float* p = scores.data() + j * seq_len;
+            const float* vh = v_cache + (j / group) * head_dim;
+            float* o = out + j * head_dim;
+            v16 acc[2][C > 0 ? C : 1];  // two interleaved sums per vector: twice the FMAs in flight
+            for (int c = 0; c < C; ++c) acc[0][c] = load16(o + c * 16), acc[1][c] = v16{};
+            int64_t t = c0;
+            for (; t + 2 <= c1; t += 2) {
+                const float* v0 = vh + rows[t];
+                const float* v1 = vh + rows[t + 1];
+                for (int c = 0; c < C; ++c) {
+                    acc[0][c] += p[t] * load16(v0 + c * 16);
+                    acc[1][c] += p[t + 1] * load16(v1 + c * 16);
+                }
+            }
+            for (; t < c1; ++t)
+                for (int c = 0; c < C; ++c) acc[0][c] += p[t] * load16(vh + rows[t] + c * 16);
+            for (int c = 0; c < C; ++c) store16(o + c * 16, acc[0][c] + acc[1][c]);
+            for (int64_t u = c0; u < c1 && rem_start < head_dim; ++u) {
+                const float* v = vh + rows[u];
+                for (int64_t d = rem_start; d < head_dim; ++d) o[d] += p[u] * v[d];
+            }
         }
     }
-    for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = acc[g * head_dim + d] * inv_sum[g];
+    for (int64_t j = 0; j < num_heads; ++j)
+        for (int64_t d = 0; d < head_dim; ++d) out[j * head_dim + d] *= inv_sum[j];
 }
 
+// Tasks: each request's KV heads split into as few ranges as keep every thread busy (all heads in
+// one task when there are at least as many requests as threads: one contiguous row per position).
 template <int C>
 void run(const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
          int64_t table_stride, const int32_t* seq_lens, float* out, int64_t num_seqs, int64_t num_q_heads,
          int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int threads) {
     const int64_t group = num_q_heads / num_kv_heads;
-    const int64_t num_tasks = num_seqs * num_kv_heads;
+    int64_t parts = num_seqs > 0 ? (threads + num_seqs - 1) / num_seqs : 1;
+    parts = parts < num_kv_heads ? parts : num_kv_heads;
+    const int64_t heads_per_task = (num_kv_heads + parts - 1) / parts;
+    const int64_t tasks_per_seq = (num_kv_heads + heads_per_task - 1) / heads_per_task;
+    const int64_t num_tasks = num_seqs * tasks_per_seq;
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        std::vector<float> scores, acc;
+        std::vector<float> scores;
+        std::vector<int64_t> rows;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < num_tasks; ++task) {
-            const int64_t b = task / num_kv_heads, h = task % num_kv_heads;
-            const int64_t offset = (b * num_q_heads + h * group) * head_dim;
+            const int64_t b = task / tasks_per_seq, h0 = task % tasks_per_seq * heads_per_task;
+            const int64_t h1 = h0 + heads_per_task < num_kv_heads ? h0 + heads_per_task : num_kv_heads;
+            const int64_t offset = (b * num_q_heads + h0 * group) * head_dim;
             if (seq_lens[b] <= 0) {
-                std::memset(out + offset, 0, group * head_dim * sizeof(float));
+                std::memset(out + offset, 0, (h1 - h0) * group * head_dim * sizeof(float));
                 continue;
             }
             one_task<C>(q + offset, k_cache, v_cache, block_tables + b * table_stride, seq_lens[b],
-                        out + offset, group, num_kv_heads, head_dim, block_size, h, scale, scores, acc);
+                        out + offset, group, num_kv_heads, head_dim, block_size, h0, h1, scale, scores, rows);
         }
     }
 }

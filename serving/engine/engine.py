@@ -190,7 +190,7 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
                 num_blocks * layout.bytes_per_block / 2**20, f", shared memory {pool.name}" if pool else "")
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
     connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host, token, pool)
-    runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector)
+    runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector, config.model.enforce_eager)
     clock = clock or MonotonicClock()
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
     kv = KVCacheManager(pool, config.cache.block_size)

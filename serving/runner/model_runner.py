@@ -26,6 +26,7 @@ from kvcache.layout import KVCacheLayout
 from scheduler.step import Segment, StepPlan, StepResult
 from serving.kv_connector.base import KVConnectorWorker, NullWorker
 from serving.models import CausalLM, load_model
+from serving.models.native_decoder import NativeDecoder
 from serving.runner.cpu_malloc import keep_step_memory
 from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, StepInputs, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
@@ -83,7 +84,7 @@ class PagedAttentionBackend:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: Tensor, layout: KVCacheLayout, device: torch.device,
-                 seed: int = 0, connector: KVConnectorWorker | None = None) -> None:
+                 seed: int = 0, connector: KVConnectorWorker | None = None, enforce_eager: bool = False) -> None:
         layout.check(kv_cache)
         if device.type == "cpu":
             keep_step_memory()  # else every step page-faults its large temporaries in again
@@ -106,15 +107,26 @@ class ModelRunner:
         # preparation, sampling or KV moves): what benchmarks call the step's compute
         self.forward_seconds = 0.0
         self.forward_cpu_seconds = 0.0
+        # decode steps of 1-8 rows in one native call per segment (serving/models/native_decoder.py);
+        # --enforce-eager keeps every step on the model's Python path
+        self.enforce_eager = enforce_eager
+        self.native_decoder: NativeDecoder | None = None
+        self.bind_native_decoder()
+
+    def bind_native_decoder(self) -> None:
+        """(Re)bind the native decode path to the model's current weights; call after changing the
+        model's layers (pack_linears / unpack_linears). Until then decode steps take the Python path."""
+        self.native_decoder = (NativeDecoder.build(self.model, self.kv_cache)
+                               if self.device.type == "cpu" and not self.enforce_eager else None)
 
     @classmethod
     def load(cls, model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
-             seed: int = 0, connector: KVConnectorWorker | None = None) -> ModelRunner:
+             seed: int = 0, connector: KVConnectorWorker | None = None, enforce_eager: bool = False) -> ModelRunner:
         """Load the model and allocate a KV cache of the configured size (tools and benchmarks)."""
         model = load_model(model_dir, dtype, device)
         layout = model_kv_layout(model, cache_config.block_size)
         kv_cache = layout.allocate(num_kv_blocks(layout, cache_config), device)
-        return cls(model, kv_cache, layout, device, seed, connector)
+        return cls(model, kv_cache, layout, device, seed, connector, enforce_eager)
 
     def _apply_plan(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
@@ -184,11 +196,12 @@ class ModelRunner:
         if chain[0].layer_start > 0 and hidden is None:
             raise RuntimeError(f"segment of {rows} resumes at layer {chain[0].layer_start} but no hidden "
                                "state was carried for these rows")
+        forward = self._forward_for(inputs)
         for segment in chain:
             end = num_layers if segment.layer_end is None else segment.layer_end
             with self._forward_timer():
-                hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
-                                              hidden, residual)                           # [T, H]
+                hidden, residual = forward(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
+                                           hidden, residual)                              # [T, H]
             if len(chain) > 1 and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # a sender reads the cache
             self.connector.layers_done(rows, segment.layer_start, end)
@@ -199,6 +212,14 @@ class ModelRunner:
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
         return rows, hidden, inputs
+
+    def _forward_for(self, inputs: StepInputs):
+        """The native decoder for a decode step it serves, else the model (same signature)."""
+        native = self.native_decoder
+        if native is not None and native.serves(inputs.input_ids.shape[0], inputs.attn.max_query_len, self.kv_cache) \
+                and native.is_current():
+            return native
+        return self.model
 
     def _sample(self, logits: Tensor, request_ids: list[str]) -> StepResult:
         states = [self.states[r] for r in request_ids]

@@ -1,0 +1,117 @@
+"""Decode steps of a packed float32 CausalLM on CPU, each range of layers in one native call.
+
+The model's Python path (serving/models/causal_lm.py over kernels/ops.py) already runs pdserve's
+compiled kernels; at 1-8 rows what is left is the ~200 module and wrapper calls a step makes
+(~3 ms of a ~20 ms batch-1 step on the small model). `NativeDecoder` binds each layer's tensors once
+(kernels/cpu_decode_layers.py) and runs the same kernels in the same order from one C call per
+chain segment: a bit-identical result, without the calls. It is what a CUDA graph is to a GPU
+decode step, and `--enforce-eager` turns it off, as it turns graphs off in vLLM.
+
+It takes the model's forward signature, so the runner calls one or the other:
+
+    decoder(input_ids, positions, attn, start_layer, end_layer, hidden, residual)   == model(...)
+
+for a step whose every row is one new token (attn.meta.max_query_len == 1) with at most
+cpu_native.MAX_ROWS rows. Embedding and the final norm stay the model's own modules.
+"""
+from __future__ import annotations
+
+import logging
+
+from torch import Tensor, nn
+
+from kernels import cpu_native
+from kernels.cpu_decode_layers import DecodeLayers, DecodeShape, LayerTensors
+from serving.models.causal_lm import CausalLM, HeadRMSNorm
+from serving.models.cpu_linear import PackedLinear
+
+logger = logging.getLogger(__name__)
+
+
+class NativeDecoder:
+    def __init__(self, model: CausalLM, kv_cache: Tensor, layers: DecodeLayers, linears: list[PackedLinear]) -> None:
+        self.model, self.kv_cache, self.layers = model, kv_cache, layers
+        self._bound = [(linear, linear.tiled_weight) for linear in linears]  # what the native table points into
+
+    @classmethod
+    def build(cls, model: CausalLM, kv_cache: Tensor) -> NativeDecoder | None:
+        """A decoder bound to `model`'s current weights and `kv_cache` [L, 2, blocks, block_size, Hkv, D];
+        None (with the reason logged) where the model is not float32 on CPU with every linear layer
+        packed (serving/models/cpu_linear.py), or the kernel library is not built."""
+        lib = cpu_native.library()
+        if lib is None:
+            return None
+        linears: list[PackedLinear] = []
+        tensors = []
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = _projections(layer)
+            if not all(isinstance(p, PackedLinear) and p.tiled_weight is not None for p in projections):
+                logger.info("decode steps run the model's Python path: layer %d has a linear layer that is not "
+                            "packed for pdserve's CPU kernels", i)
+                return None
+            if isinstance(attn.q_norm, HeadRMSNorm) != isinstance(attn.k_norm, HeadRMSNorm) \
+                    or not isinstance(attn.q_norm, (HeadRMSNorm, nn.Identity)):
+                logger.info("decode steps run the model's Python path: layer %d's q/k norms are not supported", i)
+                return None
+            has_norm = isinstance(attn.q_norm, HeadRMSNorm)
+            linears += projections
+            tensors.append(LayerTensors(
+                input_norm=layer.input_layernorm.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
+                qkv=attn.qkv_proj.tiled_weight, qkv_bias=_detached(attn.qkv_proj.bias),
+                q_norm=attn.q_norm.weight.detach() if has_norm else None,
+                k_norm=attn.k_norm.weight.detach() if has_norm else None,
+                o=attn.o_proj.tiled_weight, o_bias=_detached(attn.o_proj.bias),
+                gate_up=mlp.gate_up_proj.tiled_weight, gate_up_bias=_detached(mlp.gate_up_proj.bias),
+                down=mlp.down_proj.tiled_weight, down_bias=_detached(mlp.down_proj.bias),
+                k_cache=kv_cache[i, 0], v_cache=kv_cache[i, 1]))
+        arch = model.config
+        shape = DecodeShape(hidden=arch.hidden_size, num_q_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
+                            head_dim=arch.head_dim, intermediate=arch.intermediate_size, block_size=kv_cache.shape[3],
+                            eps=arch.rms_norm_eps, scale=arch.head_dim ** -0.5)
+        try:
+            layers = DecodeLayers(lib, tensors, shape, model.cos_sin_cache)
+        except ValueError as e:
+            logger.info("decode steps run the model's Python path: %s", e)
+            return None
+        return cls(model, kv_cache, layers, linears)
+
+    def is_current(self) -> bool:
+        """The model still holds the weights this decoder was bound to (a repack or unpack rebinds)."""
+        current = [p for layer in self.model.layers for p in _projections(layer)]
+        return len(current) == len(self._bound) and all(
+            now is linear and linear.tiled_weight is tiled for now, (linear, tiled) in zip(current, self._bound))
+
+    def serves(self, num_tokens: int, max_query_len: int, kv_cache: Tensor) -> bool:
+        return 1 <= num_tokens <= cpu_native.MAX_ROWS and max_query_len == 1 and kv_cache is self.kv_cache
+
+    def __call__(self, input_ids: Tensor | None, positions: Tensor, attn, start_layer: int = 0,
+                 end_layer: int | None = None, hidden_states: Tensor | None = None,
+                 residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """CausalLM.forward for a decode step; `attn` is the runner's PagedAttentionBackend (its
+        metadata and cache are read, its call is not)."""
+        num_layers = self.model.config.num_layers
+        end_layer = num_layers if end_layer is None else end_layer
+        if start_layer == 0:
+            if input_ids is None:
+                raise ValueError("input_ids are required when start_layer == 0")
+            hidden_states, residual = self.model.embed_tokens(input_ids), None          # [T, H]
+        elif hidden_states is None or residual is None:
+            raise ValueError(f"start_layer={start_layer} resumes a partial pass: pass the hidden_states "
+                             "and residual that the call ending at that layer returned")
+        meta = attn.meta
+        hidden_states, residual = self.layers(start_layer, end_layer, hidden_states, residual, positions,
+                                              meta.slot_mapping, meta.block_tables, meta.seq_lens)
+        if end_layer < num_layers:
+            return hidden_states, residual
+        hidden_states, _ = self.model.norm(hidden_states, residual)
+        return hidden_states, None
+
+
+def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
