@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", default="deploy/clusters/cpu.yaml", help="links for the simulated transfers")
     parser.add_argument("--result-dir", default="results/sim-validation")
     parser.add_argument("--target-attainment", type=float, default=0.9)
+    parser.add_argument("--resimulate", action="store_true",
+                        help="serve nothing: simulate again the measured runs and traces already in "
+                             "--result-dir/SYSTEM/ (a changed simulator or fit against the same measurements)")
     args, bench_args = parser.parse_known_args(argv)
     latency = dict(item.split("=", 1) for item in args.latency_model)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -92,26 +95,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def validate(system: str, args: argparse.Namespace, bench_args: list[str], latency: str | None, out: Path) -> dict:
     """Serve, measure, then simulate every rate with the profile (if given) and with the in-place fit of
-    the other rates' steps. Returns {"rows": {rate: {"measured", "profile", "in_place"}}, "goodput": {...}}."""
-    from bench.cli import main as bench_main
+    the other rates' steps. Returns {"rows": {rate: {"measured", "profile", "in_place"}}, "goodput": {...}}.
+    With --resimulate the measurements already in `out` are simulated again."""
     from bench.sim_compare import goodput_summary
     from bench.simulate import main as simulate_main
     from scheduler import step_trace
 
-    out.mkdir(parents=True, exist_ok=True)
     trace_dir = out / "trace"
     config_path = out / f"{system}.yaml"
-    deployment = deployment_yaml(system, args.model, args.max_model_len)
-    deployment["deploy"]["step_trace_dir"] = str(trace_dir.resolve())
-    config_path.write_text(yaml.safe_dump(deployment, sort_keys=False))
-    spec = SystemSpec(f"pdserve-{system}", "pdserve", model=args.model, max_model_len=args.max_model_len,
-                      extra_args=("--config", str(config_path)))
-    with RunningSystem(spec, out) as base_url:
-        code = bench_main(["serve", "--base-url", base_url, "--model", args.model, "--save-result", "--result-dir",
-                           str(out), "--result-filename", "measured.json", "--label", f"measured-{system}",
-                           "--ignore-eos", "--max-model-len", str(args.max_model_len), *bench_args])
-    if code not in (0, 1):
-        raise RuntimeError(f"pdserve bench serve failed on {system} (exit {code})")
+    if args.resimulate:
+        if not (config_path.exists() and trace_dir.is_dir()):
+            raise RuntimeError(f"--resimulate needs {config_path} and {trace_dir} from an earlier run")
+    else:
+        serve_and_measure(system, args, bench_args, out, config_path, trace_dir)
     measured = sorted(str(p) for p in out.glob("measured*.json"))
     if not measured:
         raise RuntimeError(f"no measured result was written for {system} in {out}")
@@ -156,6 +152,26 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
                                                      "goodput": goodput}, indent=2))
     print(f"plot: {plot_validation(rows, args.target_attainment, out / 'validation-attainment.png', system)}")
     return {"rows": rows, "goodput": goodput}
+
+
+def serve_and_measure(system: str, args: argparse.Namespace, bench_args: list[str], out: Path, config_path: Path,
+                      trace_dir: Path) -> None:
+    """Write the deployment YAML, serve it with step tracing on and run the workload at every rate
+    (`pdserve bench serve`), leaving measured*.json and trace/ in `out`."""
+    from bench.cli import main as bench_main
+
+    out.mkdir(parents=True, exist_ok=True)
+    deployment = deployment_yaml(system, args.model, args.max_model_len)
+    deployment["deploy"]["step_trace_dir"] = str(trace_dir.resolve())
+    config_path.write_text(yaml.safe_dump(deployment, sort_keys=False))
+    spec = SystemSpec(f"pdserve-{system}", "pdserve", model=args.model, max_model_len=args.max_model_len,
+                      extra_args=("--config", str(config_path)))
+    with RunningSystem(spec, out) as base_url:
+        code = bench_main(["serve", "--base-url", base_url, "--model", args.model, "--save-result", "--result-dir",
+                           str(out), "--result-filename", "measured.json", "--label", f"measured-{system}",
+                           "--ignore-eos", "--max-model-len", str(args.max_model_len), *bench_args])
+    if code not in (0, 1):
+        raise RuntimeError(f"pdserve bench serve failed on {system} (exit {code})")
 
 
 def plot_validation(rows: dict[float, dict], target: float, path: Path, system: str) -> Path:

@@ -35,3 +35,14 @@ def test_validation_serves_traces_and_compares_both_fits(tiny_model_dir, tmp_pat
     assert (system / "validation-attainment.png").stat().st_size > 0
     summary = (out / "summary.md").read_text()
     assert "simulated (in place)" in summary and "| colocated | 4 |" in summary and "| colocated | 8 |" in summary
+    # the same measurements simulated again, serving nothing: the simulation is deterministic, so the
+    # rows come back the same; without a measured run there is nothing to resimulate
+    before = validation["rows"]
+    (system / "validation.json").unlink()
+    assert validate_main(["--model", tiny_model_dir, "--systems", "colocated", "--max-model-len", "512",
+                          "--latency-model", f"colocated={profile}", "--result-dir", str(out), "--resimulate",
+                          "--goodput", "ttft:2000", "tpot:500", "--disable-tqdm"]) == 0
+    assert json.loads((system / "validation.json").read_text())["rows"] == before
+    with pytest.raises(RuntimeError, match="--resimulate needs"):
+        validate_main(["--model", tiny_model_dir, "--systems", "colocated", "--result-dir", str(tmp_path / "none"),
+                       "--resimulate"])
