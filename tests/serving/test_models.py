@@ -57,16 +57,22 @@ def dense_causal_attention(seq_lens: list[int]):
     return attend
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
-def hf_and_ours(request, tmp_path_factory):
-    config_cls, architecture, extra, save_kwargs = CASES[request.param]
+def save_hf_case(case: str, model_dir) -> torch.nn.Module:
+    """The transformers model of CASES[case] (seeded, peaked weights), saved into model_dir; returned."""
+    config_cls, architecture, extra, save_kwargs = CASES[case]
     config = config_cls(**COMMON, **extra, bos_token_id=1, eos_token_id=2)
     config.architectures = [architecture]
     torch.manual_seed(0)
     hf_model = getattr(transformers, architecture)(config).eval()
     _peaked_init_(hf_model, seed=1)
-    model_dir = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(model_dir, **save_kwargs)
+    return hf_model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def hf_and_ours(request, tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp(request.param)
+    hf_model = save_hf_case(request.param, model_dir)
     ours = load_model(str(model_dir), torch.float32, torch.device("cpu"))
     return request.param, hf_model, ours, model_dir
 

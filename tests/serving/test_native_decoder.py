@@ -2,14 +2,13 @@
 for every supported architecture, batch size and layer split, and only where it applies."""
 import pytest
 import torch
-import transformers
 
 from kernels import cpu_native
 from kvcache.config import CacheConfig
 from scheduler import CachedRequestData, NewRequestData, SamplingParams, Segment, StepPlan
 from serving.models.cpu_linear import pack_linears, unpack_linears
 from serving.runner.model_runner import ModelRunner
-from tests.serving.test_models import CASES, COMMON, _peaked_init_
+from tests.serving.test_models import CASES, COMMON, save_hf_case
 
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="needs pdserve's CPU kernel library "
                                 "(a C++ compiler); the Python path is what runs without it")
@@ -20,14 +19,8 @@ BLOCK_SIZE = 4
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def model_dir(request, tmp_path_factory):
-    config_cls, architecture, extra, save_kwargs = CASES[request.param]
-    config = config_cls(**COMMON, **extra, bos_token_id=1, eos_token_id=2)
-    config.architectures = [architecture]
-    torch.manual_seed(0)
-    hf_model = getattr(transformers, architecture)(config).eval()
-    _peaked_init_(hf_model, seed=1)
     path = tmp_path_factory.mktemp(request.param)
-    hf_model.save_pretrained(path, **save_kwargs)
+    save_hf_case(request.param, path)
     return str(path)
 
 
@@ -47,7 +40,7 @@ def _count_native_calls(runner: ModelRunner) -> list[int]:
     return calls
 
 
-def _scenario(num_rows: int, seed: int, num_layers: int) -> list[StepPlan]:
+def _scenario(num_rows: int, seed: int) -> list[StepPlan]:
     """num_rows requests prefilled in one step, then four decode steps of all rows: one plain, one
     split into layer segments [0, 1) [1, L), two plain."""
     gen = torch.Generator().manual_seed(seed)
@@ -80,9 +73,8 @@ def test_decode_steps_are_bit_identical_to_the_python_path(model_dir):
     eager, native = _runner(model_dir, enforce_eager=True), _runner(model_dir, enforce_eager=False)
     assert eager.native_decoder is None and native.native_decoder is not None
     calls = _count_native_calls(native)
-    num_layers = native.arch.num_layers
     for num_rows in (1, 2, 3, 5, 8):
-        plans = _scenario(num_rows, seed=num_rows, num_layers=num_layers)
+        plans = _scenario(num_rows, seed=num_rows)
         assert _run(native, plans) == _run(eager, plans), f"{num_rows} rows"
         assert torch.equal(native.kv_cache, eager.kv_cache), f"{num_rows} rows: KV caches differ"
     # every decode step took the native path: 4 per scenario, the split one twice (two segments)
@@ -92,9 +84,9 @@ def test_decode_steps_are_bit_identical_to_the_python_path(model_dir):
 def test_prefill_mixed_and_wide_steps_keep_the_python_path(tiny_model_dir):
     runner = _runner(tiny_model_dir, enforce_eager=False)
     calls = _count_native_calls(runner)
-    _run(runner, _scenario(cpu_native.MAX_ROWS + 1, seed=0, num_layers=runner.arch.num_layers))
+    _run(runner, _scenario(cpu_native.MAX_ROWS + 1, seed=0))
     assert calls[0] == 0  # 9 decode rows: past the kernel's rows
-    plans = _scenario(2, seed=1, num_layers=runner.arch.num_layers)
+    plans = _scenario(2, seed=1)
     # a prompt scheduled beside the decodes of the third decode step makes that step mixed
     plans[3].new_requests.append(NewRequestData("p", [5, 6, 7], 3, PARAMS, [150], 0))
     plans[3].num_scheduled_tokens["p"] = 3
@@ -104,7 +96,7 @@ def test_prefill_mixed_and_wide_steps_keep_the_python_path(tiny_model_dir):
 
 def test_a_changed_model_is_not_run_through_stale_weights(tiny_model_dir):
     runner = _runner(tiny_model_dir, enforce_eager=False)
-    plans = _scenario(2, seed=3, num_layers=runner.arch.num_layers)
+    plans = _scenario(2, seed=3)
     before = _run(runner, plans)
     calls = _count_native_calls(runner)
     unpack_linears(runner.model)
