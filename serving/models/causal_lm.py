@@ -29,6 +29,12 @@ class AttentionBackend(Protocol):
         """
 
 
+class LayerRunner(Protocol):
+    def __call__(self, start_layer: int, end_layer: int, positions: Tensor, hidden_states: Tensor,
+                 residual: Tensor | None, attn: AttentionBackend) -> tuple[Tensor, Tensor]:
+        """Decoder layers [start_layer, end_layer) over hidden_states [T, H] -> (hidden, residual) [T, H]."""
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -139,14 +145,16 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor | None, positions: Tensor, attn: AttentionBackend,
                 start_layer: int = 0, end_layer: int | None = None,
-                hidden_states: Tensor | None = None, residual: Tensor | None = None
-                ) -> tuple[Tensor, Tensor | None]:
+                hidden_states: Tensor | None = None, residual: Tensor | None = None,
+                layers: LayerRunner | None = None) -> tuple[Tensor, Tensor | None]:
         """Run decoder layers [start_layer, end_layer) over T tokens; mutates nothing but the KV cache
         that `attn` writes.
 
         input_ids/positions [T] int64. start_layer == 0 embeds input_ids; a later start resumes from
         the (hidden_states, residual) [T, H] that the previous range returned. Ending at the last
-        layer applies the final norm and returns (normed hidden [T, H], None).
+        layer applies the final norm and returns (normed hidden [T, H], None). `layers` runs the
+        range instead of this module's own layers (the native decode step,
+        serving/models/native_decoder.py); residual is None into the model's first layer.
         """
         num_layers = self.config.num_layers
         end_layer = num_layers if end_layer is None else end_layer
@@ -160,12 +168,18 @@ class CausalLM(nn.Module):
         elif hidden_states is None or residual is None:
             raise ValueError(f"start_layer={start_layer} resumes a partial pass: pass the hidden_states "
                              "and residual that the call ending at that layer returned")
-        for layer in self.layers[start_layer:end_layer]:
-            hidden_states, residual = layer(positions, hidden_states, residual, self.cos_sin_cache, attn)
+        hidden_states, residual = (layers or self.run_layers)(start_layer, end_layer, positions, hidden_states,
+                                                              residual, attn)
         if end_layer < num_layers:
             return hidden_states, residual
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states, None
+
+    def run_layers(self, start_layer: int, end_layer: int, positions: Tensor, hidden_states: Tensor,
+                   residual: Tensor | None, attn: AttentionBackend) -> tuple[Tensor, Tensor]:
+        for layer in self.layers[start_layer:end_layer]:
+            hidden_states, residual = layer(positions, hidden_states, residual, self.cos_sin_cache, attn)
+        return hidden_states, residual
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
         return self.lm_head(hidden_states).float()                          # [N, H] -> [N, V]

@@ -7,12 +7,13 @@ compiled kernels; at 1-8 rows what is left is the ~200 module and wrapper calls 
 chain segment: a bit-identical result, without the calls. It is what a CUDA graph is to a GPU
 decode step, and `--enforce-eager` turns it off, as it turns graphs off in vLLM.
 
-It takes the model's forward signature, so the runner calls one or the other:
+It is a layer runner the model's forward takes in place of its own layers, so embedding, the final
+norm and the argument checks stay the model's:
 
-    decoder(input_ids, positions, attn, start_layer, end_layer, hidden, residual)   == model(...)
+    model(input_ids, positions, attn, start_layer, end_layer, hidden, residual, layers=decoder)
 
 for a step whose every row is one new token (attn.meta.max_query_len == 1) with at most
-cpu_native.MAX_ROWS rows. Embedding and the final norm stay the model's own modules.
+cpu_native.MAX_ROWS rows.
 """
 from __future__ import annotations
 
@@ -85,27 +86,13 @@ class NativeDecoder:
     def serves(self, num_tokens: int, max_query_len: int, kv_cache: Tensor) -> bool:
         return 1 <= num_tokens <= cpu_native.MAX_ROWS and max_query_len == 1 and kv_cache is self.kv_cache
 
-    def __call__(self, input_ids: Tensor | None, positions: Tensor, attn, start_layer: int = 0,
-                 end_layer: int | None = None, hidden_states: Tensor | None = None,
-                 residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """CausalLM.forward for a decode step; `attn` is the runner's PagedAttentionBackend (its
-        metadata and cache are read, its call is not)."""
-        num_layers = self.model.config.num_layers
-        end_layer = num_layers if end_layer is None else end_layer
-        if start_layer == 0:
-            if input_ids is None:
-                raise ValueError("input_ids are required when start_layer == 0")
-            hidden_states, residual = self.model.embed_tokens(input_ids), None          # [T, H]
-        elif hidden_states is None or residual is None:
-            raise ValueError(f"start_layer={start_layer} resumes a partial pass: pass the hidden_states "
-                             "and residual that the call ending at that layer returned")
+    def __call__(self, start_layer: int, end_layer: int, positions: Tensor, hidden_states: Tensor,
+                 residual: Tensor | None, attn) -> tuple[Tensor, Tensor]:
+        """CausalLM.run_layers for a decode step; `attn` is the runner's PagedAttentionBackend (its
+        metadata is read, its call is not)."""
         meta = attn.meta
-        hidden_states, residual = self.layers(start_layer, end_layer, hidden_states, residual, positions,
-                                              meta.slot_mapping, meta.block_tables, meta.seq_lens)
-        if end_layer < num_layers:
-            return hidden_states, residual
-        hidden_states, _ = self.model.norm(hidden_states, residual)
-        return hidden_states, None
+        return self.layers(start_layer, end_layer, hidden_states, residual, positions, meta.slot_mapping,
+                           meta.block_tables, meta.seq_lens)
 
 
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:

@@ -196,12 +196,12 @@ class ModelRunner:
         if chain[0].layer_start > 0 and hidden is None:
             raise RuntimeError(f"segment of {rows} resumes at layer {chain[0].layer_start} but no hidden "
                                "state was carried for these rows")
-        forward = self._forward_for(inputs)
+        layers = self._native_layers_for(inputs)
         for segment in chain:
             end = num_layers if segment.layer_end is None else segment.layer_end
             with self._forward_timer():
-                hidden, residual = forward(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
-                                           hidden, residual)                              # [T, H]
+                hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
+                                              hidden, residual, layers)                   # [T, H]
             if len(chain) > 1 and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # a sender reads the cache
             self.connector.layers_done(rows, segment.layer_start, end)
@@ -213,13 +213,13 @@ class ModelRunner:
             state.num_computed_tokens += n
         return rows, hidden, inputs
 
-    def _forward_for(self, inputs: StepInputs):
-        """The native decoder for a decode step it serves, else the model (same signature)."""
+    def _native_layers_for(self, inputs: StepInputs) -> NativeDecoder | None:
+        """The native decoder for a decode step it serves (the model's layers run it), else None."""
         native = self.native_decoder
         if native is not None and native.serves(inputs.input_ids.shape[0], inputs.attn.max_query_len, self.kv_cache) \
                 and native.is_current():
             return native
-        return self.model
+        return None
 
     def _sample(self, logits: Tensor, request_ids: list[str]) -> StepResult:
         states = [self.states[r] for r in request_ids]
