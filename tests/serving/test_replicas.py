@@ -89,6 +89,10 @@ def test_greedy_outputs_on_replicas_equal_the_single_engine(loop, tiny_model_dir
 
 
 def _kill_replica_mid_stream(loop, client, cases, num_tokens_before_kill=3):
+    """SIGKILL replica-0 once every stream has its first tokens; (its requests then, results). The
+    cases' outputs must be long enough that replica-0 cannot have generated them all while the test's
+    loop (starved on a loaded box) was still waiting for the other streams' first tokens: a request
+    whose last tokens are already on their way when the kill lands finishes normally."""
     progress = {c.request_id: 0 for c in cases}
 
     async def stream(case):
@@ -115,7 +119,7 @@ def _kill_replica_mid_stream(loop, client, cases, num_tokens_before_kill=3):
 @pytest.mark.slow
 def test_a_killed_replica_fails_only_its_requests_and_is_restarted(loop, tiny_model_dir):
     single = tiny_config(tiny_model_dir, max_num_batched_tokens=CHUNK)
-    cases = make_cases("replica-kill", 12, [20, 35, 50, 65, 80, 95], [150])
+    cases = make_cases("replica-kill", 12, [20, 35, 50, 65, 80, 95], [400])
     expected = reference_outputs(single, cases)
     config = tiny_config(tiny_model_dir, max_num_batched_tokens=CHUNK, num_replicas=2)
     with replicas(loop, config) as client:
@@ -145,7 +149,7 @@ def test_a_killed_replica_fails_only_its_requests_and_is_restarted(loop, tiny_mo
 @pytest.mark.slow
 def test_a_killed_replicas_requests_continue_elsewhere_when_asked(loop, tiny_model_dir):
     single = tiny_config(tiny_model_dir, max_num_batched_tokens=CHUNK)
-    cases = make_cases("replica-reprefill", 14, [20, 35, 50, 65], [100])
+    cases = make_cases("replica-reprefill", 14, [20, 35, 50, 65], [400])
     expected = reference_outputs(single, cases)
     config = tiny_config(tiny_model_dir, max_num_batched_tokens=CHUNK, num_replicas=2,
                          reprefill_on_decode_failure=True, restart_failed_instances=False)
