@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from kernels import cpu_native
 from serving.models.cpu_linear import packing_supported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -44,3 +45,13 @@ def test_cpu_linear_checks_and_times_every_method(tmp_path):
     for row in rows:
         assert {"linear", "onednn[1]", "onednn[128]", "w@xT", "x@wT"} <= set(row["ms"])
         assert all(err < 1e-3 for err in row["rel_err"].values())
+
+
+@pytest.mark.skipif(cpu_native.compiler() is None, reason="no C++ compiler: the kernels cannot be built")
+def test_cpu_attention_compares_a_revision_with_the_tree(tmp_path):
+    out = tmp_path / "attention.json"
+    _run(["bench.cpu_attention", "--baseline-rev", "HEAD", "--batches", "1,3", "--contexts", "48", "--layers", "2",
+          "--rounds", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["batch"], row["context"]) for row in rows] == [(1, 48), (3, 48)]
+    assert all(row["baseline_ms"] > 0 and row["tree_ms"] > 0 and row["read_ms"] > 0 for row in rows)

@@ -58,8 +58,10 @@ def test_a_row_view_and_a_strided_input_are_read_right(lib):
 
 
 # (num_q_heads, num_kv_heads, head_dim, block_size): the small model's (GQA 3:1, D 64), MHA with D 128,
-# D below one vector and not a multiple of 16, GQA 4:1 with an odd block size
-ATTENTION_SHAPES = [(12, 4, 64, 16), (4, 4, 128, 16), (6, 2, 8, 4), (8, 2, 24, 5), (3, 1, 143, 7)]
+# D below one vector and not a multiple of 16, GQA 4:1 with an odd block size; groups that pass 3 takes
+# in several batches of query heads (5 = 4 + 1 at D 64, 8 = 2 + 2 + 2 + 2 at D 128, 7 at D 40)
+ATTENTION_SHAPES = [(12, 4, 64, 16), (4, 4, 128, 16), (6, 2, 8, 4), (8, 2, 24, 5), (3, 1, 143, 7),
+                    (10, 2, 64, 16), (16, 2, 128, 8), (7, 1, 40, 3)]
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
