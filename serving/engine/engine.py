@@ -11,7 +11,6 @@ instance process in disaggregated mode (role prefill or decode).
 """
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -200,17 +199,6 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     trace = StepTrace.in_dir(config.deploy.step_trace_dir, role) if config.deploy.step_trace_dir else None
     if trace is not None:
         logger.info("step trace: %s", trace.path)
-    engine = Engine(EngineCore(scheduler, runner, clock, trace), runner, connector, kv_layout, model_dir,
-                    max_model_len, arch.eos_token_ids, arch.vocab_size, role)
-    freeze_gc_heap()
-    return engine
+    return Engine(EngineCore(scheduler, runner, clock, trace), runner, connector, kv_layout, model_dir, max_model_len,
+                  arch.eos_token_ids, arch.vocab_size, role)
 
-
-def freeze_gc_heap() -> None:
-    """Collect once, then put every object alive now (modules, the libraries imported with them: ~300K
-    objects with the small model) out of the cyclic garbage collector's reach. A full collection over
-    them takes ~160 ms on the 2-core CPU box, a stall of eight decode steps whenever the collector
-    chose to run one while serving; after this it takes ~0 ms. vLLM's engine core does the same after
-    its startup (vllm.utils.gc_utils.freeze_gc_heap). Objects made later are collected as usual."""
-    gc.collect()
-    gc.freeze()

@@ -19,6 +19,7 @@ parent to end the process (so the reason always arrives before the exit is notic
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -165,6 +166,7 @@ def _serve(start: dict, context: zmq.Context, pinning=None) -> int:
         output.close()
         return 1
     try:
+        freeze_gc_heap()
         info = m.EngineInfo.of(engine, os.getpid())
         output.send(m.pack([m.READY, info.to_list()]))
         loop = CoreLoop(engine, input_socket, output)
@@ -183,6 +185,18 @@ def _serve(start: dict, context: zmq.Context, pinning=None) -> int:
         engine.close()
         output.close()
         input_socket.close(linger=0)
+
+
+def freeze_gc_heap() -> None:
+    """Collect once, then put every object alive now (modules, the libraries imported with them: ~300K
+    objects with the small model) out of the cyclic garbage collector's reach. A full collection over
+    them took 158 ms on the 2-core CPU box, a stall of eight decode steps whenever the collector chose
+    to run one while serving; after this it takes ~0 ms. vLLM's engine core does the same after its
+    startup (vllm.utils.gc_utils.freeze_gc_heap). Objects made later are collected as usual. Only this
+    process, which lives as long as its engine, does it: in a user's process (the offline LLM) a frozen
+    cycle would never be freed."""
+    gc.collect()
+    gc.freeze()
 
 
 def _read_line(fd: int) -> bytes:

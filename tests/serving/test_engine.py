@@ -270,29 +270,3 @@ def test_dead_engine_tells_the_client_that_retrying_here_cannot_help(tiny_model_
         assert api_error.status == 503 and api_error.message == message
     assert not engine.is_healthy()
 
-
-def test_a_built_engine_leaves_the_startup_heap_out_of_the_collectors_reach(tiny_model_dir):
-    """build_engine freezes what startup left alive (vLLM's freeze_gc_heap): a full collection no longer
-    walks the model's modules and the imported libraries, and what is made afterwards is still collected."""
-    import gc
-    import weakref
-    gc.unfreeze()
-    try:
-        llm = LLM(tiny_model_dir)
-        frozen = gc.get_freeze_count()
-        assert frozen > 10_000, frozen  # the modules and libraries, not a handful
-        assert gc.is_tracked(llm.engine) and not any(obj is llm.engine for obj in gc.get_objects())  # frozen too
-
-        class Cycle:
-            pass
-        later = Cycle()
-        later.me = later
-        collected = []
-        ref = weakref.ref(later, collected.append)
-        del later
-        gc.collect()
-        assert ref() is None and collected  # objects made after startup are still collected
-        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0))
-        assert len(out[0].outputs[0].token_ids) == 3
-    finally:
-        gc.unfreeze()
