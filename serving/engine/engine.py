@@ -201,4 +201,3 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
         logger.info("step trace: %s", trace.path)
     return Engine(EngineCore(scheduler, runner, clock, trace), runner, connector, kv_layout, model_dir, max_model_len,
                   arch.eos_token_ids, arch.vocab_size, role)
-

@@ -269,4 +269,3 @@ def test_dead_engine_tells_the_client_that_retrying_here_cannot_help(tiny_model_
         api_error = to_api_error(error, "/v1/completions")
         assert api_error.status == 503 and api_error.message == message
     assert not engine.is_healthy()
-
