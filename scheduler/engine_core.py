@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from scheduler.clock import Clock
+from scheduler.errors import ExecutorDeadError
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import Scheduler
 from scheduler.step import StepPlan, StepResult
@@ -90,6 +91,8 @@ class EngineCore:
             started = time.time()
         try:
             result = self.executor.execute(plan)
+        except ExecutorDeadError:  # no later step can run either: the engine must restart
+            raise
         except Exception as e:  # a failed step fails its requests, not the engine
             return self._fail_step(plan, e)
         if trace is not None:

@@ -8,3 +8,8 @@ class RequestTooLargeError(ValueError):
 
 class NoKVSpaceError(RuntimeError):
     """No free blocks to receive a remote prefill's KV right now (backpressure): try later or elsewhere."""
+
+
+class ExecutorDeadError(RuntimeError):
+    """The executor can run no more steps (a tensor-parallel rank died or fell out of step): the engine
+    loop ends, so that the engine restarts whole, instead of failing every later step's requests."""

@@ -43,29 +43,40 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-TP_PP_NOT_SUPPORTED = ("not supported yet: TP/PP lands with issue 'Tensor and pipeline parallelism'; serve "
-                       "with tensor_parallel_size and pipeline_parallel_size 1 (the simulator and the planner "
-                       "model larger plans already)")
+PP_NOT_SUPPORTED = ("not supported yet: pipeline parallelism lands with issue 'Tensor and pipeline parallelism'; "
+                    "serve with pipeline_parallel_size 1 (the simulator and the planner model larger plans already)")
+DISAGG_TP_NOT_SUPPORTED = ("not supported yet: a prefill or decode instance runs tensor_parallel_size 1 until KV "
+                           "transfer between tensor-parallel ranks lands (issue 'Tensor and pipeline parallelism'); "
+                           "colocated serving runs any size that divides the model's heads")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one instance splits the model over devices. Larger than 1 is understood (the planner emits
-    it, the simulator models it) but refused at start until the runtime implements it."""
+    """How one instance splits the model over devices. Tensor parallelism runs in colocated instances
+    (serving/runner/tensor_parallel.py); pipeline parallelism, and tensor parallelism in prefill or
+    decode instances, are understood (the planner emits them, the simulator models them) but refused
+    at start until the runtime implements them."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # how long a rank waits in a collective for a peer before the group is declared dead (a dead peer
+    # is seen at once; this catches a hung one)
+    collective_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+        if not self.collective_timeout_s > 0:
+            raise ValueError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s!r}")
 
-    def check_supported(self, where: str = "") -> None:
+    def check_supported(self, where: str = "", role: str = "colocated") -> None:
         """ValueError for a plan the runtime cannot run yet."""
-        if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1:
-            plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
-            raise ValueError(f"{where}{plan}: {TP_PP_NOT_SUPPORTED}")
+        plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
+        if self.pipeline_parallel_size > 1:
+            raise ValueError(f"{where}{plan}: {PP_NOT_SUPPORTED}")
+        if self.tensor_parallel_size > 1 and role in ("prefill", "decode"):
+            raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_NOT_SUPPORTED}")
 
 
 @dataclass(frozen=True)

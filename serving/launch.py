@@ -20,7 +20,7 @@ def build_engine_client(config: Config) -> EngineClient:
         return AsyncLLM.from_config(config)
     from serving.router.engine_client import build_disaggregated_client
     for spec in make_specs(config):
-        spec.config.parallel.check_supported(f"{spec.name}: ")
+        spec.config.parallel.check_supported(f"{spec.name}: ", spec.role)
         check_instance_kv_pool(spec.config)
     return build_disaggregated_client(config)
 

@@ -156,6 +156,7 @@ class Engine:
 
     def close(self) -> None:
         self.connector.close()
+        self.runner.close()
         if self.core.trace is not None:
             self.core.trace.close()
 
@@ -175,11 +176,31 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     """Every part from the config, each injected into the next. For a decode role the connector
     worker starts serving KVTransfer on deploy.internal_host; token: the deployment's, for every
     internal KV call (None: no check)."""
-    config.parallel.check_supported()
+    config.parallel.check_supported(role=role)
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
-    model = load_model(model_dir, resolve_dtype(config.model.dtype, device), device)
-    arch = model.config
+    dtype = resolve_dtype(config.model.dtype, device)
+    tp = config.parallel.tensor_parallel_size
+    workers = None
+    if tp > 1:  # ranks 1.. spawned; this process is rank 0 (serving/runner/tensor_parallel.py)
+        from serving.models.tensor_parallel import check_tensor_parallel
+        from serving.runner.tensor_parallel import start_tensor_parallel
+        check_tensor_parallel(ModelArchConfig.from_model_dir(model_dir), tp)
+        workers, model = start_tensor_parallel(model_dir, dtype, device, config.cache, tp, config.model.seed,
+                                               config.parallel.collective_timeout_s)
+    else:
+        model = load_model(model_dir, dtype, device)
+    try:
+        return _build_engine_on(model, workers, config, role, model_dir, device, clock, token)
+    except BaseException:
+        if workers is not None:
+            workers.close()
+        raise
+
+
+def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, device, clock: Clock | None,
+                     token: str | None) -> Engine:
+    arch = model.config  # with tensor parallelism, this rank's share of the heads
     max_model_len = resolve_max_model_len(config.model.max_model_len, arch)
     layout = model_kv_layout(model, config.cache.block_size)
     num_blocks = num_kv_blocks(layout, config.cache)
@@ -190,7 +211,13 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
                 num_blocks * layout.bytes_per_block / 2**20, f", shared memory {pool.name}" if pool else "")
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
     connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host, token, pool)
-    runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector, config.model.enforce_eager)
+    if workers is not None:
+        from serving.runner.tensor_parallel import TensorParallelRunner
+        workers.ready(num_blocks, layout.block_size)
+        runner = TensorParallelRunner(workers, model, kv_cache, layout, device, config.model.seed, connector)
+    else:
+        runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector,
+                             config.model.enforce_eager)
     clock = clock or MonotonicClock()
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
     kv = KVCacheManager(pool, config.cache.block_size)

@@ -42,9 +42,11 @@ class WeightTarget(NamedTuple):
     row_end: int | None  # None: the whole parameter
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, tensor_parallel=None) -> CausalLM:
     """A CausalLM in eval mode on `device` with the checkpoint's weights in `dtype`; on CPU in float32
-    its nn.Linear layers are PackedLinear (same parameters, weights also packed for oneDNN)."""
+    its nn.Linear layers are PackedLinear (same parameters, weights also packed for oneDNN).
+    tensor_parallel: a TPGroup (serving/models/tensor_parallel.py) of more than one rank keeps this
+    rank's shard (every rank reads the checkpoint, memory-mapped, and copies out its part)."""
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {_SUPPORTED_DTYPES} "
                          "(float32 on CPU, bfloat16/float16 on CUDA)")
@@ -57,6 +59,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device) -> Caus
     model.reset_cos_sin_cache()
     load_weights(model, iter_safetensors(model_dir))
     model = model.eval().requires_grad_(False)
+    if tensor_parallel is not None and tensor_parallel.size > 1:
+        from serving.models.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, tensor_parallel)
     if packing_supported(device, dtype):
         pack_linears(model)
     return model

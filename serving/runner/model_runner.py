@@ -128,6 +128,9 @@ class ModelRunner:
         kv_cache = layout.allocate(num_kv_blocks(layout, cache_config), device)
         return cls(model, kv_cache, layout, device, seed, connector, enforce_eager)
 
+    def close(self) -> None:
+        """Nothing to release in one process (a tensor-parallel runner stops its other ranks)."""
+
     def _apply_plan(self, plan: StepPlan) -> None:
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self.states.pop(request_id, None)

@@ -23,6 +23,9 @@ CASES = {
     # Sharded on purpose: exercises model.safetensors.index.json.
     "qwen2-qkv-bias": (transformers.Qwen2Config, "Qwen2ForCausalLM", {}, dict(max_shard_size="100KB")),
     "qwen3-qk-norm": (transformers.Qwen3Config, "Qwen3ForCausalLM", dict(head_dim=32), {}),
+    # one KV head for four query heads, and a vocabulary no tensor-parallel size above 1 divides
+    "llama-mqa-odd-vocab": (transformers.LlamaConfig, "LlamaForCausalLM",
+                            dict(num_key_value_heads=1, vocab_size=131), {}),
 }
 PROMPT_LENGTHS = (1, 7, 33)
 
@@ -60,7 +63,7 @@ def dense_causal_attention(seq_lens: list[int]):
 def save_hf_case(case: str, model_dir) -> torch.nn.Module:
     """The transformers model of CASES[case] (seeded, peaked weights), saved into model_dir; returned."""
     config_cls, architecture, extra, save_kwargs = CASES[case]
-    config = config_cls(**COMMON, **extra, bos_token_id=1, eos_token_id=2)
+    config = config_cls(**{**COMMON, **extra}, bos_token_id=1, eos_token_id=2)
     config.architectures = [architecture]
     torch.manual_seed(0)
     hf_model = getattr(transformers, architecture)(config).eval()

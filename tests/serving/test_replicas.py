@@ -37,16 +37,22 @@ def test_replicas_are_for_colocated_mode():
         Config.from_dict({"num_replicas": 0})
 
 
-def test_tensor_and_pipeline_parallel_sizes_validate_and_are_refused_at_start():
+def test_parallel_sizes_validate_and_what_the_runtime_cannot_run_is_refused_at_start():
     with pytest.raises(ValueError, match="--tensor-parallel-size must be a whole number"):
         Config.from_dict({"tensor_parallel_size": 0})
-    config = Config.from_dict({"parallel": {"tensor_parallel_size": 2}})
-    assert config.parallel.tensor_parallel_size == 2
-    with pytest.raises(ValueError, match="not supported yet: TP/PP lands with issue 'Tensor and pipeline parallelism'"):
+    with pytest.raises(ValueError, match="collective_timeout_s must be positive"):
+        Config.from_dict({"parallel": {"collective_timeout_s": 0}})
+    config = Config.from_dict({"parallel": {"pipeline_parallel_size": 2}})
+    assert config.parallel.pipeline_parallel_size == 2
+    with pytest.raises(ValueError, match="not supported yet: pipeline parallelism lands with issue"):
         build_engine_client(config)
     per_role = Config.from_dict({"mode": "disaggregated", "decode_overrides": {"pipeline_parallel_size": 2}})
     with pytest.raises(ValueError, match="decode-0: .*pipeline_parallel_size=2: not supported yet"):
         build_engine_client(per_role)
+    tp_role = Config.from_dict({"mode": "disaggregated", "prefill_overrides": {"tensor_parallel_size": 2}})
+    with pytest.raises(ValueError, match="prefill-0: prefill instance with tensor_parallel_size=2.*KV transfer "
+                                         "between tensor-parallel ranks"):
+        build_engine_client(tp_role)
 
 
 # ---- end to end (slow: instance processes) ----

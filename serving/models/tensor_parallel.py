@@ -1,0 +1,186 @@
+"""Tensor parallelism as a load-time transform of the plain model (gpt-fast's way, not flags inside the
+model code): after the checkpoint is loaded, each rank keeps its share of every weight and three kinds of
+module are swapped in. Megatron's split, as vLLM and gpt-fast do it:
+
+    qkv_proj      column-parallel: rank r keeps its q heads [r*Hq/tp, ...) and the KV heads they read
+                  (Hkv/tp of them; when tp > Hkv one KV head, replicated on tp/Hkv ranks)
+    o_proj        row-parallel: the input columns of rank r's q heads, then an all-reduce (its bias added
+                  once, after the sum)
+    gate_up_proj  column-parallel: rows [r*I/tp, ...) of the gate part and of the up part
+    down_proj     row-parallel: the matching input columns, then an all-reduce
+    embed_tokens  vocabulary-parallel: rank r embeds the ids in its range [r*V', (r+1)*V') (V' = ceil(V/tp)),
+                  zeros elsewhere, then an all-reduce (a sum with one non-zero term: exact)
+    lm_head       vocabulary-parallel: rank r's logits for its range, all-gathered into [N, V] on every rank
+                  (every rank samples the same token from the same logits, as vLLM's workers do)
+
+Norms, rotary and attention run unchanged on the rank's heads: the model's Attention reads its head
+counts from its own attributes, which the transform sets. `model.config` becomes the rank's view
+(heads, KV heads, intermediate size per rank; vocabulary whole), so the KV layout built from it is the
+rank's slice of the cache. On CPU, linear layers are packed after the transform (load_model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from serving.models.config import ModelArchConfig
+
+
+class TPGroup:
+    """This rank's place in a tensor-parallel group, and the process group its collectives run on
+    (gloo on CPU, NCCL on CUDA), created without torch.distributed's global default group."""
+
+    def __init__(self, rank: int, size: int, process_group) -> None:
+        self.rank, self.size, self.process_group = rank, size, process_group
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """x summed over the ranks, in place."""
+        self.process_group.allreduce([x]).wait()
+        return x
+
+    def all_gather_last_dim(self, x: Tensor) -> Tensor:
+        """[..., n] from every rank -> [..., size * n], rank order."""
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.process_group.allgather([parts], [x]).wait()
+        return torch.cat(parts, dim=-1)
+
+
+def make_process_group(store, rank: int, size: int, device: torch.device, timeout_s: float):
+    """A process group over `store` for `size` ranks: NCCL on CUDA, gloo otherwise. A collective that
+    waits longer than timeout_s for a peer (a hung rank) raises; a dead peer raises at once."""
+    from torch import distributed as dist
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, size, options)
+    return dist.ProcessGroupGloo(store, rank, size, timeout)
+
+
+def check_tensor_parallel(config: ModelArchConfig, tp: int) -> None:
+    """ValueError, saying what to change, for a model that cannot be split over tp ranks."""
+    if tp < 1:
+        raise ValueError(f"--tensor-parallel-size must be at least 1, got {tp}")
+    problems = []
+    if config.num_heads % tp:
+        problems.append(f"num_attention_heads ({config.num_heads}) is not a multiple of it")
+    if config.num_kv_heads % tp and tp % config.num_kv_heads:
+        problems.append(f"num_key_value_heads ({config.num_kv_heads}) neither divides it nor is a multiple of it")
+    if config.intermediate_size % tp:
+        problems.append(f"intermediate_size ({config.intermediate_size}) is not a multiple of it")
+    if problems:
+        divisors = [d for d in range(1, config.num_heads + 1) if config.num_heads % d == 0
+                    and (config.num_kv_heads % d == 0 or d % config.num_kv_heads == 0)
+                    and config.intermediate_size % d == 0]
+        raise ValueError(f"--tensor-parallel-size {tp} cannot split this model: {'; '.join(problems)}. "
+                         f"Sizes that can: {', '.join(map(str, divisors))}")
+
+
+def rank_config(config: ModelArchConfig, tp: int) -> ModelArchConfig:
+    """What one rank of tp holds: heads, KV heads and intermediate size per rank (the vocabulary stays
+    whole: logits are gathered)."""
+    check_tensor_parallel(config, tp)
+    return dataclasses.replace(config, num_heads=config.num_heads // tp,
+                               num_kv_heads=max(1, config.num_kv_heads // tp),
+                               intermediate_size=config.intermediate_size // tp)
+
+
+class RowParallelLinear(nn.Module):
+    """A linear layer over this rank's slice of the input features, summed over the ranks; the bias is
+    added once, after the sum."""
+
+    def __init__(self, linear: nn.Linear, bias: Tensor | None, group: TPGroup) -> None:
+        super().__init__()
+        self.linear = linear  # no bias; pack_linears may swap it for a PackedLinear
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.group.all_reduce(self.linear(x))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, weight: Tensor, start: int, end: int, group: TPGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [end - start, H]
+        self.start, self.end, self.group = start, end, group
+
+    def forward(self, ids: Tensor) -> Tensor:
+        mine = (ids >= self.start) & (ids < self.end)
+        out = F.embedding(torch.where(mine, ids - self.start, 0), self.weight)
+        out = out * mine.unsqueeze(-1).to(out.dtype)
+        return self.group.all_reduce(out.contiguous())
+
+
+class ParallelLMHead(nn.Module):
+    def __init__(self, linear: nn.Linear, vocab_size: int, group: TPGroup) -> None:
+        super().__init__()
+        self.linear = linear  # [V' rows (padded with zeros past the vocabulary), H]
+        self.vocab_size, self.group = vocab_size, group
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.group.all_gather_last_dim(self.linear(x))[..., :self.vocab_size]
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
+
+
+def _rows(linear: nn.Module, parts: list[slice]) -> nn.Linear:
+    weight = torch.cat([linear.weight[p] for p in parts])
+    bias = None if linear.bias is None else torch.cat([linear.bias[p] for p in parts])
+    return _linear(weight, bias)
+
+
+def apply_tensor_parallel(model: nn.Module, group: TPGroup) -> None:
+    """Turn a loaded CausalLM (plain nn.Linear layers, before packing) into rank group.rank's shard, in
+    place. Raises ValueError for a model that cannot be split over group.size ranks."""
+    config: ModelArchConfig = model.config
+    tp, r = group.size, group.rank
+    local = rank_config(config, tp)
+    head_dim, hq, hkv = config.head_dim, local.num_heads, local.num_kv_heads
+    first_kv = r * config.num_kv_heads // tp  # the first KV head of rank r's q heads
+    q_size, kv_size, inter = config.q_size, config.kv_size, config.intermediate_size
+    q_part = slice(r * hq * head_dim, (r + 1) * hq * head_dim)
+    k_part = slice(q_size + first_kv * head_dim, q_size + (first_kv + hkv) * head_dim)
+    v_part = slice(k_part.start + kv_size, k_part.stop + kv_size)
+    i_part = slice(r * local.intermediate_size, (r + 1) * local.intermediate_size)
+    up_part = slice(inter + i_part.start, inter + i_part.stop)
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = _rows(attn.qkv_proj, [q_part, k_part, v_part])
+        attn.o_proj = RowParallelLinear(_linear(attn.o_proj.weight[:, q_part], None), _clone(attn.o_proj.bias),
+                                        group)
+        attn.num_heads, attn.num_kv_heads = hq, hkv
+        attn.q_size, attn.kv_size = hq * head_dim, hkv * head_dim
+        mlp.gate_up_proj = _rows(mlp.gate_up_proj, [i_part, up_part])
+        mlp.down_proj = RowParallelLinear(_linear(mlp.down_proj.weight[:, i_part], None), _clone(mlp.down_proj.bias),
+                                          group)
+        mlp.intermediate_size = local.intermediate_size
+    vocab = config.vocab_size
+    per_rank = -(-vocab // tp)
+    start, end = min(vocab, r * per_rank), min(vocab, (r + 1) * per_rank)
+    embedding = model.embed_tokens.weight
+    head_weight = model.lm_head.weight[start:end]
+    model.embed_tokens = VocabParallelEmbedding(embedding[start:end].clone(), start, end, group)
+    if end - start < per_rank:  # the last rank's range is short: zero rows keep every gather the same size
+        head_weight = torch.cat([head_weight, head_weight.new_zeros(per_rank - (end - start), head_weight.shape[1])])
+    model.lm_head = ParallelLMHead(_linear(head_weight, None), vocab, group)
+    model.config = local
+    model.tensor_parallel = group
+
+
+def _clone(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().clone()

@@ -1,0 +1,279 @@
+"""The executor of a tensor-parallel group: one model runner per rank, every rank executing the same plan.
+
+    engine (rank 0's process)                         rank 1 .. tp-1 (spawned processes)
+    scheduler -> plan -> TensorParallelRunner.execute  -- plan over a pipe -->  ModelRunner.execute
+                         ModelRunner.execute (rank 0)  <-- gloo / NCCL collectives inside the forward -->
+                         <-- an acknowledgement (or the rank's error) per step --
+    StepResult of rank 0
+
+Every rank holds its shard of the weights (serving/models/tensor_parallel.py) and its slice of the KV
+cache (the same block ids on every rank: one scheduler, one block table), runs the same forward, gets
+the same gathered logits and samples the same tokens with the same seeds, as vLLM's workers do; rank
+0's result is the step's. The ranks' process group is made from a TCPStore on loopback owned by rank
+0, without torch.distributed's global default group, so the process that hosts rank 0 (the engine
+process, or a user's process running the offline LLM) keeps its own.
+
+A rank that dies makes its peers' next collective fail at once (a hung rank after --tp-timeout
+seconds); the step then raises ExecutorDeadError, which ends the engine loop rather than failing one
+step's requests and carrying on: the engine process is restarted (colocated) or the instance replaced
+(disaggregated), as for any dead engine. Workers exit when rank 0's process goes away (end of file on
+their pipe).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from kvcache.config import CacheConfig
+from scheduler.errors import ExecutorDeadError
+from scheduler.step import StepPlan, StepResult
+from serving.models import load_model
+from serving.models.tensor_parallel import TPGroup, make_process_group
+from serving.runner.model_runner import ModelRunner, model_kv_layout
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What a worker rank needs to build its runner (sent to the spawned process)."""
+    model_dir: str
+    dtype: str  # torch dtype name, e.g. "float32"
+    device: str
+    rank: int
+    size: int
+    store_port: int
+    seed: int
+    threads: int
+    collective_timeout_s: float
+
+
+def _worker_main(conn) -> None:
+    """A worker rank: read its spec, say it started, join the group, load the shard, then wait for the
+    KV cache size and execute every plan it is sent until the connection closes."""
+    from torch.distributed import TCPStore
+    try:
+        spec: RankSpec = conn.recv()
+        torch.set_num_threads(spec.threads)
+        store = TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=_timedelta(STARTUP_TIMEOUT_S))
+        conn.send(("started", os.getpid()))
+        device = torch.device(spec.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(spec.rank)
+            device = torch.device("cuda", spec.rank)
+        group = TPGroup(spec.rank, spec.size,
+                        make_process_group(store, spec.rank, spec.size, device, spec.collective_timeout_s))
+        model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group)
+        num_blocks, block_size = conn.recv()
+        layout = model_kv_layout(model, block_size)
+        runner = ModelRunner(model, layout.allocate(num_blocks, device), layout, device, spec.seed,
+                             enforce_eager=True)
+        conn.send(("ready", os.getpid()))
+    except (EOFError, OSError):  # rank 0's process is gone
+        return
+    except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    while True:
+        try:
+            plan = conn.recv()
+        except (EOFError, OSError):  # rank 0's process is gone
+            return
+        if plan is None:
+            return
+        try:
+            runner.execute(plan)
+        except BaseException as e:  # noqa: BLE001 - the group is out of step now: report and stop
+            conn.send(f"{type(e).__name__}: {e}")
+            return
+        conn.send(None)
+
+
+def _timedelta(seconds: float):
+    import datetime
+    return datetime.timedelta(seconds=seconds)
+
+
+class TensorParallelWorkers:
+    """Ranks 1 .. size-1 of a group, spawned; rank 0 is the caller's process. `start` spawns them and
+    joins the group; the caller then loads its own shard with `group`, sizes the cache and calls
+    `ready(num_blocks, block_size)`."""
+
+    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, size: int, seed: int,
+                 collective_timeout_s: float) -> None:
+        from torch.distributed import TCPStore
+        self.size = size
+        threads = max(1, torch.get_num_threads() // size)
+        torch.set_num_threads(threads)  # this process is rank 0: its share of the cores
+        store = TCPStore("127.0.0.1", 0, size, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
+        self._store = store  # rank 0 owns it: it must outlive the group
+        self.processes: list[subprocess.Popen] = []
+        self.conns: list[Connection] = []
+        try:
+            for rank in range(1, size):
+                # a private socket pair, the child's end inherited by fd: nothing on its command line but
+                # the fd number, and no __main__ re-import (a user's unguarded script stays one process)
+                ours, theirs = socket.socketpair()
+                process = subprocess.Popen([sys.executable, "-m", "serving.runner.tensor_parallel", str(theirs.fileno())],
+                                           pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                theirs.close()
+                self.processes.append(process)
+                self.conns.append(Connection(ours.detach()))
+                self.conns[-1].send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, size,
+                                             store.port, seed, threads, collective_timeout_s))
+            for rank in range(1, size):
+                self._expect(rank, "started")
+            self.group = TPGroup(0, size, make_process_group(store, 0, size, device, collective_timeout_s))
+        except BaseException:
+            self.close()
+            raise
+
+    def _expect(self, rank: int, what: str) -> None:
+        """Wait for rank's `what` message, watching that it stays alive; raise its error otherwise."""
+        conn, process = self.conns[rank - 1], self.processes[rank - 1]
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not conn.poll(0.5):
+            if process.poll() is not None:
+                raise RuntimeError(f"tensor-parallel rank {rank} exited with code {process.returncode} before it "
+                                   f"{what} (its log is above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tensor-parallel rank {rank} has not {what} after {STARTUP_TIMEOUT_S:.0f} s")
+        try:
+            status, detail = conn.recv()
+        except (EOFError, OSError) as e:
+            raise RuntimeError(f"tensor-parallel rank {rank} closed its connection before it {what}") from e
+        if status != what:
+            raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {detail}")
+
+    def ready(self, num_blocks: int, block_size: int) -> None:
+        """Send every worker the KV cache size; wait until each has built its runner (or raise its error)."""
+        try:
+            for conn in self.conns:
+                conn.send((num_blocks, block_size))
+            for rank in range(1, self.size):
+                self._expect(rank, "ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def send(self, plan: StepPlan) -> None:
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                conn.send(plan)
+            except (BrokenPipeError, OSError) as e:
+                raise ExecutorDeadError(self._death(rank, e)) from e
+
+    def collect(self) -> None:
+        """Each worker's acknowledgement of the step; ExecutorDeadError for one that failed or died."""
+        for rank, conn in enumerate(self.conns, start=1):
+            try:
+                error = conn.recv()
+            except (EOFError, OSError) as e:
+                raise ExecutorDeadError(self._death(rank, e)) from e
+            if error is not None:
+                raise ExecutorDeadError(f"tensor-parallel rank {rank} failed a step ({error}); the group is out "
+                                        "of step and the engine must restart")
+
+    def check_alive(self, grace_s: float = 0.0) -> None:
+        """ExecutorDeadError naming a worker that has exited, waiting up to grace_s for one to (a
+        collective sees a killed peer's closed socket a moment before its exit can be reaped)."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            for rank, process in enumerate(self.processes, start=1):
+                if process.poll() is not None:
+                    raise ExecutorDeadError(self._death(rank, None))
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
+
+    def _death(self, rank: int, error: BaseException | None) -> str:
+        process = self.processes[rank - 1]
+        try:
+            process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        how = f"exit code {process.returncode}" if process.returncode is not None else f"{type(error).__name__}"
+        return (f"tensor-parallel rank {rank} (pid {process.pid}) died ({how}); the engine must restart with "
+                "a whole group")
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            conn.close()
+        for process in self.processes:
+            try:
+                process.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5.0)
+        self.conns, self.processes = [], []
+
+
+class TensorParallelRunner(ModelRunner):
+    """Rank 0's model runner, which also drives the other ranks: every plan goes to each worker before
+    rank 0 runs it, and the step ends when every rank has acknowledged it."""
+
+    def __init__(self, workers: TensorParallelWorkers, *args, **kwargs) -> None:
+        kwargs["enforce_eager"] = True  # the native decode step has no collectives: the Python path runs
+        super().__init__(*args, **kwargs)
+        self.workers = workers
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.workers.send(plan)
+        try:
+            result = super().execute(plan)
+        except Exception as e:
+            if _is_collective_error(e):
+                self.workers.check_alive(grace_s=2.0)  # a dead peer explains it: say which
+                raise ExecutorDeadError(f"a tensor-parallel collective failed ({e}); the engine must restart "
+                                        "with a whole group") from e
+            raise
+        self.workers.collect()
+        return result
+
+    def close(self) -> None:
+        self.workers.close()
+
+
+def _is_collective_error(error: Exception) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out"))
+
+
+def start_tensor_parallel(model_dir: str, dtype: torch.dtype, device: torch.device, cache_config: CacheConfig,
+                          size: int, seed: int, collective_timeout_s: float):
+    """(workers, rank 0's model) for a group of `size`: spawns ranks 1.., joins the group, loads rank 0's
+    shard. The caller sizes the KV cache from the model's (per-rank) layout, calls workers.ready and
+    builds a TensorParallelRunner."""
+    workers = TensorParallelWorkers(model_dir, dtype, device, size, seed, collective_timeout_s)
+    try:
+        model = load_model(model_dir, dtype, device, workers.group)
+    except BaseException:
+        workers.close()
+        raise
+    return workers, model
+
+
+def main() -> int:
+    """`python -m serving.runner.tensor_parallel FD`: a worker rank, talking to rank 0 over socket FD."""
+    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
+    _worker_main(Connection(int(sys.argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Tensor parallelism (serving/models/tensor_parallel.py, serving/runner/tensor_parallel.py): real rank
+processes joined by gloo on CPU. Greedy output with TP > 1 equals TP = 1 on the same weights; a rank
+that dies takes its engine down cleanly, and the engine process comes back whole."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from scheduler import SamplingParams
+from scheduler.errors import ExecutorDeadError
+from serving.engine.protocol import EngineDeadError
+from serving.llm import LLM
+from serving.models.config import ModelArchConfig
+from serving.models.tensor_parallel import check_tensor_parallel, rank_config
+from tests.serving.test_disagg_support import children_running
+from tests.serving.test_engine_process import DEADLINE_S, alive, engine_children, make_llm, tokens_of
+from tests.serving.test_models import CASES, save_hf_case
+
+TP_WORKER = b"serving.runner.tensor_parallel"
+PROMPTS = [[5, 6, 7, 8], list(range(10, 60)), [30] * 17, list(range(3, 40, 2))]
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+
+
+def run(model_dir: str, tp: int, max_tokens: int = 16, **changes):
+    llm = LLM(model_dir, tensor_parallel_size=tp, **changes)
+    try:
+        outputs = llm.generate(PROMPTS, greedy(max_tokens))
+        llm.engine.check_integrity()
+        free, total = llm.engine.kv.pool.num_free_blocks, llm.engine.kv.pool.num_blocks
+        assert free == total  # every block back in the pool
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outputs]
+    finally:
+        llm.engine.close()
+
+
+def assert_same_generation(expected, got) -> None:
+    for (tokens, logprobs), (tp_tokens, tp_logprobs) in zip(expected, got):
+        assert tp_tokens == tokens
+        assert len(tp_logprobs) == len(logprobs) == len(tokens)
+        for step, tp_step in zip(logprobs, tp_logprobs):  # the same tokens ranked, logprobs to float error
+            assert tp_step.token_id == step.token_id
+            assert [t for t, _ in tp_step.top] == [t for t, _ in step.top]
+            assert abs(tp_step.logprob - step.logprob) < 1e-3
+            assert all(abs(a - b) < 1e-3 for (_, a), (_, b) in zip(tp_step.top, step.top))
+
+
+@pytest.fixture(scope="module")
+def case_dirs(tmp_path_factory):
+    dirs = {}
+    for case in CASES:
+        dirs[case] = str(tmp_path_factory.mktemp(case))
+        save_hf_case(case, dirs[case])
+    return dirs
+
+
+# (case, tp): every architecture at 2; 4 ranks over 2 KV heads (each replicated on two ranks); one
+# KV head for all ranks with a vocabulary split unevenly (131 = 66 + 65)
+TP_CASES = [(case, 2) for case in sorted(CASES)] + [("mistral", 4), ("llama-mqa-odd-vocab", 4)]
+
+
+@pytest.mark.parametrize("case, tp", TP_CASES)
+def test_greedy_output_with_tensor_parallelism_equals_one_rank(case_dirs, tiny_model_dir, case, tp):
+    model_dir = case_dirs[case]  # no tokenizer of its own: the prompts are token ids below every vocabulary
+    assert_same_generation(run(model_dir, 1, tokenizer=tiny_model_dir), run(model_dir, tp, tokenizer=tiny_model_dir))
+
+
+def test_the_built_in_tiny_model_through_chunked_prefill_and_preemption(tiny_model_dir):
+    """Small steps and a small pool: chunked prefills, mixed steps and preemption, on two ranks."""
+    changes = dict(max_num_batched_tokens=16, num_gpu_blocks_override=24, block_size=4, max_model_len=96)
+    assert_same_generation(run(tiny_model_dir, 1, 24, **changes), run(tiny_model_dir, 2, 24, **changes))
+
+
+@pytest.mark.slow
+def test_the_small_model_on_two_ranks_equals_one(tmp_path_factory):
+    from serving.models.make_model import make_model
+    model_dir = make_model("small", str(tmp_path_factory.mktemp("small")))
+    assert_same_generation(run(model_dir, 1, 8), run(model_dir, 2, 8))
+
+
+def test_sizes_that_cannot_split_the_model_are_refused_saying_which_can(tiny_model_dir):
+    config = ModelArchConfig.from_model_dir(tiny_model_dir)  # 4 heads, 2 KV heads, intermediate 256
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 cannot split this model: num_attention_heads "
+                                         r"\(4\) is not a multiple of it.*Sizes that can: 1, 2, 4"):
+        check_tensor_parallel(config, 3)
+    with pytest.raises(ValueError, match="cannot split this model"):
+        LLM(tiny_model_dir, tensor_parallel_size=3)
+    local = rank_config(config, 4)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size, local.vocab_size) == (
+        1, 1, 64, config.vocab_size)
+
+
+def _tp_workers_of(pid: int) -> list[int]:
+    return children_running(pid, TP_WORKER)
+
+
+def test_a_killed_rank_fails_the_offline_engine_with_a_clear_error(tiny_model_dir):
+    llm = LLM(tiny_model_dir, tensor_parallel_size=2)
+    try:
+        workers = _tp_workers_of(os.getpid())
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(ExecutorDeadError, match=r"tensor-parallel rank 1 \(pid \d+\) died"):
+            llm.generate([[5, 6, 7]], greedy(4))
+        assert time.monotonic() - started < 60  # seen at once, not after a collective's timeout
+    finally:
+        llm.engine.close()
+    assert not _tp_workers_of(os.getpid())
+
+
+def test_a_rank_killed_mid_request_restarts_the_engine_process_whole(tiny_model_dir):
+    llm = make_llm(tiny_model_dir, tensor_parallel_size=2)
+    prompt = [5, 6, 7]
+
+    async def main():
+        reference = await tokens_of(llm, "reference", prompt, greedy(8))
+        progress = {}
+
+        async def stream(rid):
+            async for output in llm.generate(rid, prompt, greedy(2000)):
+                progress[rid] = progress.get(rid, 0) + len(output.new_token_ids)
+
+        tasks = [asyncio.ensure_future(stream(f"long-{i}")) for i in range(2)]
+        while len(progress) < 2 or min(progress.values()) < 2:
+            assert not any(t.done() for t in tasks)
+            await asyncio.sleep(0.01)
+        engine_pid = llm.core.pid
+        workers = _tp_workers_of(engine_pid)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        errors = await asyncio.gather(*tasks, return_exceptions=True)
+        while not llm.is_healthy():
+            await asyncio.sleep(0.1)
+        after = await tokens_of(llm, "after", prompt, greedy(8))
+        new_workers = _tp_workers_of(llm.core.pid)
+        await llm.call(lambda engine: engine.check_integrity())
+        await llm.shutdown()
+        return reference, errors, engine_pid, workers[0], after, new_workers
+
+    reference, errors, engine_pid, worker, after, new_workers = asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
+    for error in errors:
+        assert isinstance(error, EngineDeadError), error
+        assert "ExecutorDeadError" in str(error) and "being restarted" in str(error), str(error)
+    assert after == reference
+    assert llm.core.num_restarts == 1 and llm.core.pid != engine_pid
+    assert len(new_workers) == 1 and new_workers[0] != worker
+    deadline = time.monotonic() + 30
+    while (alive(engine_pid) or alive(worker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(engine_pid) and not alive(worker)
+    assert not engine_children(os.getpid())  # shutdown left nothing behind
+
+
+def test_worker_ranks_exit_when_the_process_of_rank_0_is_killed(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    script = tmp_path / "rank0.py"
+    script.write_text(f"from serving.llm import LLM\nllm = LLM({tiny_model_dir!r}, tensor_parallel_size=2)\n"
+                      "print('ready', flush=True)\nimport time\ntime.sleep(600)\n")
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        workers = _tp_workers_of(process.pid)
+        assert len(workers) == 1
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive(workers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(workers[0])
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_rank_0_holds_its_share_of_the_weights_and_the_cache(tiny_model_dir):
+    """4 heads, 2 KV heads, head_dim 32, intermediate 256, vocabulary 2048 over two ranks."""
+    llm = LLM(tiny_model_dir, tensor_parallel_size=2)
+    try:
+        model, runner = llm.engine.runner.model, llm.engine.runner
+        config = model.config
+        assert (config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size) == (2, 1, 128, 2048)
+        assert runner.kv_cache.shape[-2:] == (1, 32)  # this rank's KV head only
+        layer = model.layers[0]
+        assert layer.self_attn.qkv_proj.weight.shape == ((2 + 1 + 1) * 32, 128)
+        assert layer.self_attn.o_proj.linear.weight.shape == (128, 2 * 32)
+        assert layer.mlp.gate_up_proj.weight.shape == (2 * 128, 128)
+        assert layer.mlp.down_proj.linear.weight.shape == (128, 128)
+        assert model.embed_tokens.weight.shape == (1024, 128) and model.lm_head.linear.weight.shape == (1024, 128)
+        assert runner.native_decoder is None  # the native decode step has no collectives
+    finally:
+        llm.engine.close()
