@@ -66,7 +66,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-replicas", type=int, default=None,
                    help="colocated: data-parallel replicas behind the router (default 1: the engine in-process)")
     g.add_argument("--tensor-parallel-size", type=int, default=None,
-                   help="devices each instance splits its layers over (only 1 runs yet)")
+                   help="ranks each instance splits its layers over (colocated; docs/parallelism.md)")
+    g.add_argument("--prefill-tp", type=int, default=None,
+                   help="disaggregated: tensor-parallel size of the prefill instances (only 1 runs yet)")
+    g.add_argument("--decode-tp", type=int, default=None,
+                   help="disaggregated: tensor-parallel size of the decode instances (only 1 runs yet)")
     g.add_argument("--pipeline-parallel-size", type=int, default=None,
                    help="pipeline stages of each instance (only 1 runs yet)")
     g.add_argument("--num-prefill", type=int, default=None, help="prefill instances (disaggregated)")
@@ -120,7 +124,12 @@ def config_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_CONFIG}
     if getattr(args, "model_tag", None) and "model" not in overrides:
         overrides["model"] = args.model_tag
-    return Config.load(args.config, overrides)
+    per_role = {role: overrides.pop(f"{role}_tp") for role in ("prefill", "decode") if f"{role}_tp" in overrides}
+    config = Config.load(args.config, overrides)
+    for role, tp in per_role.items():  # the same key the YAML's role sections (and the planner) write
+        merged = {**getattr(config.deploy, f"{role}_overrides"), "tensor_parallel_size": tp}
+        config = config.replace(**{f"{role}_overrides": merged})
+    return config
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ from kvcache.config import CacheConfig
 from scheduler.errors import ExecutorDeadError
 from scheduler.step import StepPlan, StepResult
 from serving.models import load_model
+from serving.engine.cpu_placement import engine_environment
 from serving.models.tensor_parallel import TPGroup, make_process_group
 from serving.runner.model_runner import ModelRunner, model_kv_layout
 
@@ -125,7 +126,8 @@ class TensorParallelWorkers:
                 # the fd number, and no __main__ re-import (a user's unguarded script stays one process)
                 ours, theirs = socket.socketpair()
                 process = subprocess.Popen([sys.executable, "-m", "serving.runner.tensor_parallel", str(theirs.fileno())],
-                                           pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                           pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                           env=engine_environment())  # OpenMP waits passively, as the engine's
                 theirs.close()
                 self.processes.append(process)
                 self.conns.append(Connection(ours.detach()))

@@ -105,3 +105,12 @@ def test_cli_refuses_a_kv_pool_smaller_than_one_sequence(capsys, monkeypatch, lo
     assert err.startswith("pdserve: error: ") and "Traceback" not in err
     assert "max seq len (4096)" in err and "(64: 4 blocks of 16 tokens)" in err
     assert "--num-gpu-blocks-override" in err and "--max-model-len to at most 64" in err
+
+
+def test_per_role_tensor_parallel_flags_land_in_the_role_sections_and_are_refused_at_start():
+    from serving.launch import build_engine_client
+    config = parse(["--mode", "disaggregated", "--prefill-tp", "2", "--decode-tp", "1"])
+    assert config.deploy.prefill_overrides == {"tensor_parallel_size": 2}
+    assert config.deploy.decode_overrides == {"tensor_parallel_size": 1}
+    with pytest.raises(ValueError, match="prefill-0: prefill instance with tensor_parallel_size=2"):
+        build_engine_client(config)
