@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp", "cpu_elementwise.cpp",
-                                     "cpu_decode_layers.cpp")]
+                                     "cpu_decode_layers.cpp", "cpu_shm_collectives.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 TILE = 32       # output columns per tile (kTile in the source)
@@ -137,6 +137,14 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_decode_layers.argtypes = ([ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int] + [ptr] * 3
                                           + [i64] + [ptr] * 3 + [ctypes.c_int])
     lib.pdserve_decode_layers.restype = ctypes.c_int
+    lib.pdserve_shm_header_bytes.restype = i64
+    lib.pdserve_shm_init.argtypes = [ptr, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int32]
+    lib.pdserve_shm_init.restype = ctypes.c_int
+    lib.pdserve_shm_all_reduce.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ptr, i64, ctypes.c_double]
+    lib.pdserve_shm_all_reduce.restype = ctypes.c_int
+    lib.pdserve_shm_all_gather.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ptr, i64, ptr,
+                                           ctypes.c_double]
+    lib.pdserve_shm_all_gather.restype = ctypes.c_int
     if (lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS
             or lib.pdserve_decode_attention_max_head_dim() != MAX_HEAD_DIM):
         raise RuntimeError(f"{path} does not match kernels/cpu_native.py")

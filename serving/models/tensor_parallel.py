@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 
 import torch
 import torch.nn.functional as F
@@ -30,21 +31,81 @@ from torch import Tensor, nn
 from serving.models.config import ModelArchConfig
 
 
-class TPGroup:
-    """This rank's place in a tensor-parallel group, and the process group its collectives run on
-    (gloo on CPU, NCCL on CUDA), created without torch.distributed's global default group."""
+class CollectiveError(RuntimeError):
+    """A collective could not complete: a peer rank died, hung past the timeout, or the group broke."""
 
-    def __init__(self, rank: int, size: int, process_group) -> None:
-        self.rank, self.size, self.process_group = rank, size, process_group
+
+class ShmCollectives:
+    """All-reduce and all-gather of float32 CPU tensors through a shared-memory region the group's ranks
+    map (kernels/csrc/cpu_shm_collectives.cpp): a copy in, one barrier, a sum or copy out. Gloo over
+    loopback costs 1-2 ms per collective on the 2-core box; this costs microseconds. Tensors larger than
+    a slot go through the process group instead (every rank decides alike: the same shapes)."""
+
+    DEFAULT_SLOT_BYTES = 8 * 2**20
+
+    def __init__(self, lib, region, rank: int, size: int, slot_bytes: int, timeout_s: float) -> None:
+        self.lib, self.region, self.rank, self.size = lib, region, rank, size
+        self.slot_bytes, self.timeout_s = slot_bytes, timeout_s
+        self._base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping's address for ctypes
+        self.seq = 0
+        if lib.pdserve_shm_init(self._base.data_ptr(), rank, size, slot_bytes, os.getpid()) != 0:
+            raise CollectiveError(f"rank {rank}: the shared-memory collectives region does not match this group "
+                                  f"(size {size}, slot {slot_bytes} bytes)")
+
+    @staticmethod
+    def region_bytes(lib, size: int, slot_bytes: int) -> int:
+        return lib.pdserve_shm_header_bytes() + 2 * size * slot_bytes
+
+    def serves(self, x: Tensor) -> bool:
+        return x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() * 4 <= self.slot_bytes
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        """x summed over the ranks, in place."""
+        x = x.contiguous()
+        self.seq += 1
+        self._check(self.lib.pdserve_shm_all_reduce(self._base.data_ptr(), self.rank, self.size, self.seq,
+                                                    x.data_ptr(), x.numel(), self.timeout_s))
+        return x
+
+    def all_gather(self, x: Tensor) -> Tensor:
+        """[size, *x.shape]: every rank's x, rank order."""
+        x = x.contiguous()
+        out = torch.empty((self.size, *x.shape), dtype=x.dtype)
+        self.seq += 1
+        self._check(self.lib.pdserve_shm_all_gather(self._base.data_ptr(), self.rank, self.size, self.seq,
+                                                    x.data_ptr(), x.numel(), out.data_ptr(), self.timeout_s))
+        return out
+
+    def _check(self, status: int) -> None:
+        if status == -2:
+            raise CollectiveError("a tensor-parallel peer rank's process is gone (shared-memory collective)")
+        if status == -3:
+            raise CollectiveError(f"a tensor-parallel peer rank did not reach the collective within "
+                                  f"{self.timeout_s:.0f} s (collective_timeout_s)")
+        if status != 0:
+            raise CollectiveError(f"shared-memory collective refused its arguments (status {status})")
+
+
+class TPGroup:
+    """This rank's place in a tensor-parallel group, and the process group its collectives run on
+    (gloo on CPU, NCCL on CUDA), created without torch.distributed's global default group. On CPU, with
+    `shm`, float32 collectives that fit a slot go through shared memory instead."""
+
+    def __init__(self, rank: int, size: int, process_group, shm: ShmCollectives | None = None) -> None:
+        self.rank, self.size, self.process_group, self.shm = rank, size, process_group, shm
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """x summed over the ranks (in place where x is contiguous)."""
+        if self.shm is not None and self.shm.serves(x):
+            return self.shm.all_reduce(x)
         self.process_group.allreduce([x]).wait()
         return x
 
     def all_gather_last_dim(self, x: Tensor) -> Tensor:
         """[..., n] from every rank -> [..., size * n], rank order."""
         x = x.contiguous()
+        if self.shm is not None and self.shm.serves(x):
+            gathered = self.shm.all_gather(x)                                   # [size, ..., n]
+            return gathered.movedim(0, -2).reshape(*x.shape[:-1], self.size * x.shape[-1])
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self.process_group.allgather([parts], [x]).wait()
         return torch.cat(parts, dim=-1)

@@ -13,11 +13,13 @@ the same gathered logits and samples the same tokens with the same seeds, as vLL
 0, without torch.distributed's global default group, so the process that hosts rank 0 (the engine
 process, or a user's process running the offline LLM) keeps its own.
 
-A rank that dies makes its peers' next collective fail at once (a hung rank after --tp-timeout
-seconds); the step then raises ExecutorDeadError, which ends the engine loop rather than failing one
-step's requests and carrying on: the engine process is restarted (colocated) or the instance replaced
-(disaggregated), as for any dead engine. Workers exit when rank 0's process goes away (end of file on
-their pipe).
+A rank that dies makes its peers' next collective fail at once (a hung rank after
+parallel.collective_timeout_s); a step that fails on any rank, for any reason, leaves the ranks at
+different collectives. Either way the step raises ExecutorDeadError, which ends the engine loop rather
+than failing one step's requests and carrying on (vLLM's engine dies the same way on a worker's error):
+the engine process is restarted, or the instance replaced, as for any dead engine. Workers exit when
+rank 0's process goes away (end of file on their connection). On CPU the float32 collectives go
+through shared memory (kernels/csrc/cpu_shm_collectives.cpp) rather than gloo where they fit a slot.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from scheduler.errors import ExecutorDeadError
 from scheduler.step import StepPlan, StepResult
 from serving.models import load_model
 from serving.engine.cpu_placement import engine_environment
-from serving.models.tensor_parallel import TPGroup, make_process_group
+from serving.models.tensor_parallel import CollectiveError, ShmCollectives, TPGroup, make_process_group
 from serving.runner.model_runner import ModelRunner, model_kv_layout
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class RankSpec:
     seed: int
     threads: int
     collective_timeout_s: float
+    shm_name: str | None = None  # the shared-memory collectives region (CPU), or None: gloo only
+    shm_slot_bytes: int = 0
 
 
 def _worker_main(conn) -> None:
@@ -72,8 +76,9 @@ def _worker_main(conn) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(spec.rank)
             device = torch.device("cuda", spec.rank)
+        shm = _attach_shm(spec) if spec.shm_name else None
         group = TPGroup(spec.rank, spec.size,
-                        make_process_group(store, spec.rank, spec.size, device, spec.collective_timeout_s))
+                        make_process_group(store, spec.rank, spec.size, device, spec.collective_timeout_s), shm)
         model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group)
         num_blocks, block_size = conn.recv()
         layout = model_kv_layout(model, block_size)
@@ -100,6 +105,35 @@ def _worker_main(conn) -> None:
         conn.send(None)
 
 
+def _attach_shm(spec: RankSpec) -> ShmCollectives:
+    from kernels import cpu_native
+    from kvcache.shared_memory import map_region
+    lib = cpu_native.library()
+    if lib is None:
+        raise RuntimeError("rank 0 uses shared-memory collectives but this rank cannot load pdserve's CPU kernels")
+    region = map_region(spec.shm_name, 0, ShmCollectives.region_bytes(lib, spec.size, spec.shm_slot_bytes), True)
+    return ShmCollectives(lib, region, spec.rank, spec.size, spec.shm_slot_bytes, spec.collective_timeout_s)
+
+
+def _create_shm(device: torch.device, size: int, timeout_s: float):
+    """(SharedFile, ShmCollectives of rank 0) for a CPU group, or (None, None): on CUDA, without the
+    kernel library, or where /dev/shm cannot hold the region (then gloo carries every collective)."""
+    if device.type != "cpu":
+        return None, None
+    from kernels import cpu_native
+    from kvcache.shared_memory import SharedFile, map_own
+    lib = cpu_native.library()
+    if lib is None:
+        return None, None
+    slot_bytes = ShmCollectives.DEFAULT_SLOT_BYTES
+    try:
+        shared = SharedFile("pdservetp", ShmCollectives.region_bytes(lib, size, slot_bytes))
+    except OSError as e:
+        logger.warning("tensor-parallel collectives go through gloo: no shared-memory region (%s)", e)
+        return None, None
+    return shared, ShmCollectives(lib, map_own(shared), 0, size, slot_bytes, timeout_s)
+
+
 def _timedelta(seconds: float):
     import datetime
     return datetime.timedelta(seconds=seconds)
@@ -120,6 +154,7 @@ class TensorParallelWorkers:
         self._store = store  # rank 0 owns it: it must outlive the group
         self.processes: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
+        self._shm_file, shm = _create_shm(device, size, collective_timeout_s)
         try:
             for rank in range(1, size):
                 # a private socket pair, the child's end inherited by fd: nothing on its command line but
@@ -132,10 +167,11 @@ class TensorParallelWorkers:
                 self.processes.append(process)
                 self.conns.append(Connection(ours.detach()))
                 self.conns[-1].send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, size,
-                                             store.port, seed, threads, collective_timeout_s))
+                                             store.port, seed, threads, collective_timeout_s,
+                                             self._shm_file.name if shm else None, shm.slot_bytes if shm else 0))
             for rank in range(1, size):
                 self._expect(rank, "started")
-            self.group = TPGroup(0, size, make_process_group(store, 0, size, device, collective_timeout_s))
+            self.group = TPGroup(0, size, make_process_group(store, 0, size, device, collective_timeout_s), shm)
         except BaseException:
             self.close()
             raise
@@ -222,6 +258,8 @@ class TensorParallelWorkers:
                 process.kill()
                 process.wait(timeout=5.0)
         self.conns, self.processes = [], []
+        if self._shm_file is not None:
+            self._shm_file.close()  # the name goes; the ranks' mappings stay valid until they exit
 
 
 class TensorParallelRunner(ModelRunner):
@@ -238,11 +276,12 @@ class TensorParallelRunner(ModelRunner):
         try:
             result = super().execute(plan)
         except Exception as e:
+            # whatever failed, the ranks may now stand at different collectives: the group cannot run
+            # another step (a worker that fails a step reports it and exits for the same reason)
             if _is_collective_error(e):
                 self.workers.check_alive(grace_s=2.0)  # a dead peer explains it: say which
-                raise ExecutorDeadError(f"a tensor-parallel collective failed ({e}); the engine must restart "
-                                        "with a whole group") from e
-            raise
+            raise ExecutorDeadError(f"tensor-parallel rank 0 failed a step ({type(e).__name__}: {e}); the engine "
+                                    "must restart with a whole group") from e
         self.workers.collect()
         return result
 
@@ -252,7 +291,7 @@ class TensorParallelRunner(ModelRunner):
 
 def _is_collective_error(error: Exception) -> bool:
     text = str(error)
-    return isinstance(error, RuntimeError) and any(
+    return isinstance(error, CollectiveError) or isinstance(error, RuntimeError) and any(
         marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out"))
 
 
