@@ -61,6 +61,11 @@ class ParallelConfig:
     # how long a rank waits in a collective for a peer before the group is declared dead (a dead peer
     # is seen at once; this catches a hung one)
     collective_timeout_s: float = 60.0
+    # set by the Ray launcher for an instance of more than one rank: the named placement group (one
+    # bundle per rank, rank 0's actor in bundle 0) and the Ray namespace it lives in; the instance's
+    # engine starts ranks 1.. as Ray actors in bundles 1.. (None: local processes)
+    ray_placement_group: str | None = None
+    ray_namespace: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):

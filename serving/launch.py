@@ -11,11 +11,12 @@ def build_engine_client(config: Config) -> EngineClient:
     """Raises ValueError (what `pdserve serve` prints before exiting 2) for a configuration no engine
     can start with.
 
-    colocated with one replica: the engine in this process. Otherwise (colocated replicas, or prefill
-    and decode instances) instance processes behind the router."""
+    colocated with one replica on the local launcher: the engine in this process (its own engine
+    process). Otherwise (colocated replicas, one replica on Ray, or prefill and decode instances)
+    instance processes (or Ray actors) behind the router."""
     from serving.launchers import make_specs
     config.parallel.check_supported()
-    if config.deploy.mode == "colocated" and config.deploy.num_replicas == 1:
+    if config.deploy.mode == "colocated" and config.deploy.num_replicas == 1 and config.deploy.launcher == "local":
         from serving.engine.async_llm import AsyncLLM
         return AsyncLLM.from_config(config)
     from serving.router.engine_client import build_disaggregated_client

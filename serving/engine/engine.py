@@ -186,8 +186,10 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
         from serving.models.tensor_parallel import check_tensor_parallel
         from serving.runner.tensor_parallel import start_tensor_parallel
         check_tensor_parallel(ModelArchConfig.from_model_dir(model_dir), tp)
+        parallel = config.parallel
         workers, model = start_tensor_parallel(model_dir, dtype, device, config.cache, tp, config.model.seed,
-                                               config.parallel.collective_timeout_s)
+                                               parallel.collective_timeout_s, parallel.ray_placement_group,
+                                               parallel.ray_namespace)
     else:
         model = load_model(model_dir, dtype, device)
     try:

@@ -75,8 +75,9 @@ class RayLauncher:
 
     def start(self, specs: list[InstanceSpec]) -> list[LaunchedInstance]:
         try:
-            self._connect(len(specs))
+            self._connect(sum(spec.config.parallel.tensor_parallel_size for spec in specs))
             strategies = self._placement(specs)
+            specs = [self._with_rank_group(spec, strategies) for spec in specs]
             for spec in specs:
                 self._actors[spec.name] = self._make_actor(spec, strategies.get(spec.name))
             return [self._launched(spec, self.deploy.instance_start_timeout_s) for spec in specs]
@@ -85,6 +86,8 @@ class RayLauncher:
             raise
 
     def _connect(self, num_instances: int) -> None:
+        """num_instances: what the deployment needs room for, in instances of num_cpus_per_instance (one
+        per tensor-parallel rank)."""
         ray = self._ray
         if ray.is_initialized():
             return
@@ -119,6 +122,30 @@ class RayLauncher:
                 strategies[spec.name] = PlacementGroupSchedulingStrategy(
                     group, placement_group_bundle_index=index)
         return strategies
+
+    def _with_rank_group(self, spec: InstanceSpec, strategies: dict) -> InstanceSpec:
+        """An instance of more than one tensor-parallel rank gets a placement group of one bundle per rank
+        on one node (STRICT_PACK: its ranks share loopback, /dev/shm and NVLink): its own actor, rank 0,
+        in bundle 0; its engine starts ranks 1.. as actors in the others (serving/runner/
+        tensor_parallel.py), found by the group's name."""
+        tp = spec.config.parallel.tensor_parallel_size
+        if tp == 1:
+            return spec
+        import dataclasses
+        import secrets
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        name = f"pdserve-{spec.name}-{secrets.token_hex(4)}"
+        group = placement_group([self._bundle()] * tp, strategy="STRICT_PACK", name=name)
+        self._placement_groups.append(group)
+        try:
+            self._ray.get(group.ready(), timeout=self.deploy.instance_start_timeout_s)
+        except self._ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"instance {spec.name}: no Ray node has room for its {tp} tensor-parallel ranks "
+                               f"({self._bundle()} each) within {self.deploy.instance_start_timeout_s:.0f}s") from None
+        strategies[spec.name] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+        namespace = self._ray.get_runtime_context().namespace
+        return dataclasses.replace(spec, config=spec.config.replace(ray_placement_group=name, ray_namespace=namespace))
 
     def _make_actor(self, spec: InstanceSpec, strategy):
         options = {"num_cpus": self.deploy.num_cpus_per_instance, "num_gpus": self.deploy.num_gpus_per_instance,

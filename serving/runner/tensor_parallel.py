@@ -139,36 +139,130 @@ def _timedelta(seconds: float):
     return datetime.timedelta(seconds=seconds)
 
 
+def _start_local_rank() -> tuple[subprocess.Popen, Connection]:
+    """A worker rank as a child process, over a private socket pair whose child end it inherits by fd:
+    nothing on its command line but the fd number, and no __main__ re-import (a user's unguarded
+    script stays one process)."""
+    ours, theirs = socket.socketpair()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "serving.runner.tensor_parallel", str(theirs.fileno())],
+                                   pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                   env=engine_environment())  # OpenMP waits passively, as the engine's
+    finally:
+        theirs.close()
+    return process, Connection(ours.detach())
+
+
+class RankHost:
+    """A worker rank in a Ray actor (wrapped with ray.remote by _RayRanks): it connects back to rank 0
+    and serves until rank 0 goes away."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, address: tuple[str, int], authkey: bytes) -> None:
+        from multiprocessing.connection import Client
+        _worker_main(Client(address, authkey=authkey))
+
+
+class _RayRank:
+    """A Ray rank actor seen through the calls TensorParallelWorkers makes on a Popen."""
+
+    def __init__(self, ray, actor, pid: int, done_ref) -> None:
+        self._ray, self._actor, self.pid, self._done = ray, actor, pid, done_ref
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            ready, _ = self._ray.wait([self._done], timeout=0)
+            if ready:
+                try:
+                    self._ray.get(self._done)
+                    self.returncode = 0
+                except Exception:  # noqa: BLE001 - the actor died or its run raised
+                    self.returncode = -1
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        ready, _ = self._ray.wait([self._done], timeout=timeout)
+        if not ready:
+            raise subprocess.TimeoutExpired("ray rank actor", timeout)
+        return self.poll()
+
+    def kill(self) -> None:
+        self._ray.kill(self._actor, no_restart=True)
+
+
+class _RayRanks:
+    """Ranks 1.. as Ray actors in bundles 1.. of the instance's placement group (the Ray launcher made it,
+    STRICT_PACK: one node, so the ranks share loopback and /dev/shm with rank 0). Each actor connects back
+    to a listener of rank 0's on loopback with a one-time key, sent as a call argument; the actors belong
+    to this process's Ray job and go with it."""
+
+    def __init__(self, placement_group: str, namespace: str | None) -> None:
+        import ray
+        from ray.util import get_placement_group
+        if not ray.is_initialized():  # an engine process under a Ray actor: join the actor's cluster
+            ray.init(address="auto", namespace=namespace, log_to_driver=False)
+        self._ray = ray
+        self._group = get_placement_group(placement_group)
+        self._bundles = self._group.bundle_specs
+
+    def start(self, rank: int) -> tuple[_RayRank, Connection]:
+        import secrets
+        import threading
+        from multiprocessing.connection import Listener
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        ray = self._ray
+        bundle = self._bundles[rank]
+        actor = ray.remote(RankHost).options(
+            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=rank),
+            runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
+            name=None).remote()
+        pid = ray.get(actor.pid.remote(), timeout=STARTUP_TIMEOUT_S)
+        authkey = secrets.token_bytes(32)
+        with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
+            accepted: list[Connection] = []
+            thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
+            thread.start()
+            done = actor.run.remote(listener.address, authkey)
+            handle = _RayRank(ray, actor, pid, done)
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while thread.is_alive():
+                thread.join(0.2)
+                if handle.poll() is not None or time.monotonic() > deadline:
+                    handle.kill()
+                    raise RuntimeError(f"tensor-parallel rank {rank} (Ray actor, pid {pid}) did not connect back")
+        return handle, accepted[0]
+
+
 class TensorParallelWorkers:
     """Ranks 1 .. size-1 of a group, spawned; rank 0 is the caller's process. `start` spawns them and
     joins the group; the caller then loads its own shard with `group`, sizes the cache and calls
     `ready(num_blocks, block_size)`."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, size: int, seed: int,
-                 collective_timeout_s: float) -> None:
+                 collective_timeout_s: float, ray_placement_group: str | None = None,
+                 ray_namespace: str | None = None) -> None:
         from torch.distributed import TCPStore
         self.size = size
         threads = max(1, torch.get_num_threads() // size)
         torch.set_num_threads(threads)  # this process is rank 0: its share of the cores
         store = TCPStore("127.0.0.1", 0, size, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
         self._store = store  # rank 0 owns it: it must outlive the group
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list = []  # subprocess.Popen, or _RayRank (the same calls)
         self.conns: list[Connection] = []
         self._shm_file, shm = _create_shm(device, size, collective_timeout_s)
+        ray_ranks = _RayRanks(ray_placement_group, ray_namespace) if ray_placement_group else None
         try:
             for rank in range(1, size):
-                # a private socket pair, the child's end inherited by fd: nothing on its command line but
-                # the fd number, and no __main__ re-import (a user's unguarded script stays one process)
-                ours, theirs = socket.socketpair()
-                process = subprocess.Popen([sys.executable, "-m", "serving.runner.tensor_parallel", str(theirs.fileno())],
-                                           pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                           env=engine_environment())  # OpenMP waits passively, as the engine's
-                theirs.close()
+                process, conn = ray_ranks.start(rank) if ray_ranks else _start_local_rank()
                 self.processes.append(process)
-                self.conns.append(Connection(ours.detach()))
-                self.conns[-1].send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, size,
-                                             store.port, seed, threads, collective_timeout_s,
-                                             self._shm_file.name if shm else None, shm.slot_bytes if shm else 0))
+                self.conns.append(conn)
+                conn.send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, size, store.port,
+                                   seed, threads, collective_timeout_s, self._shm_file.name if shm else None,
+                                   shm.slot_bytes if shm else 0))
             for rank in range(1, size):
                 self._expect(rank, "started")
             self.group = TPGroup(0, size, make_process_group(store, 0, size, device, collective_timeout_s), shm)
@@ -257,6 +351,8 @@ class TensorParallelWorkers:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5.0)
+            if isinstance(process, _RayRank):
+                process.kill()  # an idle rank actor would hold its bundle from the next group
         self.conns, self.processes = [], []
         if self._shm_file is not None:
             self._shm_file.close()  # the name goes; the ranks' mappings stay valid until they exit
@@ -296,11 +392,13 @@ def _is_collective_error(error: Exception) -> bool:
 
 
 def start_tensor_parallel(model_dir: str, dtype: torch.dtype, device: torch.device, cache_config: CacheConfig,
-                          size: int, seed: int, collective_timeout_s: float):
+                          size: int, seed: int, collective_timeout_s: float, ray_placement_group: str | None = None,
+                          ray_namespace: str | None = None):
     """(workers, rank 0's model) for a group of `size`: spawns ranks 1.., joins the group, loads rank 0's
     shard. The caller sizes the KV cache from the model's (per-rank) layout, calls workers.ready and
     builds a TensorParallelRunner."""
-    workers = TensorParallelWorkers(model_dir, dtype, device, size, seed, collective_timeout_s)
+    workers = TensorParallelWorkers(model_dir, dtype, device, size, seed, collective_timeout_s, ray_placement_group,
+                                    ray_namespace)
     try:
         model = load_model(model_dir, dtype, device, workers.group)
     except BaseException:

@@ -111,3 +111,70 @@ async def _wait_restarted(client, name: str) -> None:
     state = next(s for s in client.pool.instances if s.name == name)
     while not (state.up and state.num_restarts == 1):
         await asyncio.sleep(0.1)
+
+
+def test_a_tensor_parallel_instance_runs_as_two_actors_in_one_placement_group(tiny_model_dir):
+    """One colocated replica of two tensor-parallel ranks on a local Ray cluster: rank 0 is the instance's
+    actor in bundle 0, rank 1 an actor its engine starts in bundle 1 of the same STRICT_PACK group; the
+    output equals one rank's; a killed rank actor takes the engine down and it comes back whole."""
+    assert not ray.is_initialized()
+    config = tiny_config(tiny_model_dir, launcher="ray", tensor_parallel_size=2)
+    loop = LoopThread()
+    client = build_disaggregated_client(config)
+    try:
+        cases = make_cases("ray-tp", 13, [12, 40], [10])
+        expected = reference_outputs(tiny_config(tiny_model_dir), cases)
+        got = loop.run(collect_all(client, cases))
+        for case in cases:
+            assert token_ids(got[case.request_id]) == token_ids(expected[case.request_id])
+
+        groups = ray.util.placement_group_table()
+        (group_id, group), = [(k, g) for k, g in groups.items() if g["name"].startswith("pdserve-replica-0-")]
+        assert group["strategy"] == "STRICT_PACK" and len(group["bundles"]) == 2 and group["state"] == "CREATED"
+        # both bundles are held (Ray names a group's resources CPU_group_<id>): rank 0's actor and rank 1's
+        assert ray.cluster_resources()[f"CPU_group_{group_id}"] == 2
+        assert ray.available_resources().get(f"CPU_group_{group_id}", 0) == 0
+        (rank_pid,) = _rank_host_pids()
+
+        # kill -9 rank 1's actor process: the instance's engine dies and is restarted with a new rank 1
+        os.kill(rank_pid, signal.SIGKILL)
+        state = loop.run(_states(client))["replica-0"]
+
+        async def back_up():
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                later = make_cases(f"ray-tp-after-{time.monotonic()}", 14, [20], [6])
+                try:
+                    out = await collect_all(client, later)
+                    if state.up and all(o[-1].finish_reason == "length" for o in out.values()):
+                        return later, out
+                except Exception:  # noqa: BLE001 - failed while the engine restarts
+                    pass
+                await asyncio.sleep(0.5)
+            raise AssertionError("the instance did not come back after its rank actor was killed")
+        later, out = loop.run(back_up(), 300)
+        later_expected = reference_outputs(tiny_config(tiny_model_dir), later)
+        for case in later:
+            assert token_ids(out[case.request_id]) == token_ids(later_expected[case.request_id])
+        new_ranks = _rank_host_pids()
+        assert len(new_ranks) == 1 and new_ranks[0] != rank_pid
+        assert ray.available_resources().get(f"CPU_group_{group_id}", 0) == 0
+        assert_no_leaks(loop.run(wait_until_drained(client)))
+    finally:
+        loop.run(client.shutdown())
+        loop.close()
+    assert not ray.is_initialized()
+
+
+def _rank_host_pids() -> list[int]:
+    """Live processes of Ray rank actors (Ray titles an actor's process ray::<class>)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::RankHost"):
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
