@@ -2,6 +2,7 @@
 
     pdserve profile --model DIR --out latency.json [--quick] [--threads N]
     pdserve profile --model DIR --out LATENCY_DIR/        (writes LATENCY_DIR/latency-tp1-pp1.json)
+    pdserve profile --model DIR --tensor-parallel-size 2 --out LATENCY_DIR/   (latency-tp2-pp1.json)
     pdserve profile --from-trace TRACE_DIR_OR_FILE... --out latency.json     (no model run: see below)
 
 A latency-model set for the simulator and planner is one such file per TP x PP plan (its meta says tp
@@ -85,12 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds, for smoke tests)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; match the instances you will simulate)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="profile this many ranks (rank processes, as `pdserve serve --tensor-parallel-size` "
+                             "runs them; --threads is the instance's total, split between its ranks); with "
+                             "--from-trace: the plan the traced engine ran")
     parser.add_argument("--from-trace", nargs="+", default=None, metavar="TRACE",
                         help="fit from step traces (files or directories of *.jsonl written with "
                              "`pdserve serve --step-trace-dir`) instead of running the model")
     args = parser.parse_args(argv)
+    if args.tensor_parallel_size < 1:
+        parser.error("--tensor-parallel-size must be at least 1")
     if args.from_trace:
-        return fit_from_trace(args.from_trace, args.out)
+        return fit_from_trace(args.from_trace, args.out, args.tensor_parallel_size)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
 
@@ -103,18 +110,27 @@ def main(argv: list[str] | None = None) -> int:
     dtype = resolve_dtype(args.dtype, device)
     prefill_grid, decode_grid = grids(args.quick, args.max_tokens)
     most_tokens = max(sum(b) for b in prefill_grid + decode_grid)
-    runner = ModelRunner.load(model_dir, CacheConfig(num_blocks_override=most_tokens // 16 + 64), device, dtype)
-    time_step(runner, [8], [8], 2, step=0)  # warm-up
-    prefill_s, decode_s = [], []
-    with tqdm(total=len(prefill_grid) + len(decode_grid), desc="profiling steps") as bar:
-        for i, lens in enumerate(prefill_grid):
-            prefill_s.append(time_step(runner, lens, lens, args.repeats, step=1 + i))
-            bar.update(1)
-        for i, ctx in enumerate(decode_grid):
-            decode_s.append(time_step(runner, ctx, [1] * len(ctx), args.repeats, step=1000 + i))
-            bar.update(1)
+    cache = CacheConfig(num_blocks_override=most_tokens // 16 + 64)
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        from serving.runner.tensor_parallel import load_tensor_parallel_runner
+        runner = load_tensor_parallel_runner(model_dir, cache, device, dtype, tp)
+    else:
+        runner = ModelRunner.load(model_dir, cache, device, dtype)
+    try:
+        time_step(runner, [8], [8], 2, step=0)  # warm-up
+        prefill_s, decode_s = [], []
+        with tqdm(total=len(prefill_grid) + len(decode_grid), desc="profiling steps") as bar:
+            for i, lens in enumerate(prefill_grid):
+                prefill_s.append(time_step(runner, lens, lens, args.repeats, step=1 + i))
+                bar.update(1)
+            for i, ctx in enumerate(decode_grid):
+                decode_s.append(time_step(runner, ctx, [1] * len(ctx), args.repeats, step=1000 + i))
+                bar.update(1)
+    finally:
+        runner.close()
     model = LatencyModel(fit_prefill(prefill_grid, prefill_s), fit_decode(decode_grid, decode_s), meta={
-        "model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": 1, "pp": 1,
+        "model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": tp, "pp": 1,
         "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
         "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
         "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)]})
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fit_from_trace(paths: list[str], out: str) -> int:
+def fit_from_trace(paths: list[str], out: str, tp: int = 1) -> int:
     from scheduler import step_trace
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -138,7 +154,7 @@ def fit_from_trace(paths: list[str], out: str) -> int:
         return 2
     steps = step_trace.read(paths)
     try:
-        model = step_trace.fit(steps, meta={"traces": [os.path.abspath(p) for p in paths], "tp": 1, "pp": 1})
+        model = step_trace.fit(steps, meta={"traces": [os.path.abspath(p) for p in paths], "tp": tp, "pp": 1})
     except ValueError as e:
         print(f"pdserve profile: {e}", file=sys.stderr)
         return 2

@@ -247,8 +247,9 @@ class TensorParallelWorkers:
                  ray_namespace: str | None = None) -> None:
         from torch.distributed import TCPStore
         self.size = size
-        threads = max(1, torch.get_num_threads() // size)
-        torch.set_num_threads(threads)  # this process is rank 0: its share of the cores
+        self._threads_before = torch.get_num_threads()
+        threads = max(1, self._threads_before // size)
+        torch.set_num_threads(threads)  # this process is rank 0: its share of the cores (restored at close)
         store = TCPStore("127.0.0.1", 0, size, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
         self._store = store  # rank 0 owns it: it must outlive the group
         self.processes: list = []  # subprocess.Popen, or _RayRank (the same calls)
@@ -356,6 +357,7 @@ class TensorParallelWorkers:
         self.conns, self.processes = [], []
         if self._shm_file is not None:
             self._shm_file.close()  # the name goes; the ranks' mappings stay valid until they exit
+        torch.set_num_threads(self._threads_before)
 
 
 class TensorParallelRunner(ModelRunner):
@@ -412,6 +414,23 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
     _worker_main(Connection(int(sys.argv[1])))
     return 0
+
+
+
+def load_tensor_parallel_runner(model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
+                                size: int, seed: int = 0, collective_timeout_s: float = 60.0) -> TensorParallelRunner:
+    """A whole group for tools and benchmarks (ModelRunner.load's counterpart): ranks started, shards
+    loaded, caches of cache_config's size allocated. close() stops the other ranks."""
+    from serving.runner.model_runner import num_kv_blocks
+    workers, model = start_tensor_parallel(model_dir, dtype, device, cache_config, size, seed, collective_timeout_s)
+    try:
+        layout = model_kv_layout(model, cache_config.block_size)
+        num_blocks = num_kv_blocks(layout, cache_config)
+        workers.ready(num_blocks, cache_config.block_size)
+        return TensorParallelRunner(workers, model, layout.allocate(num_blocks, device), layout, device, seed)
+    except BaseException:
+        workers.close()
+        raise
 
 
 if __name__ == "__main__":

@@ -56,3 +56,18 @@ def test_the_fit_weighs_relative_error_so_short_steps_are_not_lost_to_long_ones(
     fit = fit_decode(batches, seconds)
     one_row = fit.a + fit.b * 128 + fit.c
     assert one_row == pytest.approx(seconds[0], rel=0.05)
+
+
+def test_profile_command_profiles_a_tensor_parallel_plan_into_a_set(tiny_model_dir, tmp_path):
+    """--tensor-parallel-size runs the real ranks; the set then serves tp=2 as profiled, not scaled."""
+    from bench.profile import main
+    from scheduler.latency_plans import LatencyModelSet
+    assert main(["--model", tiny_model_dir, "--quick", "--repeats", "1", "--out", f"{tmp_path}/"]) == 0
+    assert main(["--model", tiny_model_dir, "--quick", "--repeats", "1", "--tensor-parallel-size", "2",
+                 "--out", f"{tmp_path}/"]) == 0
+    models = LatencyModelSet.load([str(tmp_path)])
+    assert models.plans == [(1, 1), (2, 1)]
+    tp2, source = models.for_plan(2, 1)
+    assert source == "profiled" and tp2.meta["tp"] == 2
+    assert all(s > 0 for _, s in tp2.meta["prefill_samples"] + tp2.meta["decode_samples"])
+    assert math.isfinite(tp2.prefill_time([256])) and math.isfinite(tp2.decode_time([64, 64]))
