@@ -239,6 +239,7 @@ def apply_tensor_parallel(model: nn.Module, group: TPGroup) -> None:
     if end - start < per_rank:  # the last rank's range is short: zero rows keep every gather the same size
         head_weight = torch.cat([head_weight, head_weight.new_zeros(per_rank - (end - start), head_weight.shape[1])])
     model.lm_head = ParallelLMHead(_linear(head_weight, None), vocab, group)
+    model.full_config = config  # the whole model's (the KV layout's rank slice is taken from it)
     model.config = local
     model.tensor_parallel = group
 

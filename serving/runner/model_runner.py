@@ -50,9 +50,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def model_kv_layout(model: CausalLM, block_size: int) -> KVCacheLayout:
-    arch = model.config
-    return KVCacheLayout.for_model(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size,
-                                   next(model.parameters()).dtype)
+    """The KV cache layout this model's rank holds (a tensor-parallel rank: its slice of the KV heads)."""
+    group = getattr(model, "tensor_parallel", None)
+    arch = getattr(model, "full_config", model.config)
+    tp_size, tp_rank = (group.size, group.rank) if group is not None else (1, 0)
+    layout = KVCacheLayout.for_model(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size,
+                                     next(model.parameters()).dtype, tp_size, tp_rank)
+    if layout.num_kv_heads != model.config.num_kv_heads:
+        raise RuntimeError(f"rank {tp_rank} of {tp_size} holds {model.config.num_kv_heads} KV heads, its layout "
+                           f"{layout.num_kv_heads}")
+    return layout
 
 
 def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
