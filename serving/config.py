@@ -215,6 +215,12 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
+    def __post_init__(self) -> None:
+        if self.parallel.tensor_parallel_size > 1 and self.deploy.cpu_threads_bind != "nobind":
+            raise ValueError(f"--cpu-threads-bind {self.deploy.cpu_threads_bind} pins one engine process's threads; "
+                             "with --tensor-parallel-size above 1 each rank is a process of its own, each with "
+                             "its share of the cores: leave --cpu-threads-bind at nobind")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         """Build from flat or grouped keys; an unknown key is an error that names the known ones."""

@@ -114,3 +114,9 @@ def test_per_role_tensor_parallel_flags_land_in_the_role_sections_and_are_refuse
     assert config.deploy.decode_overrides == {"tensor_parallel_size": 1}
     with pytest.raises(ValueError, match="prefill-0: prefill instance with tensor_parallel_size=2"):
         build_engine_client(config)
+
+
+def test_thread_binding_is_refused_with_tensor_parallel_ranks():
+    with pytest.raises(ValueError, match="with --tensor-parallel-size above 1 each rank is a process of its own"):
+        parse(["--tensor-parallel-size", "2", "--cpu-threads-bind", "auto"])
+    assert parse(["--tensor-parallel-size", "2"]).deploy.cpu_threads_bind == "nobind"
