@@ -59,6 +59,21 @@ async def tokens_of(llm, request_id: str, prompt: list[int], params: SamplingPar
     return [t async for o in llm.generate(request_id, prompt, params) for t in o.new_token_ids]
 
 
+async def long_streams_under_way(llm, prompt: list[int], count: int) -> list[asyncio.Future]:
+    """count streams of 2000 greedy tokens each, returned once every one has produced 2 tokens."""
+    progress: dict[str, int] = {}
+
+    async def stream(rid):
+        async for output in llm.generate(rid, prompt, greedy(2000)):
+            progress[rid] = progress.get(rid, 0) + len(output.new_token_ids)
+
+    tasks = [asyncio.ensure_future(stream(f"long-{i}")) for i in range(count)]
+    while len(progress) < count or min(progress.values()) < 2:
+        assert not any(t.done() for t in tasks)
+        await asyncio.sleep(0.01)
+    return tasks
+
+
 # ---- the messages ----
 def test_outputs_params_and_stats_survive_the_trip():
     outputs = [
@@ -234,16 +249,7 @@ def test_killed_engine_process_fails_its_requests_at_once_and_is_restarted(tiny_
 
     async def main():
         reference = await tokens_of(llm, "reference", prompt, greedy(8))
-        progress = {}
-
-        async def stream(rid):
-            async for output in llm.generate(rid, prompt, greedy(2000)):
-                progress[rid] = progress.get(rid, 0) + len(output.new_token_ids)
-
-        tasks = [asyncio.ensure_future(stream(f"long-{i}")) for i in range(3)]
-        while len(progress) < 3 or min(progress.values()) < 2:
-            assert not any(t.done() for t in tasks)
-            await asyncio.sleep(0.01)
+        tasks = await long_streams_under_way(llm, prompt, 3)
         pid = llm.core.pid
         os.kill(pid, signal.SIGKILL)
         errors = await asyncio.gather(*tasks, return_exceptions=True)

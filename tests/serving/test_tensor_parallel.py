@@ -17,7 +17,8 @@ from serving.llm import LLM
 from serving.models.config import ModelArchConfig
 from serving.models.tensor_parallel import check_tensor_parallel, rank_config
 from tests.serving.test_disagg_support import children_running
-from tests.serving.test_engine_process import DEADLINE_S, alive, engine_children, make_llm, tokens_of
+from tests.serving.test_engine_process import (DEADLINE_S, alive, engine_children, long_streams_under_way,
+                                              make_llm, tokens_of)
 from tests.serving.test_models import CASES, save_hf_case
 
 TP_WORKER = b"serving.runner.tensor_parallel"
@@ -121,16 +122,7 @@ def test_a_rank_killed_mid_request_restarts_the_engine_process_whole(tiny_model_
 
     async def main():
         reference = await tokens_of(llm, "reference", prompt, greedy(8))
-        progress = {}
-
-        async def stream(rid):
-            async for output in llm.generate(rid, prompt, greedy(2000)):
-                progress[rid] = progress.get(rid, 0) + len(output.new_token_ids)
-
-        tasks = [asyncio.ensure_future(stream(f"long-{i}")) for i in range(2)]
-        while len(progress) < 2 or min(progress.values()) < 2:
-            assert not any(t.done() for t in tasks)
-            await asyncio.sleep(0.01)
+        tasks = await long_streams_under_way(llm, prompt, 2)
         engine_pid = llm.core.pid
         workers = _tp_workers_of(engine_pid)
         assert len(workers) == 1
