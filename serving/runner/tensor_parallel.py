@@ -73,9 +73,10 @@ def _worker_main(conn) -> None:
         store = TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=_timedelta(STARTUP_TIMEOUT_S))
         conn.send(("started", os.getpid()))
         device = torch.device(spec.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(spec.rank)
-            device = torch.device("cuda", spec.rank)
+        if device.type == "cuda":  # a local rank sees every GPU (its own is its rank's); a Ray rank its own only
+            index = spec.rank if torch.cuda.device_count() > spec.rank else 0
+            torch.cuda.set_device(index)
+            device = torch.device("cuda", index)
         shm = _attach_shm(spec) if spec.shm_name else None
         group = TPGroup(spec.rank, spec.size,
                         make_process_group(store, spec.rank, spec.size, device, spec.collective_timeout_s), shm)
