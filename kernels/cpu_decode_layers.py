@@ -67,6 +67,24 @@ class _Shape(ctypes.Structure):  # PdserveDecodeShape
                 ] + [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
+@dataclass(frozen=True)
+class NativeCollective:
+    """A tensor-parallel rank's shared-memory collectives as the native layers call them: after o and
+    down the rank's partial output is summed over the group (kernels/csrc/cpu_shm_collectives.cpp), then
+    the bias added. `seq` is the group's collective counter, shared with whoever else makes collectives
+    on the group, so every call, native or not, takes the next number."""
+    base: int  # address of the group's mapped region
+    rank: int
+    size: int
+    seq: ctypes.c_uint64
+    timeout_s: float
+
+
+class _Collective(ctypes.Structure):  # PdserveCollective
+    _fields_ = [("base", ctypes.c_void_p), ("rank", ctypes.c_int32), ("size", ctypes.c_int32),
+                ("seq", ctypes.POINTER(ctypes.c_uint64)), ("timeout_s", ctypes.c_double)]
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -74,10 +92,15 @@ def _ptr(t: Tensor | None) -> int | None:
 class DecodeLayers:
     """Decoder layers bound to their tensors for decode steps of 1 to cpu_native.MAX_ROWS rows."""
 
-    def __init__(self, lib: ctypes.CDLL, layers: list[LayerTensors], shape: DecodeShape, cos_sin: Tensor) -> None:
+    def __init__(self, lib: ctypes.CDLL, layers: list[LayerTensors], shape: DecodeShape, cos_sin: Tensor,
+                 collective: NativeCollective | None = None) -> None:
         """Checks every tensor's dtype, layout and size once; raises ValueError naming the first that
-        does not fit (callers then keep the Python path)."""
+        does not fit (callers then keep the Python path). collective: a tensor-parallel rank's (its
+        layers then hold the rank's shard: o and down row-parallel, biases added after the sum)."""
         self.lib, self.shape, self.layers = lib, shape, list(layers)
+        self.collective = collective
+        self._collective = None if collective is None else _Collective(
+            collective.base, collective.rank, collective.size, ctypes.pointer(collective.seq), collective.timeout_s)
         self.cos_sin = cos_sin
         s = shape
         q, kv = s.num_q_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -140,11 +163,15 @@ class DecodeLayers:
             ctypes.byref(self._table, start * ctypes.sizeof(_Layer)), end - start, ctypes.byref(self._shape),
             num_rows, out.data_ptr(), res.data_ptr(), int(residual is not None), positions.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr(), self.cos_sin.data_ptr(),
-            scratch.data_ptr(), torch.get_num_threads())
+            scratch.data_ptr(), torch.get_num_threads(),
+            None if self._collective is None else ctypes.byref(self._collective))
         if status == -2:
             raise ValueError(f"a position is outside the rotary table's {self.cos_sin.shape[0]} positions")
         if status == -3:
             raise IndexError(f"a slot is past the cache's {self._shape.num_slots} slots")
+        if status == -4:
+            raise RuntimeError("a tensor-parallel peer rank is gone or late: the shared-memory all-reduce of the "
+                               "native decode step failed")
         if status != 0:
             raise RuntimeError(f"pdserve_decode_layers returned {status}")
         return out, res

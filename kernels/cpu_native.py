@@ -135,7 +135,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_decode_layers_scratch.argtypes = [ptr, i64]
     lib.pdserve_decode_layers_scratch.restype = i64
     lib.pdserve_decode_layers.argtypes = ([ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int] + [ptr] * 3
-                                          + [i64] + [ptr] * 3 + [ctypes.c_int])
+                                          + [i64] + [ptr] * 3 + [ctypes.c_int, ptr])
     lib.pdserve_decode_layers.restype = ctypes.c_int
     lib.pdserve_shm_header_bytes.restype = i64
     lib.pdserve_shm_init.argtypes = [ptr, ctypes.c_int, ctypes.c_int, i64, ctypes.c_int32]

@@ -40,6 +40,15 @@ struct PdserveLayer {
     float* v_cache;            // [num_slots, Hkv, D]
 };
 
+// A tensor-parallel rank's row-parallel sums (kernels/csrc/cpu_shm_collectives.cpp): after o and down
+// the rank's partial output is all-reduced over the group, then the bias added once; null: one rank.
+struct PdserveCollective {
+    void* base;      // the group's shared-memory region
+    int32_t rank, size;
+    uint64_t* seq;   // the group's collective counter, shared with the Python side's ShmCollectives
+    double timeout_s;
+};
+
 struct PdserveDecodeShape {
     int64_t hidden, num_q_heads, num_kv_heads, head_dim, intermediate;
     int64_t rot_dim, max_position, is_neox;
@@ -58,13 +67,26 @@ int64_t pdserve_decode_layers_scratch(const PdserveDecodeShape* s, int64_t M) {
 // output, residual the running sum before it (vLLM's residual stream). residual_valid = 0 for the
 // model's first layer (residual is then set from hidden). Returns 0; -1 for M outside 1..8 or a
 // shape the kernels refuse; -2 for a position outside the rotary table; -3 for a slot outside the
-// cache. On an error the cache may hold this step's K/V of the layers before the failing one (slots
+// cache; -4 for a collective that failed (a tensor-parallel peer gone or late). On an error the cache may hold this step's K/V of the layers before the failing one (slots
 // the step owns).
+// Row-parallel output: linear without bias, the sum over the group, then the bias. 0, -1 (the linear
+// refused its shape), or -4 (a peer rank is gone or did not arrive in time).
+static int row_parallel(const PdserveCollective* c, const float* x, const float* tiled, const float* bias, float* y,
+                        int64_t M, int64_t K, int64_t N, int threads) {
+    if (c == nullptr) return pdserve_small_m_linear(x, tiled, bias, y, M, K, N, threads) ? -1 : 0;
+    if (pdserve_small_m_linear(x, tiled, nullptr, y, M, K, N, threads)) return -1;
+    if (pdserve_shm_all_reduce(c->base, c->rank, c->size, ++*c->seq, y, M * N, c->timeout_s)) return -4;
+    if (bias)
+        for (int64_t m = 0; m < M; ++m)
+            for (int64_t n = 0; n < N; ++n) y[m * N + n] += bias[n];
+    return 0;
+}
+
 int pdserve_decode_layers(const PdserveLayer* layers, int64_t num_layers, const PdserveDecodeShape* s, int64_t M,
                           float* hidden, float* residual, int residual_valid, const int64_t* positions,
                           const int64_t* slots, const int32_t* block_tables, int64_t table_stride,
                           const int32_t* seq_lens,
-                          const float* cos_sin, float* scratch, int threads) {
+                          const float* cos_sin, float* scratch, int threads, const PdserveCollective* collective) {
     if (M < 1 || M > 8) return -1;
     const int64_t H = s->hidden, D = s->head_dim, I = s->intermediate;
     const int64_t Q = s->num_q_heads * D, KV = s->num_kv_heads * D, QKV = Q + 2 * KV;
@@ -110,12 +132,12 @@ int pdserve_decode_layers(const PdserveLayer* layers, int64_t num_layers, const 
         if (pdserve_decode_attention(q_rot, w.k_cache, w.v_cache, block_tables, table_stride, seq_lens, attn, M,
                                      s->num_q_heads, s->num_kv_heads, D, s->block_size, s->scale, threads))
             return -1;
-        if (pdserve_small_m_linear(attn, w.o, w.o_bias, o, M, Q, H, threads)) return -1;
+        if (int status = row_parallel(collective, attn, w.o, w.o_bias, o, M, Q, H, threads)) return status;
         pdserve_rms_norm(o, residual, w.post_norm, normed, summed, M, H, s->eps, threads);
         std::memcpy(residual, summed, row_bytes);
         if (pdserve_small_m_linear(normed, w.gate_up, w.gate_up_bias, gate_up, M, H, 2 * I, threads)) return -1;
         pdserve_silu_and_mul(gate_up, act, M, I, threads);
-        if (pdserve_small_m_linear(act, w.down, w.down_bias, hidden, M, I, H, threads)) return -1;
+        if (int status = row_parallel(collective, act, w.down, w.down_bias, hidden, M, I, H, threads)) return status;
     }
     return 0;
 }

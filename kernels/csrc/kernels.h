@@ -18,4 +18,5 @@ int pdserve_write_kv(const float* key, int64_t key_stride, const float* value, i
                      float* k_cache, float* v_cache, const int64_t* slots, int64_t num_tokens, int64_t row,
                      int64_t num_slots);
 void pdserve_silu_and_mul(const float* gate_up, float* out, int64_t num_rows, int64_t inter, int threads);
+int pdserve_shm_all_reduce(void* base, int rank, int size, uint64_t seq, float* x, int64_t n, double timeout_s);
 }

@@ -189,7 +189,7 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
         parallel = config.parallel
         workers, model = start_tensor_parallel(model_dir, dtype, device, config.cache, tp, config.model.seed,
                                                parallel.collective_timeout_s, parallel.ray_placement_group,
-                                               parallel.ray_namespace)
+                                               parallel.ray_namespace, config.model.enforce_eager)
     else:
         model = load_model(model_dir, dtype, device)
     try:
@@ -216,7 +216,8 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     if workers is not None:
         from serving.runner.tensor_parallel import TensorParallelRunner
         workers.ready(num_blocks, layout.block_size)
-        runner = TensorParallelRunner(workers, model, kv_cache, layout, device, config.model.seed, connector)
+        runner = TensorParallelRunner(workers, model, kv_cache, layout, device, config.model.seed, connector,
+                                      config.model.enforce_eager)
     else:
         runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector,
                              config.model.enforce_eager)

@@ -25,6 +25,7 @@ from kernels import cpu_native
 from kernels.cpu_decode_layers import DecodeLayers, DecodeShape, LayerTensors
 from serving.models.causal_lm import CausalLM, HeadRMSNorm
 from serving.models.cpu_linear import PackedLinear
+from serving.models.tensor_parallel import RowParallelLinear
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +58,30 @@ class NativeDecoder:
                 return None
             has_norm = isinstance(attn.q_norm, HeadRMSNorm)
             linears += projections
+            qkv, o, gate_up, down = projections
             tensors.append(LayerTensors(
                 input_norm=layer.input_layernorm.weight.detach(), post_norm=layer.post_attention_layernorm.weight.detach(),
-                qkv=attn.qkv_proj.tiled_weight, qkv_bias=_detached(attn.qkv_proj.bias),
+                qkv=qkv.tiled_weight, qkv_bias=_detached(qkv.bias),
                 q_norm=attn.q_norm.weight.detach() if has_norm else None,
                 k_norm=attn.k_norm.weight.detach() if has_norm else None,
-                o=attn.o_proj.tiled_weight, o_bias=_detached(attn.o_proj.bias),
-                gate_up=mlp.gate_up_proj.tiled_weight, gate_up_bias=_detached(mlp.gate_up_proj.bias),
-                down=mlp.down_proj.tiled_weight, down_bias=_detached(mlp.down_proj.bias),
+                o=o.tiled_weight, o_bias=_detached(_bias(attn.o_proj)),
+                gate_up=gate_up.tiled_weight, gate_up_bias=_detached(gate_up.bias),
+                down=down.tiled_weight, down_bias=_detached(_bias(mlp.down_proj)),
                 k_cache=kv_cache[i, 0], v_cache=kv_cache[i, 1]))
+        group = getattr(model, "tensor_parallel", None)
+        collective = None
+        if group is not None and group.size > 1:
+            if group.shm is None:
+                logger.info("decode steps run the model's Python path: the tensor-parallel group has no "
+                            "shared-memory collectives")
+                return None
+            collective = group.shm.native()
         arch = model.config
         shape = DecodeShape(hidden=arch.hidden_size, num_q_heads=arch.num_heads, num_kv_heads=arch.num_kv_heads,
                             head_dim=arch.head_dim, intermediate=arch.intermediate_size, block_size=kv_cache.shape[3],
                             eps=arch.rms_norm_eps, scale=arch.head_dim ** -0.5)
         try:
-            layers = DecodeLayers(lib, tensors, shape, model.cos_sin_cache)
+            layers = DecodeLayers(lib, tensors, shape, model.cos_sin_cache, collective)
         except ValueError as e:
             logger.info("decode steps run the model's Python path: %s", e)
             return None
@@ -96,8 +106,19 @@ class NativeDecoder:
 
 
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
+    """qkv, o, gate_up, down: the linear layers themselves (a tensor-parallel rank's row-parallel o and
+    down unwrapped: the native step sums them over the group itself)."""
     attn, mlp = layer.self_attn, layer.mlp
-    return attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj
+    return attn.qkv_proj, _inner(attn.o_proj), mlp.gate_up_proj, _inner(mlp.down_proj)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return module.linear if isinstance(module, RowParallelLinear) else module
+
+
+def _bias(module: nn.Module):
+    """The bias added after the projection (a row-parallel one adds it after the sum)."""
+    return module.bias
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

@@ -20,6 +20,7 @@ rank's slice of the cache. On CPU, linear layers are packed after the transform 
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import os
@@ -47,7 +48,7 @@ class ShmCollectives:
         self.lib, self.region, self.rank, self.size = lib, region, rank, size
         self.slot_bytes, self.timeout_s = slot_bytes, timeout_s
         self._base = torch.frombuffer(region, dtype=torch.uint8)  # keeps the mapping's address for ctypes
-        self.seq = 0
+        self._seq = ctypes.c_uint64(0)  # shared with the native decode step's collectives (native())
         if lib.pdserve_shm_init(self._base.data_ptr(), rank, size, slot_bytes, os.getpid()) != 0:
             raise CollectiveError(f"rank {rank}: the shared-memory collectives region does not match this group "
                                   f"(size {size}, slot {slot_bytes} bytes)")
@@ -61,8 +62,8 @@ class ShmCollectives:
 
     def all_reduce(self, x: Tensor) -> Tensor:
         x = x.contiguous()
-        self.seq += 1
-        self._check(self.lib.pdserve_shm_all_reduce(self._base.data_ptr(), self.rank, self.size, self.seq,
+        self._seq.value += 1
+        self._check(self.lib.pdserve_shm_all_reduce(self._base.data_ptr(), self.rank, self.size, self._seq.value,
                                                     x.data_ptr(), x.numel(), self.timeout_s))
         return x
 
@@ -70,10 +71,15 @@ class ShmCollectives:
         """[size, *x.shape]: every rank's x, rank order."""
         x = x.contiguous()
         out = torch.empty((self.size, *x.shape), dtype=x.dtype)
-        self.seq += 1
-        self._check(self.lib.pdserve_shm_all_gather(self._base.data_ptr(), self.rank, self.size, self.seq,
+        self._seq.value += 1
+        self._check(self.lib.pdserve_shm_all_gather(self._base.data_ptr(), self.rank, self.size, self._seq.value,
                                                     x.data_ptr(), x.numel(), out.data_ptr(), self.timeout_s))
         return out
+
+    def native(self):
+        """The same group as the native decode step calls it (kernels/cpu_decode_layers.py)."""
+        from kernels.cpu_decode_layers import NativeCollective
+        return NativeCollective(self._base.data_ptr(), self.rank, self.size, self._seq, self.timeout_s)
 
     def _check(self, status: int) -> None:
         if status == -2:

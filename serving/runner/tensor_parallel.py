@@ -61,6 +61,7 @@ class RankSpec:
     collective_timeout_s: float
     shm_name: str | None = None  # the shared-memory collectives region (CPU), or None: gloo only
     shm_slot_bytes: int = 0
+    enforce_eager: bool = False  # as rank 0: every rank takes the same path through a step
 
 
 def _worker_main(conn) -> None:
@@ -84,7 +85,7 @@ def _worker_main(conn) -> None:
         num_blocks, block_size = conn.recv()
         layout = model_kv_layout(model, block_size)
         runner = ModelRunner(model, layout.allocate(num_blocks, device), layout, device, spec.seed,
-                             enforce_eager=True)
+                             enforce_eager=spec.enforce_eager)
         conn.send(("ready", os.getpid()))
     except (EOFError, OSError):  # rank 0's process is gone
         return
@@ -245,9 +246,9 @@ class TensorParallelWorkers:
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, size: int, seed: int,
                  collective_timeout_s: float, ray_placement_group: str | None = None,
-                 ray_namespace: str | None = None) -> None:
+                 ray_namespace: str | None = None, enforce_eager: bool = False) -> None:
         from torch.distributed import TCPStore
-        self.size = size
+        self.size, self.enforce_eager = size, enforce_eager
         self._threads_before = torch.get_num_threads()
         threads = max(1, self._threads_before // size)
         torch.set_num_threads(threads)  # this process is rank 0: its share of the cores (restored at close)
@@ -264,7 +265,7 @@ class TensorParallelWorkers:
                 self.conns.append(conn)
                 conn.send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, size, store.port,
                                    seed, threads, collective_timeout_s, self._shm_file.name if shm else None,
-                                   shm.slot_bytes if shm else 0))
+                                   shm.slot_bytes if shm else 0, enforce_eager))
             for rank in range(1, size):
                 self._expect(rank, "started")
             self.group = TPGroup(0, size, make_process_group(store, 0, size, device, collective_timeout_s), shm)
@@ -366,9 +367,10 @@ class TensorParallelRunner(ModelRunner):
     rank 0 runs it, and the step ends when every rank has acknowledged it."""
 
     def __init__(self, workers: TensorParallelWorkers, *args, **kwargs) -> None:
-        kwargs["enforce_eager"] = True  # the native decode step has no collectives: the Python path runs
         super().__init__(*args, **kwargs)
         self.workers = workers
+        if self.enforce_eager != workers.enforce_eager:
+            raise ValueError("rank 0 and the other ranks must agree on enforce_eager")
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.workers.send(plan)
@@ -396,12 +398,12 @@ def _is_collective_error(error: Exception) -> bool:
 
 def start_tensor_parallel(model_dir: str, dtype: torch.dtype, device: torch.device, cache_config: CacheConfig,
                           size: int, seed: int, collective_timeout_s: float, ray_placement_group: str | None = None,
-                          ray_namespace: str | None = None):
+                          ray_namespace: str | None = None, enforce_eager: bool = False):
     """(workers, rank 0's model) for a group of `size`: spawns ranks 1.., joins the group, loads rank 0's
     shard. The caller sizes the KV cache from the model's (per-rank) layout, calls workers.ready and
     builds a TensorParallelRunner."""
     workers = TensorParallelWorkers(model_dir, dtype, device, size, seed, collective_timeout_s, ray_placement_group,
-                                    ray_namespace)
+                                    ray_namespace, enforce_eager)
     try:
         model = load_model(model_dir, dtype, device, workers.group)
     except BaseException:
@@ -419,16 +421,19 @@ def main() -> int:
 
 
 def load_tensor_parallel_runner(model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
-                                size: int, seed: int = 0, collective_timeout_s: float = 60.0) -> TensorParallelRunner:
+                                size: int, seed: int = 0, collective_timeout_s: float = 60.0,
+                                enforce_eager: bool = False) -> TensorParallelRunner:
     """A whole group for tools and benchmarks (ModelRunner.load's counterpart): ranks started, shards
     loaded, caches of cache_config's size allocated. close() stops the other ranks."""
     from serving.runner.model_runner import num_kv_blocks
-    workers, model = start_tensor_parallel(model_dir, dtype, device, cache_config, size, seed, collective_timeout_s)
+    workers, model = start_tensor_parallel(model_dir, dtype, device, cache_config, size, seed, collective_timeout_s,
+                                           enforce_eager=enforce_eager)
     try:
         layout = model_kv_layout(model, cache_config.block_size)
         num_blocks = num_kv_blocks(layout, cache_config)
         workers.ready(num_blocks, cache_config.block_size)
-        return TensorParallelRunner(workers, model, layout.allocate(num_blocks, device), layout, device, seed)
+        return TensorParallelRunner(workers, model, layout.allocate(num_blocks, device), layout, device, seed,
+                                    enforce_eager=enforce_eager)
     except BaseException:
         workers.close()
         raise

@@ -85,6 +85,29 @@ def test_the_small_model_on_two_ranks_equals_one(tmp_path_factory):
     assert_same_generation(run(model_dir, 1, 8), run(model_dir, 2, 8))
 
 
+def test_the_native_decode_step_on_two_ranks_equals_their_python_path_bit_for_bit(tiny_model_dir):
+    """Decode steps of 1-8 rows run each rank's layers in one native call, which sums o and down over
+    the group itself (the same shared-memory collective, the same order): tokens and logprobs equal
+    --enforce-eager's exactly, and rank 0 took the native path."""
+    llm = LLM(tiny_model_dir, tensor_parallel_size=2)
+    try:
+        native = llm.engine.runner.native_decoder
+        calls = [0]
+        layers = native.layers
+
+        def counted(*args):
+            calls[0] += 1
+            return layers(*args)
+        native.layers = counted
+        got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, greedy(12))]
+    finally:
+        llm.engine.close()
+    assert calls[0] >= 11  # every decode step after the prefills
+    eager = run(tiny_model_dir, 2, 12, enforce_eager=True)
+    for (tokens, logprobs), (e_tokens, e_logprobs) in zip(got, eager):
+        assert tokens == e_tokens and logprobs == e_logprobs
+
+
 def test_sizes_that_cannot_split_the_model_are_refused_saying_which_can(tiny_model_dir):
     config = ModelArchConfig.from_model_dir(tiny_model_dir)  # 4 heads, 2 KV heads, intermediate 256
     with pytest.raises(ValueError, match=r"--tensor-parallel-size 3 cannot split this model: num_attention_heads "
@@ -188,6 +211,6 @@ def test_rank_0_holds_its_share_of_the_weights_and_the_cache(tiny_model_dir):
         assert layer.mlp.gate_up_proj.weight.shape == (2 * 128, 128)
         assert layer.mlp.down_proj.linear.weight.shape == (128, 128)
         assert model.embed_tokens.weight.shape == (1024, 128) and model.lm_head.linear.weight.shape == (1024, 128)
-        assert runner.native_decoder is None  # the native decode step has no collectives
+        assert runner.native_decoder is not None and runner.native_decoder.layers.collective.size == 2
     finally:
         llm.engine.close()
