@@ -1,7 +1,7 @@
 """CPU decode attention: this tree's compiled kernel against another revision's, and against reading
 the same K/V bytes once.
 
-    python -m bench.cpu_attention [--baseline-rev HEAD~1] [--batches 1,4,8] [--contexts 256,1024]
+    python -m bench.cpu_attention [--baseline-rev HEAD~1 | --baseline-tree DIR] [--batches 1,4,8] [--contexts 256,1024]
                                   [--layers 12] [--rounds 5] [--json out.json]
 
 Each side's `kernels/csrc/cpu_decode_attention.cpp` (the baseline's from `git show REV:...`) is compiled
@@ -33,13 +33,15 @@ HEADERS = ["kernels/csrc/vec.h", "kernels/csrc/kernels.h"]
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 4, 64, 16
 
 
-def compile_revision(rev: str | None, out_dir: Path) -> ctypes.CDLL:
-    """The attention kernel of git revision `rev` (None: the working tree), compiled alone."""
+def compile_revision(rev: str | None, out_dir: Path, tree: Path | None = None) -> ctypes.CDLL:
+    """The attention kernel of git revision `rev`, or of the source tree `tree` (default: this one), compiled
+    alone."""
     root = Path(__file__).resolve().parent.parent
-    src_dir = out_dir / (rev or "tree").replace("/", "_").replace("~", "_")
+    tree = tree or root
+    src_dir = out_dir / (rev or f"tree-{abs(hash(str(tree)))}").replace("/", "_").replace("~", "_")
     (src_dir / "kernels" / "csrc").mkdir(parents=True, exist_ok=True)
     for name in [SOURCE, *HEADERS]:
-        text = (root / name).read_text() if rev is None else subprocess.run(
+        text = (tree / name).read_text() if rev is None else subprocess.run(
             ["git", "-C", str(root), "show", f"{rev}:{name}"], capture_output=True, text=True, check=True).stdout
         (src_dir / name).write_text(text)
     lib_path = src_dir / "attention.so"
@@ -87,6 +89,8 @@ def best_of(fn, calls: int = 7) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline-rev", default="HEAD", help="git revision whose kernel is the baseline")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="a source tree (a checkout of pdserve) whose kernel is the baseline, instead of a revision")
     parser.add_argument("--batches", default="1,4,8")
     parser.add_argument("--contexts", default="256,1024")
     parser.add_argument("--layers", type=int, default=12)
@@ -99,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {"baseline": compile_revision(args.baseline_rev, Path(tmp)), "tree": compile_revision(None, Path(tmp))}
+        baseline = (compile_revision(None, Path(tmp), Path(args.baseline_tree)) if args.baseline_tree
+                    else compile_revision(args.baseline_rev, Path(tmp)))
+        libs = {"baseline": baseline, "tree": compile_revision(None, Path(tmp))}
         for batch in map(int, args.batches.split(",")):
             for context in map(int, args.contexts.split(",")):
                 inputs = case_inputs(batch, context, args.layers, gen)
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"tree {ms['tree']:7.2f} ms  read {ms['read']:6.2f} ms  speedup {rows[-1]['speedup']:.2f}x  "
                       f"tree/read {rows[-1]['tree_over_read']:.2f}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"baseline_rev": args.baseline_rev, "layers": args.layers,
+        Path(args.json).write_text(json.dumps({"baseline": args.baseline_tree or args.baseline_rev, "layers": args.layers,
                                                "rows": rows}, indent=2))
     return 0
 
