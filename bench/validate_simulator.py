@@ -34,15 +34,22 @@ SYSTEMS = {
     "colocated": {"deploy": {"mode": "colocated"}, "cache": {"kv_cache_memory_bytes": "2GiB"}},
     "1p1d": {"deploy": {"mode": "disaggregated", "num_prefill": 1, "num_decode": 1, "num_cpus_per_instance": 1},
              "cache": {"kv_cache_memory_bytes": "1GiB"}},
+    # one colocated engine over two tensor-parallel ranks (a plan the simulator prices from a tp=2 profile,
+    # or scales from a tp=1 one)
+    "colocated-tp2": {"deploy": {"mode": "colocated"}, "parallel": {"tensor_parallel_size": 2},
+                      "cache": {"kv_cache_memory_bytes": "1GiB"}},
 }
 
 
 def deployment_yaml(system: str, model: str, max_model_len: int) -> dict:
     """What is served and simulated. Prefix caching is off: every rate replays the same prompts."""
     spec = SYSTEMS[system]
-    return {"model": {"model": model, "max_model_len": max_model_len},
-            "cache": {**spec["cache"], "enable_prefix_caching": False},
-            "deploy": dict(spec["deploy"])}
+    deployment = {"model": {"model": model, "max_model_len": max_model_len},
+                  "cache": {**spec["cache"], "enable_prefix_caching": False},
+                  "deploy": dict(spec["deploy"])}
+    if "parallel" in spec:
+        deployment["parallel"] = dict(spec["parallel"])
+    return deployment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-model", action="append", default=[], metavar="SYSTEM=FILE",
                         help="profiled latency model per system, e.g. colocated=lat2.json (repeat per system); "
                              "without one a system is simulated with its in-place fit only")
-    parser.add_argument("--systems", default="colocated,1p1d", help="comma list of colocated, 1p1d")
+    parser.add_argument("--systems", default="colocated,1p1d", help="comma list of colocated, 1p1d, colocated-tp2")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--cluster", default="deploy/clusters/cpu.yaml", help="links for the simulated transfers")
     parser.add_argument("--result-dir", default="results/sim-validation")
@@ -137,7 +144,8 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
         others = [step for other, (start, end) in windows.items() if other != path
                   for step in step_trace.read([trace_dir], since=start, until=end)]
         name = Path(path).stem
-        model = step_trace.fit(others, meta={"system": system, "left_out": name})
+        tp = SYSTEMS[system].get("parallel", {}).get("tensor_parallel_size", 1)
+        model = step_trace.fit(others, meta={"system": system, "left_out": name, "tp": tp, "pp": 1})
         model_path = out / f"latency-in-place-without-{name}.json"
         model.save(str(model_path))
         compared = simulate(str(model_path), [path], f"compare-in-place-{name}.json")
