@@ -240,9 +240,9 @@ class _RayRanks:
 
 
 class TensorParallelWorkers:
-    """Ranks 1 .. size-1 of a group, spawned; rank 0 is the caller's process. `start` spawns them and
-    joins the group; the caller then loads its own shard with `group`, sizes the cache and calls
-    `ready(num_blocks, block_size)`."""
+    """Ranks 1 .. size-1 of a group (child processes, or Ray actors in the instance's placement group);
+    rank 0 is the caller's process. Constructing it starts them and joins the group; the caller then
+    loads its own shard with `group`, sizes the cache and calls `ready(num_blocks, block_size)`."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, size: int, seed: int,
                  collective_timeout_s: float, ray_placement_group: str | None = None,
@@ -393,7 +393,8 @@ class TensorParallelRunner(ModelRunner):
 def _is_collective_error(error: Exception) -> bool:
     text = str(error)
     return isinstance(error, CollectiveError) or isinstance(error, RuntimeError) and any(
-        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out"))
+        marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out",
+                                      "tensor-parallel peer"))
 
 
 def start_tensor_parallel(model_dir: str, dtype: torch.dtype, device: torch.device, cache_config: CacheConfig,
