@@ -147,6 +147,7 @@ class _ExtraStatsCollector:
         pdserve:kv_transfer_<name>_total     counters summed over instances (bytes, seconds, failures,
                                              retries, recompute fallbacks, ...)
         pdserve:router_<name>_total          re-routes, decode failures, re-prefills, restarts, ...
+        pdserve:engine_restarts_total        colocated: times the engine process was started again
         pdserve:instance_<name>{instance, role}   gauges: up, queue_depth, num_running, free blocks, ...
         pdserve:<histogram>{instance, role}       histograms an instance keeps, e.g.
                                              kv_transfer_latency_seconds (begin -> ack on a prefill
@@ -162,7 +163,7 @@ class _ExtraStatsCollector:
 
     def collect(self):
         model = self.model_name
-        for group in ("kv_transfer", "router"):
+        for group in ("kv_transfer", "router", "engine"):
             for name, value in sorted(self.latest.get(group, {}).items()):
                 base = name[:-len("_total")] if name.endswith("_total") else name
                 family = CounterMetricFamily(f"pdserve:{group}_{base}", f"{group} counter {base}",

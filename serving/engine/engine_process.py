@@ -20,6 +20,7 @@ and the parent then ends the child. Nothing waits on a timeout to find out.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from concurrent.futures import Future
@@ -81,8 +82,11 @@ class EngineProcess:
         return self._conn.pid
 
     def get_stats(self) -> EngineStats:
-        """As of the last step that carried them (at most ~0.5 s old; exact once the engine is idle)."""
-        return self._conn.stats
+        """As of the last step that carried them (at most ~0.5 s old; exact once the engine is idle), with
+        how many times this process restarted the engine (pdserve:engine_restarts_total: a dead engine
+        process, or a tensor-parallel rank that took it down)."""
+        stats = self._conn.stats
+        return dataclasses.replace(stats, extra={**(stats.extra or {}), "engine": {"restarts_total": self.num_restarts}})
 
     async def refresh_stats(self) -> None:
         self._conn.stats = await self.call(_engine_stats)

@@ -138,7 +138,7 @@ def test_mode_specific_stats_are_exported():
 
     metrics = ServingMetrics("m", 128)
     extra = {"kv_transfer": {"num_bytes_sent": 4096, "num_failed": 1, "num_recompute_fallbacks": 2},
-             "router": {"num_reroutes_total": 3},
+             "router": {"num_reroutes_total": 3}, "engine": {"restarts_total": 2},
              "instances": {"prefill-0": {"role": "prefill", "up": 1, "queue_depth": 5, "num_running": 2},
                            "decode-0": {"role": "decode", "up": 0, "queue_depth": 0, "num_running": 0}}}
     metrics.observe_engine_stats(EngineStats(extra=extra))
@@ -146,6 +146,7 @@ def test_mode_specific_stats_are_exported():
     assert 'pdserve:kv_transfer_num_bytes_sent_total{model_name="m"} 4096.0' in text
     assert 'pdserve:kv_transfer_num_recompute_fallbacks_total{model_name="m"} 2.0' in text
     assert 'pdserve:router_num_reroutes_total{model_name="m"} 3.0' in text
+    assert 'pdserve:engine_restarts_total{model_name="m"} 2.0' in text
     assert 'pdserve:instance_queue_depth{instance="prefill-0",model_name="m",role="prefill"} 5.0' in text
     assert 'pdserve:instance_up{instance="decode-0",model_name="m",role="decode"} 0.0' in text
     # a colocated engine has no extra stats: nothing mode-specific is exported

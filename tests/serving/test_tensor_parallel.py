@@ -14,6 +14,7 @@ from scheduler import SamplingParams
 from scheduler.errors import ExecutorDeadError
 from serving.engine.protocol import EngineDeadError
 from serving.llm import LLM
+from serving.metrics import ServingMetrics
 from serving.models.config import ModelArchConfig
 from serving.models.tensor_parallel import check_tensor_parallel, rank_config
 from tests.serving.test_disagg_support import children_running
@@ -155,6 +156,9 @@ def test_a_rank_killed_mid_request_restarts_the_engine_process_whole(tiny_model_
             await asyncio.sleep(0.1)
         after = await tokens_of(llm, "after", prompt, greedy(8))
         new_workers = _tp_workers_of(llm.core.pid)
+        metrics = ServingMetrics("m", 128)
+        metrics.observe_engine_stats(llm.get_stats())
+        assert 'pdserve:engine_restarts_total{model_name="m"} 1.0' in metrics.render().decode()  # a counter says so
         await llm.call(lambda engine: engine.check_integrity())
         await llm.shutdown()
         return reference, errors, engine_pid, workers[0], after, new_workers
