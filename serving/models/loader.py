@@ -45,8 +45,9 @@ class WeightTarget(NamedTuple):
 def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, tensor_parallel=None) -> CausalLM:
     """A CausalLM in eval mode on `device` with the checkpoint's weights in `dtype`; on CPU in float32
     its nn.Linear layers are PackedLinear (same parameters, weights also packed for oneDNN).
-    tensor_parallel: a TPGroup (serving/models/tensor_parallel.py) of more than one rank keeps this
-    rank's shard (every rank reads the checkpoint, memory-mapped, and copies out its part)."""
+    tensor_parallel: a TPGroup (serving/models/tensor_parallel.py) of more than one rank: the model is
+    built in this rank's shapes and each checkpoint tensor (memory-mapped) gives it only its part, so a
+    rank never holds more than its shard."""
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {_SUPPORTED_DTYPES} "
                          "(float32 on CPU, bfloat16/float16 on CUDA)")
@@ -54,14 +55,19 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, tensor_
     # Build on the meta device so no memory is allocated or randomly initialised twice.
     with torch.device("meta"):
         model = CausalLM(config)
+    sharded = tensor_parallel is not None and tensor_parallel.size > 1
+    if sharded:  # this rank's modules and shapes, still on meta: only its part is ever allocated
+        from serving.models.tensor_parallel import shard_structure
+        shard_structure(model, tensor_parallel)
     model = model.to(dtype).to_empty(device=torch.device(device))
-    model.tie_weights()
     model.reset_cos_sin_cache()
-    load_weights(model, iter_safetensors(model_dir))
+    if sharded:
+        from serving.models.tensor_parallel import load_shard
+        load_shard(model, iter_safetensors(model_dir))
+    else:
+        model.tie_weights()
+        load_weights(model, iter_safetensors(model_dir))
     model = model.eval().requires_grad_(False)
-    if tensor_parallel is not None and tensor_parallel.size > 1:
-        from serving.models.tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(model, tensor_parallel)
     if packing_supported(device, dtype):
         pack_linears(model)
     return model

@@ -1,6 +1,8 @@
 """Tensor parallelism as a load-time transform of the plain model (gpt-fast's way, not flags inside the
-model code): after the checkpoint is loaded, each rank keeps its share of every weight and three kinds of
-module are swapped in. Megatron's split, as vLLM and gpt-fast do it:
+model code): before its weights exist (on the meta device) the model is given the rank's shapes and three
+kinds of module (`shard_structure`); then each checkpoint tensor, memory-mapped, gives the rank only its
+part (`load_shard`), so a rank never holds more than its shard. Megatron's split, as vLLM and gpt-fast
+do it:
 
     qkv_proj      column-parallel: rank r keeps its q heads [r*Hq/tp, ...) and the KV heads they read
                   (Hkv/tp of them; when tp > Hkv one KV head, replicated on tp/Hkv ranks)
@@ -16,7 +18,7 @@ module are swapped in. Megatron's split, as vLLM and gpt-fast do it:
 Norms, rotary and attention run unchanged on the rank's heads: the model's Attention reads its head
 counts from its own attributes, which the transform sets. `model.config` becomes the rank's view
 (heads, KV heads, intermediate size per rank; vocabulary whole), so the KV layout built from it is the
-rank's slice of the cache. On CPU, linear layers are packed after the transform (load_model).
+rank's slice of the cache. On CPU, linear layers are packed after loading (load_model).
 """
 from __future__ import annotations
 
@@ -195,60 +197,119 @@ class ParallelLMHead(nn.Module):
         return self.group.all_gather_last_dim(self.linear(x))[..., :self.vocab_size]
 
 
-def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                       dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear.requires_grad_(False)
+@dataclasses.dataclass(frozen=True)
+class RankShard:
+    """Which part of each whole-model weight rank `rank` of `size` holds (rows of the fused projections
+    in the checkpoint's coordinates, columns of the row-parallel ones, its vocabulary range)."""
+    rank: int
+    size: int
+    q: slice         # rows of q_proj (its query heads)
+    kv: slice        # rows of k_proj and of v_proj (the KV heads they read)
+    inter: slice     # rows of gate_proj and up_proj, columns of down_proj
+    vocab: slice     # rows of embed_tokens and lm_head
+    vocab_rows: int  # rows every rank's LM head has (the last range is padded with zeros to it)
+
+    @classmethod
+    def of(cls, config: ModelArchConfig, rank: int, size: int) -> RankShard:
+        local = rank_config(config, size)
+        d = config.head_dim
+        first_kv = rank * config.num_kv_heads // size  # the first KV head of rank r's query heads
+        per_rank = -(-config.vocab_size // size)
+        start, end = min(config.vocab_size, rank * per_rank), min(config.vocab_size, (rank + 1) * per_rank)
+        return cls(rank, size, slice(rank * local.num_heads * d, (rank + 1) * local.num_heads * d),
+                   slice(first_kv * d, (first_kv + local.num_kv_heads) * d),
+                   slice(rank * local.intermediate_size, (rank + 1) * local.intermediate_size),
+                   slice(start, end), per_rank)
 
 
-def _rows(linear: nn.Module, parts: list[slice]) -> nn.Linear:
-    weight = torch.cat([linear.weight[p] for p in parts])
-    bias = None if linear.bias is None else torch.cat([linear.bias[p] for p in parts])
-    return _linear(weight, bias)
-
-
-def apply_tensor_parallel(model: nn.Module, group: TPGroup) -> None:
-    """Turn a loaded CausalLM (plain nn.Linear layers, before packing) into rank group.rank's shard, in
-    place. Raises ValueError for a model that cannot be split over group.size ranks."""
+def shard_structure(model: nn.Module, group: TPGroup) -> None:
+    """Before the weights are loaded (on the meta device, say): give a whole-model CausalLM the modules
+    and shapes of rank group.rank's shard; `load_shard` then fills them from the checkpoint, each rank
+    reading only its part. Raises ValueError for a model that cannot be split over group.size ranks."""
     config: ModelArchConfig = model.config
-    tp, r = group.size, group.rank
-    local = rank_config(config, tp)
-    head_dim, hq, hkv = config.head_dim, local.num_heads, local.num_kv_heads
-    first_kv = r * config.num_kv_heads // tp  # the first KV head of rank r's q heads
-    q_size, kv_size, inter = config.q_size, config.kv_size, config.intermediate_size
-    q_part = slice(r * hq * head_dim, (r + 1) * hq * head_dim)
-    k_part = slice(q_size + first_kv * head_dim, q_size + (first_kv + hkv) * head_dim)
-    v_part = slice(k_part.start + kv_size, k_part.stop + kv_size)
-    i_part = slice(r * local.intermediate_size, (r + 1) * local.intermediate_size)
-    up_part = slice(inter + i_part.start, inter + i_part.stop)
+    local = rank_config(config, group.size)
+    shard = RankShard.of(config, group.rank, group.size)
+    d, hidden = config.head_dim, config.hidden_size
+    hq, hkv, inter = local.num_heads, local.num_kv_heads, local.intermediate_size
+
+    def linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+        return nn.Linear(in_features, out_features, bias=bias, device="meta")
+
+    def parameter(*shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = _rows(attn.qkv_proj, [q_part, k_part, v_part])
-        attn.o_proj = RowParallelLinear(_linear(attn.o_proj.weight[:, q_part], None), _clone(attn.o_proj.bias),
-                                        group)
-        attn.num_heads, attn.num_kv_heads = hq, hkv
-        attn.q_size, attn.kv_size = hq * head_dim, hkv * head_dim
-        mlp.gate_up_proj = _rows(mlp.gate_up_proj, [i_part, up_part])
-        mlp.down_proj = RowParallelLinear(_linear(mlp.down_proj.weight[:, i_part], None), _clone(mlp.down_proj.bias),
-                                          group)
-        mlp.intermediate_size = local.intermediate_size
-    vocab = config.vocab_size
-    per_rank = -(-vocab // tp)
-    start, end = min(vocab, r * per_rank), min(vocab, (r + 1) * per_rank)
-    embedding = model.embed_tokens.weight
-    head_weight = model.lm_head.weight[start:end]
-    model.embed_tokens = VocabParallelEmbedding(embedding[start:end].clone(), start, end, group)
-    if end - start < per_rank:  # the last rank's range is short: zero rows keep every gather the same size
-        head_weight = torch.cat([head_weight, head_weight.new_zeros(per_rank - (end - start), head_weight.shape[1])])
-    model.lm_head = ParallelLMHead(_linear(head_weight, None), vocab, group)
+        attn.qkv_proj = linear(hidden, (hq + 2 * hkv) * d, attn.qkv_proj.bias is not None)
+        attn.o_proj = RowParallelLinear(linear(hq * d, hidden, False),
+                                        None if attn.o_proj.bias is None else parameter(hidden), group)
+        attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size = hq, hkv, hq * d, hkv * d
+        mlp.gate_up_proj = linear(hidden, 2 * inter, mlp.gate_up_proj.bias is not None)
+        mlp.down_proj = RowParallelLinear(linear(inter, hidden, False),
+                                          None if mlp.down_proj.bias is None else parameter(hidden), group)
+        mlp.intermediate_size = inter
+    model.embed_tokens = VocabParallelEmbedding(parameter(shard.vocab.stop - shard.vocab.start, hidden),
+                                                shard.vocab.start, shard.vocab.stop, group)
+    model.lm_head = ParallelLMHead(linear(hidden, shard.vocab_rows, False), config.vocab_size, group)
     model.full_config = config  # the whole model's (the KV layout's rank slice is taken from it)
     model.config = local
     model.tensor_parallel = group
+    model.rank_shard = shard
 
 
-def _clone(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().clone()
+def shard_target(hf_name: str, tensor: Tensor, full: ModelArchConfig, shard: RankShard) -> list[tuple[str, int, Tensor]]:
+    """Where a checkpoint tensor's part goes in a rank's model: [(parameter name, first row, the part)]
+    (several for a tied embedding, which is the LM head too); [] for tensors that are skipped."""
+    from serving.models.loader import hf_weight_target
+    target = hf_weight_target(hf_name, full)
+    if target is None:
+        return []
+    name = target.param_name
+    if ".qkv_proj." in name:
+        rows = shard.q if target.shard_id == 0 else shard.kv
+        q_rows, kv_rows = shard.q.stop - shard.q.start, shard.kv.stop - shard.kv.start
+        offset = (0, q_rows, q_rows + kv_rows)[target.shard_id]
+        return [(name, offset, tensor[rows])]
+    if ".gate_up_proj." in name:
+        return [(name, target.shard_id * (shard.inter.stop - shard.inter.start), tensor[shard.inter])]
+    if name.endswith(".o_proj.weight"):
+        return [(name.replace(".o_proj.weight", ".o_proj.linear.weight"), 0, tensor[:, shard.q])]
+    if name.endswith(".down_proj.weight"):
+        return [(name.replace(".down_proj.weight", ".down_proj.linear.weight"), 0, tensor[:, shard.inter])]
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        rows = tensor[shard.vocab]
+        head = [("lm_head.linear.weight", 0, rows)]
+        if name == "lm_head.weight":
+            return head
+        return [("embed_tokens.weight", 0, rows)] + (head if full.tie_word_embeddings else [])
+    return [(name, 0, tensor)]  # norms, the row-parallel biases (added once, whole)
+
+
+def load_shard(model: nn.Module, weights) -> None:
+    """Fill a model shaped by shard_structure (its tensors allocated) from HF-named checkpoint tensors,
+    copying only this rank's part of each; every parameter must be filled (the LM head's padding rows
+    past the vocabulary are zeroed)."""
+    full: ModelArchConfig = model.full_config
+    shard: RankShard = model.rank_shard
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {}
+    for hf_name, tensor in weights:
+        for name, first_row, part in shard_target(hf_name, tensor, full, shard):
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a {full.architecture} model with "
+                                 "this config.json: the checkpoint and config disagree")
+            dest = params[name].data
+            dest = dest[first_row:first_row + part.shape[0]] if dest.dim() and part.dim() else dest
+            if tuple(dest.shape) != tuple(part.shape):
+                raise ValueError(f"checkpoint tensor {hf_name!r} gives rank {shard.rank} a part of shape "
+                                 f"{tuple(part.shape)} where the model expects {tuple(dest.shape)}")
+            dest.copy_(part)
+            filled[name] = filled.get(name, 0) + part.shape[0]
+    head = params["lm_head.linear.weight"].data
+    head[shard.vocab.stop - shard.vocab.start:].zero_()
+    expected = {name: p.shape[0] for name, p in params.items()}
+    expected["lm_head.linear.weight"] = shard.vocab.stop - shard.vocab.start  # the rest is padding
+    missing = [name for name, rows in expected.items() if filled.get(name, 0) != rows]
+    if missing:
+        raise ValueError(f"checkpoint is missing weights for {len(missing)} parameters of rank {shard.rank}, e.g. "
+                         f"{missing[:5]}; is the model directory complete?")

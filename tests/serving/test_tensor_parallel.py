@@ -216,5 +216,13 @@ def test_rank_0_holds_its_share_of_the_weights_and_the_cache(tiny_model_dir):
         assert layer.mlp.down_proj.linear.weight.shape == (128, 128)
         assert model.embed_tokens.weight.shape == (1024, 128) and model.lm_head.linear.weight.shape == (1024, 128)
         assert runner.native_decoder is not None and runner.native_decoder.layers.collective.size == 2
+        # built in its shapes and loaded part by part: rank 0 holds half the weights (norms are whole)
+        from serving.models.cpu_linear import PackedLinear
+        whole = LLM(tiny_model_dir).engine.runner.model
+
+        def weight_numel(m):
+            linears = [x for x in m.modules() if isinstance(x, PackedLinear)]
+            return sum(x.in_features * x.out_features for x in linears) + m.embed_tokens.weight.numel()
+        assert weight_numel(model) == weight_numel(whole) // 2
     finally:
         llm.engine.close()
