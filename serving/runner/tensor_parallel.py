@@ -341,6 +341,14 @@ class TensorParallelWorkers:
         return (f"tensor-parallel rank {rank} (pid {process.pid}) died ({how}); the engine must restart with "
                 "a whole group")
 
+    def kill(self) -> None:
+        """Kill every worker at once (the group is dead: a hung one would never read the goodbye)."""
+        for process in self.processes:
+            try:
+                process.kill()
+            except OSError:
+                pass
+
     def close(self) -> None:
         for conn in self.conns:
             try:
@@ -373,17 +381,21 @@ class TensorParallelRunner(ModelRunner):
             raise ValueError("rank 0 and the other ranks must agree on enforce_eager")
 
     def execute(self, plan: StepPlan) -> StepResult:
-        self.workers.send(plan)
         try:
-            result = super().execute(plan)
-        except Exception as e:
-            # whatever failed, the ranks may now stand at different collectives: the group cannot run
-            # another step (a worker that fails a step reports it and exits for the same reason)
-            if _is_collective_error(e):
-                self.workers.check_alive(grace_s=2.0)  # a dead peer explains it: say which
-            raise ExecutorDeadError(f"tensor-parallel rank 0 failed a step ({type(e).__name__}: {e}); the engine "
-                                    "must restart with a whole group") from e
-        self.workers.collect()
+            self.workers.send(plan)
+            try:
+                result = super().execute(plan)
+            except Exception as e:
+                # whatever failed, the ranks may now stand at different collectives: the group cannot run
+                # another step (a worker that fails a step reports it and exits for the same reason)
+                if _is_collective_error(e):
+                    self.workers.check_alive(grace_s=2.0)  # a dead peer explains it: say which
+                raise ExecutorDeadError(f"tensor-parallel rank 0 failed a step ({type(e).__name__}: {e}); the "
+                                        "engine must restart with a whole group") from e
+            self.workers.collect()
+        except ExecutorDeadError:
+            self.workers.kill()  # a hung or stopped rank would outlive the group otherwise
+            raise
         return result
 
     def close(self) -> None:

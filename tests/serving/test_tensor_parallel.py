@@ -226,3 +226,31 @@ def test_rank_0_holds_its_share_of_the_weights_and_the_cache(tiny_model_dir):
         assert weight_numel(model) == weight_numel(whole) // 2
     finally:
         llm.engine.close()
+
+
+def test_a_hung_rank_times_out_restarts_the_engine_and_is_killed(tiny_model_dir):
+    """SIGSTOP rank 1 mid-request: rank 0's next collective gives up after collective_timeout_s, the
+    streams fail, the stopped rank is killed (not left behind) and the engine comes back whole."""
+    llm = make_llm(tiny_model_dir, tensor_parallel_size=2, collective_timeout_s=3)
+    prompt = [5, 6, 7]
+
+    async def main():
+        reference = await tokens_of(llm, "reference", prompt, greedy(8))
+        tasks = await long_streams_under_way(llm, prompt, 2)
+        (worker,) = _tp_workers_of(llm.core.pid)
+        os.kill(worker, signal.SIGSTOP)
+        errors = await asyncio.gather(*tasks, return_exceptions=True)
+        while not llm.is_healthy():
+            await asyncio.sleep(0.1)
+        after = await tokens_of(llm, "after", prompt, greedy(8))
+        await llm.shutdown()
+        return reference, errors, worker, after
+
+    reference, errors, worker, after = asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
+    for error in errors:
+        assert isinstance(error, EngineDeadError) and "ExecutorDeadError" in str(error), error
+    assert after == reference and llm.core.num_restarts == 1
+    deadline = time.monotonic() + 30
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker)  # killed, though stopped
