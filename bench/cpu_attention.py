@@ -33,12 +33,12 @@ HEADERS = ["kernels/csrc/vec.h", "kernels/csrc/kernels.h"]
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 4, 64, 16
 
 
-def compile_revision(rev: str | None, out_dir: Path, tree: Path | None = None) -> ctypes.CDLL:
+def compile_revision(rev: str | None, out_dir: Path, tree: Path | None = None, label: str = "tree") -> ctypes.CDLL:
     """The attention kernel of git revision `rev`, or of the source tree `tree` (default: this one), compiled
-    alone."""
+    alone under out_dir/label."""
     root = Path(__file__).resolve().parent.parent
     tree = tree or root
-    src_dir = out_dir / (rev or f"tree-{abs(hash(str(tree)))}").replace("/", "_").replace("~", "_")
+    src_dir = out_dir / label
     (src_dir / "kernels" / "csrc").mkdir(parents=True, exist_ok=True)
     for name in [SOURCE, *HEADERS]:
         text = (tree / name).read_text() if rev is None else subprocess.run(
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = (compile_revision(None, Path(tmp), Path(args.baseline_tree)) if args.baseline_tree
-                    else compile_revision(args.baseline_rev, Path(tmp)))
+        baseline = (compile_revision(None, Path(tmp), Path(args.baseline_tree), "baseline") if args.baseline_tree
+                    else compile_revision(args.baseline_rev, Path(tmp), label="baseline"))
         libs = {"baseline": baseline, "tree": compile_revision(None, Path(tmp))}
         for batch in map(int, args.batches.split(",")):
             for context in map(int, args.contexts.split(",")):

@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    from serving.models import load_model
-    from serving.runner.model_runner import ModelRunner, model_kv_layout
-    from serving.runner.tensor_parallel import TensorParallelRunner, start_tensor_parallel
+    from serving.runner.model_runner import ModelRunner
+    from serving.runner.tensor_parallel import load_tensor_parallel_runner
 
     device, dtype = torch.device("cpu"), torch.float32
     threads = torch.get_num_threads()
@@ -75,12 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = CacheConfig(num_blocks_override=num_blocks, block_size=block_size)
 
     single = ModelRunner.load(args.model, cache, device, dtype)
-    workers, model = start_tensor_parallel(args.model, dtype, device, cache, args.tp, 0, 120.0)  # rank 0: 1 thread
-    rank_threads = torch.get_num_threads()
-    layout = model_kv_layout(model, block_size)
-    workers.ready(num_blocks, block_size)
-    parallel = TensorParallelRunner(workers, model, layout.allocate(num_blocks, device), layout, device, 0)
-    spent = timed_collectives(model.tensor_parallel)
+    parallel = load_tensor_parallel_runner(args.model, cache, device, dtype, args.tp, collective_timeout_s=120.0)
+    rank_threads = torch.get_num_threads()  # rank 0's share, as the group set it
+    spent = timed_collectives(parallel.model.tensor_parallel)
 
     variants = {"tp1": (single, threads, False), "tp1-eager": (single, threads, True),
                 f"tp{args.tp}": (parallel, rank_threads, None)}
@@ -109,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                             collective[case].append(in_collectives / seconds)
             print(f"round {round_}/{args.repeats} done", file=sys.stderr, flush=True)
     finally:
-        workers.close()
+        parallel.close()
 
     names = list(variants)
     print(f"\nmodel={args.model} tp={args.tp} threads: tp1 {threads}, each rank {rank_threads}; context {args.context}; "

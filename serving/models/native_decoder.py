@@ -64,9 +64,9 @@ class NativeDecoder:
                 qkv=qkv.tiled_weight, qkv_bias=_detached(qkv.bias),
                 q_norm=attn.q_norm.weight.detach() if has_norm else None,
                 k_norm=attn.k_norm.weight.detach() if has_norm else None,
-                o=o.tiled_weight, o_bias=_detached(_bias(attn.o_proj)),
+                o=o.tiled_weight, o_bias=_detached(attn.o_proj.bias),  # a row-parallel one's: added after the sum
                 gate_up=gate_up.tiled_weight, gate_up_bias=_detached(gate_up.bias),
-                down=down.tiled_weight, down_bias=_detached(_bias(mlp.down_proj)),
+                down=down.tiled_weight, down_bias=_detached(mlp.down_proj.bias),
                 k_cache=kv_cache[i, 0], v_cache=kv_cache[i, 1]))
         group = getattr(model, "tensor_parallel", None)
         collective = None
@@ -115,10 +115,6 @@ def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:
 def _inner(module: nn.Module) -> nn.Module:
     return module.linear if isinstance(module, RowParallelLinear) else module
 
-
-def _bias(module: nn.Module):
-    """The bias added after the projection (a row-parallel one adds it after the sum)."""
-    return module.bias
 
 
 def _detached(t: Tensor | None) -> Tensor | None:

@@ -155,8 +155,15 @@ def rank_config(config: ModelArchConfig, tp: int) -> ModelArchConfig:
     whole: logits are gathered)."""
     check_tensor_parallel(config, tp)
     return dataclasses.replace(config, num_heads=config.num_heads // tp,
-                               num_kv_heads=max(1, config.num_kv_heads // tp),
+                               num_kv_heads=_kv_slice(config, tp, 0).num_kv_heads,
                                intermediate_size=config.intermediate_size // tp)
+
+
+def _kv_slice(config: ModelArchConfig, tp: int, rank: int):
+    """Rank `rank`'s KV heads by the KV cache layout's own rule (kvcache/layout.py: Hkv/tp each, or one
+    replicated on tp/Hkv ranks), so the weights a rank holds and the cache it writes cannot disagree."""
+    from kvcache.layout import KVCacheLayout
+    return KVCacheLayout.for_model(1, config.num_kv_heads, config.head_dim, 1, "float32", tp, rank)
 
 
 class RowParallelLinear(nn.Module):
@@ -213,11 +220,11 @@ class RankShard:
     def of(cls, config: ModelArchConfig, rank: int, size: int) -> RankShard:
         local = rank_config(config, size)
         d = config.head_dim
-        first_kv = rank * config.num_kv_heads // size  # the first KV head of rank r's query heads
+        first_kv, last_kv = _kv_slice(config, size, rank).kv_head_range(config.num_kv_heads)
         per_rank = -(-config.vocab_size // size)
         start, end = min(config.vocab_size, rank * per_rank), min(config.vocab_size, (rank + 1) * per_rank)
         return cls(rank, size, slice(rank * local.num_heads * d, (rank + 1) * local.num_heads * d),
-                   slice(first_kv * d, (first_kv + local.num_kv_heads) * d),
+                   slice(first_kv * d, last_kv * d),
                    slice(rank * local.intermediate_size, (rank + 1) * local.intermediate_size),
                    slice(start, end), per_rank)
 
