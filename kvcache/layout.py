@@ -31,8 +31,11 @@ class KVCacheLayout:
     dtype: str  # a torch dtype name without "torch.", e.g. "float32"
     tp_size: int = 1
     tp_rank: int = 0
+    total_kv_heads: int = 0  # the model's; 0: num_kv_heads * tp_size (no head replicated)
 
     def __post_init__(self) -> None:
+        if self.total_kv_heads == 0:
+            object.__setattr__(self, "total_kv_heads", self.num_kv_heads * self.tp_size)
         if self.dtype not in _ITEMSIZE:
             raise ValueError(f"KV dtype must be one of {', '.join(_ITEMSIZE)}, got {self.dtype!r}")
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "tp_size"):
@@ -40,6 +43,9 @@ class KVCacheLayout:
                 raise ValueError(f"KVCacheLayout.{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank must be in [0, {self.tp_size}), got {self.tp_rank}")
+        if self.num_kv_heads != _heads_per_rank(self.total_kv_heads, self.tp_size):
+            raise ValueError(f"{self.num_kv_heads} KV heads per rank do not split {self.total_kv_heads} over "
+                             f"{self.tp_size} ranks")
 
     @classmethod
     def for_model(cls, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype,
@@ -88,24 +94,25 @@ class KVCacheLayout:
         if tp_size < 1 or not 0 <= tp_rank < tp_size:
             raise ValueError(f"tp_rank {tp_rank} is not a rank of tp_size {tp_size}")
         heads = self.num_kv_heads
-        if tp_size <= heads:
-            if heads % tp_size:
-                raise ValueError(f"{heads} KV heads cannot be split evenly over {tp_size} ranks: choose a "
-                                 f"tensor-parallel size that divides {heads} or is a multiple of it")
-            per_rank = heads // tp_size
-        else:
-            if tp_size % heads:
-                raise ValueError(f"{tp_size} ranks cannot replicate {heads} KV heads evenly: choose a "
-                                 f"tensor-parallel size that divides {heads} or is a multiple of it")
-            per_rank = 1
-        return dataclasses.replace(self, num_kv_heads=per_rank, tp_size=tp_size, tp_rank=tp_rank)
+        if tp_size <= heads and heads % tp_size:
+            raise ValueError(f"{heads} KV heads cannot be split evenly over {tp_size} ranks: choose a "
+                             f"tensor-parallel size that divides {heads} or is a multiple of it")
+        if tp_size > heads and tp_size % heads:
+            raise ValueError(f"{tp_size} ranks cannot replicate {heads} KV heads evenly: choose a "
+                             f"tensor-parallel size that divides {heads} or is a multiple of it")
+        return dataclasses.replace(self, num_kv_heads=_heads_per_rank(heads, tp_size), tp_size=tp_size,
+                                   tp_rank=tp_rank, total_kv_heads=heads)
 
-    def kv_head_range(self, total_kv_heads: int) -> tuple[int, int]:
+    def for_rank(self, tp_rank: int) -> KVCacheLayout:
+        """The layout of another rank of the same group."""
+        return dataclasses.replace(self, tp_rank=tp_rank)
+
+    def kv_head_range(self) -> tuple[int, int]:
         """The model's KV heads [start, end) this rank holds."""
-        if self.tp_size <= total_kv_heads:
+        if self.tp_size <= self.total_kv_heads:
             start = self.tp_rank * self.num_kv_heads
         else:
-            start = self.tp_rank // (self.tp_size // total_kv_heads)
+            start = self.tp_rank // (self.tp_size // self.total_kv_heads)
         return start, start + self.num_kv_heads
 
     # ---- tensors ----
@@ -134,11 +141,16 @@ class KVCacheLayout:
             raise ValueError("kv_cache must be contiguous")
 
     @classmethod
-    def of(cls, kv_cache, tp_size: int = 1, tp_rank: int = 0) -> KVCacheLayout:
+    def of(cls, kv_cache, tp_size: int = 1, tp_rank: int = 0, total_kv_heads: int = 0) -> KVCacheLayout:
         """The layout of an existing cache tensor."""
         num_layers, two, _, block_size, num_kv_heads, head_dim = kv_cache.shape
         if two != 2:
             raise ValueError(f"kv_cache must be [num_layers, 2, num_blocks, block_size, Hkv, D], got "
                              f"shape {tuple(kv_cache.shape)}")
         return cls(num_layers, num_kv_heads, head_dim, block_size, str(kv_cache.dtype).removeprefix("torch."),
-                   tp_size, tp_rank)
+                   tp_size, tp_rank, total_kv_heads)
+
+
+def _heads_per_rank(total_kv_heads: int, tp_size: int) -> int:
+    """KV heads each of tp_size ranks holds (one, replicated, where tp_size exceeds them)."""
+    return max(1, total_kv_heads // tp_size)

@@ -20,6 +20,7 @@ class ChunkRange:
     layer_end: int
     block_start: int  # index into the request's block table, not a block id
     block_end: int
+    rank: int = 0     # the receiving tensor-parallel rank whose heads the chunk carries
 
     @property
     def num_layers(self) -> int:
@@ -31,9 +32,10 @@ class ChunkRange:
 
 
 def plan_chunks(layer_start: int, layer_end: int, num_blocks: int, num_bytes_per_layer_block: int,
-                max_chunk_bytes: int) -> list[ChunkRange]:
-    """Cover layers [layer_start, layer_end) x blocks [0, num_blocks) with chunks of at most
-    max_chunk_bytes (assumes one layer-block fits: num_bytes_per_layer_block <= max_chunk_bytes)."""
+                max_chunk_bytes: int, rank: int = 0) -> list[ChunkRange]:
+    """Cover layers [layer_start, layer_end) x blocks [0, num_blocks) of receiving rank `rank` with
+    chunks of at most max_chunk_bytes (assumes one layer-block fits: num_bytes_per_layer_block <=
+    max_chunk_bytes, the rank's)."""
     if not (0 <= layer_start < layer_end and num_blocks > 0):
         raise ValueError(f"empty chunk plan: layers [{layer_start}, {layer_end}), {num_blocks} blocks")
     if num_bytes_per_layer_block > max_chunk_bytes:
@@ -42,9 +44,9 @@ def plan_chunks(layer_start: int, layer_end: int, num_blocks: int, num_bytes_per
     num_bytes_per_layer = num_blocks * num_bytes_per_layer_block
     if num_bytes_per_layer <= max_chunk_bytes:
         layers_per_chunk = max_chunk_bytes // num_bytes_per_layer
-        return [ChunkRange(start, min(start + layers_per_chunk, layer_end), 0, num_blocks)
+        return [ChunkRange(start, min(start + layers_per_chunk, layer_end), 0, num_blocks, rank)
                 for start in range(layer_start, layer_end, layers_per_chunk)]
     blocks_per_chunk = max_chunk_bytes // num_bytes_per_layer_block
-    return [ChunkRange(layer, layer + 1, start, min(start + blocks_per_chunk, num_blocks))
+    return [ChunkRange(layer, layer + 1, start, min(start + blocks_per_chunk, num_blocks), rank)
             for layer in range(layer_start, layer_end)
             for start in range(0, num_blocks, blocks_per_chunk)]

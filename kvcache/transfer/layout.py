@@ -18,14 +18,20 @@ class IncompatibleLayoutError(ValueError):
         self.differences = differences
         super().__init__("incompatible KV layout between prefill and decode peers: "
                          + "; ".join(differences)
-                         + ". Serve the same model with the same dtype, --block-size and parallelism "
-                           "on both sides")
+                         + ". Serve the same model with the same dtype and --block-size on both sides "
+                           "(their tensor-parallel sizes may differ)")
+
+
+# Fields that describe a side's tensor-parallel plan: they may differ between the peers (the sender
+# converts, kvcache/transfer/plans.py); every other field must be equal.
+PLAN_FIELDS = ("num_kv_heads", "tp_size", "tp_rank")
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """What one TP rank's peer must agree on: its `KVCacheLayout` (kvcache/layout.py) plus the model's
-    fingerprint. num_blocks is deliberately absent: each side sizes its own pool.
+    """What an instance declares to its KV peers: the `KVCacheLayout` of its rank tp_rank (every rank
+    holds as many heads; the instance's endpoint declares rank 0) plus the model's fingerprint.
+    num_blocks is deliberately absent: each side sizes its own pool.
     """
     model_fingerprint: str
     dtype: str
@@ -35,8 +41,11 @@ class KVLayout:
     head_dim: int
     tp_size: int = 1
     tp_rank: int = 0
+    total_kv_heads: int = 0  # the model's; 0: num_kv_heads * tp_size
 
     def __post_init__(self) -> None:
+        if self.total_kv_heads == 0:
+            object.__setattr__(self, "total_kv_heads", self.num_kv_heads * self.tp_size)
         try:
             self.cache_layout  # validates every field
         except ValueError as e:
@@ -45,7 +54,7 @@ class KVLayout:
     @classmethod
     def from_cache_layout(cls, layout: KVCacheLayout, model_fingerprint: str) -> KVLayout:
         return cls(model_fingerprint, layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads,
-                   layout.head_dim, layout.tp_size, layout.tp_rank)
+                   layout.head_dim, layout.tp_size, layout.tp_rank, layout.total_kv_heads)
 
     @classmethod
     def from_kv_cache(cls, kv_cache: torch.Tensor, model_fingerprint: str, tp_size: int = 1,
@@ -55,7 +64,11 @@ class KVLayout:
     @functools.cached_property
     def cache_layout(self) -> KVCacheLayout:
         return KVCacheLayout(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
-                             self.tp_size, self.tp_rank)
+                             self.tp_size, self.tp_rank, self.total_kv_heads)
+
+    def for_rank(self, tp_rank: int) -> KVLayout:
+        """The layout of another rank of the same instance."""
+        return dataclasses.replace(self, tp_rank=tp_rank)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -78,22 +91,35 @@ class KVLayout:
         """Raise ValueError unless kv_cache is contiguous with exactly this layout."""
         if not kv_cache.is_contiguous():
             raise ValueError("kv_cache must be contiguous for KV transfer")
-        own = KVLayout.from_kv_cache(kv_cache, self.model_fingerprint, self.tp_size, self.tp_rank)
-        if own != self:
-            raise ValueError(f"kv_cache does not match the declared layout: {'; '.join(self.differences(own))}")
+        try:
+            self.cache_layout.check(kv_cache)
+        except ValueError as e:
+            raise ValueError(f"kv_cache does not match the declared layout: {e}") from None
+
+    def check_caches(self, kv_caches: list[torch.Tensor]) -> None:
+        """Raise ValueError unless kv_caches holds one cache per rank, each of this layout, all of as
+        many blocks (rank r's at index r: one block table serves them all)."""
+        if len(kv_caches) != self.tp_size:
+            raise ValueError(f"{len(kv_caches)} KV caches for {self.tp_size} tensor-parallel ranks")
+        for kv_cache in kv_caches:
+            self.check_cache(kv_cache)
+            if kv_cache.shape[2] != kv_caches[0].shape[2]:
+                raise ValueError(f"the ranks' KV caches hold different numbers of blocks: "
+                                 f"{[c.shape[2] for c in kv_caches]}")
 
     def differences(self, other: KVLayout, ours: str = "ours", theirs: str = "theirs") -> list[str]:
         """'field: ours=X theirs=Y' for each field that differs; [] when identical."""
         return [f"{f.name}: {ours}={getattr(self, f.name)!r} {theirs}={getattr(other, f.name)!r}"
                 for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
-    def check_compatible(self, other: KVLayout, ours: str = "ours", theirs: str = "theirs") -> None:
-        """Raise IncompatibleLayoutError naming every differing field with both values.
+    def incompatibilities(self, other: KVLayout, ours: str = "ours", theirs: str = "theirs") -> list[str]:
+        """differences() in what must match: the model, dtype, block size, layers, heads and head size.
+        The tensor-parallel plan (PLAN_FIELDS) may differ: the sender converts it."""
+        return [d for d in self.differences(other, ours, theirs) if d.split(":", 1)[0] not in PLAN_FIELDS]
 
-        Every field must be equal: the transfer moves raw blocks, and converting between TP plans is
-        a separate (future) transform, not something to do silently.
-        """
-        differences = self.differences(other, ours, theirs)
+    def check_compatible(self, other: KVLayout, ours: str = "ours", theirs: str = "theirs") -> None:
+        """Raise IncompatibleLayoutError naming every field that differs and must not."""
+        differences = self.incompatibilities(other, ours, theirs)
         if differences:
             raise IncompatibleLayoutError(differences)
 

@@ -9,7 +9,9 @@ One request's reservation on this side:
     Commit with every (layer, block) written ──► on_transfer_complete; the blocks now belong to the
                                                  engine's request (never released from here)
 
-Coverage is tracked per (layer, block) so chunks may arrive in any order and split any way.
+Coverage is tracked per (rank, layer, block) so chunks may arrive in any order and split any way;
+an instance of several tensor-parallel ranks receives each rank's heads in chunks of their own
+(ChunkHeader.dst_rank), written into that rank's cache, mapped into this process.
 
 One-sided reservations (same host, pool in shared memory, kvcache/transfer/writers.py): the sender
 writes the blocks itself and its Commit lists what it wrote. Such a reservation holds one more pin,
@@ -79,7 +81,7 @@ class _Reservation:
     request_id: str
     block_ids: torch.Tensor     # [num_blocks] int64, destination ids in this kv_cache
     attempt: int
-    written: torch.Tensor       # [num_layers, num_blocks] bool: which (layer, block) pairs arrived
+    written: torch.Tensor       # [tp_size, num_layers, num_blocks] bool: which (rank, layer, block) arrived
     started: float
     last_progress: float
     num_bytes: int = 0
@@ -98,21 +100,26 @@ class _Reservation:
 
 
 class KVReceiver:
-    """Writes received KV into kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] in place.
+    """Writes received KV into kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] in place; with
+    tensor parallelism into every rank's: kv_caches[r] is rank r's, all under one block table.
 
     The gRPC wiring is in kvcache.transfer.server; the methods here take plain messages and raise
     RpcError for refusals. Start with start(), stop with close().
     """
 
-    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, allocator: BlockAllocator,
+    def __init__(self, kv_caches: torch.Tensor | list[torch.Tensor], layout: KVLayout, allocator: BlockAllocator,
                  config: TransferConfig = TransferConfig(), counters: TransferCounters | None = None,
                  clock: Callable[[], float] = time.monotonic, pool: SharedKVPool | None = None) -> None:
         """pool: the shared-memory pool kv_cache lives in (KVCacheLayout.allocate_shared), which lets
-        same-host senders write into it themselves; the receiver owns it from here (close() removes
-        its name)."""
-        layout.check_cache(kv_cache)
-        if pool is not None and pool.tensor.data_ptr() != kv_cache.data_ptr():
-            raise ValueError("the shared pool given to KVReceiver is not the one kv_cache lives in")
+        same-host senders write into it themselves (one rank only); the receiver owns it from here
+        (close() removes its name)."""
+        kv_caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
+        layout.check_caches(kv_caches)
+        kv_cache = kv_caches[0]
+        if pool is not None and (pool.tensor.data_ptr() != kv_cache.data_ptr() or layout.tp_size != 1):
+            raise ValueError("the shared pool given to KVReceiver is not the one kv_cache lives in, or the "
+                             "instance has several ranks (one-sided writes fill one rank's pool)")
+        self.kv_caches = kv_caches
         self.kv_cache = kv_cache
         self.layout = layout
         self.allocator = allocator
@@ -164,7 +171,7 @@ class KVReceiver:
             theirs = KVLayout.from_proto(request.layout)
         except ValueError as e:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"invalid KV layout from the sender: {e}") from e
-        differences = theirs.differences(self.layout, ours="prefill", theirs="decode")
+        differences = theirs.incompatibilities(self.layout, ours="prefill", theirs="decode")
         if differences:
             raise RpcError(grpc.StatusCode.FAILED_PRECONDITION,
                            "incompatible KV layout: " + "; ".join(differences),
@@ -180,7 +187,8 @@ class KVReceiver:
         """Offer the pool to a same-host sender that asked for it and whose process can be watched.
         Not with checksums: only a receiver that sees the bytes can verify them before they land."""
         if not (self._writers is not None and self.config.enable_shm and self.config.one_sided
-                and not self.config.checksum and request.want_one_sided and request.host_id == self.host_id):
+                and not self.config.checksum and request.want_one_sided and request.host_id == self.host_id
+                and request.layout.tp_size <= 1):
             return False
         refusal = self._writers.admit(request.sender_id, request.pid, request.pid_namespace)
         if refusal:
@@ -229,7 +237,8 @@ class KVReceiver:
                            f"{request.num_tokens} tokens, expected {num_blocks}")
         now = self._clock()
         reservation = _Reservation(request.request_id, torch.tensor(block_ids, dtype=torch.int64),
-                                   request.attempt, torch.zeros(self.layout.num_layers, num_blocks, dtype=torch.bool),
+                                   request.attempt,
+                                   torch.zeros(self.layout.tp_size, self.layout.num_layers, num_blocks, dtype=torch.bool),
                                    now, now)
         reservation.pins = Pins(lambda: self._finalize(reservation))
         if request.one_sided:
@@ -292,10 +301,10 @@ class KVReceiver:
                 raise RpcError(grpc.StatusCode.DATA_LOSS, f"KV chunk of request {header.request_id!r} "
                                "does not match its CRC-32: nothing was written")
             dst_block_ids = reservation.block_ids[header.block_start:header.block_end]     # [n]
-            unpack_kv(buffer, self.kv_cache, dst_block_ids, header.layer_start)
+            unpack_kv(buffer, self.kv_caches[header.dst_rank], dst_block_ids, header.layer_start)
             with self._lock:
                 if reservation.attempt == header.attempt:
-                    reservation.written[header.layer_start:header.layer_end,
+                    reservation.written[header.dst_rank, header.layer_start:header.layer_end,
                                         header.block_start:header.block_end] = True
                     reservation.num_bytes += header.num_bytes
                     reservation.last_progress = self._clock()
@@ -325,10 +334,12 @@ class KVReceiver:
         num_layers = header.layer_end - header.layer_start
         num_chunk_blocks = header.block_end - header.block_start
         if not (0 <= header.layer_start < header.layer_end <= self.layout.num_layers
-                and 0 <= header.block_start < header.block_end <= num_blocks):
+                and 0 <= header.block_start < header.block_end <= num_blocks
+                and header.dst_rank < self.layout.tp_size):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"chunk layers [{header.layer_start}, {header.layer_end}) blocks [{header.block_start}, "
-                           f"{header.block_end}) outside {self.layout.num_layers} layers x {num_blocks} blocks")
+                           f"{header.block_end}) rank {header.dst_rank} outside {self.layout.num_layers} layers x "
+                           f"{num_blocks} blocks x {self.layout.tp_size} ranks")
         expected = num_layers * num_chunk_blocks * self.layout.num_bytes_per_layer_block
         if header.num_bytes != expected:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -358,7 +369,7 @@ class KVReceiver:
                                f"the transfer is at attempt {reservation.attempt}")
             if reservation.writer:
                 self._mark_written(reservation, request.written)
-            missing_layers = (~reservation.written).any(dim=1).nonzero().flatten().tolist()
+            missing_layers = (~reservation.written).any(dim=2).any(dim=0).nonzero().flatten().tolist()
             if missing_layers:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request.request_id!r} is "
                                f"incomplete: layers {missing_layers} are missing blocks")
@@ -383,7 +394,7 @@ class KVReceiver:
                 raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"written range layers [{r.layer_start}, {r.layer_end}) blocks [{r.block_start}, "
                                f"{r.block_end}) outside {self.layout.num_layers} layers x {num_blocks} blocks")
-            reservation.written[r.layer_start:r.layer_end, r.block_start:r.block_end] = True
+            reservation.written[0, r.layer_start:r.layer_end, r.block_start:r.block_end] = True
         reservation.num_bytes = int(reservation.written.sum()) * self.layout.num_bytes_per_layer_block
 
     def abort(self, request: pb.AbortRequest) -> pb.AbortResponse:

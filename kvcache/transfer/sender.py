@@ -12,6 +12,10 @@ blocks of the peer's pool instead of being pushed (one-sided, kvcache/transfer/o
 peer's CPU sees only Reserve and Commit. A one-sided transfer that ends without success tells the peer
 once no write of it runs any more (Abort with writer_stopped), retried by the reaper until answered.
 
+A sending instance of several tensor-parallel ranks gives the sender every rank's cache (mapped into
+the endpoint's process); the peer may run another plan, and each chunk then carries exactly one
+receiving rank's heads, gathered from the sending ranks that hold them (kvcache/transfer/plans.py).
+
 Nothing here blocks the caller on the wire except begin()'s Reserve and finish().
 """
 from __future__ import annotations
@@ -26,7 +30,6 @@ from typing import Callable
 import grpc
 import torch
 
-from kernels.ops import pack_kv
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 from kvcache.transfer.chunking import ChunkRange, plan_chunks
 from kvcache.transfer.config import TransferConfig
@@ -37,6 +40,7 @@ from kvcache.transfer.lease import LeaseTable
 from kvcache.transfer.onesided import OneSidedWrites, ReservationClosedError
 from kvcache.transfer.payloads import InlinePayloads, ShmPayloads
 from kvcache.transfer.peer import TRANSIENT_CODES, PeerClient
+from kvcache.transfer.plans import HeadCopy, head_routes, pack_rank
 from kvcache.transfer.reaper import Reaper
 from kvcache.transfer import wire
 from kvcache.transfer.shm import SlabPool, host_id
@@ -60,22 +64,24 @@ def _ignore(result: TransferResult) -> None:
 
 
 class KVSender:
-    """Sends KV blocks of kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] to one peer.
+    """Sends KV blocks of kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D] to one peer; with
+    tensor parallelism, of every rank's: kv_caches[r] is rank r's, all under one block table.
 
     release_blocks(request_id) is called exactly once per begun transfer, when its lease ends (ack,
     failure, refusal or expiry), from whichever thread ends it; the engine frees the blocks there.
     token: the deployment's, sent with every call (a peer that checks tokens refuses calls without it).
     """
 
-    def __init__(self, kv_cache: torch.Tensor, layout: KVLayout, address: str,
+    def __init__(self, kv_caches: torch.Tensor | list[torch.Tensor], layout: KVLayout, address: str,
                  release_blocks: Callable[[str], None], config: TransferConfig = TransferConfig(),
                  counters: TransferCounters | None = None, token: str | None = None) -> None:
-        layout.check_cache(kv_cache)
-        if layout.num_bytes_per_layer_block > config.max_chunk_bytes:
-            raise ValueError(f"one block of one layer is {layout.num_bytes_per_layer_block} bytes: raise "
-                             f"--kv-transfer-max-chunk-bytes (now {config.max_chunk_bytes}) above it")
-        self.kv_cache = kv_cache
+        kv_caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
+        layout.check_caches(kv_caches)
+        self.kv_caches = kv_caches
+        self.kv_cache = kv_caches[0]  # rank 0's (the one-sided path writes from it: one rank only)
         self.layout = layout
+        self.peer_layout = layout  # the receiver's, set by connect()
+        self._routes: list[tuple[HeadCopy, ...]] = []  # per receiving rank, set by connect()
         self.config = config
         self.counters = counters or TransferCounters()
         self.sender_id = secrets.token_hex(4)
@@ -109,7 +115,8 @@ class KVSender:
     def connect(self) -> KVSender:
         """Handshake (IncompatibleLayoutError names each differing field), then map shared memory
         with the peer when both run on one host and enable_shm is set."""
-        want_one_sided = self.config.enable_shm and self.config.one_sided and not self.config.checksum
+        want_one_sided = (self.config.enable_shm and self.config.one_sided and not self.config.checksum
+                          and self.layout.tp_size == 1)
         request = pb.HandshakeRequest(layout=self.layout.to_proto(), host_id=host_id(), sender_id=self.sender_id,
                                       want_shm=self.config.enable_shm, want_one_sided=want_one_sided,
                                       pid=os.getpid(), pid_namespace=pid_namespace())
@@ -117,13 +124,15 @@ class KVSender:
             response = self._peer.handshake(request, self.config.rpc_timeout_s)
         except grpc.RpcError as e:
             raise self._handshake_error(e) from e
-        self.layout.check_compatible(KVLayout.from_proto(response.layout), ours="prefill", theirs="decode")
+        peer = KVLayout.from_proto(response.layout)
+        self.layout.check_compatible(peer, ours="prefill", theirs="decode")
+        self.peer_layout, self._routes = peer, head_routes(self.layout, peer)
         self.max_chunk_bytes = min(self.config.max_chunk_bytes, response.max_chunk_bytes)
-        if self.layout.num_bytes_per_layer_block > self.max_chunk_bytes:
-            raise ValueError(f"the decode peer accepts chunks of at most {response.max_chunk_bytes} bytes, below "
-                             f"one block of one layer ({self.layout.num_bytes_per_layer_block}): raise its "
-                             "--kv-transfer-max-chunk-bytes")
-        if response.HasField("pool"):
+        if peer.num_bytes_per_layer_block > self.max_chunk_bytes:
+            raise ValueError(f"chunks may be at most {self.max_chunk_bytes} bytes (the smaller of this side's "
+                             f"and the decode peer's limit), below one block of one layer of a decode rank "
+                             f"({peer.num_bytes_per_layer_block}): raise --kv-transfer-max-chunk-bytes")
+        if response.HasField("pool") and (self.layout.tp_size, peer.tp_size) == (1, 1):
             self._one_sided = OneSidedWrites.connect(response.pool, self, self._peer, self._leases)
         if response.shm_ok and self._one_sided is None:
             self._payloads = self._attach_slabs()
@@ -189,7 +198,7 @@ class KVSender:
             raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks of {self.layout.block_size}, "
                              f"got {len(src_block_ids)} block ids")
         block_ids = torch.tensor(src_block_ids, dtype=torch.int64)
-        if bool(((block_ids < 0) | (block_ids >= self.kv_cache.shape[2])).any()):
+        if bool(((block_ids < 0) | (block_ids >= self.kv_cache.shape[2])).any()):  # every rank's: as many
             raise ValueError(f"block ids outside the cache's {self.kv_cache.shape[2]} blocks: {src_block_ids}")
         self._leases.grant(request_id, src_block_ids)
         try:
@@ -241,8 +250,10 @@ class KVSender:
         self._submit_chunks(handle, attempt, chunks)
 
     def _plan(self, handle: TransferHandle, layer_start: int, layer_end: int) -> list[ChunkRange]:
-        return plan_chunks(layer_start, layer_end, len(handle.src_block_ids), self.layout.num_bytes_per_layer_block,
-                           self.max_chunk_bytes)
+        """The chunks of a layer range: for each receiving rank, its heads of every block."""
+        return [chunk for rank in range(self.peer_layout.tp_size)
+                for chunk in plan_chunks(layer_start, layer_end, len(handle.src_block_ids),
+                                         self.peer_layout.num_bytes_per_layer_block, self.max_chunk_bytes, rank)]
 
     def _submit_chunks(self, handle: TransferHandle, attempt: int, chunks: list[ChunkRange]) -> None:
         for chunk in chunks:
@@ -263,7 +274,8 @@ class KVSender:
             return self._one_sided.write_chunk(handle, chunk)
         header = pb.ChunkHeader(request_id=handle.request_id, attempt=attempt, layer_start=chunk.layer_start,
                                 layer_end=chunk.layer_end, block_start=chunk.block_start, block_end=chunk.block_end,
-                                num_bytes=chunk.num_layers * chunk.num_blocks * self.layout.num_bytes_per_layer_block)
+                                dst_rank=chunk.rank,
+                                num_bytes=chunk.num_layers * chunk.num_blocks * self.peer_layout.num_bytes_per_layer_block)
         if self.config.checksum:
             header.crc32 = 0  # present from the start: its encoded size does not change when set
 
@@ -280,15 +292,17 @@ class KVSender:
         return header.num_bytes
 
     def _pack(self, handle: TransferHandle, chunk: ChunkRange, out_bytes: torch.Tensor) -> None:
-        """Gather the chunk's blocks into out_bytes [num_bytes] uint8 while holding the lease."""
+        """Gather the chunk's blocks, the receiving rank's heads of them, into out_bytes [num_bytes]
+        uint8 while holding the lease."""
         lease = self._leases.pin(handle.request_id)
         if lease is None:
             raise RuntimeError(f"the KV lease of request {handle.request_id!r} has ended")
         try:
             out = out_bytes.view(self.layout.torch_dtype).view(
-                chunk.num_layers, 2, chunk.num_blocks, *self.layout.block_shape)  # [L', 2, n, bs, Hkv, D]
-            pack_kv(self.kv_cache, handle.src_block_ids[chunk.block_start:chunk.block_end],
-                    chunk.layer_start, chunk.layer_end, out=out)
+                chunk.num_layers, 2, chunk.num_blocks, *self.peer_layout.block_shape)  # [L', 2, n, bs, Hkv, D]
+            pack_rank(self.kv_caches, self._routes[chunk.rank], self.layout,
+                      handle.src_block_ids[chunk.block_start:chunk.block_end], chunk.layer_start, chunk.layer_end,
+                      out)
         finally:
             lease.pins.unpin()
 

@@ -220,7 +220,7 @@ class RankShard:
     def of(cls, config: ModelArchConfig, rank: int, size: int) -> RankShard:
         local = rank_config(config, size)
         d = config.head_dim
-        first_kv, last_kv = _kv_slice(config, size, rank).kv_head_range(config.num_kv_heads)
+        first_kv, last_kv = _kv_slice(config, size, rank).kv_head_range()
         per_rank = -(-config.vocab_size // size)
         start, end = min(config.vocab_size, rank * per_rank), min(config.vocab_size, (rank + 1) * per_rank)
         return cls(rank, size, slice(rank * local.num_heads * d, (rank + 1) * local.num_heads * d),

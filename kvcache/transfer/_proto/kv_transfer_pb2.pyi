@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVLayout(_message.Message):
-    __slots__ = ("model_fingerprint", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "tp_size", "tp_rank")
+    __slots__ = ("model_fingerprint", "dtype", "block_size", "num_layers", "num_kv_heads", "head_dim", "tp_size", "tp_rank", "total_kv_heads")
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class KVLayout(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     dtype: str
     block_size: int
@@ -24,7 +25,8 @@ class KVLayout(_message.Message):
     head_dim: int
     tp_size: int
     tp_rank: int
-    def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ...) -> None: ...
+    total_kv_heads: int
+    def __init__(self, model_fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., tp_size: _Optional[int] = ..., tp_rank: _Optional[int] = ..., total_kv_heads: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("layout", "host_id", "sender_id", "want_shm", "want_one_sided", "pid", "pid_namespace")
@@ -137,7 +139,7 @@ class ShmRef(_message.Message):
     def __init__(self, segment_name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
-    __slots__ = ("request_id", "attempt", "layer_start", "layer_end", "block_start", "block_end", "num_bytes", "shm", "crc32")
+    __slots__ = ("request_id", "attempt", "layer_start", "layer_end", "block_start", "block_end", "num_bytes", "shm", "crc32", "dst_rank")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +149,7 @@ class ChunkHeader(_message.Message):
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    DST_RANK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt: int
     layer_start: int
@@ -156,7 +159,8 @@ class ChunkHeader(_message.Message):
     num_bytes: int
     shm: ShmRef
     crc32: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., num_bytes: _Optional[int] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., crc32: _Optional[int] = ...) -> None: ...
+    dst_rank: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., block_start: _Optional[int] = ..., block_end: _Optional[int] = ..., num_bytes: _Optional[int] = ..., shm: _Optional[_Union[ShmRef, _Mapping]] = ..., crc32: _Optional[int] = ..., dst_rank: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "payload", "alignment")
