@@ -45,17 +45,19 @@ class ModelConfig:
 
 PP_NOT_SUPPORTED = ("not supported yet: pipeline parallelism lands with issue 'Tensor and pipeline parallelism'; "
                     "serve with pipeline_parallel_size 1 (the simulator and the planner model larger plans already)")
-DISAGG_TP_NOT_SUPPORTED = ("not supported yet: a prefill or decode instance runs tensor_parallel_size 1 until KV "
-                           "transfer between tensor-parallel ranks lands (issue 'Tensor and pipeline parallelism'); "
-                           "colocated serving runs any size that divides the model's heads")
+DISAGG_TP_CUDA_NOT_SUPPORTED = (
+    "not supported yet on CUDA: a tensor-parallel prefill or decode instance moves every rank's KV through "
+    "its rank 0, which maps the other ranks' caches; in host memory that is shared memory, on GPUs it takes "
+    "CUDA IPC, not built yet. Run prefill and decode instances with tensor_parallel_size 1 on CUDA (colocated "
+    "serving runs any size there), or on CPU")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one instance splits the model over devices. Tensor parallelism runs in colocated instances
-    (serving/runner/tensor_parallel.py); pipeline parallelism, and tensor parallelism in prefill or
-    decode instances, are understood (the planner emits them, the simulator models them) but refused
-    at start until the runtime implements them."""
+    """How one instance splits the model over devices. Tensor parallelism runs in every instance
+    (serving/runner/tensor_parallel.py), and KV moves between prefill and decode instances of any two
+    sizes (kvcache/transfer/plans.py); pipeline parallelism is understood (the planner emits it, the
+    simulator models it) but refused at start until the runtime implements it."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # how long a rank waits in a collective for a peer before the group is declared dead (a dead peer
@@ -75,13 +77,13 @@ class ParallelConfig:
         if not self.collective_timeout_s > 0:
             raise ValueError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s!r}")
 
-    def check_supported(self, where: str = "", role: str = "colocated") -> None:
-        """ValueError for a plan the runtime cannot run yet."""
+    def check_supported(self, where: str = "", role: str = "colocated", device: str = "cpu") -> None:
+        """ValueError for a plan the runtime cannot run yet (device: the resolved one, cpu or cuda)."""
         plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
         if self.pipeline_parallel_size > 1:
             raise ValueError(f"{where}{plan}: {PP_NOT_SUPPORTED}")
-        if self.tensor_parallel_size > 1 and role in ("prefill", "decode"):
-            raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_NOT_SUPPORTED}")
+        if self.tensor_parallel_size > 1 and role in ("prefill", "decode") and device == "cuda":
+            raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_CUDA_NOT_SUPPORTED}")
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,16 @@ def build_engine_client(config: Config) -> EngineClient:
         return AsyncLLM.from_config(config)
     from serving.router.engine_client import build_disaggregated_client
     for spec in make_specs(config):
-        spec.config.parallel.check_supported(f"{spec.name}: ", spec.role)
+        spec.config.parallel.check_supported(f"{spec.name}: ", spec.role, _device_type(spec.config.model.device))
         check_instance_kv_pool(spec.config)
     return build_disaggregated_client(config)
+
+
+def _device_type(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_instance_kv_pool(config: Config) -> None:

@@ -176,9 +176,9 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     """Every part from the config, each injected into the next. For a decode role the connector
     worker starts serving KVTransfer on deploy.internal_host; token: the deployment's, for every
     internal KV call (None: no check)."""
-    config.parallel.check_supported(role=role)
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
+    config.parallel.check_supported(role=role, device=device.type)
     dtype = resolve_dtype(config.model.dtype, device)
     tp = config.parallel.tensor_parallel_size
     workers = None
@@ -209,13 +209,17 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
     pool = _allocate_shared(layout, num_blocks) if wants_shared_pool(role, config, device) else None
     kv_cache = pool.tensor if pool is not None else layout.allocate(num_blocks, device)
-    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s)", num_blocks, layout.block_size,
-                num_blocks * layout.bytes_per_block / 2**20, f", shared memory {pool.name}" if pool else "")
+    logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s%s)", num_blocks, layout.block_size,
+                num_blocks * layout.bytes_per_block / 2**20, f" per rank, {layout.tp_size} ranks" if workers else "",
+                f", shared memory {pool.name}" if pool else "")
+    kv_caches = [kv_cache]
+    if workers is not None:  # an instance that moves KV maps every rank's cache: its transfer endpoint is here
+        workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None)
+        kv_caches += workers.rank_caches
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
-    connector = make_worker(role, config, kv_cache, kv_layout, config.deploy.internal_host, token, pool)
+    connector = make_worker(role, config, kv_caches, kv_layout, config.deploy.internal_host, token, pool)
     if workers is not None:
         from serving.runner.tensor_parallel import TensorParallelRunner
-        workers.ready(num_blocks, layout.block_size)
         runner = TensorParallelRunner(workers, model, kv_cache, layout, device, config.model.seed, connector,
                                       config.model.enforce_eager)
     else:

@@ -59,12 +59,13 @@ class KVReceives:
         self._server: ReceiverServer | None = None
         self.address = ""  # of the KVTransfer service, once started
 
-    def start_server(self, kv_cache: torch.Tensor, layout: KVLayout, host: str,
+    def start_server(self, kv_caches: list[torch.Tensor], layout: KVLayout, host: str,
                      pool: SharedKVPool | None = None) -> str:
-        """Serve KVTransfer on host (a free port); returns its address. pool: the shared-memory pool
-        kv_cache lives in (same-host senders then write into it themselves); the receiver owns it."""
+        """Serve KVTransfer on host (a free port) into every rank's cache (rank r's at index r); returns
+        its address. pool: the shared-memory pool rank 0's cache lives in, with one rank only (same-host
+        senders then write into it themselves); the receiver owns it."""
         self._block_size = layout.block_size
-        receiver = KVReceiver(kv_cache, layout, self, self.config, self.counters, pool=pool)
+        receiver = KVReceiver(kv_caches, layout, self, self.config, self.counters, pool=pool)
         self._server = ReceiverServer(receiver, host, token=self._token).start()
         self.address = self._server.address
         return self.address

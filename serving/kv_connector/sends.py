@@ -92,7 +92,7 @@ class KVSends:
         self._last_used: dict[str, float] = {}  # peer -> when a transfer to it last began
         self._next_idle_check = 0.0
         self.counters = TransferCounters()
-        self._kv_cache: torch.Tensor | None = None
+        self._kv_caches: list[torch.Tensor] = []  # one per tensor-parallel rank
         self._layout: KVLayout | None = None
         self._lock = threading.Lock()
         self._senders: dict[str, KVSender] = {}
@@ -103,8 +103,9 @@ class KVSends:
         self.num_peers_forgotten = 0
         self._begins = futures.ThreadPoolExecutor(_NUM_BEGIN_THREADS, thread_name_prefix="kv-begin")
 
-    def bind(self, kv_cache: torch.Tensor, layout: KVLayout) -> None:
-        self._kv_cache, self._layout = kv_cache, layout
+    def bind(self, kv_caches: list[torch.Tensor], layout: KVLayout) -> None:
+        """Every rank's KV cache (rank r's at index r, mapped into this process) and rank 0's layout."""
+        self._kv_caches, self._layout = kv_caches, layout
 
     # ---- engine thread ----
     def begin(self, send: SendKV) -> None:
@@ -210,7 +211,7 @@ class KVSends:
             if time.monotonic() < dead_until:
                 raise PeerUnavailableError(f"decode peer {peer} did not answer a moment ago; not trying "
                                            f"again for {self.peer_retry_s:g}s")
-            sender = KVSender(self._kv_cache, self._layout, peer, self._released, self.config, self.counters,
+            sender = KVSender(self._kv_caches, self._layout, peer, self._released, self.config, self.counters,
                               self._token)
             try:
                 sender.connect()  # IncompatibleLayoutError names the fields that differ

@@ -59,9 +59,12 @@ class TransferWorker:
     every KV call carries and the KVTransfer service requires (None: no check, for tests in one
     process)."""
 
-    def __init__(self, config: Config, kv_cache: torch.Tensor, layout: KVLayout, send: bool, receive: bool,
+    def __init__(self, config: Config, kv_caches: list[torch.Tensor], layout: KVLayout, send: bool, receive: bool,
                  host: str = "127.0.0.1", token: str | None = None, pool: SharedKVPool | None = None) -> None:
-        """pool: the shared-memory pool kv_cache lives in, if any (a receiving worker then owns it)."""
+        """kv_caches: every tensor-parallel rank's cache, mapped into this process (rank r's at index r);
+        layout: rank 0's. pool: the shared-memory pool a single rank's cache lives in, if any (a
+        receiving worker then owns it)."""
+        kv_caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
         transfer = transfer_config(config)
         self.layout = layout
         self.sends = KVSends(transfer, token) if send else None
@@ -69,9 +72,9 @@ class TransferWorker:
         self.address = ""  # of the KVTransfer service, when this worker receives
         self._results: list[MoveResult] = []
         if self.sends is not None:
-            self.sends.bind(kv_cache, layout)
+            self.sends.bind(kv_caches, layout)
         if self.receives is not None:
-            self.address = self.receives.start_server(kv_cache, layout, host, pool)
+            self.address = self.receives.start_server(kv_caches, layout, host, pool)
         elif pool is not None:
             pool.close()  # nobody will write into it from outside
 
@@ -131,23 +134,26 @@ class TransferWorker:
 ROLES = ("prefill", "decode", "colocated")
 
 
-def make_worker(role: str, config: Config, kv_cache: torch.Tensor, layout: KVLayout,
+def make_worker(role: str, config: Config, kv_caches: list[torch.Tensor], layout: KVLayout,
                 host: str = "127.0.0.1", token: str | None = None, pool: SharedKVPool | None = None
                 ) -> KVConnectorWorker:
     """prefill: sends; decode: receives (and serves KVTransfer on host); colocated: moves nothing.
-    pool: the shared-memory pool kv_cache lives in (see wants_shared_pool); the worker owns it."""
+    kv_caches: every tensor-parallel rank's cache (rank r's at index r), layout: rank 0's. pool: the
+    shared-memory pool a single rank's cache lives in (see wants_shared_pool); the worker owns it."""
     if role not in ROLES:
         raise ValueError(f"instance role must be one of {', '.join(ROLES)}, got {role!r}")
     if role == "colocated":
         if pool is not None:
             pool.close()
         return NullWorker()
-    return TransferWorker(config, kv_cache, layout, send=role == "prefill", receive=role == "decode", host=host,
+    return TransferWorker(config, kv_caches, layout, send=role == "prefill", receive=role == "decode", host=host,
                           token=token, pool=pool)
 
 
 def wants_shared_pool(role: str, config: Config, device) -> bool:
-    """A decode instance in host memory keeps its KV pool in shared memory, so that prefill instances
-    on its host write into it themselves (one-sided). On CUDA that would take CUDA IPC: not done yet,
-    such a pool is private and same-host peers use shared-memory slabs."""
-    return role == "decode" and config.deploy.kv_transfer_enable_shm and str(device).startswith("cpu")
+    """A decode instance of one rank in host memory keeps its KV pool in shared memory, so that
+    prefill instances of one rank on its host write into it themselves (one-sided). On CUDA that
+    would take CUDA IPC: not done yet, such a pool is private and same-host peers use shared-memory
+    slabs; so do tensor-parallel instances (each chunk then carries one rank's heads)."""
+    return (role == "decode" and config.deploy.kv_transfer_enable_shm and str(device).startswith("cpu")
+            and config.parallel.tensor_parallel_size == 1)

@@ -115,6 +115,11 @@ class RayLauncher:
         decode = [s for s in specs if s.role == "decode"]
         strategies = {}
         for pair in zip(prefill, decode):
+            if any(spec.config.parallel.tensor_parallel_size > 1 for spec in pair):
+                # its ranks have a group of their own (_with_rank_group); the pair is not kept together
+                logger.warning("same_node: %s and %s are not placed on one node (tensor-parallel instances get "
+                               "a placement group of their own ranks)", pair[0].name, pair[1].name)
+                continue
             group = placement_group([self._bundle(), self._bundle()], strategy="STRICT_PACK")
             self._placement_groups.append(group)
             self._ray.get(group.ready(), timeout=self.deploy.instance_start_timeout_s)

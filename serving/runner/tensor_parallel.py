@@ -82,10 +82,10 @@ def _worker_main(conn) -> None:
         group = TPGroup(spec.rank, spec.size,
                         make_process_group(store, spec.rank, spec.size, device, spec.collective_timeout_s), shm)
         model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group)
-        num_blocks, block_size = conn.recv()
+        num_blocks, block_size, cache_name = conn.recv()
         layout = model_kv_layout(model, block_size)
-        runner = ModelRunner(model, layout.allocate(num_blocks, device), layout, device, spec.seed,
-                             enforce_eager=spec.enforce_eager)
+        kv_cache = _map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
+        runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager)
         conn.send(("ready", os.getpid()))
     except (EOFError, OSError):  # rank 0's process is gone
         return
@@ -105,6 +105,47 @@ def _worker_main(conn) -> None:
             conn.send(f"{type(e).__name__}: {e}")
             return
         conn.send(None)
+
+
+def _map_cache(name: str, layout, num_blocks: int) -> torch.Tensor:
+    """This rank's KV cache in the shared-memory file rank 0 made for it (rank 0's KV transfer reads
+    and writes it there)."""
+    from kvcache.shared_memory import map_region
+    region = map_region(name, 0, num_blocks * layout.bytes_per_block, True)
+    return torch.frombuffer(region, dtype=getattr(torch, layout.dtype)).view(layout.shape(num_blocks))
+
+
+class SharedRankCaches:
+    """The KV caches of ranks 1.. of a group in shared-memory files rank 0 creates, so that rank 0's
+    process, the instance's KV transfer endpoint, reads (prefill) and writes (decode) every rank's heads
+    (kvcache/transfer/plans.py). Host memory only; the names go at close(), the mappings with the
+    processes."""
+
+    PREFIX = "pdkvrank"
+
+    def __init__(self, layout, num_blocks: int, size: int) -> None:
+        from kvcache.shared_memory import SharedFile, map_own
+        self.files, self.tensors = [], []
+        num_bytes = num_blocks * layout.bytes_per_block
+        try:
+            for rank in range(1, size):
+                shared = SharedFile(self.PREFIX, num_bytes)
+                self.files.append(shared)
+                self.tensors.append(torch.frombuffer(map_own(shared), dtype=getattr(torch, layout.dtype)
+                                                     ).view(layout.for_rank(rank).shape(num_blocks)))
+        except OSError as e:
+            self.close()
+            raise RuntimeError(f"a tensor-parallel prefill or decode instance keeps its ranks' KV caches in shared "
+                               f"memory, and /dev/shm cannot hold {size - 1} of {num_bytes / 2**20:.0f} MiB ({e}): "
+                               "enlarge it (docker run --shm-size) or lower --kv-cache-memory-bytes") from e
+
+    @property
+    def names(self) -> list[str]:
+        return [shared.name for shared in self.files]
+
+    def close(self) -> None:
+        for shared in self.files:
+            shared.close()
 
 
 def _attach_shm(spec: RankSpec) -> ShmCollectives:
@@ -257,6 +298,8 @@ class TensorParallelWorkers:
         self.processes: list = []  # subprocess.Popen, or _RayRank (the same calls)
         self.conns: list[Connection] = []
         self._shm_file, shm = _create_shm(device, size, collective_timeout_s)
+        self._shared_caches: SharedRankCaches | None = None
+        self.rank_caches: list[torch.Tensor] = []  # ranks 1..'s KV caches, when ready() shared them
         ray_ranks = _RayRanks(ray_placement_group, ray_namespace) if ray_placement_group else None
         try:
             for rank in range(1, size):
@@ -290,11 +333,17 @@ class TensorParallelWorkers:
         if status != what:
             raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {detail}")
 
-    def ready(self, num_blocks: int, block_size: int) -> None:
-        """Send every worker the KV cache size; wait until each has built its runner (or raise its error)."""
+    def ready(self, num_blocks: int, block_size: int, share_caches_of=None) -> None:
+        """Send every worker the KV cache size; wait until each has built its runner (or raise its error).
+        share_caches_of: rank 0's KVCacheLayout, to make the workers' caches shared-memory files this
+        process maps too (`rank_caches`), for an instance that moves KV (host memory only)."""
         try:
-            for conn in self.conns:
-                conn.send((num_blocks, block_size))
+            if share_caches_of is not None:
+                self._shared_caches = SharedRankCaches(share_caches_of, num_blocks, self.size)
+                self.rank_caches = self._shared_caches.tensors
+            names = self._shared_caches.names if self._shared_caches is not None else [None] * len(self.conns)
+            for conn, name in zip(self.conns, names):
+                conn.send((num_blocks, block_size, name))
             for rank in range(1, self.size):
                 self._expect(rank, "ready")
         except BaseException:
@@ -367,6 +416,8 @@ class TensorParallelWorkers:
         self.conns, self.processes = [], []
         if self._shm_file is not None:
             self._shm_file.close()  # the name goes; the ranks' mappings stay valid until they exit
+        if self._shared_caches is not None:
+            self._shared_caches.close()
         torch.set_num_threads(self._threads_before)
 
 

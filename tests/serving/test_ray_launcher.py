@@ -178,3 +178,30 @@ def _rank_host_pids() -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def test_disaggregated_instances_of_different_tensor_parallel_sizes_on_ray(tiny_model_dir):
+    """prefill TP=1 and decode TP=2 as Ray actors (decode's two ranks in one STRICT_PACK group): the KV
+    moves from the one prefill rank to both decode ranks, each its own head; output equals colocated."""
+    assert not ray.is_initialized()
+    config = tiny_config(tiny_model_dir, mode="disaggregated", launcher="ray",
+                         decode_overrides={"tensor_parallel_size": 2})
+    loop = LoopThread()
+    client = build_disaggregated_client(config)
+    try:
+        cases = make_cases("ray-disagg-tp", 15, [12, 40], [10])
+        expected = reference_outputs(tiny_config(tiny_model_dir), cases)
+        got = loop.run(collect_all(client, cases))
+        for case in cases:
+            assert token_ids(got[case.request_id]) == token_ids(expected[case.request_id])
+        groups = ray.util.placement_group_table()
+        (group,) = [g for g in groups.values() if g["name"].startswith("pdserve-decode-0-")]
+        assert group["strategy"] == "STRICT_PACK" and len(group["bundles"]) == 2
+        assert len(_rank_host_pids()) == 1  # decode-0's rank 1
+        router = client.get_stats().extra["router"]
+        assert router["num_kv_transferred_total"] == len(cases)
+        assert_no_leaks(loop.run(wait_until_drained(client)))
+    finally:
+        loop.run(client.shutdown())
+        loop.close()
+    assert not ray.is_initialized()

@@ -208,7 +208,7 @@ def test_rank_0_holds_its_share_of_the_weights_and_the_cache(tiny_model_dir):
         config = model.config
         assert (config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size) == (2, 1, 128, 2048)
         assert runner.kv_cache.shape[-2:] == (1, 32)  # this rank's KV head only
-        assert (runner.layout.tp_size, runner.layout.tp_rank, runner.layout.kv_head_range(2)) == (2, 0, (0, 1))
+        assert (runner.layout.tp_size, runner.layout.tp_rank, runner.layout.kv_head_range()) == (2, 0, (0, 1))
         layer = model.layers[0]
         assert layer.self_attn.qkv_proj.weight.shape == ((2 + 1 + 1) * 32, 128)
         assert layer.self_attn.o_proj.linear.weight.shape == (128, 2 * 32)
