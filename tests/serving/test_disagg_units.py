@@ -122,7 +122,7 @@ def test_deploy_yaml_is_a_valid_config(path):
 
 def test_deploy_dir_has_every_example():
     names = {os.path.basename(p) for p in glob.glob(os.path.join(DEPLOY_DIR, "*.yaml"))}
-    assert {"ray-cluster.yaml", "colocated.yaml", "colocated-tp2.yaml", "1p1d.yaml", "xpyd.yaml"} <= names
+    assert {"ray-cluster.yaml", "colocated.yaml", "colocated-tp2.yaml", "1p1d.yaml", "1p1d-tp.yaml", "xpyd.yaml"} <= names
 
 
 def test_ray_cluster_yaml_has_what_ray_up_needs():
