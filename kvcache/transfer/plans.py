@@ -73,7 +73,7 @@ def pack_rank(kv_caches: list[torch.Tensor], copies: tuple[HeadCopy, ...], src: 
         pack_kv(kv_caches[copies[0].src_rank], block_ids, layer_start, layer_end, out=out)
         return
     ids = block_ids.long()
-    for copy in copies:
+    for copy in copies:  # one pass each: gathered from a strided view straight into (a slice of) out
         heads = kv_caches[copy.src_rank][layer_start:layer_end, :, :, :,
                                          copy.src_head:copy.src_head + copy.num_heads]   # [L', 2, B, bs, h, D]
-        out[:, :, :, :, copy.dst_head:copy.dst_head + copy.num_heads].copy_(heads.index_select(2, ids))
+        torch.index_select(heads, 2, ids, out=out[:, :, :, :, copy.dst_head:copy.dst_head + copy.num_heads])
