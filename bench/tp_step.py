@@ -1,6 +1,6 @@
 """Step latency with tensor parallelism on this machine: TP = 1 against TP = N, same model, same steps.
 
-    python -m bench.tp_step --model DIR [--tp 2] [--prefill 512,1024,2048] [--decode 1,8,32]
+    python -m bench.tp_step --model DIR [--tp 2] [--pp 2] [--prefill 512,1024,2048] [--decode 1,8,32]
                             [--context 256] [--repeats 5] [--json out.json]
 
 Three executors of the same model, alternated step by step in one script so drift in the machine's
@@ -10,6 +10,9 @@ speed hits them alike:
     tp1-eager   the same runner with --enforce-eager (the Python path the TP ranks run)
     tpN         a TensorParallelRunner: rank 0 here with 1 thread, ranks 1.. spawned with 1 thread each
                 (serving/runner/tensor_parallel.py), plans sent to every rank as the engine does
+    ppM         (with --pp M) M pipeline stages of one rank each, 1 thread each: one plan's latency through
+                every stage in turn (what a lone request sees; the overlap of plans in flight, which is
+                what pipelining buys, is bench.pp_pipeline's to measure)
 Each step is a synthetic plan (bench.profile's: prefill of one prompt, or a decode batch at the given
 context), timed from execute() to its return. For tpN the table also shows the share of rank 0's step
 spent inside collectives (all-reduce after o_proj and down_proj, the embedding's all-reduce, the
@@ -53,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--pp", type=int, default=0, help="also time this many pipeline stages (0: not)")
     parser.add_argument("--prefill", default="512,1024,2048", help="prompt lengths of one-prompt prefill steps")
     parser.add_argument("--decode", default="1,8,32", help="batch sizes of decode steps")
     parser.add_argument("--context", type=int, default=256, help="context of each decode row")
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = {"tp1": (single, threads, False), "tp1-eager": (single, threads, True),
                 f"tp{args.tp}": (parallel, rank_threads, None)}
+    staged = None
+    if args.pp > 1:
+        staged = load_tensor_parallel_runner(args.model, cache, device, dtype, 1, collective_timeout_s=120.0, pp=args.pp)
+        variants[f"pp{args.pp}"] = (staged, rank_threads, None)
     samples = {v: {c: [] for c in cases} for v in variants}
     collective = {c: [] for c in cases}
     step = 0
@@ -106,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {round_}/{args.repeats} done", file=sys.stderr, flush=True)
     finally:
         parallel.close()
+        if staged is not None:
+            staged.close()
 
     names = list(variants)
     print(f"\nmodel={args.model} tp={args.tp} threads: tp1 {threads}, each rank {rank_threads}; context {args.context}; "

@@ -5,12 +5,19 @@
     update = scheduler.update(plan, result)
     -> EngineCoreOutputs (token ids, no text: detokenizing is the OutputProcessor's, in serving/)
 
+With a pipelined executor (pipeline parallelism: `pipeline_depth` > 1, `submit` / `collect`), up to
+that many plans are in flight: the next plan is scheduled and submitted while the stages still work on
+the earlier ones, and results are taken oldest first. The scheduler needs nothing new for it: a
+request's scheduled tokens count as computed once planned, so a decoding request is not planned again
+until its token came back; a prompt's next chunk may be, and the stages keep the plans in order.
+
 It is built from injected parts — a Scheduler (with its KV manager, policies and connector policy),
 an Executor (the model runner, a TP group, or the latency-model executor that computes nothing) and a
 Clock (real, or virtual for simulation) — and touches no tensors itself.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -62,6 +69,10 @@ class EngineCore:
         self._awaiting_first_output: set[str] = set()
         self.num_steps = 0
         self.num_failed_steps = 0
+        self.pipeline_depth = getattr(executor, "pipeline_depth", 1)
+        scheduler.pipeline_depth = self.pipeline_depth
+        self._in_flight: collections.deque[tuple[StepPlan, tuple | None]] = collections.deque()
+        self.num_overlapped_plans = 0  # plans submitted while an earlier one (with tokens) was in flight
 
     # ---- requests ----
     def add_request(self, request: Request) -> None:
@@ -82,6 +93,8 @@ class EngineCore:
 
     # ---- stepping ----
     def step(self) -> list[EngineCoreOutput]:
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         plan = self.scheduler.schedule()
         self.last_step_idle = plan.is_empty
         self.num_steps += 1
@@ -97,6 +110,33 @@ class EngineCore:
             return self._fail_step(plan, e)
         if trace is not None:
             trace.record(started, result.step_seconds, chunks, contexts)
+        return self._apply(plan, result)
+
+    def _step_pipelined(self) -> list[EngineCoreOutput]:
+        """Fill the pipeline (stopping after a plan with nothing to compute), then take the oldest
+        plan's result. Any failure of a pipelined executor is ExecutorDeadError: its stages are out of
+        step, and the engine restarts."""
+        while len(self._in_flight) < self.pipeline_depth:
+            plan = self.scheduler.schedule()
+            self.num_steps += 1
+            traced = None
+            if self.trace is not None and not plan.is_empty:
+                traced = (*classify(plan, self.scheduler.requests), time.time())
+            self.executor.submit(plan)
+            if not plan.is_empty and any(not p.is_empty for p, _ in self._in_flight):
+                self.num_overlapped_plans += 1
+            self._in_flight.append((plan, traced))
+            if plan.is_empty:
+                break
+        plan, traced = self._in_flight.popleft()
+        self.last_step_idle = plan.is_empty and not self._in_flight
+        result = self.executor.collect()
+        if traced is not None:
+            chunks, contexts, started = traced
+            self.trace.record(started, result.step_seconds, chunks, contexts)
+        return self._apply(plan, result)
+
+    def _apply(self, plan: StepPlan, result: StepResult) -> list[EngineCoreOutput]:
         self.clock.advance(result.step_seconds)
         update = self.scheduler.update(plan, result)
         outputs = [self._output(r, [], accepted=True) for r in update.accepted if not r.is_finished]

@@ -67,6 +67,9 @@ class Scheduler:
         self._finished_ids: list[str] = []  # to tell the executor on the next step
         self._update = SchedulerUpdate()
         self.num_preemptions = 0
+        # plans in flight at once (pipeline stages, set by EngineCore): each plan then takes at most
+        # 1/depth of the running requests, so that the next plan has rows of its own to overlap with
+        self.pipeline_depth = 1
 
     # ---- admission ----
     def check_admissible(self, request: Request) -> None:
@@ -195,7 +198,8 @@ class Scheduler:
         i = 0
         running, kv, num_tokens_of = self.running, self.kv, self.prefill.num_tokens  # hot loop: bound once
         cached_requests, scheduled = plan.cached_requests, plan.num_scheduled_tokens
-        while i < len(running) and budget > 0:
+        max_rows = -(-len(running) // self.pipeline_depth) if self.pipeline_depth > 1 else len(running)
+        while i < len(running) and budget > 0 and len(scheduled) < max_rows:
             request = running[i]
             computed = request.num_computed_tokens
             num_new = num_tokens_of(request.num_tokens - computed, budget)

@@ -43,8 +43,10 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-PP_NOT_SUPPORTED = ("not supported yet: pipeline parallelism lands with issue 'Tensor and pipeline parallelism'; "
-                    "serve with pipeline_parallel_size 1 (the simulator and the planner model larger plans already)")
+PP_DISAGG_NOT_SUPPORTED = (
+    "not supported yet: a prefill or decode instance runs pipeline_parallel_size 1 until KV transfer from and to "
+    "pipeline stages lands (each stage holds only its layers' KV); colocated serving runs pipeline stages, and "
+    "prefill and decode instances run any tensor-parallel size")
 DISAGG_TP_CUDA_NOT_SUPPORTED = (
     "not supported yet on CUDA: a tensor-parallel prefill or decode instance moves every rank's KV through "
     "its rank 0, which maps the other ranks' caches; in host memory that is shared memory, on GPUs it takes "
@@ -77,11 +79,16 @@ class ParallelConfig:
         if not self.collective_timeout_s > 0:
             raise ValueError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s!r}")
 
+    @property
+    def world_size(self) -> int:
+        """Ranks (processes) of one instance: tensor-parallel ranks times pipeline stages."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
     def check_supported(self, where: str = "", role: str = "colocated", device: str = "cpu") -> None:
         """ValueError for a plan the runtime cannot run yet (device: the resolved one, cpu or cuda)."""
         plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
-        if self.pipeline_parallel_size > 1:
-            raise ValueError(f"{where}{plan}: {PP_NOT_SUPPORTED}")
+        if self.pipeline_parallel_size > 1 and role in ("prefill", "decode"):
+            raise ValueError(f"{where}{role} instance with {plan}: {PP_DISAGG_NOT_SUPPORTED}")
         if self.tensor_parallel_size > 1 and role in ("prefill", "decode") and device == "cuda":
             raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_CUDA_NOT_SUPPORTED}")
 
@@ -218,10 +225,10 @@ class Config:
     deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def __post_init__(self) -> None:
-        if self.parallel.tensor_parallel_size > 1 and self.deploy.cpu_threads_bind != "nobind":
+        if self.parallel.world_size > 1 and self.deploy.cpu_threads_bind != "nobind":
             raise ValueError(f"--cpu-threads-bind {self.deploy.cpu_threads_bind} pins one engine process's threads; "
-                             "with --tensor-parallel-size above 1 each rank is a process of its own, each with "
-                             "its share of the cores: leave --cpu-threads-bind at nobind")
+                             "with --tensor-parallel-size or --pipeline-parallel-size above 1 each rank is a process "
+                             "of its own, each with its share of the cores: leave --cpu-threads-bind at nobind")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":

@@ -180,16 +180,19 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     device = resolve_device(config.model.device)
     config.parallel.check_supported(role=role, device=device.type)
     dtype = resolve_dtype(config.model.dtype, device)
-    tp = config.parallel.tensor_parallel_size
+    tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     workers = None
-    if tp > 1:  # ranks 1.. spawned; this process is rank 0 (serving/runner/tensor_parallel.py)
+    if tp > 1 or pp > 1:  # ranks 1.. spawned; this process is rank 0 (serving/runner/tensor_parallel.py)
+        from serving.models.pipeline import check_pipeline_parallel
         from serving.models.tensor_parallel import check_tensor_parallel
         from serving.runner.tensor_parallel import start_tensor_parallel
-        check_tensor_parallel(ModelArchConfig.from_model_dir(model_dir), tp)
+        arch = ModelArchConfig.from_model_dir(model_dir)
+        check_tensor_parallel(arch, tp)
+        check_pipeline_parallel(arch.num_layers, pp)
         parallel = config.parallel
         workers, model = start_tensor_parallel(model_dir, dtype, device, config.cache, tp, config.model.seed,
                                                parallel.collective_timeout_s, parallel.ray_placement_group,
-                                               parallel.ray_namespace, config.model.enforce_eager)
+                                               parallel.ray_namespace, config.model.enforce_eager, pp)
     else:
         model = load_model(model_dir, dtype, device)
     try:

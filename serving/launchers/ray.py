@@ -75,7 +75,7 @@ class RayLauncher:
 
     def start(self, specs: list[InstanceSpec]) -> list[LaunchedInstance]:
         try:
-            self._connect(sum(spec.config.parallel.tensor_parallel_size for spec in specs))
+            self._connect(sum(spec.config.parallel.world_size for spec in specs))
             strategies = self._placement(specs)
             specs = [self._with_rank_group(spec, strategies) for spec in specs]
             for spec in specs:
@@ -115,7 +115,7 @@ class RayLauncher:
         decode = [s for s in specs if s.role == "decode"]
         strategies = {}
         for pair in zip(prefill, decode):
-            if any(spec.config.parallel.tensor_parallel_size > 1 for spec in pair):
+            if any(spec.config.parallel.world_size > 1 for spec in pair):
                 # its ranks have a group of their own (_with_rank_group); the pair is not kept together
                 logger.warning("same_node: %s and %s are not placed on one node (tensor-parallel instances get "
                                "a placement group of their own ranks)", pair[0].name, pair[1].name)
@@ -133,7 +133,7 @@ class RayLauncher:
         on one node (STRICT_PACK: its ranks share loopback, /dev/shm and NVLink): its own actor, rank 0,
         in bundle 0; its engine starts ranks 1.. as actors in the others (serving/runner/
         tensor_parallel.py), found by the group's name."""
-        tp = spec.config.parallel.tensor_parallel_size
+        tp = spec.config.parallel.world_size  # ranks: every TP rank of every pipeline stage
         if tp == 1:
             return spec
         import dataclasses

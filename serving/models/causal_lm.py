@@ -130,7 +130,8 @@ class CausalLM(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head when the checkpoint ties them (call after to_empty)."""
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and hasattr(self.embed_tokens, "weight") \
+                and hasattr(self.lm_head, "weight"):  # not across pipeline stages: the last keeps a copy
             self.lm_head.weight = self.embed_tokens.weight
 
     def reset_cos_sin_cache(self) -> None:

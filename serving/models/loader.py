@@ -42,12 +42,14 @@ class WeightTarget(NamedTuple):
     row_end: int | None  # None: the whole parameter
 
 
-def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, tensor_parallel=None) -> CausalLM:
+def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, tensor_parallel=None,
+               pipeline_stage=None) -> CausalLM:
     """A CausalLM in eval mode on `device` with the checkpoint's weights in `dtype`; on CPU in float32
     its nn.Linear layers are PackedLinear (same parameters, weights also packed for oneDNN).
     tensor_parallel: a TPGroup (serving/models/tensor_parallel.py) of more than one rank: the model is
     built in this rank's shapes and each checkpoint tensor (memory-mapped) gives it only its part, so a
-    rank never holds more than its shard."""
+    rank never holds more than its shard. pipeline_stage: a PipelineStage (serving/models/pipeline.py)
+    of more than one: only its layers (and the embedding or the head, first or last) are built."""
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; use one of {_SUPPORTED_DTYPES} "
                          "(float32 on CPU, bfloat16/float16 on CUDA)")
@@ -59,6 +61,9 @@ def load_model(model_dir: str, dtype: torch.dtype, device: torch.device, tensor_
     if sharded:  # this rank's modules and shapes, still on meta: only its part is ever allocated
         from serving.models.tensor_parallel import shard_structure
         shard_structure(model, tensor_parallel)
+    if pipeline_stage is not None and pipeline_stage.size > 1:
+        from serving.models.pipeline import prune_to_stage
+        prune_to_stage(model, pipeline_stage)
     model = model.to(dtype).to_empty(device=torch.device(device))
     model.reset_cos_sin_cache()
     if sharded:
@@ -82,6 +87,11 @@ def load_weights(model: CausalLM, weights: Iterator[tuple[str, Tensor]]) -> None
         target = hf_weight_target(hf_name, config)
         if target is None:
             continue
+        if target.param_name not in params and _held_elsewhere(model, target.param_name):
+            if not (target.param_name == "embed_tokens.weight" and config.tie_word_embeddings
+                    and "lm_head.weight" in params):
+                continue
+            target = WeightTarget("lm_head.weight", 0, 0, None)  # a last stage's copy of a tied embedding
         if target.param_name not in params:
             raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a {config.architecture} "
                              "model with this config.json: the checkpoint and config disagree")
@@ -97,6 +107,12 @@ def load_weights(model: CausalLM, weights: Iterator[tuple[str, Tensor]]) -> None
     if missing:
         raise ValueError(f"checkpoint is missing weights for {len(missing)} parameter parts, e.g. "
                          f"{missing[:5]}; is the model directory complete?")
+
+
+def _held_elsewhere(model, param_name: str) -> bool:
+    """The parameter belongs to another pipeline stage (its checkpoint tensor is skipped here)."""
+    stage = getattr(model, "pipeline_stage", None)
+    return stage is not None and not stage.holds(param_name)
 
 
 def hf_weight_target(hf_name: str, config: ModelArchConfig) -> WeightTarget | None:

@@ -246,6 +246,8 @@ def shard_structure(model: nn.Module, group: TPGroup) -> None:
         return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
 
     for layer in model.layers:
+        if not hasattr(layer, "self_attn"):
+            continue  # another pipeline stage's layer
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_proj = linear(hidden, (hq + 2 * hkv) * d, attn.qkv_proj.bias is not None)
         attn.o_proj = RowParallelLinear(linear(hq * d, hidden, False),
@@ -302,6 +304,9 @@ def load_shard(model: nn.Module, weights) -> None:
     filled: dict[str, int] = {}
     for hf_name, tensor in weights:
         for name, first_row, part in shard_target(hf_name, tensor, full, shard):
+            stage = getattr(model, "pipeline_stage", None)
+            if name not in params and stage is not None and not stage.holds(name):
+                continue  # another pipeline stage's (a tied head's rows come as lm_head too)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in a {full.architecture} model with "
                                  "this config.json: the checkpoint and config disagree")
@@ -312,10 +317,10 @@ def load_shard(model: nn.Module, weights) -> None:
                                  f"{tuple(part.shape)} where the model expects {tuple(dest.shape)}")
             dest.copy_(part)
             filled[name] = filled.get(name, 0) + part.shape[0]
-    head = params["lm_head.linear.weight"].data
-    head[shard.vocab.stop - shard.vocab.start:].zero_()
     expected = {name: p.shape[0] for name, p in params.items()}
-    expected["lm_head.linear.weight"] = shard.vocab.stop - shard.vocab.start  # the rest is padding
+    if "lm_head.linear.weight" in params:  # (a pipeline stage before the last has no head)
+        params["lm_head.linear.weight"].data[shard.vocab.stop - shard.vocab.start:].zero_()
+        expected["lm_head.linear.weight"] = shard.vocab.stop - shard.vocab.start  # the rest is padding
     missing = [name for name, rows in expected.items() if filled.get(name, 0) != rows]
     if missing:
         raise ValueError(f"checkpoint is missing weights for {len(missing)} parameters of rank {shard.rank}, e.g. "

@@ -30,6 +30,7 @@ from serving.models.native_decoder import NativeDecoder
 from serving.runner.cpu_malloc import keep_step_memory
 from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, StepInputs, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
+from serving.runner.stage_pipe import StagePipe
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def model_kv_layout(model: CausalLM, block_size: int) -> KVCacheLayout:
-    """The KV cache layout this model's rank holds (a tensor-parallel rank: its slice of the KV heads)."""
+    """The KV cache layout this model's rank holds (a tensor-parallel rank: its slice of the KV heads; a
+    pipeline stage: its layers only)."""
     group = getattr(model, "tensor_parallel", None)
+    stage = getattr(model, "pipeline_stage", None)
     arch = getattr(model, "full_config", model.config)
     tp_size, tp_rank = (group.size, group.rank) if group is not None else (1, 0)
-    layout = KVCacheLayout.for_model(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size,
+    num_layers = stage.num_layers if stage is not None else arch.num_layers
+    layout = KVCacheLayout.for_model(num_layers, arch.num_kv_heads, arch.head_dim, block_size,
                                      next(model.parameters()).dtype, tp_size, tp_rank)
     if layout.num_kv_heads != model.config.num_kv_heads:
         raise RuntimeError(f"rank {tp_rank} of {tp_size} holds {model.config.num_kv_heads} KV heads, its layout "
@@ -76,13 +80,15 @@ def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
 class PagedAttentionBackend:
     """The model's AttentionBackend for one chain: store its K/V, attend over the paged cache."""
 
-    def __init__(self, kv_cache: Tensor, meta: AttentionMetadata, scale: float) -> None:
-        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]
+    def __init__(self, kv_cache: Tensor, meta: AttentionMetadata, scale: float, first_layer: int = 0) -> None:
+        self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]: layers first_layer.. (a pipeline stage's)
         self.meta = meta
         self.scale = scale
+        self.first_layer = first_layer
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        k_cache, v_cache = self.kv_cache[layer_idx, 0], self.kv_cache[layer_idx, 1]
+        index = layer_idx - self.first_layer
+        k_cache, v_cache = self.kv_cache[index, 0], self.kv_cache[index, 1]
         meta = self.meta
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
@@ -91,7 +97,9 @@ class PagedAttentionBackend:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: Tensor, layout: KVCacheLayout, device: torch.device,
-                 seed: int = 0, connector: KVConnectorWorker | None = None, enforce_eager: bool = False) -> None:
+                 seed: int = 0, connector: KVConnectorWorker | None = None, enforce_eager: bool = False,
+                 pipe: StagePipe | None = None) -> None:
+        """pipe: with a pipeline stage's model, the link to the stages before and after it."""
         layout.check(kv_cache)
         if device.type == "cpu":
             keep_step_memory()  # else every step page-faults its large temporaries in again
@@ -118,13 +126,19 @@ class ModelRunner:
         # --enforce-eager keeps every step on the model's Python path
         self.enforce_eager = enforce_eager
         self.native_decoder: NativeDecoder | None = None
+        # a pipeline stage runs its layers of every plan and passes the hidden state on; the last samples
+        self.stage = getattr(model, "pipeline_stage", None)
+        self.pipe = pipe
+        if self.stage is not None and pipe is None:
+            raise ValueError("a pipeline stage's runner needs the pipe to its neighbouring stages")
         self.bind_native_decoder()
 
     def bind_native_decoder(self) -> None:
         """(Re)bind the native decode path to the model's current weights; call after changing the
         model's layers (pack_linears / unpack_linears). Until then decode steps take the Python path."""
         self.native_decoder = (NativeDecoder.build(self.model, self.kv_cache)
-                               if self.device.type == "cpu" and not self.enforce_eager else None)
+                               if self.device.type == "cpu" and not self.enforce_eager and self.stage is None
+                               else None)
 
     @classmethod
     def load(cls, model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
@@ -178,6 +192,8 @@ class ModelRunner:
         self.forward_cpu_seconds += time.process_time() - cpu_started
 
     def _execute(self, plan: StepPlan) -> StepResult:
+        if self.stage is not None:
+            return self._execute_stage(plan)
         hidden_rows, sample_ids = [], []
         for chain in _chains(plan.segments or [Segment(list(plan.num_scheduled_tokens))]):
             rows, hidden, inputs = self._run_chain(plan, chain)
@@ -189,6 +205,36 @@ class ModelRunner:
         if logits is None:
             return StepResult()
         result = self._sample(logits, sample_ids)
+        self.connector.tokens_sampled(result.sampled_token_ids)
+        return result
+
+    def _execute_stage(self, plan: StepPlan) -> StepResult:
+        """A pipeline stage's part of a plan: its layers over every scheduled token, the hidden state
+        taken from the stage before (not the first) and passed to the stage after (not the last), which
+        samples. Whole passes only (layered prefill's segments are refused with pipeline parallelism)."""
+        stage = self.stage
+        if any(s.layer_start != 0 or s.layer_end not in (None, stage.num_model_layers) for s in plan.segments):
+            raise RuntimeError("pipeline stages run whole passes: layered prefill segments are not supported")
+        rows = list(plan.num_scheduled_tokens)
+        states = [self.states[r] for r in rows]
+        num_tokens = [plan.num_scheduled_tokens[r] for r in rows]
+        inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
+        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale, stage.first_layer)
+        hidden, residual = (None, None) if stage.is_first else self.pipe.recv(inputs.input_ids.shape[0])
+        with self._forward_timer(sync=not stage.is_last):
+            hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, stage.first_layer,
+                                          stage.end_layer, hidden, residual)                  # [T, H]
+        self.connector.layers_done(rows, stage.first_layer, stage.end_layer)
+        for state, n in zip(states, num_tokens):
+            state.num_computed_tokens += n
+        if not stage.is_last:
+            self.pipe.send(hidden, residual)
+            return StepResult()
+        if not inputs.sample_request_ids:
+            return StepResult()
+        with self._forward_timer(sync=True):
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])                 # [S, V]
+        result = self._sample(logits, inputs.sample_request_ids)
         self.connector.tokens_sampled(result.sampled_token_ids)
         return result
 

@@ -23,6 +23,8 @@ through shared memory (kernels/csrc/cpu_shm_collectives.cpp) rather than gloo wh
 """
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import os
 import socket
@@ -59,14 +61,52 @@ class RankSpec:
     seed: int
     threads: int
     collective_timeout_s: float
-    shm_name: str | None = None  # the shared-memory collectives region (CPU), or None: gloo only
+    shm_name: str | None = None  # the shared-memory collectives region of its TP group (CPU), or None: gloo only
     shm_slot_bytes: int = 0
     enforce_eager: bool = False  # as rank 0: every rank takes the same path through a step
+    tp_size: int = 0             # ranks per pipeline stage (0: size, no pipeline)
+    pp_size: int = 1             # pipeline stages; rank r is stage r // tp_size, TP rank r % tp_size
+
+
+def _join(store, rank: int, size: int, tp: int, pp: int, device: torch.device, timeout_s: float,
+          shm: ShmCollectives | None):
+    """(this rank's TPGroup or None, the world process group for stage-to-stage sends or None): with one
+    stage the TP group is the world; with several, each stage's ranks make a TP group of their own."""
+    if pp == 1:
+        return TPGroup(rank, size, make_process_group(store, rank, size, device, timeout_s), shm), None
+    from torch.distributed import PrefixStore
+    world = make_process_group(store, rank, size, device, timeout_s)
+    stage, tp_rank = divmod(rank, tp)
+    group = None
+    if tp > 1:
+        group = TPGroup(tp_rank, tp, make_process_group(PrefixStore(f"stage{stage}", store), tp_rank, tp, device,
+                                                        timeout_s), shm)
+    return group, world
+
+
+def _stage_of(model_dir: str, rank: int, tp: int, pp: int):
+    if pp == 1:
+        return None
+    from serving.models.config import ModelArchConfig
+    from serving.models.pipeline import PipelineStage
+    return PipelineStage.of(ModelArchConfig.from_model_dir(model_dir).num_layers, pp, rank // tp)
+
+
+def _stage_pipe(model, world, rank: int, tp: int, device: torch.device):
+    stage = getattr(model, "pipeline_stage", None)
+    if stage is None:
+        return None
+    from serving.runner.stage_pipe import StagePipe
+    arch = getattr(model, "full_config", model.config)
+    return StagePipe(world, None if stage.is_first else rank - tp, None if stage.is_last else rank + tp,
+                     arch.hidden_size, next(model.parameters()).dtype, device)
 
 
 def _worker_main(conn) -> None:
     """A worker rank: read its spec, say it started, join the group, load the shard, then wait for the
-    KV cache size and execute every plan it is sent until the connection closes."""
+    KV cache size and execute every plan it is sent until the connection closes. Each plan is answered
+    with (result, busy seconds): the result is the StepResult on the last pipeline stage's first rank
+    (which samples for the group), else None; or with the error's text, after which the rank stops."""
     from torch.distributed import TCPStore
     try:
         spec: RankSpec = conn.recv()
@@ -79,13 +119,16 @@ def _worker_main(conn) -> None:
             torch.cuda.set_device(index)
             device = torch.device("cuda", index)
         shm = _attach_shm(spec) if spec.shm_name else None
-        group = TPGroup(spec.rank, spec.size,
-                        make_process_group(store, spec.rank, spec.size, device, spec.collective_timeout_s), shm)
-        model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group)
+        tp, pp = spec.tp_size or spec.size, spec.pp_size
+        group, world = _join(store, spec.rank, spec.size, tp, pp, device, spec.collective_timeout_s, shm)
+        model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group,
+                           _stage_of(spec.model_dir, spec.rank, tp, pp))
         num_blocks, block_size, cache_name = conn.recv()
         layout = model_kv_layout(model, block_size)
         kv_cache = _map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
-        runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager)
+        runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager,
+                             pipe=_stage_pipe(model, world, spec.rank, tp, device))
+        reports_result = pp > 1 and runner.stage.is_last and spec.rank % tp == 0
         conn.send(("ready", os.getpid()))
     except (EOFError, OSError):  # rank 0's process is gone
         return
@@ -99,12 +142,13 @@ def _worker_main(conn) -> None:
             return
         if plan is None:
             return
+        busy = runner.forward_seconds
         try:
-            runner.execute(plan)
+            result = runner.execute(plan)
         except BaseException as e:  # noqa: BLE001 - the group is out of step now: report and stop
             conn.send(f"{type(e).__name__}: {e}")
             return
-        conn.send(None)
+        conn.send((result if reports_result else None, runner.forward_seconds - busy))
 
 
 def _map_cache(name: str, layout, num_blocks: int) -> torch.Tensor:
@@ -154,8 +198,9 @@ def _attach_shm(spec: RankSpec) -> ShmCollectives:
     lib = cpu_native.library()
     if lib is None:
         raise RuntimeError("rank 0 uses shared-memory collectives but this rank cannot load pdserve's CPU kernels")
-    region = map_region(spec.shm_name, 0, ShmCollectives.region_bytes(lib, spec.size, spec.shm_slot_bytes), True)
-    return ShmCollectives(lib, region, spec.rank, spec.size, spec.shm_slot_bytes, spec.collective_timeout_s)
+    tp = spec.tp_size or spec.size
+    region = map_region(spec.shm_name, 0, ShmCollectives.region_bytes(lib, tp, spec.shm_slot_bytes), True)
+    return ShmCollectives(lib, region, spec.rank % tp, tp, spec.shm_slot_bytes, spec.collective_timeout_s)
 
 
 def _create_shm(device: torch.device, size: int, timeout_s: float):
@@ -281,37 +326,46 @@ class _RayRanks:
 
 
 class TensorParallelWorkers:
-    """Ranks 1 .. size-1 of a group (child processes, or Ray actors in the instance's placement group);
-    rank 0 is the caller's process. Constructing it starts them and joins the group; the caller then
-    loads its own shard with `group`, sizes the cache and calls `ready(num_blocks, block_size)`."""
+    """Ranks 1 .. size-1 of a group of tp ranks per pipeline stage and pp stages (child processes, or
+    Ray actors in the instance's placement group); rank 0 is the caller's process (stage 0's first
+    rank). Rank r is stage r // tp, TP rank r % tp. Constructing it starts them and joins the group; the
+    caller then loads its own shard with `group` and `stage`, sizes the cache and calls
+    `ready(num_blocks, block_size)`."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, size: int, seed: int,
                  collective_timeout_s: float, ray_placement_group: str | None = None,
-                 ray_namespace: str | None = None, enforce_eager: bool = False) -> None:
+                 ray_namespace: str | None = None, enforce_eager: bool = False, pp: int = 1) -> None:
         from torch.distributed import TCPStore
-        self.size, self.enforce_eager = size, enforce_eager
+        self.tp, self.pp = size, pp
+        self.size, self.enforce_eager = size * pp, enforce_eager
+        world = self.size
         self._threads_before = torch.get_num_threads()
-        threads = max(1, self._threads_before // size)
+        threads = max(1, self._threads_before // world)
         torch.set_num_threads(threads)  # this process is rank 0: its share of the cores (restored at close)
-        store = TCPStore("127.0.0.1", 0, size, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
+        store = TCPStore("127.0.0.1", 0, world, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
         self._store = store  # rank 0 owns it: it must outlive the group
         self.processes: list = []  # subprocess.Popen, or _RayRank (the same calls)
         self.conns: list[Connection] = []
-        self._shm_file, shm = _create_shm(device, size, collective_timeout_s)
+        # one shared-memory collectives region per stage's TP group (rank 0 owns them all)
+        regions = [_create_shm(device, size, collective_timeout_s) if size > 1 else (None, None) for _ in range(pp)]
+        self._shm_files = [shared for shared, _ in regions if shared is not None]
+        shm = regions[0][1]
         self._shared_caches: SharedRankCaches | None = None
         self.rank_caches: list[torch.Tensor] = []  # ranks 1..'s KV caches, when ready() shared them
+        self.stage = _stage_of(model_dir, 0, size, pp)  # rank 0's pipeline stage (None: no pipeline)
         ray_ranks = _RayRanks(ray_placement_group, ray_namespace) if ray_placement_group else None
         try:
-            for rank in range(1, size):
+            for rank in range(1, world):
                 process, conn = ray_ranks.start(rank) if ray_ranks else _start_local_rank()
                 self.processes.append(process)
                 self.conns.append(conn)
-                conn.send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, size, store.port,
-                                   seed, threads, collective_timeout_s, self._shm_file.name if shm else None,
-                                   shm.slot_bytes if shm else 0, enforce_eager))
-            for rank in range(1, size):
+                shared, collectives = regions[rank // size]
+                conn.send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, world, store.port,
+                                   seed, threads, collective_timeout_s, shared.name if collectives else None,
+                                   collectives.slot_bytes if collectives else 0, enforce_eager, size, pp))
+            for rank in range(1, world):
                 self._expect(rank, "started")
-            self.group = TPGroup(0, size, make_process_group(store, 0, size, device, collective_timeout_s), shm)
+            self.group, self.world_group = _join(store, 0, world, size, pp, device, collective_timeout_s, shm)
         except BaseException:
             self.close()
             raise
@@ -350,23 +404,33 @@ class TensorParallelWorkers:
             self.close()
             raise
 
-    def send(self, plan: StepPlan) -> None:
+    def send(self, plan: StepPlan, earlier_stages_plan: StepPlan | None = None) -> None:
+        """The plan to every worker; earlier_stages_plan (the same plan with the tokens the last stage
+        sampled since) to the ranks of every pipeline stage but the last."""
         for rank, conn in enumerate(self.conns, start=1):
+            own = earlier_stages_plan if earlier_stages_plan is not None and rank // self.tp < self.pp - 1 else plan
             try:
-                conn.send(plan)
+                conn.send(own)
             except (BrokenPipeError, OSError) as e:
                 raise ExecutorDeadError(self._death(rank, e)) from e
 
-    def collect(self) -> None:
-        """Each worker's acknowledgement of the step; ExecutorDeadError for one that failed or died."""
+    def collect(self) -> tuple[StepResult | None, list[float]]:
+        """Each worker's answer to the oldest step it was sent: (the step's result from the last pipeline
+        stage's first rank, or None without a pipeline; every worker's busy seconds, rank order).
+        ExecutorDeadError for a worker that failed or died."""
+        result, busy = None, []
         for rank, conn in enumerate(self.conns, start=1):
             try:
-                error = conn.recv()
+                answer = conn.recv()
             except (EOFError, OSError) as e:
                 raise ExecutorDeadError(self._death(rank, e)) from e
-            if error is not None:
-                raise ExecutorDeadError(f"tensor-parallel rank {rank} failed a step ({error}); the group is out "
+            if isinstance(answer, str):
+                raise ExecutorDeadError(f"tensor-parallel rank {rank} failed a step ({answer}); the group is out "
                                         "of step and the engine must restart")
+            rank_result, seconds = answer
+            result = rank_result if rank_result is not None else result
+            busy.append(seconds)
+        return result, busy
 
     def check_alive(self, grace_s: float = 0.0) -> None:
         """ExecutorDeadError naming a worker that has exited, waiting up to grace_s for one to (a
@@ -414,8 +478,8 @@ class TensorParallelWorkers:
             if isinstance(process, _RayRank):
                 process.kill()  # an idle rank actor would hold its bundle from the next group
         self.conns, self.processes = [], []
-        if self._shm_file is not None:
-            self._shm_file.close()  # the name goes; the ranks' mappings stay valid until they exit
+        for shared in self._shm_files:
+            shared.close()  # the name goes; the ranks' mappings stay valid until they exit
         if self._shared_caches is not None:
             self._shared_caches.close()
         torch.set_num_threads(self._threads_before)
@@ -423,19 +487,43 @@ class TensorParallelWorkers:
 
 class TensorParallelRunner(ModelRunner):
     """Rank 0's model runner, which also drives the other ranks: every plan goes to each worker before
-    rank 0 runs it, and the step ends when every rank has acknowledged it."""
+    rank 0 runs it, and the step ends when every rank has acknowledged it.
 
-    def __init__(self, workers: TensorParallelWorkers, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    With pipeline stages, rank 0 is stage 0: `submit` sends a plan, runs stage 0's layers and hands the
+    hidden state on, then returns, so the engine can schedule and submit the next plan while later
+    stages still work on this one (up to `pipeline_depth` plans in flight, vLLM's batch queue);
+    `collect` waits for the oldest plan's result, which the last stage's first rank samples and sends.
+    Stages before the last do not sample: the tokens the last one sampled reach them with the next plan
+    that holds their request."""
+
+    def __init__(self, workers: TensorParallelWorkers, model, *args, **kwargs) -> None:
+        pipe = _stage_pipe(model, workers.world_group, 0, workers.tp, next(model.parameters()).device)
+        super().__init__(model, *args, pipe=pipe, **kwargs)
         self.workers = workers
         if self.enforce_eager != workers.enforce_eager:
             raise ValueError("rank 0 and the other ranks must agree on enforce_eager")
+        self._in_flight: collections.deque = collections.deque()  # (plan, rank 0's result, start time)
+        self._sampled: dict[str, list[int]] = {}  # tokens the last stage sampled, not yet sent to earlier stages
+        # seconds each stage's first rank spent in forward passes (rank 0's own, then the workers'):
+        # against the wall time, the pipeline's bubble
+        self.stage_busy_seconds = [0.0] * workers.pp
+
+    @property
+    def pipeline_depth(self) -> int:
+        """How many plans may be in flight at once (the pipeline's stages)."""
+        return self.workers.pp
 
     def execute(self, plan: StepPlan) -> StepResult:
+        self.submit(plan)
+        return self.collect()
+
+    def submit(self, plan: StepPlan) -> None:
+        started, busy = time.perf_counter(), self.forward_seconds
         try:
-            self.workers.send(plan)
+            earlier = self._with_sampled_tokens(plan) if self.workers.pp > 1 else None
+            self.workers.send(plan, earlier)
             try:
-                result = super().execute(plan)
+                own = super().execute(earlier or plan)
             except Exception as e:
                 # whatever failed, the ranks may now stand at different collectives: the group cannot run
                 # another step (a worker that fails a step reports it and exits for the same reason)
@@ -443,11 +531,43 @@ class TensorParallelRunner(ModelRunner):
                     self.workers.check_alive(grace_s=2.0)  # a dead peer explains it: say which
                 raise ExecutorDeadError(f"tensor-parallel rank 0 failed a step ({type(e).__name__}: {e}); the "
                                         "engine must restart with a whole group") from e
-            self.workers.collect()
         except ExecutorDeadError:
             self.workers.kill()  # a hung or stopped rank would outlive the group otherwise
             raise
+        self.stage_busy_seconds[0] += self.forward_seconds - busy
+        self._in_flight.append((plan, own, started))
+
+    def collect(self) -> StepResult:
+        plan, own, started = self._in_flight.popleft()
+        try:
+            last, busy = self.workers.collect()
+        except ExecutorDeadError:
+            self.workers.kill()
+            raise
+        if self.workers.pp == 1:
+            return own
+        for stage in range(1, self.workers.pp):
+            self.stage_busy_seconds[stage] += busy[stage * self.workers.tp - 1]
+        result = last if last is not None else StepResult()
+        result.moves = own.moves
+        result.step_seconds = time.perf_counter() - started
+        for request_id, token_id in result.sampled_token_ids.items():
+            self._sampled.setdefault(request_id, []).append(token_id)
+        self.connector.tokens_sampled(result.sampled_token_ids)
         return result
+
+    def _with_sampled_tokens(self, plan: StepPlan) -> StepPlan:
+        """The plan for stages before the last: each continuing request also carries the tokens the last
+        stage sampled for it since its previous plan (new requests carry all of theirs)."""
+        sampled = self._sampled
+        for request_id in (*plan.finished_request_ids, *plan.preempted_request_ids,
+                           *(new.request_id for new in plan.new_requests)):
+            sampled.pop(request_id, None)
+        if not sampled or not plan.cached_requests:
+            return plan
+        cached = [dataclasses.replace(d, new_token_ids=d.new_token_ids + sampled.pop(d.request_id))
+                  if d.request_id in sampled else d for d in plan.cached_requests]
+        return dataclasses.replace(plan, cached_requests=cached)
 
     def close(self) -> None:
         self.workers.close()
@@ -462,14 +582,14 @@ def _is_collective_error(error: Exception) -> bool:
 
 def start_tensor_parallel(model_dir: str, dtype: torch.dtype, device: torch.device, cache_config: CacheConfig,
                           size: int, seed: int, collective_timeout_s: float, ray_placement_group: str | None = None,
-                          ray_namespace: str | None = None, enforce_eager: bool = False):
-    """(workers, rank 0's model) for a group of `size`: spawns ranks 1.., joins the group, loads rank 0's
-    shard. The caller sizes the KV cache from the model's (per-rank) layout, calls workers.ready and
-    builds a TensorParallelRunner."""
+                          ray_namespace: str | None = None, enforce_eager: bool = False, pp: int = 1):
+    """(workers, rank 0's model) for a group of `size` ranks per stage and pp stages: spawns ranks 1..,
+    joins the group, loads rank 0's shard (of stage 0). The caller sizes the KV cache from the model's
+    (per-rank) layout, calls workers.ready and builds a TensorParallelRunner."""
     workers = TensorParallelWorkers(model_dir, dtype, device, size, seed, collective_timeout_s, ray_placement_group,
-                                    ray_namespace, enforce_eager)
+                                    ray_namespace, enforce_eager, pp)
     try:
-        model = load_model(model_dir, dtype, device, workers.group)
+        model = load_model(model_dir, dtype, device, workers.group if size > 1 else None, workers.stage)
     except BaseException:
         workers.close()
         raise
@@ -486,12 +606,12 @@ def main() -> int:
 
 def load_tensor_parallel_runner(model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
                                 size: int, seed: int = 0, collective_timeout_s: float = 60.0,
-                                enforce_eager: bool = False) -> TensorParallelRunner:
+                                enforce_eager: bool = False, pp: int = 1) -> TensorParallelRunner:
     """A whole group for tools and benchmarks (ModelRunner.load's counterpart): ranks started, shards
     loaded, caches of cache_config's size allocated. close() stops the other ranks."""
     from serving.runner.model_runner import num_kv_blocks
     workers, model = start_tensor_parallel(model_dir, dtype, device, cache_config, size, seed, collective_timeout_s,
-                                           enforce_eager=enforce_eager)
+                                           enforce_eager=enforce_eager, pp=pp)
     try:
         layout = model_kv_layout(model, cache_config.block_size)
         num_blocks = num_kv_blocks(layout, cache_config)

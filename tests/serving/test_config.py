@@ -123,6 +123,7 @@ def test_per_role_tensor_parallel_flags_land_in_the_role_sections_and_are_refuse
 
 
 def test_thread_binding_is_refused_with_tensor_parallel_ranks():
-    with pytest.raises(ValueError, match="with --tensor-parallel-size above 1 each rank is a process of its own"):
-        parse(["--tensor-parallel-size", "2", "--cpu-threads-bind", "auto"])
+    for flag in ("--tensor-parallel-size", "--pipeline-parallel-size"):
+        with pytest.raises(ValueError, match="or --pipeline-parallel-size above 1 each rank is a process of its own"):
+            parse([flag, "2", "--cpu-threads-bind", "auto"])
     assert parse(["--tensor-parallel-size", "2"]).deploy.cpu_threads_bind == "nobind"

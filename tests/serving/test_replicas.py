@@ -43,15 +43,15 @@ def test_parallel_sizes_validate_and_what_the_runtime_cannot_run_is_refused_at_s
     with pytest.raises(ValueError, match="collective_timeout_s must be positive"):
         Config.from_dict({"parallel": {"collective_timeout_s": 0}})
     config = Config.from_dict({"parallel": {"pipeline_parallel_size": 2}})
-    assert config.parallel.pipeline_parallel_size == 2
-    with pytest.raises(ValueError, match="not supported yet: pipeline parallelism lands with issue"):
-        build_engine_client(config)
+    assert config.parallel.pipeline_parallel_size == 2 and config.parallel.world_size == 2
+    config.parallel.check_supported()  # colocated stages run (tests/serving/test_pipeline_parallel.py)
     per_role = Config.from_dict({"mode": "disaggregated", "decode_overrides": {"pipeline_parallel_size": 2}})
-    with pytest.raises(ValueError, match="decode-0: .*pipeline_parallel_size=2: not supported yet"):
+    with pytest.raises(ValueError, match="decode-0: .*pipeline_parallel_size=2: not supported yet: a prefill or "
+                                         "decode instance runs pipeline_parallel_size 1"):
         build_engine_client(per_role)
-    tp_role = Config.from_dict({"mode": "disaggregated", "prefill_overrides": {"tensor_parallel_size": 2}})
-    with pytest.raises(ValueError, match="prefill-0: prefill instance with tensor_parallel_size=2.*KV transfer "
-                                         "between tensor-parallel ranks"):
+    tp_role = Config.from_dict({"mode": "disaggregated", "device": "cuda",
+                                "prefill_overrides": {"tensor_parallel_size": 2}})
+    with pytest.raises(ValueError, match="prefill-0: prefill instance with tensor_parallel_size=2.*CUDA IPC"):
         build_engine_client(tp_role)
 
 

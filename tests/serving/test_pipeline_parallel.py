@@ -1,0 +1,84 @@
+"""Pipeline parallelism (serving/models/pipeline.py, the stages in serving/runner/tensor_parallel.py,
+the batch queue in scheduler/engine_core.py): real rank processes, the hidden state passed stage to
+stage over gloo. Greedy output with PP > 1, and with TP x PP, equals one rank on the same weights;
+the stages really overlap plans; a dead stage takes its engine down cleanly."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from scheduler.errors import ExecutorDeadError
+from serving.llm import LLM
+from serving.models.pipeline import PipelineStage, check_pipeline_parallel
+from tests.serving.test_disagg_support import children_running
+from tests.serving.test_tensor_parallel import (PROMPTS, TP_WORKER, assert_same_generation, case_dirs, greedy,  # noqa: F401
+                                                run)
+
+
+@pytest.mark.parametrize("case", ["llama3-rope-scaling", "llama-tied-bias", "qwen2-qkv-bias", "qwen3-qk-norm"])
+@pytest.mark.parametrize("pp", [2, 3])
+def test_greedy_output_with_pipeline_stages_equals_one_rank(case_dirs, tiny_model_dir, case, pp):  # noqa: F811
+    """3 layers: stages of 1 and 2 layers (pp 2), one each (pp 3); a tied LM head on a last stage
+    that does not hold the embedding."""
+    model_dir = case_dirs[case]
+    assert_same_generation(run(model_dir, 1, tokenizer=tiny_model_dir),
+                           run(model_dir, 1, tokenizer=tiny_model_dir, pipeline_parallel_size=pp))
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 2), (1, 4), (2, 2)])
+def test_the_built_in_tiny_model_with_pipeline_stages_and_tensor_parallel_ranks(tiny_model_dir, tp, pp):
+    assert_same_generation(run(tiny_model_dir, 1), run(tiny_model_dir, tp, pipeline_parallel_size=pp))
+
+
+def test_chunked_prefill_and_preemption_across_stages_in_flight(tiny_model_dir):
+    """Small steps and a small pool: a prompt's chunks in consecutive plans in flight at once, mixed
+    steps, preemption; every block back in the pool."""
+    changes = dict(max_num_batched_tokens=16, num_gpu_blocks_override=24, block_size=4, max_model_len=96)
+    assert_same_generation(run(tiny_model_dir, 1, 24, **changes),
+                           run(tiny_model_dir, 1, 24, pipeline_parallel_size=2, **changes))
+
+
+def test_stages_overlap_plans_and_each_holds_only_its_layers(tiny_model_dir):
+    llm = LLM(tiny_model_dir, pipeline_parallel_size=2)
+    try:
+        runner = llm.engine.runner
+        assert runner.stage == PipelineStage(0, 2, 0, 2, 4) and runner.pipeline_depth == 2
+        assert runner.kv_cache.shape[0] == 2  # the KV of its two layers only
+        held = {name.split(".")[1] for name, _ in runner.model.named_parameters() if name.startswith("layers.")}
+        assert held == {"0", "1"} and not hasattr(runner.model.lm_head, "weight")
+        prompts = [[7 + i, 8, 9, 10 + i] for i in range(8)]
+        outputs = llm.generate(prompts, greedy(10))
+        assert all(len(o.outputs[0].token_ids) == 10 for o in outputs)
+        core = llm.engine.core
+        assert core.num_overlapped_plans > 0  # a plan went in while the other stage held an earlier one
+        assert runner.stage_busy_seconds[0] > 0 and runner.stage_busy_seconds[1] > 0
+    finally:
+        llm.engine.close()
+
+
+def test_a_killed_stage_fails_the_offline_engine_with_a_clear_error(tiny_model_dir):
+    llm = LLM(tiny_model_dir, pipeline_parallel_size=2)
+    try:
+        workers = children_running(os.getpid(), TP_WORKER)
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        with pytest.raises(ExecutorDeadError, match=r"rank 1 \(pid \d+\) died"):
+            llm.generate([[5, 6, 7]], greedy(4))
+    finally:
+        llm.engine.close()
+    assert not children_running(os.getpid(), TP_WORKER)
+
+
+def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_are_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"--pipeline-parallel-size 5 cannot split this model: it has 4 layers"):
+        check_pipeline_parallel(4, 5)
+    with pytest.raises(ValueError, match="cannot split this model"):
+        LLM(tiny_model_dir, pipeline_parallel_size=5)
+    from serving.config import ParallelConfig
+    with pytest.raises(ValueError, match="prefill instance with .*pipeline_parallel_size=2: not supported yet"):
+        ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill")
+    assert [PipelineStage.of(10, 3, s)[2:4] if False else (PipelineStage.of(10, 3, s).first_layer,
+                                                            PipelineStage.of(10, 3, s).end_layer)
+            for s in range(3)] == [(0, 3), (3, 6), (6, 10)]
