@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 assert all(len(o.outputs[0].token_ids) == args.tokens for o in outputs)
                 if round_:
                     rates[variant].append(args.requests * args.tokens / wall)
-                    if busy:
+                    if len(busy) > 1:  # pipeline stages (a TP group's one entry is not a bubble)
                         spent = sum(runner.stage_busy_seconds) - sum(busy)
                         bubbles[variant].append(1 - spent / (len(busy) * wall))
             print(f"round {round_}/{args.repeats} done", file=sys.stderr, flush=True)

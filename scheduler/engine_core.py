@@ -93,7 +93,7 @@ class EngineCore:
 
     # ---- stepping ----
     def step(self) -> list[EngineCoreOutput]:
-        if self.pipeline_depth > 1:
+        if self.pipeline_depth > 1 or self._in_flight:  # (plans still in flight are taken first, in order)
             return self._step_pipelined()
         plan = self.scheduler.schedule()
         self.last_step_idle = plan.is_empty

@@ -82,3 +82,24 @@ def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_are_refused
     assert [PipelineStage.of(10, 3, s)[2:4] if False else (PipelineStage.of(10, 3, s).first_layer,
                                                             PipelineStage.of(10, 3, s).end_layer)
             for s in range(3)] == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_plans_left_in_flight_are_taken_first_when_the_engine_goes_serial(tiny_model_dir):
+    """A generate leaves an empty plan in flight behind the last one; stepping one plan at a time
+    afterwards (as bench.pp_pipeline compares) must take it first, or results would be matched to
+    the wrong plans."""
+    params = greedy(6)
+    prompts = [[7 + i, 8, 9] for i in range(6)]
+    reference = LLM(tiny_model_dir)
+    try:
+        expected = [o.outputs[0].token_ids for o in reference.generate(prompts, params)]
+    finally:
+        reference.engine.close()
+    llm = LLM(tiny_model_dir, pipeline_parallel_size=2)
+    try:
+        core = llm.engine.core
+        for depth in (2, 1, 2):
+            core.pipeline_depth = core.scheduler.pipeline_depth = depth
+            assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected, depth
+    finally:
+        llm.engine.close()
