@@ -151,6 +151,14 @@ class KVCacheLayout:
                    tp_size, tp_rank, total_kv_heads)
 
 
+def stage_layers(num_layers: int, pp_size: int, stage: int) -> tuple[int, int]:
+    """The layers [first, end) pipeline stage `stage` of pp_size holds (vLLM's even split; the earlier
+    stages get the shorter ranges). The one rule the model's stages and the KV transfer both use."""
+    if not 0 <= stage < pp_size <= num_layers:
+        raise ValueError(f"stage {stage} of {pp_size} cannot hold a share of {num_layers} layers")
+    return stage * num_layers // pp_size, (stage + 1) * num_layers // pp_size
+
+
 def _heads_per_rank(total_kv_heads: int, tp_size: int) -> int:
     """KV heads each of tp_size ranks holds (one, replicated, where tp_size exceeds them)."""
     return max(1, total_kv_heads // tp_size)

@@ -66,13 +66,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-replicas", type=int, default=None,
                    help="colocated: data-parallel replicas behind the router (default 1: the engine in-process)")
     g.add_argument("--tensor-parallel-size", type=int, default=None,
-                   help="ranks each instance splits its layers over (colocated; docs/parallelism.md)")
+                   help="ranks each instance splits its heads and MLP columns over (docs/parallelism.md)")
     g.add_argument("--prefill-tp", type=int, default=None,
-                   help="disaggregated: tensor-parallel size of the prefill instances (only 1 runs yet)")
+                   help="disaggregated: tensor-parallel size of the prefill instances (CPU only for now)")
     g.add_argument("--decode-tp", type=int, default=None,
-                   help="disaggregated: tensor-parallel size of the decode instances (only 1 runs yet)")
+                   help="disaggregated: tensor-parallel size of the decode instances (CPU only for now)")
     g.add_argument("--pipeline-parallel-size", type=int, default=None,
-                   help="pipeline stages of each instance (only 1 runs yet)")
+                   help="pipeline stages each instance splits its layers over, several plans in flight "
+                        "(per role: pipeline_parallel_size in the YAML role sections)")
     g.add_argument("--num-prefill", type=int, default=None, help="prefill instances (disaggregated)")
     g.add_argument("--num-decode", type=int, default=None, help="decode instances (disaggregated)")
     g.add_argument("--launcher", default=None, choices=["local", "ray"])

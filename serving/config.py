@@ -43,23 +43,18 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-PP_DISAGG_NOT_SUPPORTED = (
-    "not supported yet: a prefill or decode instance runs pipeline_parallel_size 1 until KV transfer from and to "
-    "pipeline stages lands (each stage holds only its layers' KV); colocated serving runs pipeline stages, and "
-    "prefill and decode instances run any tensor-parallel size")
 DISAGG_TP_CUDA_NOT_SUPPORTED = (
-    "not supported yet on CUDA: a tensor-parallel prefill or decode instance moves every rank's KV through "
+    "not supported yet on CUDA: a prefill or decode instance of several ranks moves every rank's KV through "
     "its rank 0, which maps the other ranks' caches; in host memory that is shared memory, on GPUs it takes "
-    "CUDA IPC, not built yet. Run prefill and decode instances with tensor_parallel_size 1 on CUDA (colocated "
-    "serving runs any size there), or on CPU")
+    "CUDA IPC, not built yet. Run prefill and decode instances with one rank on CUDA (colocated serving runs "
+    "any plan there), or on CPU")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How one instance splits the model over devices. Tensor parallelism runs in every instance
-    (serving/runner/tensor_parallel.py), and KV moves between prefill and decode instances of any two
-    sizes (kvcache/transfer/plans.py); pipeline parallelism is understood (the planner emits it, the
-    simulator models it) but refused at start until the runtime implements it."""
+    """How one instance splits the model over devices: tensor-parallel ranks times pipeline stages, in
+    every instance (serving/runner/tensor_parallel.py); KV moves between prefill and decode instances
+    of any two plans (kvcache/transfer/plans.py; host memory only for now)."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # how long a rank waits in a collective for a peer before the group is declared dead (a dead peer
@@ -87,9 +82,7 @@ class ParallelConfig:
     def check_supported(self, where: str = "", role: str = "colocated", device: str = "cpu") -> None:
         """ValueError for a plan the runtime cannot run yet (device: the resolved one, cpu or cuda)."""
         plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
-        if self.pipeline_parallel_size > 1 and role in ("prefill", "decode"):
-            raise ValueError(f"{where}{role} instance with {plan}: {PP_DISAGG_NOT_SUPPORTED}")
-        if self.tensor_parallel_size > 1 and role in ("prefill", "decode") and device == "cuda":
+        if self.world_size > 1 and role in ("prefill", "decode") and device == "cuda":
             raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_CUDA_NOT_SUPPORTED}")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.layout import KVCacheLayout
+from kvcache.layout import KVCacheLayout, stage_layers
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 
 
@@ -24,14 +24,15 @@ class IncompatibleLayoutError(ValueError):
 
 # Fields that describe a side's tensor-parallel plan: they may differ between the peers (the sender
 # converts, kvcache/transfer/plans.py); every other field must be equal.
-PLAN_FIELDS = ("num_kv_heads", "tp_size", "tp_rank")
+PLAN_FIELDS = ("num_kv_heads", "tp_size", "tp_rank", "pp_size")
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """What an instance declares to its KV peers: the `KVCacheLayout` of its rank tp_rank (every rank
-    holds as many heads; the instance's endpoint declares rank 0) plus the model's fingerprint.
-    num_blocks is deliberately absent: each side sizes its own pool.
+    holds as many heads; the instance's endpoint declares rank 0) with the model's num_layers, its
+    pipeline stages, plus the model's fingerprint. Rank r = stage * tp_size + TP rank holds its stage's
+    layers (`rank_layers`). num_blocks is deliberately absent: each side sizes its own pool.
     """
     model_fingerprint: str
     dtype: str
@@ -42,6 +43,7 @@ class KVLayout:
     tp_size: int = 1
     tp_rank: int = 0
     total_kv_heads: int = 0  # the model's; 0: num_kv_heads * tp_size
+    pp_size: int = 1
 
     def __post_init__(self) -> None:
         if self.total_kv_heads == 0:
@@ -52,9 +54,12 @@ class KVLayout:
             raise ValueError(f"invalid KVLayout: {e}") from None
 
     @classmethod
-    def from_cache_layout(cls, layout: KVCacheLayout, model_fingerprint: str) -> KVLayout:
-        return cls(model_fingerprint, layout.dtype, layout.block_size, layout.num_layers, layout.num_kv_heads,
-                   layout.head_dim, layout.tp_size, layout.tp_rank, layout.total_kv_heads)
+    def from_cache_layout(cls, layout: KVCacheLayout, model_fingerprint: str, num_layers: int | None = None,
+                          pp_size: int = 1) -> KVLayout:
+        """num_layers: the model's, where layout is one pipeline stage's (of pp_size)."""
+        return cls(model_fingerprint, layout.dtype, layout.block_size, num_layers or layout.num_layers,
+                   layout.num_kv_heads, layout.head_dim, layout.tp_size, layout.tp_rank, layout.total_kv_heads,
+                   pp_size)
 
     @classmethod
     def from_kv_cache(cls, kv_cache: torch.Tensor, model_fingerprint: str, tp_size: int = 1,
@@ -67,8 +72,23 @@ class KVLayout:
                              self.tp_size, self.tp_rank, self.total_kv_heads)
 
     def for_rank(self, tp_rank: int) -> KVLayout:
-        """The layout of another rank of the same instance."""
+        """The layout of another TP rank of the same instance."""
         return dataclasses.replace(self, tp_rank=tp_rank)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the instance, each with a cache of its own."""
+        return self.tp_size * self.pp_size
+
+    def rank_layers(self, rank: int) -> tuple[int, int]:
+        """The model's layers [first, end) whose KV rank `rank` holds (its pipeline stage's)."""
+        return stage_layers(self.num_layers, self.pp_size, rank // self.tp_size)
+
+    def rank_cache_layout(self, rank: int) -> KVCacheLayout:
+        """The KVCacheLayout of rank `rank`'s cache: its stage's layers, its TP rank's heads."""
+        first, end = self.rank_layers(rank)
+        return KVCacheLayout(end - first, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
+                             self.tp_size, rank % self.tp_size, self.total_kv_heads)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -97,12 +117,18 @@ class KVLayout:
             raise ValueError(f"kv_cache does not match the declared layout: {e}") from None
 
     def check_caches(self, kv_caches: list[torch.Tensor]) -> None:
-        """Raise ValueError unless kv_caches holds one cache per rank, each of this layout, all of as
-        many blocks (rank r's at index r: one block table serves them all)."""
-        if len(kv_caches) != self.tp_size:
-            raise ValueError(f"{len(kv_caches)} KV caches for {self.tp_size} tensor-parallel ranks")
-        for kv_cache in kv_caches:
-            self.check_cache(kv_cache)
+        """Raise ValueError unless kv_caches holds one cache per rank, each of its rank's layout, all of
+        as many blocks (rank r's at index r: one block table serves them all)."""
+        if len(kv_caches) != self.world_size:
+            raise ValueError(f"{len(kv_caches)} KV caches for {self.world_size} ranks ({self.tp_size} tensor-parallel "
+                             f"x {self.pp_size} pipeline stages)")
+        for rank, kv_cache in enumerate(kv_caches):
+            if not kv_cache.is_contiguous():
+                raise ValueError("kv_cache must be contiguous for KV transfer")
+            try:
+                self.rank_cache_layout(rank).check(kv_cache)
+            except ValueError as e:
+                raise ValueError(f"rank {rank}'s kv_cache does not match the declared layout: {e}") from None
             if kv_cache.shape[2] != kv_caches[0].shape[2]:
                 raise ValueError(f"the ranks' KV caches hold different numbers of blocks: "
                                  f"{[c.shape[2] for c in kv_caches]}")

@@ -81,7 +81,7 @@ class _Reservation:
     request_id: str
     block_ids: torch.Tensor     # [num_blocks] int64, destination ids in this kv_cache
     attempt: int
-    written: torch.Tensor       # [tp_size, num_layers, num_blocks] bool: which (rank, layer, block) arrived
+    written: torch.Tensor       # [ranks, num_layers, num_blocks] bool: which (rank, layer, block) arrived
     started: float
     last_progress: float
     num_bytes: int = 0
@@ -116,11 +116,15 @@ class KVReceiver:
         kv_caches = [kv_caches] if isinstance(kv_caches, torch.Tensor) else list(kv_caches)
         layout.check_caches(kv_caches)
         kv_cache = kv_caches[0]
-        if pool is not None and (pool.tensor.data_ptr() != kv_cache.data_ptr() or layout.tp_size != 1):
+        if pool is not None and (pool.tensor.data_ptr() != kv_cache.data_ptr() or layout.world_size != 1):
             raise ValueError("the shared pool given to KVReceiver is not the one kv_cache lives in, or the "
                              "instance has several ranks (one-sided writes fill one rank's pool)")
         self.kv_caches = kv_caches
         self.kv_cache = kv_cache
+        # [ranks, num_layers]: the (rank, layer) pairs a transfer must fill: each rank its stage's layers
+        self._required = torch.zeros(layout.world_size, layout.num_layers, dtype=torch.bool)
+        for rank in range(layout.world_size):
+            self._required[rank, slice(*layout.rank_layers(rank))] = True
         self.layout = layout
         self.allocator = allocator
         self.config = config
@@ -188,7 +192,7 @@ class KVReceiver:
         Not with checksums: only a receiver that sees the bytes can verify them before they land."""
         if not (self._writers is not None and self.config.enable_shm and self.config.one_sided
                 and not self.config.checksum and request.want_one_sided and request.host_id == self.host_id
-                and request.layout.tp_size <= 1):
+                and request.layout.tp_size <= 1 and request.layout.pp_size <= 1):
             return False
         refusal = self._writers.admit(request.sender_id, request.pid, request.pid_namespace)
         if refusal:
@@ -238,7 +242,8 @@ class KVReceiver:
         now = self._clock()
         reservation = _Reservation(request.request_id, torch.tensor(block_ids, dtype=torch.int64),
                                    request.attempt,
-                                   torch.zeros(self.layout.tp_size, self.layout.num_layers, num_blocks, dtype=torch.bool),
+                                   torch.zeros(self.layout.world_size, self.layout.num_layers, num_blocks,
+                                               dtype=torch.bool),
                                    now, now)
         reservation.pins = Pins(lambda: self._finalize(reservation))
         if request.one_sided:
@@ -284,6 +289,10 @@ class KVReceiver:
             reservation.last_progress = self._clock()
             return reservation
 
+    def _holds(self, rank: int, layer_start: int, layer_end: int) -> bool:
+        first, end = self.layout.rank_layers(rank)
+        return first <= layer_start and layer_end <= end
+
     def push_chunk(self, message: bytes) -> pb.ChunkAck:
         """Write one chunk (inline or in shared memory) into the reserved blocks."""
         try:
@@ -301,7 +310,8 @@ class KVReceiver:
                 raise RpcError(grpc.StatusCode.DATA_LOSS, f"KV chunk of request {header.request_id!r} "
                                "does not match its CRC-32: nothing was written")
             dst_block_ids = reservation.block_ids[header.block_start:header.block_end]     # [n]
-            unpack_kv(buffer, self.kv_caches[header.dst_rank], dst_block_ids, header.layer_start)
+            first_layer = self.layout.rank_layers(header.dst_rank)[0]  # the rank's cache starts at its stage
+            unpack_kv(buffer, self.kv_caches[header.dst_rank], dst_block_ids, header.layer_start - first_layer)
             with self._lock:
                 if reservation.attempt == header.attempt:
                     reservation.written[header.dst_rank, header.layer_start:header.layer_end,
@@ -335,11 +345,12 @@ class KVReceiver:
         num_chunk_blocks = header.block_end - header.block_start
         if not (0 <= header.layer_start < header.layer_end <= self.layout.num_layers
                 and 0 <= header.block_start < header.block_end <= num_blocks
-                and header.dst_rank < self.layout.tp_size):
+                and header.dst_rank < self.layout.world_size
+                and self._holds(header.dst_rank, header.layer_start, header.layer_end)):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"chunk layers [{header.layer_start}, {header.layer_end}) blocks [{header.block_start}, "
                            f"{header.block_end}) rank {header.dst_rank} outside {self.layout.num_layers} layers x "
-                           f"{num_blocks} blocks x {self.layout.tp_size} ranks")
+                           f"{num_blocks} blocks x {self.layout.world_size} ranks (each its stage's layers)")
         expected = num_layers * num_chunk_blocks * self.layout.num_bytes_per_layer_block
         if header.num_bytes != expected:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT,
@@ -369,7 +380,8 @@ class KVReceiver:
                                f"the transfer is at attempt {reservation.attempt}")
             if reservation.writer:
                 self._mark_written(reservation, request.written)
-            missing_layers = (~reservation.written).any(dim=2).any(dim=0).nonzero().flatten().tolist()
+            missing = self._required[:, :, None] & ~reservation.written           # [ranks, L, n]
+            missing_layers = missing.any(dim=2).any(dim=0).nonzero().flatten().tolist()
             if missing_layers:
                 raise RpcError(grpc.StatusCode.FAILED_PRECONDITION, f"request {request.request_id!r} is "
                                f"incomplete: layers {missing_layers} are missing blocks")

@@ -81,7 +81,9 @@ class KVSender:
         self.kv_cache = kv_caches[0]  # rank 0's (the one-sided path writes from it: one rank only)
         self.layout = layout
         self.peer_layout = layout  # the receiver's, set by connect()
-        self._routes: list[tuple[HeadCopy, ...]] = []  # per receiving rank, set by connect()
+        self._routes: list[tuple[HeadCopy, ...]] = []  # per receiving TP rank, set by connect()
+        # the first layer of each of this side's pipeline stages
+        self._src_stage_starts = [layout.rank_layers(stage * layout.tp_size)[0] for stage in range(layout.pp_size)]
         self.config = config
         self.counters = counters or TransferCounters()
         self.sender_id = secrets.token_hex(4)
@@ -116,7 +118,7 @@ class KVSender:
         """Handshake (IncompatibleLayoutError names each differing field), then map shared memory
         with the peer when both run on one host and enable_shm is set."""
         want_one_sided = (self.config.enable_shm and self.config.one_sided and not self.config.checksum
-                          and self.layout.tp_size == 1)
+                          and self.layout.world_size == 1)
         request = pb.HandshakeRequest(layout=self.layout.to_proto(), host_id=host_id(), sender_id=self.sender_id,
                                       want_shm=self.config.enable_shm, want_one_sided=want_one_sided,
                                       pid=os.getpid(), pid_namespace=pid_namespace())
@@ -132,7 +134,7 @@ class KVSender:
             raise ValueError(f"chunks may be at most {self.max_chunk_bytes} bytes (the smaller of this side's "
                              f"and the decode peer's limit), below one block of one layer of a decode rank "
                              f"({peer.num_bytes_per_layer_block}): raise --kv-transfer-max-chunk-bytes")
-        if response.HasField("pool") and (self.layout.tp_size, peer.tp_size) == (1, 1):
+        if response.HasField("pool") and (self.layout.world_size, peer.world_size) == (1, 1):
             self._one_sided = OneSidedWrites.connect(response.pool, self, self._peer, self._leases)
         if response.shm_ok and self._one_sided is None:
             self._payloads = self._attach_slabs()
@@ -250,10 +252,16 @@ class KVSender:
         self._submit_chunks(handle, attempt, chunks)
 
     def _plan(self, handle: TransferHandle, layer_start: int, layer_end: int) -> list[ChunkRange]:
-        """The chunks of a layer range: for each receiving rank, its heads of every block."""
-        return [chunk for rank in range(self.peer_layout.tp_size)
-                for chunk in plan_chunks(layer_start, layer_end, len(handle.src_block_ids),
-                                         self.peer_layout.num_bytes_per_layer_block, self.max_chunk_bytes, rank)]
+        """The chunks of a layer range: for each receiving rank, its heads of every block of the layers
+        its stage holds, cut where a sending stage ends (a chunk comes from one stage's caches)."""
+        chunks = []
+        for rank in range(self.peer_layout.world_size):
+            first, end = self.peer_layout.rank_layers(rank)
+            start, stop = max(layer_start, first), min(layer_end, end)
+            for piece_start, piece_end in _cut(start, stop, self._src_stage_starts):
+                chunks += plan_chunks(piece_start, piece_end, len(handle.src_block_ids),
+                                      self.peer_layout.num_bytes_per_layer_block, self.max_chunk_bytes, rank)
+        return chunks
 
     def _submit_chunks(self, handle: TransferHandle, attempt: int, chunks: list[ChunkRange]) -> None:
         for chunk in chunks:
@@ -300,9 +308,12 @@ class KVSender:
         try:
             out = out_bytes.view(self.layout.torch_dtype).view(
                 chunk.num_layers, 2, chunk.num_blocks, *self.peer_layout.block_shape)  # [L', 2, n, bs, Hkv, D]
-            pack_rank(self.kv_caches, self._routes[chunk.rank], self.layout,
-                      handle.src_block_ids[chunk.block_start:chunk.block_end], chunk.layer_start, chunk.layer_end,
-                      out)
+            dst_tp_rank = chunk.rank % self.peer_layout.tp_size
+            stage = self._src_stage_of(chunk.layer_start)
+            first = self.layout.rank_layers(stage * self.layout.tp_size)[0]
+            pack_rank(self.kv_caches[stage * self.layout.tp_size:(stage + 1) * self.layout.tp_size],
+                      self._routes[dst_tp_rank], self.layout, handle.src_block_ids[chunk.block_start:chunk.block_end],
+                      chunk.layer_start - first, chunk.layer_end - first, out)
         finally:
             lease.pins.unpin()
 
@@ -478,6 +489,16 @@ class KVSender:
             handle = self._handles.get(request_id)
             if handle is not None:
                 self.fail(handle, f"KV lease expired after {self.config.lease_ttl_s:g} s without acknowledgement")
+
+
+    def _src_stage_of(self, layer: int) -> int:
+        return max(s for s, first in enumerate(self._src_stage_starts) if first <= layer)
+
+
+def _cut(start: int, stop: int, boundaries: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) cut at every boundary inside it; [] when empty."""
+    points = [start] + [b for b in boundaries if start < b < stop] + [stop]
+    return [(a, b) for a, b in zip(points, points[1:]) if a < b]
 
 
 def _describe(error: BaseException | str) -> str:

@@ -219,7 +219,9 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     if workers is not None:  # an instance that moves KV maps every rank's cache: its transfer endpoint is here
         workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None)
         kv_caches += workers.rank_caches
-    kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir))
+    stage = getattr(model, "pipeline_stage", None)  # this rank's (stage 0's) layers: the layout declares the model's
+    kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir),
+                                           stage.num_model_layers if stage else None, stage.size if stage else 1)
     connector = make_worker(role, config, kv_caches, kv_layout, config.deploy.internal_host, token, pool)
     if workers is not None:
         from serving.runner.tensor_parallel import TensorParallelRunner

@@ -156,4 +156,4 @@ def wants_shared_pool(role: str, config: Config, device) -> bool:
     would take CUDA IPC: not done yet, such a pool is private and same-host peers use shared-memory
     slabs; so do tensor-parallel instances (each chunk then carries one rank's heads)."""
     return (role == "decode" and config.deploy.kv_transfer_enable_shm and str(device).startswith("cpu")
-            and config.parallel.tensor_parallel_size == 1)
+            and config.parallel.world_size == 1)

@@ -35,7 +35,8 @@ class PipelineStage:
         if size > num_layers:
             raise ValueError(f"pipeline_parallel_size {size} exceeds the model's {num_layers} layers: every stage "
                              "needs at least one")
-        return cls(index, size, index * num_layers // size, (index + 1) * num_layers // size, num_layers)
+        from kvcache.layout import stage_layers
+        return cls(index, size, *stage_layers(num_layers, size, index), num_layers)
 
     @property
     def is_first(self) -> bool:

@@ -213,18 +213,18 @@ class ModelRunner:
         taken from the stage before (not the first) and passed to the stage after (not the last), which
         samples. Whole passes only (layered prefill's segments are refused with pipeline parallelism)."""
         stage = self.stage
-        if any(s.layer_start != 0 or s.layer_end not in (None, stage.num_model_layers) for s in plan.segments):
-            raise RuntimeError("pipeline stages run whole passes: layered prefill segments are not supported")
         rows = list(plan.num_scheduled_tokens)
+        bounds = self._stage_pieces(plan, rows)
         states = [self.states[r] for r in rows]
         num_tokens = [plan.num_scheduled_tokens[r] for r in rows]
         inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
         attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale, stage.first_layer)
         hidden, residual = (None, None) if stage.is_first else self.pipe.recv(inputs.input_ids.shape[0])
-        with self._forward_timer(sync=not stage.is_last):
-            hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, stage.first_layer,
-                                          stage.end_layer, hidden, residual)                  # [T, H]
-        self.connector.layers_done(rows, stage.first_layer, stage.end_layer)
+        for start, end in zip(bounds, bounds[1:]):  # layer groups: each handed to a KV send as it ends
+            with self._forward_timer(sync=not stage.is_last):
+                hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, start, end, hidden,
+                                              residual)                                      # [T, H]
+            self.connector.layers_done(rows, start, end)
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
         if not stage.is_last:
@@ -237,6 +237,21 @@ class ModelRunner:
         result = self._sample(logits, inputs.sample_request_ids)
         self.connector.tokens_sampled(result.sampled_token_ids)
         return result
+
+    def _stage_pieces(self, plan: StepPlan, rows: list[str]) -> list[int]:
+        """The layer boundaries of the stage's part of a plan: its first and end layer, and the ends of
+        the plan's layer groups within it (a KV send's groups). The plan must run every row through
+        every layer in one chain: layered prefill's carried passes are not supported across stages."""
+        stage = self.stage
+        chains = _chains(plan.segments or [Segment(rows)])
+        chain = chains[0]
+        ends = [stage.num_model_layers if s.layer_end is None else s.layer_end for s in chain]
+        if len(chains) != 1 or chain[0].request_ids != rows or chain[0].layer_start != 0 \
+                or ends[-1] != stage.num_model_layers:
+            raise RuntimeError("pipeline stages run every row through every layer in one pass: layered prefill "
+                               "is not supported with pipeline parallelism")
+        inner = [end for end in ends if stage.first_layer < end < stage.end_layer]
+        return [stage.first_layer, *inner, stage.end_layer]
 
     def _run_chain(self, plan: StepPlan, chain: list[Segment]) -> tuple[list[str], Tensor | None, StepInputs]:
         """Run one chain of segments; returns its rows, the final hidden state (None when the chain

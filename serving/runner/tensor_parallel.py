@@ -38,6 +38,7 @@ import torch
 
 from kvcache.config import CacheConfig
 from scheduler.errors import ExecutorDeadError
+from scheduler.kv_moves import SendKV
 from scheduler.step import StepPlan, StepResult
 from serving.models import load_model
 from serving.engine.cpu_placement import engine_environment
@@ -167,20 +168,21 @@ class SharedRankCaches:
 
     PREFIX = "pdkvrank"
 
-    def __init__(self, layout, num_blocks: int, size: int) -> None:
+    def __init__(self, layouts: list, num_blocks: int) -> None:
+        """layouts: the KVCacheLayout of ranks 1.. (each its stage's layers, its heads)."""
         from kvcache.shared_memory import SharedFile, map_own
         self.files, self.tensors = [], []
-        num_bytes = num_blocks * layout.bytes_per_block
         try:
-            for rank in range(1, size):
-                shared = SharedFile(self.PREFIX, num_bytes)
+            for layout in layouts:
+                shared = SharedFile(self.PREFIX, num_blocks * layout.bytes_per_block)
                 self.files.append(shared)
                 self.tensors.append(torch.frombuffer(map_own(shared), dtype=getattr(torch, layout.dtype)
-                                                     ).view(layout.for_rank(rank).shape(num_blocks)))
+                                                     ).view(layout.shape(num_blocks)))
         except OSError as e:
             self.close()
-            raise RuntimeError(f"a tensor-parallel prefill or decode instance keeps its ranks' KV caches in shared "
-                               f"memory, and /dev/shm cannot hold {size - 1} of {num_bytes / 2**20:.0f} MiB ({e}): "
+            total = sum(num_blocks * layout.bytes_per_block for layout in layouts)
+            raise RuntimeError(f"a prefill or decode instance of several ranks keeps their KV caches in shared "
+                               f"memory, and /dev/shm cannot hold {total / 2**20:.0f} MiB of them ({e}): "
                                "enlarge it (docker run --shm-size) or lower --kv-cache-memory-bytes") from e
 
     @property
@@ -393,7 +395,8 @@ class TensorParallelWorkers:
         process maps too (`rank_caches`), for an instance that moves KV (host memory only)."""
         try:
             if share_caches_of is not None:
-                self._shared_caches = SharedRankCaches(share_caches_of, num_blocks, self.size)
+                self._shared_caches = SharedRankCaches([self._rank_layout(share_caches_of, rank)
+                                                        for rank in range(1, self.size)], num_blocks)
                 self.rank_caches = self._shared_caches.tensors
             names = self._shared_caches.names if self._shared_caches is not None else [None] * len(self.conns)
             for conn, name in zip(self.conns, names):
@@ -403,6 +406,15 @@ class TensorParallelWorkers:
         except BaseException:
             self.close()
             raise
+
+    def _rank_layout(self, layout, rank: int):
+        """Rank `rank`'s KVCacheLayout, from rank 0's: its TP rank's heads, its stage's layers."""
+        layers = layout.num_layers
+        if self.stage is not None:
+            from kvcache.layout import stage_layers
+            first, end = stage_layers(self.stage.num_model_layers, self.pp, rank // self.tp)
+            layers = end - first
+        return dataclasses.replace(layout, num_layers=layers, tp_rank=rank % self.tp)
 
     def send(self, plan: StepPlan, earlier_stages_plan: StepPlan | None = None) -> None:
         """The plan to every worker; earlier_stages_plan (the same plan with the tokens the last stage
@@ -551,6 +563,12 @@ class TensorParallelRunner(ModelRunner):
         result = last if last is not None else StepResult()
         result.moves = own.moves
         result.step_seconds = time.perf_counter() - started
+        # The later stages' KV of this plan is in their caches (mapped here, where KV moves) now. Only the
+        # sends this plan began take it: a request's earlier prompt chunk, in an earlier plan, finishes
+        # while its last chunk may still be in flight, and its KV is not whole before that one is done.
+        sending = [move.request_id for move in plan.kv_moves if isinstance(move, SendKV)]
+        if sending:
+            self.connector.layers_done(sending, self.stage.end_layer, self.stage.num_model_layers)
         for request_id, token_id in result.sampled_token_ids.items():
             self._sampled.setdefault(request_id, []).append(token_id)
         self.connector.tokens_sampled(result.sampled_token_ids)

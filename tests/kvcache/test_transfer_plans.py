@@ -16,9 +16,9 @@ from kvcache.transfer.plans import HeadCopy, head_routes
 NUM_LAYERS, BLOCK_SIZE, HEAD_DIM, NUM_BLOCKS = 3, 16, 32, 24
 
 
-def layout(total_heads: int, tp: int, fingerprint: str = "m") -> KVLayout:
+def layout(total_heads: int, tp: int, fingerprint: str = "m", pp: int = 1) -> KVLayout:
     cache = KVCacheLayout.for_model(NUM_LAYERS, total_heads, HEAD_DIM, BLOCK_SIZE, "float32", tp, 0)
-    return KVLayout.from_cache_layout(cache, fingerprint)
+    return KVLayout.from_cache_layout(cache, fingerprint, NUM_LAYERS, pp)
 
 
 def rank_heads(kv: KVLayout, rank: int) -> range:
@@ -92,22 +92,31 @@ class Allocator:
 
 
 def rank_caches(whole: torch.Tensor, kv: KVLayout) -> list[torch.Tensor]:
-    """Each rank's cache: its heads of the whole model's KV [L, 2, B, bs, H, D]."""
-    return [whole[:, :, :, :, rank_heads(kv, r).start:rank_heads(kv, r).stop].contiguous() for r in range(kv.tp_size)]
+    """Each rank's cache: its stage's layers and its heads of the whole model's KV [L, 2, B, bs, H, D]."""
+    caches = []
+    for rank in range(kv.world_size):
+        heads, layers = rank_heads(kv, rank % kv.tp_size), slice(*kv.rank_layers(rank))
+        caches.append(whole[layers, :, :, :, heads.start:heads.stop].contiguous())
+    return caches
 
 
-@pytest.mark.parametrize("heads, src_tp, dst_tp", [(4, 2, 1), (4, 1, 2), (4, 2, 2), (4, 4, 1), (4, 1, 4),
-                                                   (2, 1, 4), (2, 4, 1), (2, 4, 2), (2, 2, 4), (1, 2, 1)])
+# (heads, prefill tp, decode tp, prefill pp, decode pp); 3 layers: two stages hold 1 and 2 layers, three 1 each
+PLANS = [(4, 2, 1, 1, 1), (4, 1, 2, 1, 1), (4, 2, 2, 1, 1), (4, 4, 1, 1, 1), (4, 1, 4, 1, 1), (2, 1, 4, 1, 1),
+         (2, 4, 1, 1, 1), (2, 4, 2, 1, 1), (2, 2, 4, 1, 1), (1, 2, 1, 1, 1),
+         (4, 1, 2, 2, 1), (4, 2, 1, 1, 2), (4, 1, 1, 2, 3), (4, 2, 2, 2, 2), (2, 1, 4, 3, 1), (4, 2, 1, 3, 2)]
+
+
+@pytest.mark.parametrize("heads, src_tp, dst_tp, src_pp, dst_pp", PLANS)
 @pytest.mark.parametrize("path", ["inline", "shm", "split-blocks"])
-def test_transfer_between_plans_is_bit_exact_and_sends_what_each_rank_owns(heads, src_tp, dst_tp, path):
-    torch.manual_seed(heads * 100 + src_tp * 10 + dst_tp)
-    src, dst = layout(heads, src_tp), layout(heads, dst_tp)
+def test_transfer_between_plans_is_bit_exact_and_sends_what_each_rank_owns(heads, src_tp, dst_tp, src_pp, dst_pp,
+                                                                           path):
+    torch.manual_seed(heads * 100 + src_tp * 10 + dst_tp + src_pp * 1000 + dst_pp * 10000)
+    src, dst = layout(heads, src_tp, pp=src_pp), layout(heads, dst_tp, pp=dst_pp)
     whole = torch.randn(NUM_LAYERS, 2, NUM_BLOCKS, BLOCK_SIZE, heads, HEAD_DIM)
     per_layer_block = dst.num_bytes_per_layer_block
     config = TransferConfig(enable_shm=path == "shm", rpc_timeout_s=10.0,
                             max_chunk_bytes=2 * per_layer_block if path == "split-blocks" else 8 << 20)
-    dst_caches = [torch.zeros(NUM_LAYERS, 2, NUM_BLOCKS, BLOCK_SIZE, dst.num_kv_heads, HEAD_DIM)
-                  for _ in range(dst_tp)]
+    dst_caches = [torch.zeros(dst.rank_cache_layout(r).shape(NUM_BLOCKS)) for r in range(dst.world_size)]
     allocator = Allocator()
     server = ReceiverServer(KVReceiver(dst_caches, dst, allocator, config)).start()
     released = []
@@ -122,12 +131,12 @@ def test_transfer_between_plans_is_bit_exact_and_sends_what_each_rank_owns(heads
         assert result.ok, result.reason
         dst_ids = allocator.owned["r"]
         for rank, cache in enumerate(dst_caches):
-            heads_of_rank = rank_heads(dst, rank)
-            expected = whole[:, :, src_ids][:, :, :, :, heads_of_rank.start:heads_of_rank.stop]
+            heads_of_rank, layers = rank_heads(dst, rank % dst_tp), slice(*dst.rank_layers(rank))
+            expected = whole[layers][:, :, src_ids][:, :, :, :, heads_of_rank.start:heads_of_rank.stop]
             assert torch.equal(cache[:, :, dst_ids], expected), f"rank {rank}"
             others = [b for b in range(NUM_BLOCKS) if b not in dst_ids]
             assert not cache[:, :, others].any()  # nothing written outside the reserved blocks
-        owned = len(src_ids) * NUM_LAYERS * dst_tp * per_layer_block
+        owned = len(src_ids) * NUM_LAYERS * dst_tp * per_layer_block  # each layer on one stage's ranks
         assert result.num_bytes == owned
         assert sender.counters.snapshot()["num_bytes_sent"] == owned
         assert server.receiver.counters.snapshot()["num_bytes_received"] == owned

@@ -24,8 +24,9 @@ TP_WORKER = b"serving.runner.tensor_parallel"
 pytestmark = pytest.mark.slow
 
 
-def _engine(model_dir: str, role: str, tp: int):
-    return build_engine(tiny_config(model_dir, kv_transfer_stall_timeout_s=5.0, tensor_parallel_size=tp), role)
+def _engine(model_dir: str, role: str, tp: int, pp: int = 1, **changes):
+    return build_engine(tiny_config(model_dir, kv_transfer_stall_timeout_s=5.0, tensor_parallel_size=tp,
+                                    pipeline_parallel_size=pp, **changes), role)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,16 @@ def reference(tiny_model_dir):
     engine.close()
 
 
-@pytest.mark.parametrize("prefill_tp, decode_tp", [(2, 1), (1, 2), (2, 2), (1, 4)],
-                         ids=["prefill-tp2-decode-tp1", "prefill-tp1-decode-tp2", "tp2-tp2", "prefill-tp1-decode-tp4"])
+@pytest.mark.parametrize("prefill_tp, decode_tp, prefill_pp, decode_pp",
+                         [(2, 1, 1, 1), (1, 2, 1, 1), (2, 2, 1, 1), (1, 4, 1, 1), (1, 2, 2, 1), (2, 1, 1, 2)],
+                         ids=["prefill-tp2-decode-tp1", "prefill-tp1-decode-tp2", "tp2-tp2", "prefill-tp1-decode-tp4",
+                              "prefill-pp2-decode-tp2", "prefill-tp2-decode-pp2"])
 def test_output_equals_colocated_tp1_and_each_decode_rank_gets_its_heads(tiny_model_dir, reference, prefill_tp,
-                                                                         decode_tp):
-    prefill, decode = _engine(tiny_model_dir, "prefill", prefill_tp), _engine(tiny_model_dir, "decode", decode_tp)
+                                                                         decode_tp, prefill_pp, decode_pp):
+    prefill = _engine(tiny_model_dir, "prefill", prefill_tp, prefill_pp)
+    decode = _engine(tiny_model_dir, "decode", decode_tp, decode_pp)
     try:
-        assert len(decode.connector.receives._server.receiver.kv_caches) == decode_tp
+        assert len(decode.connector.receives._server.receiver.kv_caches) == decode_tp * decode_pp
         prompts = make_prompts(31, [45, 7])
         params = greedy(10)
         for prompt in prompts:
@@ -60,8 +64,26 @@ def test_output_equals_colocated_tp1_and_each_decode_rank_gets_its_heads(tiny_mo
         # what each decode rank owns of each block of each layer, and nothing more
         layout = decode.kv_layout
         blocks = sum(-(-len(p) // layout.block_size) for p in prompts)
+        # (each layer on the decode ranks of one stage)
         assert counters["num_bytes_received"] == blocks * layout.num_layers * decode_tp * layout.num_bytes_per_layer_block
         assert prefill.transfer_counters()["num_bytes_sent"] == counters["num_bytes_received"]
+        _check_drained(prefill, decode)
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_prompt_in_chunks_on_pipeline_stages_is_sent_only_once_its_last_chunk_is_through(tiny_model_dir,
+                                                                                          reference):
+    """Prefill PP=2 with 16-token steps: a 45-token prompt's chunks are in flight in consecutive plans;
+    the later stage's layers are sent when the plan of the last chunk is through it, not the first."""
+    prefill = _engine(tiny_model_dir, "prefill", 1, 2, max_num_batched_tokens=16)
+    decode = _engine(tiny_model_dir, "decode", 1)
+    try:
+        for prompt in make_prompts(41, [45, 33]):
+            first, rest = _disaggregated(prefill, decode, prompt, greedy(8), decode.connector.address)
+            assert [first.new_token_ids[0]] + token_ids(rest) == reference(prompt, greedy(8))
+        assert prefill.core.num_overlapped_plans > 0
         _check_drained(prefill, decode)
     finally:
         prefill.close()
