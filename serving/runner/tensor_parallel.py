@@ -1,4 +1,5 @@
-"""The executor of a tensor-parallel group: one model runner per rank, every rank executing the same plan.
+"""The executor of a group of ranks (tensor-parallel ranks times pipeline stages): one model runner per
+rank, every rank executing the same plan.
 
     engine (rank 0's process)                         rank 1 .. tp-1 (spawned processes)
     scheduler -> plan -> TensorParallelRunner.execute  -- plan over a pipe -->  ModelRunner.execute
@@ -20,6 +21,14 @@ than failing one step's requests and carrying on (vLLM's engine dies the same wa
 the engine process is restarted, or the instance replaced, as for any dead engine. Workers exit when
 rank 0's process goes away (end of file on their connection). On CPU the float32 collectives go
 through shared memory (kernels/csrc/cpu_shm_collectives.cpp) rather than gloo where they fit a slot.
+
+With pipeline stages (serving/models/pipeline.py), rank r is stage r // tp and TP rank r % tp; each
+stage's ranks form a TP group of their own, and the hidden state goes stage to stage over the world
+group (serving/runner/stage_pipe.py). Rank 0 is stage 0: `submit` runs its part and returns, so up to
+pp plans are in flight (scheduler/engine_core.py), and the last stage's first rank sends the step's
+result back. In a prefill or decode instance, ranks 1..'s KV caches are shared-memory files rank 0
+maps (`SharedRankCaches`): the instance's KV transfer endpoint is rank 0, for every rank's heads and
+layers (kvcache/transfer/plans.py).
 """
 from __future__ import annotations
 

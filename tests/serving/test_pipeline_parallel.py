@@ -71,17 +71,17 @@ def test_a_killed_stage_fails_the_offline_engine_with_a_clear_error(tiny_model_d
     assert not children_running(os.getpid(), TP_WORKER)
 
 
-def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_are_refused(tiny_model_dir):
+def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_on_cuda_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match=r"--pipeline-parallel-size 5 cannot split this model: it has 4 layers"):
         check_pipeline_parallel(4, 5)
     with pytest.raises(ValueError, match="cannot split this model"):
         LLM(tiny_model_dir, pipeline_parallel_size=5)
     from serving.config import ParallelConfig
-    with pytest.raises(ValueError, match="prefill instance with .*pipeline_parallel_size=2: not supported yet"):
-        ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill")
-    assert [PipelineStage.of(10, 3, s)[2:4] if False else (PipelineStage.of(10, 3, s).first_layer,
-                                                            PipelineStage.of(10, 3, s).end_layer)
-            for s in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill")  # runs (test_disagg_tp.py)
+    with pytest.raises(ValueError, match="prefill instance with .*pipeline_parallel_size=2: not supported yet on CUDA"):
+        ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill", "cuda")
+    stages = [PipelineStage.of(10, 3, s) for s in range(3)]
+    assert [(s.first_layer, s.end_layer) for s in stages] == [(0, 3), (3, 6), (6, 10)]
 
 
 def test_plans_left_in_flight_are_taken_first_when_the_engine_goes_serial(tiny_model_dir):
