@@ -31,21 +31,25 @@ logger = logging.getLogger(__name__)
 
 
 class NativeDecoder:
-    def __init__(self, model: CausalLM, kv_cache: Tensor, layers: DecodeLayers, linears: list[PackedLinear]) -> None:
+    def __init__(self, model: CausalLM, kv_cache: Tensor, layers: DecodeLayers, linears: list[PackedLinear],
+                 first_layer: int = 0) -> None:
         self.model, self.kv_cache, self.layers = model, kv_cache, layers
+        self.first_layer = first_layer  # a pipeline stage's first layer: the native table's layer 0
         self._bound = [(linear, linear.tiled_weight) for linear in linears]  # what the native table points into
 
     @classmethod
     def build(cls, model: CausalLM, kv_cache: Tensor) -> NativeDecoder | None:
-        """A decoder bound to `model`'s current weights and `kv_cache` [L, 2, blocks, block_size, Hkv, D];
-        None (with the reason logged) where the model is not float32 on CPU with every linear layer
-        packed (serving/models/cpu_linear.py), or the kernel library is not built."""
+        """A decoder bound to `model`'s current weights and `kv_cache` [L, 2, blocks, block_size, Hkv, D]
+        (a pipeline stage: its layers only, and its cache of them); None (with the reason logged) where
+        the model is not float32 on CPU with every linear layer packed (serving/models/cpu_linear.py),
+        or the kernel library is not built."""
         lib = cpu_native.library()
         if lib is None:
             return None
         linears: list[PackedLinear] = []
         tensors = []
-        for i, layer in enumerate(model.layers):
+        first, held = _held_layers(model)
+        for i, layer in enumerate(held):
             attn, mlp = layer.self_attn, layer.mlp
             projections = _projections(layer)
             if not all(isinstance(p, PackedLinear) and p.tiled_weight is not None for p in projections):
@@ -67,7 +71,7 @@ class NativeDecoder:
                 o=o.tiled_weight, o_bias=_detached(attn.o_proj.bias),  # a row-parallel one's: added after the sum
                 gate_up=gate_up.tiled_weight, gate_up_bias=_detached(gate_up.bias),
                 down=down.tiled_weight, down_bias=_detached(mlp.down_proj.bias),
-                k_cache=kv_cache[i, 0], v_cache=kv_cache[i, 1]))
+                k_cache=kv_cache[i, 0], v_cache=kv_cache[i, 1]))  # (i: within the held layers)
         group = getattr(model, "tensor_parallel", None)
         collective = None
         if group is not None and group.size > 1:
@@ -85,11 +89,11 @@ class NativeDecoder:
         except ValueError as e:
             logger.info("decode steps run the model's Python path: %s", e)
             return None
-        return cls(model, kv_cache, layers, linears)
+        return cls(model, kv_cache, layers, linears, first)
 
     def is_current(self) -> bool:
         """The model still holds the weights this decoder was bound to (a repack or unpack rebinds)."""
-        current = [p for layer in self.model.layers for p in _projections(layer)]
+        current = [p for layer in _held_layers(self.model)[1] for p in _projections(layer)]
         return len(current) == len(self._bound) and all(
             now is linear and linear.tiled_weight is tiled for now, (linear, tiled) in zip(current, self._bound))
 
@@ -101,8 +105,17 @@ class NativeDecoder:
         """CausalLM.run_layers for a decode step; `attn` is the runner's PagedAttentionBackend (its
         metadata is read, its call is not)."""
         meta = attn.meta
-        return self.layers(start_layer, end_layer, hidden_states, residual, positions, meta.slot_mapping,
-                           meta.block_tables, meta.seq_lens)
+        first = self.first_layer
+        return self.layers(start_layer - first, end_layer - first, hidden_states, residual, positions,
+                           meta.slot_mapping, meta.block_tables, meta.seq_lens)
+
+
+def _held_layers(model: CausalLM) -> tuple[int, list[nn.Module]]:
+    """(first layer, the layers) this model holds: all, or a pipeline stage's."""
+    stage = getattr(model, "pipeline_stage", None)
+    if stage is None:
+        return 0, list(model.layers)
+    return stage.first_layer, list(model.layers[stage.first_layer:stage.end_layer])
 
 
 def _projections(layer: nn.Module) -> tuple[nn.Module, ...]:

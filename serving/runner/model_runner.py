@@ -137,8 +137,7 @@ class ModelRunner:
         """(Re)bind the native decode path to the model's current weights; call after changing the
         model's layers (pack_linears / unpack_linears). Until then decode steps take the Python path."""
         self.native_decoder = (NativeDecoder.build(self.model, self.kv_cache)
-                               if self.device.type == "cpu" and not self.enforce_eager and self.stage is None
-                               else None)
+                               if self.device.type == "cpu" and not self.enforce_eager else None)
 
     @classmethod
     def load(cls, model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
@@ -220,10 +219,11 @@ class ModelRunner:
         inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
         attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale, stage.first_layer)
         hidden, residual = (None, None) if stage.is_first else self.pipe.recv(inputs.input_ids.shape[0])
+        layers = self._native_layers_for(inputs)
         for start, end in zip(bounds, bounds[1:]):  # layer groups: each handed to a KV send as it ends
             with self._forward_timer(sync=not stage.is_last):
                 hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, start, end, hidden,
-                                              residual)                                      # [T, H]
+                                              residual, layers)                              # [T, H]
             self.connector.layers_done(rows, start, end)
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n

@@ -103,3 +103,27 @@ def test_plans_left_in_flight_are_taken_first_when_the_engine_goes_serial(tiny_m
             assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected, depth
     finally:
         llm.engine.close()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_native_decode_step_on_stages_equals_their_python_path_bit_for_bit(tiny_model_dir, tp):
+    """Each stage binds its own layers for the native decode step (and their cache): tokens and
+    logprobs equal --enforce-eager's exactly, and stage 0 took the native path."""
+    llm = LLM(tiny_model_dir, pipeline_parallel_size=2, tensor_parallel_size=tp)
+    try:
+        native = llm.engine.runner.native_decoder
+        assert native is not None and native.first_layer == 0 and len(native.layers.layers) == 2
+        calls = [0]
+        layers = native.layers
+
+        def counted(*args):
+            calls[0] += 1
+            return layers(*args)
+        native.layers = counted
+        got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, greedy(12))]
+    finally:
+        llm.engine.close()
+    assert calls[0] >= 11
+    eager = run(tiny_model_dir, tp, 12, pipeline_parallel_size=2, enforce_eager=True)
+    for (tokens, logprobs), (e_tokens, e_logprobs) in zip(got, eager):
+        assert tokens == e_tokens and logprobs == e_logprobs
