@@ -205,3 +205,26 @@ def test_disaggregated_instances_of_different_tensor_parallel_sizes_on_ray(tiny_
         loop.run(client.shutdown())
         loop.close()
     assert not ray.is_initialized()
+
+
+def test_pipeline_stages_run_as_actors_in_one_placement_group(tiny_model_dir):
+    """A colocated replica of two pipeline stages on Ray: stage 1 is a rank actor in bundle 1 of the
+    replica's STRICT_PACK group; the output equals one rank's."""
+    assert not ray.is_initialized()
+    config = tiny_config(tiny_model_dir, launcher="ray", pipeline_parallel_size=2)
+    loop = LoopThread()
+    client = build_disaggregated_client(config)
+    try:
+        cases = make_cases("ray-pp", 16, [12, 40, 25], [10])
+        expected = reference_outputs(tiny_config(tiny_model_dir), cases)
+        got = loop.run(collect_all(client, cases))
+        for case in cases:
+            assert token_ids(got[case.request_id]) == token_ids(expected[case.request_id])
+        (group,) = [g for g in ray.util.placement_group_table().values() if g["name"].startswith("pdserve-replica-0-")]
+        assert group["strategy"] == "STRICT_PACK" and len(group["bundles"]) == 2
+        assert len(_rank_host_pids()) == 1  # stage 1
+        assert_no_leaks(loop.run(wait_until_drained(client)))
+    finally:
+        loop.run(client.shutdown())
+        loop.close()
+    assert not ray.is_initialized()
