@@ -57,6 +57,7 @@ from serving.runner.model_runner import ModelRunner, model_kv_layout
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0
+STEP_ANSWER_TIMEOUTS = 4  # a worker's step answer may take this many collective timeouts (a long prefill)
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,9 @@ class TensorParallelWorkers:
         from torch.distributed import TCPStore
         self.tp, self.pp = size, pp
         self.size, self.enforce_eager = size * pp, enforce_eager
+        # how long rank 0 waits for a worker's answer to a step before the group is declared hung: a hung
+        # TP rank is caught sooner, by a collective's timeout; a hung last pipeline stage only by this
+        self.answer_timeout_s = STEP_ANSWER_TIMEOUTS * collective_timeout_s
         world = self.size
         self._threads_before = torch.get_num_threads()
         threads = max(1, self._threads_before // world)
@@ -442,6 +446,7 @@ class TensorParallelWorkers:
         result, busy = None, []
         for rank, conn in enumerate(self.conns, start=1):
             try:
+                self._wait_answer(rank, conn)
                 answer = conn.recv()
             except (EOFError, OSError) as e:
                 raise ExecutorDeadError(self._death(rank, e)) from e
@@ -452,6 +457,19 @@ class TensorParallelWorkers:
             result = rank_result if rank_result is not None else result
             busy.append(seconds)
         return result, busy
+
+    def _wait_answer(self, rank: int, conn: Connection) -> None:
+        if conn.poll(0.05):
+            return
+        deadline = time.monotonic() + self.answer_timeout_s
+        while not conn.poll(0.5):
+            if self.processes[rank - 1].poll() is not None:
+                return  # recv() sees the closed connection and names the death
+            if time.monotonic() > deadline:
+                raise ExecutorDeadError(f"rank {rank} (pid {self.processes[rank - 1].pid}) has not answered a step "
+                                        f"within {self.answer_timeout_s:g} s ({STEP_ANSWER_TIMEOUTS} x "
+                                        "parallel.collective_timeout_s): hung; the engine must restart with a "
+                                        "whole group")
 
     def check_alive(self, grace_s: float = 0.0) -> None:
         """ExecutorDeadError naming a worker that has exited, waiting up to grace_s for one to (a

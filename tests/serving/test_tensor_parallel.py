@@ -228,10 +228,12 @@ def test_rank_0_holds_its_share_of_the_weights_and_the_cache(tiny_model_dir):
         llm.engine.close()
 
 
-def test_a_hung_rank_times_out_restarts_the_engine_and_is_killed(tiny_model_dir):
-    """SIGSTOP rank 1 mid-request: rank 0's next collective gives up after collective_timeout_s, the
+@pytest.mark.parametrize("plan", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}], ids=["tp2", "pp2"])
+def test_a_hung_rank_times_out_restarts_the_engine_and_is_killed(tiny_model_dir, plan):
+    """SIGSTOP rank 1 mid-request: rank 0's next collective gives up after collective_timeout_s (a
+    TP peer), or its wait for the last pipeline stage's answer after 4 x collective_timeout_s; the
     streams fail, the stopped rank is killed (not left behind) and the engine comes back whole."""
-    llm = make_llm(tiny_model_dir, tensor_parallel_size=2, collective_timeout_s=3)
+    llm = make_llm(tiny_model_dir, collective_timeout_s=3, **plan)
     prompt = [5, 6, 7]
 
     async def main():
