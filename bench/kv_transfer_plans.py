@@ -17,12 +17,12 @@ import json
 import multiprocessing as mp
 import random
 import statistics
-import threading
 import time
 
 import torch
 from tqdm import tqdm
 
+from bench.kv_transfer import _FreeingAllocator
 from kvcache.layout import KVCacheLayout
 from kvcache.transfer import KVLayout, KVReceiver, KVSender, ReceiverServer, TransferConfig
 from serving.models.config import ModelArchConfig
@@ -33,33 +33,6 @@ BLOCK_SIZE = 16
 PIPE_TIMEOUT_S = 120.0
 
 
-class _FreeingAllocator:
-    """Blocks return to the pool as soon as a transfer ends."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.lock = threading.Lock()
-        self.free = list(range(num_blocks))
-        self.owned: dict[str, list[int]] = {}
-
-    def reserve(self, request_id, num_tokens):
-        n = -(-num_tokens // BLOCK_SIZE)
-        with self.lock:
-            if n > len(self.free):
-                return None
-            self.owned[request_id], self.free = self.free[:n], self.free[n:]
-            return list(self.owned[request_id])
-
-    def release(self, request_id):
-        with self.lock:
-            self.free.extend(self.owned.pop(request_id))
-
-    def on_transfer_complete(self, request_id, first_token_id=None):
-        self.release(request_id)
-
-    def on_transfer_failed(self, request_id, reason):
-        pass
-
-
 def layout_of(arch: ModelArchConfig, tp: int) -> KVLayout:
     cache = KVCacheLayout.for_model(arch.num_layers, arch.num_kv_heads, arch.head_dim, BLOCK_SIZE, "float32", tp, 0)
     return KVLayout.from_cache_layout(cache, "bench")
@@ -68,7 +41,7 @@ def layout_of(arch: ModelArchConfig, tp: int) -> KVLayout:
 def _receiver_main(conn, layout: KVLayout, num_blocks: int, config: TransferConfig) -> None:
     torch.set_num_threads(1)  # copies are memory-bound; spinning OpenMP workers would take the other core
     caches = [layout.cache_layout.allocate(num_blocks) for _ in range(layout.tp_size)]
-    server = ReceiverServer(KVReceiver(caches, layout, _FreeingAllocator(num_blocks), config)).start()
+    server = ReceiverServer(KVReceiver(caches, layout, _FreeingAllocator(num_blocks, BLOCK_SIZE), config)).start()
     conn.send(server.address)
     conn.poll(24 * 3600.0)
     server.stop(grace_s=0.5)

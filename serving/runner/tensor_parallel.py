@@ -36,7 +36,6 @@ import collections
 import dataclasses
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -50,13 +49,14 @@ from scheduler.errors import ExecutorDeadError
 from scheduler.kv_moves import SendKV
 from scheduler.step import StepPlan, StepResult
 from serving.models import load_model
-from serving.engine.cpu_placement import engine_environment
 from serving.models.tensor_parallel import CollectiveError, ShmCollectives, TPGroup, make_process_group
 from serving.runner.model_runner import ModelRunner, model_kv_layout
+from serving.runner.rank_hosts import STARTUP_TIMEOUT_S, RayRank, RayRanks, start_local_rank
+from serving.runner.rank_memory import (SharedRankCaches, attach_collectives_region, create_collectives_region,
+                                        map_cache)
 
 logger = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 600.0
 STEP_ANSWER_TIMEOUTS = 4  # a worker's step answer may take this many collective timeouts (a long prefill)
 
 
@@ -129,14 +129,15 @@ def _worker_main(conn) -> None:
             index = spec.rank if torch.cuda.device_count() > spec.rank else 0
             torch.cuda.set_device(index)
             device = torch.device("cuda", index)
-        shm = _attach_shm(spec) if spec.shm_name else None
         tp, pp = spec.tp_size or spec.size, spec.pp_size
+        shm = (attach_collectives_region(spec.shm_name, spec.rank % tp, tp, spec.shm_slot_bytes,
+                                         spec.collective_timeout_s) if spec.shm_name else None)
         group, world = _join(store, spec.rank, spec.size, tp, pp, device, spec.collective_timeout_s, shm)
         model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group,
                            _stage_of(spec.model_dir, spec.rank, tp, pp))
         num_blocks, block_size, cache_name = conn.recv()
         layout = model_kv_layout(model, block_size)
-        kv_cache = _map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
+        kv_cache = map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
         runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager,
                              pipe=_stage_pipe(model, world, spec.rank, tp, device))
         reports_result = pp > 1 and runner.stage.is_last and spec.rank % tp == 0
@@ -162,179 +163,9 @@ def _worker_main(conn) -> None:
         conn.send((result if reports_result else None, runner.forward_seconds - busy))
 
 
-def _map_cache(name: str, layout, num_blocks: int) -> torch.Tensor:
-    """This rank's KV cache in the shared-memory file rank 0 made for it (rank 0's KV transfer reads
-    and writes it there)."""
-    from kvcache.shared_memory import map_region
-    region = map_region(name, 0, num_blocks * layout.bytes_per_block, True)
-    return torch.frombuffer(region, dtype=getattr(torch, layout.dtype)).view(layout.shape(num_blocks))
-
-
-class SharedRankCaches:
-    """The KV caches of ranks 1.. of a group in shared-memory files rank 0 creates, so that rank 0's
-    process, the instance's KV transfer endpoint, reads (prefill) and writes (decode) every rank's heads
-    (kvcache/transfer/plans.py). Host memory only; the names go at close(), the mappings with the
-    processes."""
-
-    PREFIX = "pdkvrank"
-
-    def __init__(self, layouts: list, num_blocks: int) -> None:
-        """layouts: the KVCacheLayout of ranks 1.. (each its stage's layers, its heads)."""
-        from kvcache.shared_memory import SharedFile, map_own
-        self.files, self.tensors = [], []
-        try:
-            for layout in layouts:
-                shared = SharedFile(self.PREFIX, num_blocks * layout.bytes_per_block)
-                self.files.append(shared)
-                self.tensors.append(torch.frombuffer(map_own(shared), dtype=getattr(torch, layout.dtype)
-                                                     ).view(layout.shape(num_blocks)))
-        except OSError as e:
-            self.close()
-            total = sum(num_blocks * layout.bytes_per_block for layout in layouts)
-            raise RuntimeError(f"a prefill or decode instance of several ranks keeps their KV caches in shared "
-                               f"memory, and /dev/shm cannot hold {total / 2**20:.0f} MiB of them ({e}): "
-                               "enlarge it (docker run --shm-size) or lower --kv-cache-memory-bytes") from e
-
-    @property
-    def names(self) -> list[str]:
-        return [shared.name for shared in self.files]
-
-    def close(self) -> None:
-        for shared in self.files:
-            shared.close()
-
-
-def _attach_shm(spec: RankSpec) -> ShmCollectives:
-    from kernels import cpu_native
-    from kvcache.shared_memory import map_region
-    lib = cpu_native.library()
-    if lib is None:
-        raise RuntimeError("rank 0 uses shared-memory collectives but this rank cannot load pdserve's CPU kernels")
-    tp = spec.tp_size or spec.size
-    region = map_region(spec.shm_name, 0, ShmCollectives.region_bytes(lib, tp, spec.shm_slot_bytes), True)
-    return ShmCollectives(lib, region, spec.rank % tp, tp, spec.shm_slot_bytes, spec.collective_timeout_s)
-
-
-def _create_shm(device: torch.device, size: int, timeout_s: float):
-    """(SharedFile, ShmCollectives of rank 0) for a CPU group, or (None, None): on CUDA, without the
-    kernel library, or where /dev/shm cannot hold the region (then gloo carries every collective)."""
-    if device.type != "cpu":
-        return None, None
-    from kernels import cpu_native
-    from kvcache.shared_memory import SharedFile, map_own
-    lib = cpu_native.library()
-    if lib is None:
-        return None, None
-    slot_bytes = ShmCollectives.DEFAULT_SLOT_BYTES
-    try:
-        shared = SharedFile("pdservetp", ShmCollectives.region_bytes(lib, size, slot_bytes))
-    except OSError as e:
-        logger.warning("tensor-parallel collectives go through gloo: no shared-memory region (%s)", e)
-        return None, None
-    return shared, ShmCollectives(lib, map_own(shared), 0, size, slot_bytes, timeout_s)
-
-
 def _timedelta(seconds: float):
     import datetime
     return datetime.timedelta(seconds=seconds)
-
-
-def _start_local_rank() -> tuple[subprocess.Popen, Connection]:
-    """A worker rank as a child process, over a private socket pair whose child end it inherits by fd:
-    nothing on its command line but the fd number, and no __main__ re-import (a user's unguarded
-    script stays one process)."""
-    ours, theirs = socket.socketpair()
-    try:
-        process = subprocess.Popen([sys.executable, "-m", "serving.runner.tensor_parallel", str(theirs.fileno())],
-                                   pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                   env=engine_environment())  # OpenMP waits passively, as the engine's
-    finally:
-        theirs.close()
-    return process, Connection(ours.detach())
-
-
-class RankHost:
-    """A worker rank in a Ray actor (wrapped with ray.remote by _RayRanks): it connects back to rank 0
-    and serves until rank 0 goes away."""
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def run(self, address: tuple[str, int], authkey: bytes) -> None:
-        from multiprocessing.connection import Client
-        _worker_main(Client(address, authkey=authkey))
-
-
-class _RayRank:
-    """A Ray rank actor seen through the calls TensorParallelWorkers makes on a Popen."""
-
-    def __init__(self, ray, actor, pid: int, done_ref) -> None:
-        self._ray, self._actor, self.pid, self._done = ray, actor, pid, done_ref
-        self.returncode: int | None = None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            ready, _ = self._ray.wait([self._done], timeout=0)
-            if ready:
-                try:
-                    self._ray.get(self._done)
-                    self.returncode = 0
-                except Exception:  # noqa: BLE001 - the actor died or its run raised
-                    self.returncode = -1
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        ready, _ = self._ray.wait([self._done], timeout=timeout)
-        if not ready:
-            raise subprocess.TimeoutExpired("ray rank actor", timeout)
-        return self.poll()
-
-    def kill(self) -> None:
-        self._ray.kill(self._actor, no_restart=True)
-
-
-class _RayRanks:
-    """Ranks 1.. as Ray actors in bundles 1.. of the instance's placement group (the Ray launcher made it,
-    STRICT_PACK: one node, so the ranks share loopback and /dev/shm with rank 0). Each actor connects back
-    to a listener of rank 0's on loopback with a one-time key, sent as a call argument; the actors belong
-    to this process's Ray job and go with it."""
-
-    def __init__(self, placement_group: str, namespace: str | None) -> None:
-        import ray
-        from ray.util import get_placement_group
-        if not ray.is_initialized():  # an engine process under a Ray actor: join the actor's cluster
-            ray.init(address="auto", namespace=namespace, log_to_driver=False)
-        self._ray = ray
-        self._group = get_placement_group(placement_group)
-        self._bundles = self._group.bundle_specs
-
-    def start(self, rank: int) -> tuple[_RayRank, Connection]:
-        import secrets
-        import threading
-        from multiprocessing.connection import Listener
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        ray = self._ray
-        bundle = self._bundles[rank]
-        actor = ray.remote(RankHost).options(
-            num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=rank),
-            runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
-            name=None).remote()
-        pid = ray.get(actor.pid.remote(), timeout=STARTUP_TIMEOUT_S)
-        authkey = secrets.token_bytes(32)
-        with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
-            accepted: list[Connection] = []
-            thread = threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True)
-            thread.start()
-            done = actor.run.remote(listener.address, authkey)
-            handle = _RayRank(ray, actor, pid, done)
-            deadline = time.monotonic() + STARTUP_TIMEOUT_S
-            while thread.is_alive():
-                thread.join(0.2)
-                if handle.poll() is not None or time.monotonic() > deadline:
-                    handle.kill()
-                    raise RuntimeError(f"tensor-parallel rank {rank} (Ray actor, pid {pid}) did not connect back")
-        return handle, accepted[0]
 
 
 class TensorParallelWorkers:
@@ -359,19 +190,19 @@ class TensorParallelWorkers:
         torch.set_num_threads(threads)  # this process is rank 0: its share of the cores (restored at close)
         store = TCPStore("127.0.0.1", 0, world, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
         self._store = store  # rank 0 owns it: it must outlive the group
-        self.processes: list = []  # subprocess.Popen, or _RayRank (the same calls)
+        self.processes: list = []  # subprocess.Popen, or RayRank (the same calls): serving/runner/rank_hosts.py
         self.conns: list[Connection] = []
         # one shared-memory collectives region per stage's TP group (rank 0 owns them all)
-        regions = [_create_shm(device, size, collective_timeout_s) if size > 1 else (None, None) for _ in range(pp)]
+        regions = [create_collectives_region(device, size, collective_timeout_s) if size > 1 else (None, None) for _ in range(pp)]
         self._shm_files = [shared for shared, _ in regions if shared is not None]
         shm = regions[0][1]
         self._shared_caches: SharedRankCaches | None = None
         self.rank_caches: list[torch.Tensor] = []  # ranks 1..'s KV caches, when ready() shared them
         self.stage = _stage_of(model_dir, 0, size, pp)  # rank 0's pipeline stage (None: no pipeline)
-        ray_ranks = _RayRanks(ray_placement_group, ray_namespace) if ray_placement_group else None
+        ray_ranks = RayRanks(ray_placement_group, ray_namespace) if ray_placement_group else None
         try:
             for rank in range(1, world):
-                process, conn = ray_ranks.start(rank) if ray_ranks else _start_local_rank()
+                process, conn = ray_ranks.start(rank) if ray_ranks else start_local_rank()
                 self.processes.append(process)
                 self.conns.append(conn)
                 shared, collectives = regions[rank // size]
@@ -514,7 +345,7 @@ class TensorParallelWorkers:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5.0)
-            if isinstance(process, _RayRank):
+            if isinstance(process, RayRank):
                 process.kill()  # an idle rank actor would hold its bundle from the next group
         self.conns, self.processes = [], []
         for shared in self._shm_files:
@@ -646,7 +477,6 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
     _worker_main(Connection(int(sys.argv[1])))
     return 0
-
 
 
 def load_tensor_parallel_runner(model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,

@@ -13,8 +13,8 @@ from scheduler.errors import ExecutorDeadError
 from serving.llm import LLM
 from serving.models.pipeline import PipelineStage, check_pipeline_parallel
 from tests.serving.test_disagg_support import children_running
-from tests.serving.test_tensor_parallel import (PROMPTS, TP_WORKER, assert_same_generation, case_dirs, greedy,  # noqa: F401
-                                                run)
+from tests.serving.test_tensor_parallel import (TP_WORKER, assert_native_equals_eager,  # noqa: F401
+                                                assert_same_generation, case_dirs, greedy, run)
 
 
 @pytest.mark.parametrize("case", ["llama3-rope-scaling", "llama-tied-bias", "qwen2-qkv-bias", "qwen3-qk-norm"])
@@ -112,18 +112,7 @@ def test_the_native_decode_step_on_stages_equals_their_python_path_bit_for_bit(t
     llm = LLM(tiny_model_dir, pipeline_parallel_size=2, tensor_parallel_size=tp)
     try:
         native = llm.engine.runner.native_decoder
-        assert native is not None and native.first_layer == 0 and len(native.layers.layers) == 2
-        calls = [0]
-        layers = native.layers
-
-        def counted(*args):
-            calls[0] += 1
-            return layers(*args)
-        native.layers = counted
-        got = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in llm.generate(PROMPTS, greedy(12))]
+        assert native is not None and native.first_layer == 0 and len(native.layers.layers) == 2  # its 2 of 4
     finally:
         llm.engine.close()
-    assert calls[0] >= 11
-    eager = run(tiny_model_dir, tp, 12, pipeline_parallel_size=2, enforce_eager=True)
-    for (tokens, logprobs), (e_tokens, e_logprobs) in zip(got, eager):
-        assert tokens == e_tokens and logprobs == e_logprobs
+    assert_native_equals_eager(tiny_model_dir, pipeline_parallel_size=2, tensor_parallel_size=tp)

@@ -90,7 +90,13 @@ def test_the_native_decode_step_on_two_ranks_equals_their_python_path_bit_for_bi
     """Decode steps of 1-8 rows run each rank's layers in one native call, which sums o and down over
     the group itself (the same shared-memory collective, the same order): tokens and logprobs equal
     --enforce-eager's exactly, and rank 0 took the native path."""
-    llm = LLM(tiny_model_dir, tensor_parallel_size=2)
+    assert_native_equals_eager(tiny_model_dir, tensor_parallel_size=2)
+
+
+def assert_native_equals_eager(model_dir: str, **plan) -> None:
+    """Generate with the native decode step (counting rank 0's native calls) and with --enforce-eager:
+    tokens and logprobs equal exactly, and rank 0 took the native path every decode step."""
+    llm = LLM(model_dir, **plan)
     try:
         native = llm.engine.runner.native_decoder
         calls = [0]
@@ -104,7 +110,7 @@ def test_the_native_decode_step_on_two_ranks_equals_their_python_path_bit_for_bi
     finally:
         llm.engine.close()
     assert calls[0] >= 11  # every decode step after the prefills
-    eager = run(tiny_model_dir, 2, 12, enforce_eager=True)
+    eager = run(model_dir, plan.pop("tensor_parallel_size", 1), 12, enforce_eager=True, **plan)
     for (tokens, logprobs), (e_tokens, e_logprobs) in zip(got, eager):
         assert tokens == e_tokens and logprobs == e_logprobs
 
