@@ -62,7 +62,7 @@ def main() -> int:
     src_caches = {}
     for tp in sorted({s for s, _ in pairs}):
         kv = layout_of(arch, tp)
-        src_caches[tp] = [whole[..., slice(*kv.for_rank(r).cache_layout.kv_head_range()), :].contiguous()
+        src_caches[tp] = [whole[..., slice(*kv.rank_cache_layout(r).kv_head_range()), :].contiguous()
                           for r in range(tp)]
     context = mp.get_context("spawn")
     receivers, senders = [], {}

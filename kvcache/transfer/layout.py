@@ -68,12 +68,10 @@ class KVLayout:
 
     @functools.cached_property
     def cache_layout(self) -> KVCacheLayout:
+        """Rank tp_rank's heads over all num_layers: a one-stage instance's cache (with pipeline stages,
+        each rank's is `rank_cache_layout(rank)`); its per-block sizes hold for every rank."""
         return KVCacheLayout(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
                              self.tp_size, self.tp_rank, self.total_kv_heads)
-
-    def for_rank(self, tp_rank: int) -> KVLayout:
-        """The layout of another TP rank of the same instance."""
-        return dataclasses.replace(self, tp_rank=tp_rank)
 
     @property
     def world_size(self) -> int:

@@ -42,10 +42,10 @@ def head_routes(src: KVLayout, dst: KVLayout) -> list[tuple[HeadCopy, ...]]:
     ValueError when the two do not hold the same model heads."""
     if src.total_kv_heads != dst.total_kv_heads:
         raise ValueError(f"the sender holds {src.total_kv_heads} KV heads in all, the receiver {dst.total_kv_heads}")
-    src_ranges = [src.for_rank(r).cache_layout.kv_head_range() for r in range(src.tp_size)]
+    src_ranges = [src.rank_cache_layout(r).kv_head_range() for r in range(src.tp_size)]  # stage 0's TP ranks
     routes = []
     for rank in range(dst.tp_size):
-        first, last = dst.for_rank(rank).cache_layout.kv_head_range()
+        first, last = dst.rank_cache_layout(rank).kv_head_range()
         copies: list[HeadCopy] = []
         for head in range(first, last):
             owner = next(r for r, (start, end) in enumerate(src_ranges) if start <= head < end)

@@ -22,7 +22,7 @@ def layout(total_heads: int, tp: int, fingerprint: str = "m", pp: int = 1) -> KV
 
 
 def rank_heads(kv: KVLayout, rank: int) -> range:
-    return range(*kv.for_rank(rank).cache_layout.kv_head_range())
+    return range(*kv.rank_cache_layout(rank).kv_head_range())
 
 
 # ---- the routes ----
