@@ -37,6 +37,8 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.strategy = strategy or LruBlocks()
+        if hasattr(self.strategy, "attach"):
+            self.strategy.attach(num_blocks)
         self.block_hashes: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         # of cached blocks: their tokens and parent, checked on every lookup
@@ -78,12 +80,15 @@ class BlockPool:
         return sum(1 for b in block_ids if self.ref_counts[b] == 0)
 
     # ---- mutation ----
-    def allocate(self, num_blocks: int) -> list[int]:
-        """Take `num_blocks` blocks from the head of the free list, evicting their cached hashes."""
+    def allocate(self, num_blocks: int, after: int | None = None) -> list[int]:
+        """Take `num_blocks` free blocks (which: the allocation strategy's choice; `after`: the last
+        block the requester holds), evicting their cached hashes."""
         if num_blocks > len(self._free):
             raise RuntimeError(f"allocate({num_blocks}) with only {len(self._free)} free blocks; "
                                "callers must check can_allocate first")
-        block_ids = self.strategy.take(self._free, num_blocks)
+        if num_blocks == 0:
+            return []
+        block_ids = self.strategy.take(self._free, num_blocks, after)
         for block_id in block_ids:
             self._evict(block_id)
             self.generations[block_id] += 1  # new contents: children recorded against it no longer match
@@ -92,20 +97,28 @@ class BlockPool:
 
     def touch(self, block_ids: list[int]) -> None:
         """Add a reference to each (cached) block, reviving it from the free list if needed."""
+        revived = []
         for block_id in block_ids:
             if self.ref_counts[block_id] == 0:
                 del self._free[block_id]
+                revived.append(block_id)
             self.ref_counts[block_id] += 1
+        if revived:
+            self.strategy.taken(revived)
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference from each block. Pass a request's blocks tail first so that, among
         equally old blocks, the end of a sequence is evicted before its (more shareable) prefix."""
+        returned = []
         for block_id in block_ids:
             if self.ref_counts[block_id] <= 0:
                 raise RuntimeError(f"double free of KV block {block_id}")
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self._free[block_id] = None
+                returned.append(block_id)
+        if returned:
+            self.strategy.freed(returned)
 
     def cache_block(self, block_id: int, block_hash: int, token_ids: Sequence[int], parent: Parent) -> None:
         """Publish a full, computed block under its chained hash, with its tokens and parent. The
@@ -119,6 +132,11 @@ class BlockPool:
         self.hash_to_block[block_hash] = block_id
         self.block_tokens[block_id] = tuple(token_ids)
         self.block_parents[block_id] = parent
+
+    def evict(self, block_ids: list[int]) -> None:
+        """Drop these blocks' prefix hashes (what they hold can no longer be trusted)."""
+        for block_id in block_ids:
+            self._evict(block_id)
 
     def reset_prefix_cache(self) -> None:
         for block_id, block_hash in enumerate(self.block_hashes):
@@ -149,6 +167,8 @@ class BlockPool:
             if expected_refs is not None:
                 want = expected_refs.get(block_id, 0)
                 assert refs == want, f"block {block_id}: ref count {refs}, live requests hold {want}"
+        if hasattr(self.strategy, "check"):
+            self.strategy.check(free)
         for block_hash, block_id in self.hash_to_block.items():
             assert self.block_hashes[block_id] == block_hash, f"hash index out of sync at {block_id}"
             assert self.block_tokens[block_id] is not None, f"cached block {block_id} has no tokens"

@@ -92,7 +92,8 @@ class KVCacheManager:
                 blocks.extend(cached_block_ids)
                 appended.extend(cached_block_ids)
                 self._hashes[request_id] = [self.pool.block_hashes[b] for b in cached_block_ids]
-        new = self.pool.allocate(max(0, self.num_blocks_for(num_total_tokens) - len(blocks)))
+        new = self.pool.allocate(max(0, self.num_blocks_for(num_total_tokens) - len(blocks)),
+                                 blocks[-1] if blocks else None)
         blocks.extend(new)
         appended.extend(new)
         return appended
