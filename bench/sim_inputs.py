@@ -113,7 +113,8 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
         step_latency, _ = latency.for_plan(tp, pp, comm)
         instances.append(SimInstanceSpec(name, role, role_config.scheduler, num_blocks, block_size, max_model_len,
                                          step_latency, layout.bytes_per_block // block_size, shape.num_layers,
-                                         node, tp, pp, cache.enable_prefix_caching))
+                                         node, tp, pp, cache.enable_prefix_caching,
+                                         int(cache.swap_space * 2**30) // layout.bytes_per_block))
     deploy = config.deploy
     links = LinkSpec(cluster.intra_node_bytes_per_s, cluster.inter_node_bytes_per_s, cluster.transfer_latency_ms / 1e3,
                      deploy.kv_transfer_layers_per_group)

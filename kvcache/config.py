@@ -27,8 +27,17 @@ class CacheConfig:
     # Fix the number of blocks instead (tests, reproducing a run); overrides the budget when set.
     num_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    # host memory for swapped-out KV (GiB, vLLM's --swap-space); used with --preemption-mode swap only
+    swap_space: float = 4.0
+    # which free blocks a request gets: "lru" (single blocks, least recently freed first), "groups"
+    # (runs of consecutive blocks: a swap copies one span per run), "auto" (groups when swapping)
+    block_allocation: str = "auto"
 
     def __post_init__(self) -> None:
+        if not self.swap_space > 0:
+            raise ValueError(f"--swap-space must be a positive number of GiB, got {self.swap_space}")
+        if self.block_allocation not in ("auto", "lru", "groups"):
+            raise ValueError(f"--block-allocation must be one of auto, lru, groups, got {self.block_allocation!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"--block-size must be a power of two in [1, 128], got {self.block_size}")
         if self.kv_cache_memory_bytes <= 0:

@@ -46,6 +46,9 @@ class SwapOut:
     request_id: str
     block_ids: list[int]
     host_block_ids: list[int]
+    # a finished request's KV copied to the host prefix cache: it outlives its request, so the
+    # scheduler does not track it (its host blocks are the host tier's to settle)
+    offload: bool = False
     kind = "swap_out"
 
 
@@ -99,8 +102,8 @@ class MoveTracker:
     num_failed: dict[str, int] = field(default_factory=dict)
 
     def issue(self, move: KVMove) -> None:
-        if isinstance(move, CancelKV):
-            return  # not a move of its own: it ends the request's moves
+        if isinstance(move, CancelKV) or getattr(move, "offload", False):
+            return  # not a move of its own (it ends the request's moves), or one that outlives its request
         moves = self._in_flight.setdefault(move.request_id, {})
         if move.kind in moves:
             raise ValueError(f"request {move.request_id!r} already has a {move.kind} move in flight")

@@ -3,7 +3,9 @@
 Each step has a token budget (max_num_batched_tokens). Running requests are served first, in their
 order: a decode takes one token, an unfinished prefill takes its next chunk (the prefill-shaping
 policy decides how much). If the KV pool cannot hold a running request's new tokens, the ordering
-policy names a victim and the preemption policy takes its blocks back. Waiting requests are admitted
+policy names a victim (one already scheduled this step is taken out of the plan again, its tokens
+given back to the budget) and the preemption policy takes its blocks back: dropped (recompute) or
+copied to the host tier (swap; the request resumes with a SwapIn move and computes only what is new). Waiting requests are admitted
 in the ordering policy's order, only in steps without preemption for blocks, while budget, the running
 cap and free blocks last; before that, a waiting request the ordering policy ranks above a running one
 may preempt it to make room. A new request's prompt may be served partly from the prefix cache.
@@ -26,7 +28,7 @@ from scheduler.clock import Clock, MonotonicClock
 from scheduler.config import SchedulerConfig
 from scheduler.connectors import ConnectorPolicy, NullConnector
 from scheduler.errors import NoKVSpaceError, RequestTooLargeError
-from scheduler.kv_moves import CancelKV, KVMove, MoveTracker
+from scheduler.kv_moves import FAILED, CancelKV, KVMove, MoveResult, MoveTracker
 from scheduler.policies import (OrderingPolicy, PrefillShaping, PreemptionPolicy, make_ordering,
                                 make_preemption, make_prefill_shaping)
 from scheduler.request import Request, RequestStatus
@@ -54,7 +56,7 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.clock = clock or MonotonicClock()
-        self.ordering = ordering or make_ordering(config.scheduling_policy)
+        self.ordering = ordering or make_ordering(config, max_model_len)
         self.prefill = prefill or make_prefill_shaping(config.enable_chunked_prefill)
         self.preemption = preemption or make_preemption(config.preemption_mode)
         self.connector = connector or NullConnector()
@@ -65,6 +67,7 @@ class Scheduler:
         self.held: dict[str, Request] = {}  # finished, blocks kept until their moves end
         self._due_moves: list[KVMove] = []  # for the next plan (cancellations)
         self._finished_ids: list[str] = []  # to tell the executor on the next step
+        self._dropped_ids: list[str] = []  # preempted outside schedule() (a failed swap-in): likewise
         self._update = SchedulerUpdate()
         self.num_preemptions = 0
         # plans in flight at once (pipeline stages, set by EngineCore): each plan then takes at most
@@ -129,6 +132,11 @@ class Scheduler:
         return len(self.running)
 
     @property
+    def num_swapped(self) -> int:
+        """Waiting requests whose KV is in the host tier."""
+        return sum(1 for r in self.waiting if r.status is RequestStatus.SWAPPED)
+
+    @property
     def num_waiting(self) -> int:
         return len(self.waiting) + self.connector.num_pending()
 
@@ -161,20 +169,32 @@ class Scheduler:
             if status is not RequestStatus.FINISHED_REMOTE_DECODE:
                 self._due_moves.append(CancelKV(request.request_id, f"the request finished ({status.value})"))
         else:
-            self.kv.free(request.request_id)
+            if status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+                # its KV to the host prefix cache (swap mode), copied before the next plan reuses a block
+                self._due_moves.extend(self.preemption.offload(request, self.kv))
+            self._release(request.request_id)
+
+    def _release(self, request_id: str) -> None:
+        """A request's blocks in both tiers go back."""
+        self.kv.free(request_id)
+        self.preemption.release(request_id)
 
     # ---- one step ----
     def schedule(self) -> StepPlan:
         now = self.clock.now()
-        plan = StepPlan(finished_request_ids=self._finished_ids, kv_moves=self._due_moves)
-        self._finished_ids, self._due_moves = [], []
+        plan = StepPlan(finished_request_ids=self._finished_ids, kv_moves=self._due_moves,
+                        preempted_request_ids=self._dropped_ids)
+        self._finished_ids, self._due_moves, self._dropped_ids = [], [], []
         self.connector.before_schedule(self, plan, now)
         self._preempt_for_waiting(plan)
         budget, starved = self._schedule_running(plan, self.config.max_num_batched_tokens)
         if not starved:  # blocks ran out for running requests: admit nobody this step
             self._schedule_waiting(plan, budget, now)
+        on_scheduled = self.ordering.on_scheduled
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
-            self.requests[request_id].num_computed_tokens += num_tokens
+            request = self.requests[request_id]
+            on_scheduled(request, num_tokens)  # before the advance: the policy reads where the tokens start
+            request.num_computed_tokens += num_tokens
         plan.segments = self.prefill.segments(plan)
         self.connector.after_schedule(self, plan, now)
         for move in plan.kv_moves:
@@ -210,12 +230,14 @@ class Scheduler:
             total = computed + num_new
             while not kv.can_allocate(request_id, total):
                 victim = self.ordering.victim(running)
-                self._preempt(victim, plan)
+                if running.index(victim) < i:
+                    i -= 1  # a request scheduled before this one: the list shifts under the index
+                budget += self._preempt(victim, plan)
                 starved = True
                 if victim is request:
                     break
             if request.status is not RequestStatus.RUNNING:
-                break  # it preempted itself: nothing below it is left to schedule
+                continue  # it preempted itself; running[i] is now the request after it
             cached_requests.append(CachedRequestData(request_id, kv.allocate(request_id, total), computed))
             scheduled[request_id] = num_new
             budget -= num_new
@@ -225,16 +247,24 @@ class Scheduler:
     def _schedule_waiting(self, plan: StepPlan, budget: int, now: float) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
-            if self.kv.block_ids(request.request_id):  # blocks reserved already (a remote prefill)
+            swapped = request.status is RequestStatus.SWAPPED  # its KV waits in the host tier
+            host_hits: list[int] = []
+            if swapped or self.kv.block_ids(request.request_id):  # or blocks reserved already (a remote prefill)
                 cached, num_computed = [], request.num_computed_tokens
             else:
                 cached = self.kv.lookup_prefix(request.token_view)
-                num_computed = len(cached) * self.kv.block_size
+                host_hits = self.preemption.prefix_hits(request, len(cached))  # past the device's hits
+                num_computed = max(len(cached), len(host_hits)) * self.kv.block_size
             num_new = self.prefill.num_tokens(request.num_tokens - num_computed, budget)
             if num_new <= 0 or not self.kv.can_allocate(request.request_id, num_computed + num_new, cached):
                 break
             self.waiting.pop()
             self.kv.allocate(request.request_id, num_computed + num_new, cached)
+            if swapped:
+                plan.kv_moves.extend(self.preemption.resume(request, self.kv.block_ids(request.request_id)))
+            elif host_hits:
+                plan.kv_moves.extend(self.preemption.bring_in(request, host_hits, len(cached),
+                                                              self.kv.block_ids(request.request_id)))
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = 0 if request.remote_prefill else num_computed
                 if not request.remote_prefill:
@@ -249,13 +279,19 @@ class Scheduler:
             plan.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
-    def _preempt(self, request: Request, plan: StepPlan) -> None:
+    def _preempt(self, request: Request, plan: StepPlan) -> int:
+        """Preempt a running request; returns the tokens it had scheduled in this plan (now unscheduled)."""
+        request_id = request.request_id
         self.running.remove(request)
+        unscheduled = plan.num_scheduled_tokens.pop(request_id, 0)
+        if unscheduled:
+            plan.cached_requests[:] = [c for c in plan.cached_requests if c.request_id != request_id]
         plan.kv_moves.extend(self.preemption.preempt(request, self.kv))
         self.waiting.prepend(request)
         request.num_preemptions += 1
         self.num_preemptions += 1
-        plan.preempted_request_ids.append(request.request_id)
+        plan.preempted_request_ids.append(request_id)
+        return unscheduled
 
     # ---- results ----
     def update(self, plan: StepPlan, result: StepResult) -> SchedulerUpdate:
@@ -263,12 +299,13 @@ class Scheduler:
         hit a stop condition, then apply the moves' results (a send acknowledged within the step of
         its prefill ends the hold taken just now)."""
         now = self.clock.now()
+        lost = self._on_failed_swaps(result.moves) if self.preemption.name == "swap" else ()
         requests, sampled, updated = self.requests, result.sampled_token_ids, self._update.updated
         caching = self.kv.pool.enable_prefix_caching
         for request_id in plan.num_scheduled_tokens:
             request = requests.get(request_id)
-            if request is None:
-                continue  # finished while the step ran
+            if request is None or request_id in lost:
+                continue  # finished while the step ran, or computed over KV a failed swap-in never brought
             if caching:
                 self.kv.cache_blocks(request_id, request.token_view, request.num_computed_tokens)
             token_id = sampled.get(request_id)
@@ -285,13 +322,39 @@ class Scheduler:
         return update
 
     def _on_move(self, result, now: float) -> None:
+        if result.kind in ("swap_out", "swap_in") and result.state != FAILED:
+            self.preemption.on_move(result)  # (failed ones went by _on_failed_swaps; offloads are untracked)
         if result.ended and self.moves.end(result) is None:
-            return  # reported twice (a cancel raced a completion): the first report counted
+            return  # reported twice (a cancel raced a completion), or untracked: the first report counted
         self.connector.on_move(self, result, now)
         held = self.held.get(result.request_id)
         if held is not None and not self.moves.in_flight(result.request_id):
             del self.held[result.request_id]
-            self.kv.free(result.request_id)
+            self._release(result.request_id)
+
+    def _on_failed_swaps(self, results: list[MoveResult]) -> set[str]:
+        """A failed swap lost the request's KV: it is recomputed from its tokens (nothing the client
+        sees changes). Returns the requests whose KV this step's forward pass did not have (a failed
+        swap-in): their sampled tokens are dropped."""
+        lost: set[str] = set()
+        for result in results:
+            if result.state != FAILED or result.kind not in ("swap_out", "swap_in"):
+                continue
+            self.preemption.on_move(result)  # its host blocks are evicted: they hold nothing to serve
+            request = self.requests.get(result.request_id)
+            if request is None:
+                continue
+            logger.warning("request %s: KV %s failed (%s); recomputing it", request.request_id,
+                           result.kind.replace("_", "-"), result.reason)
+            if request in self.running:  # resumed: its forward pass read blocks the swap-in did not fill
+                lost.add(request.request_id)
+                self.running.remove(request)
+                self.waiting.prepend(request)
+                self._dropped_ids.append(request.request_id)
+            self._release(request.request_id)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+        return lost
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         params = request.sampling_params
@@ -313,4 +376,9 @@ class Scheduler:
         owners = set(self.requests) | set(self.held)
         unknown = set(self.kv.request_ids) - owners
         assert not unknown, f"blocks held by unknown requests {sorted(unknown)[:5]}"
+        host = getattr(self.preemption, "host", None)
+        if host is not None:
+            host.check_integrity()  # (finished requests' offloads are untracked: their tables are released)
+            unknown = set(host.request_ids) - owners
+            assert not unknown, f"host blocks held by unknown requests {sorted(unknown)[:5]}"
         assert set(self.moves.request_ids) <= owners, "a move in flight for an unknown request"

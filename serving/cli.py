@@ -42,11 +42,32 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="token budget per step; longer prompts are prefilled in chunks (default 2048)")
     _bool_flag(g, "enable-chunked-prefill", "split long prompts across steps (default on)")
-    g.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"],
-                   help="order of waiting requests: fcfs, or priority (the request's `priority` field, "
-                        "lower first; a waiting request may preempt a running one it outranks) (default fcfs)")
-    g.add_argument("--preemption-mode", default=None, choices=["recompute"],
-                   help="what a preempted request's KV becomes (default recompute)")
+    from scheduler.policies.ordering import SCHEDULING_POLICIES
+    g.add_argument("--scheduling-policy", default=None, choices=SCHEDULING_POLICIES,
+                   help="order of waiting requests: fcfs; priority (the request's `priority` field, lower "
+                        "first; a waiting request may preempt a running one it outranks); or vtc (fair "
+                        "shares between clients, the OpenAI `user` field: docs/fairness.md) (default fcfs)")
+    g.add_argument("--fairness-prefill-weight", type=float, default=None, metavar="WEIGHT",
+                   help="vtc: what a prompt token adds to its client's service counter (default 1)")
+    g.add_argument("--fairness-decode-weight", type=float, default=None, metavar="WEIGHT",
+                   help="vtc: what an output token adds to its client's service counter (default 2)")
+    g.add_argument("--fairness-update-interval", type=int, default=None, metavar="STEPS",
+                   help="vtc: steps between re-rankings of the waiting queue by the counters (default 1)")
+    g.add_argument("--fairness-preemption-threshold", type=float, default=None, metavar="TOKENS",
+                   help="vtc: a waiting request preempts a running one whose client's counter is this many "
+                        "weighted tokens ahead; 0: never (default 2 x the larger weight x --max-model-len)")
+    g.add_argument("--client-weights", default=None, metavar="CLIENT:WEIGHT,...",
+                   help="vtc: shares per client, e.g. alice:2,bob:1 (alice gets twice bob's service; "
+                        "clients not named weigh 1)")
+    g.add_argument("--preemption-mode", default=None, choices=["recompute", "swap"],
+                   help="what a preempted request's KV becomes: recompute (dropped, prefilled again on "
+                        "resume) or swap (copied to host memory, copied back on resume) (default recompute)")
+    g.add_argument("--swap-space", type=float, default=None,
+                   help="GiB of host memory for swapped-out KV with --preemption-mode swap (default 4)")
+    g.add_argument("--block-allocation", default=None, choices=["auto", "lru", "groups"],
+                   help="which free KV blocks a request gets: lru (single blocks), groups (runs of "
+                        "consecutive blocks, one copy per run when swapping), auto (groups when swapping) "
+                        "(default auto)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")

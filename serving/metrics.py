@@ -8,7 +8,9 @@ Where each number comes from:
   layer from each engine request's `RequestOutput` stream (`RequestMetrics`);
 - queue time: `RequestOutput.queue_time_s` of the first output;
 - gauges (running, waiting, swapped, KV usage) and the engine's cumulative counters (preemptions,
-  prefix-cache queries and hits): `engine.get_stats()` at scrape time, counters advanced by the delta.
+  prefix-cache queries and hits): `engine.get_stats()` at scrape time, counters advanced by the delta;
+- per-client service under `--scheduling-policy vtc` (`pdserve:client_service_tokens{client}`):
+  `EngineStats.extra["client_service"]` (summed over instances in disaggregated mode).
 """
 from __future__ import annotations
 
@@ -33,7 +35,11 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 _INSTANCE_HISTOGRAM_DOCS = {
     "kv_transfer_latency_seconds": "KV transfer latency per instance: begin to acknowledgement on a prefill "
                                    "instance, Reserve to Commit on a decode instance (successful transfers)."}
+# an instance's kv_swap counters travel in its summed transfer map under this prefix (serving/instance)
+KV_SWAP_PREFIX = "kv_swap:"
 # EngineStats counter fields -> metric attribute names
+# clients with a series of their own in pdserve:client_service_tokens; the rest are summed as "other"
+MAX_CLIENT_SERIES = 32
 _STATS_COUNTERS = {"num_preemptions": "num_preemptions",
                    "prefix_cache_queries": "prefix_cache_queries",
                    "prefix_cache_hits": "prefix_cache_hits"}
@@ -146,12 +152,21 @@ class _ExtraStatsCollector:
 
         pdserve:kv_transfer_<name>_total     counters summed over instances (bytes, seconds, failures,
                                              retries, recompute fallbacks, ...)
+        pdserve:kv_swap_<name>_total         preemptions by mode (preemptions_swap, preemptions_recompute),
+                                             swaps in and out (moves, blocks, bytes, span copies, seconds,
+                                             failures), host prefix-cache hits and offloads
+        pdserve:cpu_cache_usage_perc         colocated: the host KV tier's usage (swap mode)
         pdserve:router_<name>_total          re-routes, decode failures, re-prefills, restarts, ...
         pdserve:engine_restarts_total        colocated: times the engine process was started again
         pdserve:instance_<name>{instance, role}   gauges: up, queue_depth, num_running, free blocks, ...
         pdserve:<histogram>{instance, role}       histograms an instance keeps, e.g.
                                              kv_transfer_latency_seconds (begin -> ack on a prefill
                                              instance, Reserve -> Commit on a decode instance)
+        pdserve:client_service_tokens{client}     --scheduling-policy vtc: each client's service (prompt
+                                             tokens x prefill weight + output tokens x decode weight,
+                                             over its weight); the MAX_CLIENT_SERIES clients with the
+                                             most, the rest summed as client="other". A client idle long
+                                             enough to be forgotten (docs/fairness.md) drops out
     """
 
     def __init__(self, model_name: str) -> None:
@@ -163,13 +178,23 @@ class _ExtraStatsCollector:
 
     def collect(self):
         model = self.model_name
-        for group in ("kv_transfer", "router", "engine"):
-            for name, value in sorted(self.latest.get(group, {}).items()):
+        groups = {group: dict(self.latest.get(group, {})) for group in ("kv_transfer", "kv_swap", "router", "engine")}
+        for name in [n for n in groups["kv_transfer"] if n.startswith(KV_SWAP_PREFIX)]:  # an instance's (wire)
+            value = groups["kv_transfer"].pop(name)
+            key = name[len(KV_SWAP_PREFIX):]
+            groups["kv_swap"][key] = groups["kv_swap"].get(key, 0.0) + value
+        for group, values in groups.items():
+            for name, value in sorted(values.items()):
                 base = name[:-len("_total")] if name.endswith("_total") else name
                 family = CounterMetricFamily(f"pdserve:{group}_{base}", f"{group} counter {base}",
                                              labels=["model_name"])
                 family.add_metric([model], float(value))
                 yield family
+        if "host_kv_usage" in self.latest:
+            family = GaugeMetricFamily("pdserve:cpu_cache_usage_perc", "Fraction of the host KV tier's blocks "
+                                       "in use (--preemption-mode swap; vLLM V0's name).", labels=["model_name"])
+            family.add_metric([model], float(self.latest["host_kv_usage"]))
+            yield family
         instances = self.latest.get("instances", {})
         fields = sorted({k for info in instances.values() for k, v in info.items()
                          if isinstance(v, (int, float))})
@@ -179,6 +204,14 @@ class _ExtraStatsCollector:
             for instance, info in sorted(instances.items()):
                 if field_name in info:
                     family.add_metric([model, instance, str(info.get("role", ""))], float(info[field_name]))
+            yield family
+        service = self.latest.get("client_service")
+        if service:
+            family = GaugeMetricFamily("pdserve:client_service_tokens",
+                                       "Service each client received under --scheduling-policy vtc, in weighted "
+                                       "tokens over the client's weight.", labels=["model_name", "client"])
+            for client, value in top_clients(service, MAX_CLIENT_SERIES):
+                family.add_metric([model, client], float(value))
             yield family
         for name, per_instance in sorted(self.latest.get("histograms", {}).items()):
             if "bounds" in per_instance:  # one engine's own (not per instance)
@@ -190,6 +223,16 @@ class _ExtraStatsCollector:
                 family.add_metric([model, instance, str(h.get("role", ""))], buckets + [("+Inf", h["counts"][-1])],
                                   sum_value=h["sum"])
             yield family
+
+
+def top_clients(service: dict[str, float], limit: int) -> list[tuple[str, float]]:
+    """The `limit` clients with the most service, then the rest summed as "other" (a Prometheus label
+    value per client would grow without bound)."""
+    ranked = sorted(service.items(), key=lambda item: (-item[1], item[0]))
+    top = dict(ranked[:limit])
+    if len(ranked) > limit:
+        top["other"] = top.get("other", 0.0) + sum(value for _, value in ranked[limit:])
+    return list(top.items())
 
 
 class RequestMetrics:

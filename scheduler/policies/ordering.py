@@ -7,16 +7,21 @@
   arrival time. The running request with the highest (priority, arrival) is the victim, and a waiting
   request of strictly better priority may preempt it when there is no room.
 
-A fairness policy (VTC) implements the same interface with per-client service counters.
+- `VtcOrdering` (scheduler/policies/fairness.py): per-client service counters, the client furthest
+  behind first (Virtual Token Counter fairness).
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 from collections import deque
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
+from scheduler.policies.fairness import VtcOrdering
 from scheduler.request import Request
+
+if TYPE_CHECKING:
+    from scheduler.config import SchedulerConfig
 
 
 class RequestQueue(Protocol):
@@ -49,6 +54,14 @@ class OrderingPolicy(Protocol):
 
     def outranks(self, candidate: Request, victim: Request) -> bool:
         """Whether a waiting candidate may preempt this running victim to get room."""
+
+    def on_scheduled(self, request: Request, num_tokens: int) -> None:
+        """num_tokens of the request were scheduled this step, from request.num_computed_tokens (not
+        advanced yet). Called once per scheduled request after the plan is made, so for accounting
+        (fairness counters), never for this step's decisions; must be cheap (the scheduler's hot loop)."""
+
+    def service(self) -> dict[str, float]:
+        """Service received per client so far, for metrics; empty for a policy that does not count."""
 
 
 class _FifoQueue:
@@ -92,6 +105,12 @@ class FcfsOrdering:
 
     def outranks(self, candidate: Request, victim: Request) -> bool:
         return False
+
+    def on_scheduled(self, request: Request, num_tokens: int) -> None:
+        pass
+
+    def service(self) -> dict[str, float]:
+        return {}
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -146,12 +165,25 @@ class PriorityOrdering:
     def outranks(self, candidate: Request, victim: Request) -> bool:
         return candidate.priority < victim.priority
 
+    def on_scheduled(self, request: Request, num_tokens: int) -> None:
+        pass
 
-_POLICIES = {"fcfs": FcfsOrdering, "priority": PriorityOrdering}
+    def service(self) -> dict[str, float]:
+        return {}
+
+
+# name -> factory(config, max_model_len)
+_POLICIES: dict[str, Callable[["SchedulerConfig", int], OrderingPolicy]] = {
+    "fcfs": lambda config, max_model_len: FcfsOrdering(),
+    "priority": lambda config, max_model_len: PriorityOrdering(),
+    "vtc": VtcOrdering.from_config,
+}
 SCHEDULING_POLICIES = tuple(_POLICIES)
 
 
-def make_ordering(name: str) -> OrderingPolicy:
+def make_ordering(config: SchedulerConfig, max_model_len: int) -> OrderingPolicy:
+    """The policy config.scheduling_policy names (max_model_len: VTC's default preemption threshold)."""
+    name = config.scheduling_policy
     if name not in _POLICIES:
         raise ValueError(f"--scheduling-policy must be one of {', '.join(_POLICIES)}, got {name!r}")
-    return _POLICIES[name]()
+    return _POLICIES[name](config, max_model_len)

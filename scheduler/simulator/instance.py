@@ -8,10 +8,12 @@ by the step's modelled duration; between steps the instance sleeps until an even
 from __future__ import annotations
 
 from kvcache.block_pool import BlockPool
+from kvcache.host_tier import HostTier
 from kvcache.kv_manager import KVCacheManager
 from scheduler.clock import VirtualClock
 from scheduler.connectors import ConnectorPolicy, NullConnector, RemoteDecode, RemotePrefill
 from scheduler.engine_core import EngineCore
+from scheduler.policies import make_preemption
 from scheduler.latency_executor import LatencyModelExecutor
 from scheduler.scheduler import Scheduler
 from scheduler.simulator.spec import SimDeployment, SimInstanceSpec
@@ -35,8 +37,10 @@ class SimInstance:
         self.role = spec.role
         self.clock = VirtualClock()
         kv = KVCacheManager(BlockPool(spec.num_blocks, spec.enable_prefix_caching), spec.block_size)
+        host = (HostTier(max(spec.num_host_blocks, 1), spec.block_size, spec.enable_prefix_caching)
+                if spec.scheduler.preemption_mode == "swap" else None)
         self.scheduler = Scheduler(spec.scheduler, kv, spec.max_model_len, make_connector(spec, deployment),
-                                   self.clock)
+                                   self.clock, preemption=make_preemption(spec.scheduler.preemption_mode, host))
         self.moves = network.register(spec)
         self.executor = LatencyModelExecutor(spec.latency, token_id, self.moves, self.clock)
         self.core = EngineCore(self.scheduler, self.executor, self.clock)

@@ -33,6 +33,7 @@ class SimInstanceSpec:
     tp: int = 1
     pp: int = 1
     enable_prefix_caching: bool = True
+    num_host_blocks: int = 0  # the host tier of --preemption-mode swap (swaps take no modelled time yet)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

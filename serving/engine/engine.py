@@ -15,12 +15,17 @@ import logging
 import os
 from dataclasses import dataclass
 
+import torch
+
+from kvcache.allocation import make_strategy
 from kvcache.block_pool import BlockPool
+from kvcache.host_tier import HostTier
 from kvcache.kv_manager import KVCacheManager
 from kvcache.transfer.layout import KVLayout
 from scheduler.clock import Clock, MonotonicClock
 from scheduler.connectors import ConnectorPolicy, NullConnector, RemoteDecode, RemotePrefill
 from scheduler.engine_core import EngineCore, EngineCoreOutput
+from scheduler.policies import make_preemption
 from scheduler.request import Request, RequestStatus
 from scheduler.sampling_params import SamplingParams
 from scheduler.scheduler import RequestTooLargeError, Scheduler
@@ -29,6 +34,7 @@ from serving.config import Config
 from serving.engine.protocol import EngineStats, RequestRejectedError
 from serving.engine.validation import check_kv_pool_fits, check_stop_token_ids
 from serving.kv_connector.base import KVConnectorWorker
+from serving.kv_connector.swap import ComposedWorker, SwapWorker
 from serving.kv_connector.transfer import make_worker, model_fingerprint, wants_shared_pool
 from serving.models import ModelArchConfig, load_model
 from serving.runner.model_runner import ModelRunner, model_kv_layout, num_kv_blocks, resolve_device, resolve_dtype
@@ -133,11 +139,24 @@ class Engine:
     # ---- introspection ----
     def get_stats(self) -> EngineStats:
         scheduler = self.scheduler
+        extra = {"kv_transfer": self.transfer_counters(), "histograms": self.connector.histograms(),
+                 "client_service": scheduler.ordering.service(),  # per client, --scheduling-policy vtc
+                 "kv_swap": self.swap_counters()}
+        if hasattr(scheduler.preemption, "host_usage"):  # --preemption-mode swap
+            extra["host_kv_usage"] = scheduler.preemption.host_usage()
         return EngineStats(
-            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting, num_swapped=scheduler.num_swapped,
             kv_cache_usage=self.kv.pool.usage, num_preemptions=scheduler.num_preemptions,
             prefix_cache_queries=self.kv.num_prefix_queries, prefix_cache_hits=self.kv.num_prefix_hits,
-            extra={"kv_transfer": self.transfer_counters(), "histograms": self.connector.histograms()})
+            extra=extra)
+
+    def swap_counters(self) -> dict[str, float]:
+        """Preemptions by mode, and with --preemption-mode swap the swap worker's moves, bytes and time."""
+        values = dict(self.scheduler.preemption.counters())
+        swap = getattr(self.connector, "swap", None)
+        if swap is not None:
+            values.update(swap.counters())
+        return values
 
     def transfer_counters(self) -> dict[str, float]:
         """The connector worker's counters and the connector policy's, by name."""
@@ -171,6 +190,31 @@ def _allocate_shared(layout, num_blocks: int):
         return None
 
 
+def _allocation(config: Config):
+    """The block allocation strategy (--block-allocation; auto: block groups when swapping)."""
+    name = config.cache.block_allocation
+    if name == "auto":
+        name = "groups" if config.scheduler.preemption_mode == "swap" else "lru"
+    return make_strategy(name)
+
+
+def _host_tier(config: Config, layout, kv_cache, connector):
+    """--preemption-mode swap: the host tier's blocks (accounting for the scheduler, a tensor for the
+    swap worker, pinned on CUDA) and the connector worker with a swap worker beside it."""
+    num_host_blocks = int(config.cache.swap_space * 2**30) // layout.bytes_per_block
+    if num_host_blocks < 1:
+        connector.close()
+        raise ValueError(f"--swap-space {config.cache.swap_space:g} GiB holds no KV block of "
+                         f"{layout.bytes_per_block} bytes: raise --swap-space")
+    # never zeroed: a host block is read only after a swap-out wrote it
+    host_cache = torch.empty(layout.shape(num_host_blocks), dtype=kv_cache.dtype,
+                             pin_memory=kv_cache.is_cuda)
+    logger.info("host KV tier: %d blocks (%.1f MiB) for swapped-out requests", num_host_blocks,
+                host_cache.numel() * host_cache.element_size() / 2**20)
+    host = HostTier(num_host_blocks, layout.block_size, config.cache.enable_prefix_caching, _allocation(config))
+    return host, ComposedWorker(connector, SwapWorker(kv_cache, host_cache))
+
+
 def build_engine(config: Config, role: str = "colocated", clock: Clock | None = None,
                  token: str | None = None) -> Engine:
     """Every part from the config, each injected into the next. For a decode role the connector
@@ -179,6 +223,9 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
     config.parallel.check_supported(role=role, device=device.type)
+    if config.scheduler.preemption_mode == "swap" and config.parallel.world_size > 1:
+        raise ValueError("--preemption-mode swap is not supported with tensor or pipeline parallelism yet (each "
+                         "rank would need a host tier of its own): use --preemption-mode recompute")
     dtype = resolve_dtype(config.model.dtype, device)
     tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     workers = None
@@ -223,6 +270,9 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir),
                                            stage.num_model_layers if stage else None, stage.size if stage else 1)
     connector = make_worker(role, config, kv_caches, kv_layout, config.deploy.internal_host, token, pool)
+    host = None
+    if config.scheduler.preemption_mode == "swap":
+        host, connector = _host_tier(config, layout, kv_cache, connector)
     if workers is not None:
         from serving.runner.tensor_parallel import TensorParallelRunner
         runner = TensorParallelRunner(workers, model, kv_cache, layout, device, config.model.seed, connector,
@@ -231,10 +281,10 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
         runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector,
                              config.model.enforce_eager)
     clock = clock or MonotonicClock()
-    pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+    pool = BlockPool(num_blocks, config.cache.enable_prefix_caching, _allocation(config))
     kv = KVCacheManager(pool, config.cache.block_size)
     scheduler = Scheduler(config.scheduler, kv, max_model_len, make_connector_policy(role, config, arch.num_layers),
-                          clock)
+                          clock, preemption=make_preemption(config.scheduler.preemption_mode, host))
     trace = StepTrace.in_dir(config.deploy.step_trace_dir, role) if config.deploy.step_trace_dir else None
     if trace is not None:
         logger.info("step trace: %s", trace.path)

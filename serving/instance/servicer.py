@@ -32,6 +32,7 @@ from kvcache.transfer.auth import AioServerTokenInterceptor, TokenCheck
 from scheduler.scheduler import NoKVSpaceError
 from serving.config import Config
 from serving.instance import wire
+from serving.metrics import KV_SWAP_PREFIX
 from serving.instance._proto import instance_pb2 as pb
 from serving.instance._proto import instance_pb2_grpc as pb_grpc
 from serving.engine.core_messages import EngineInfo
@@ -149,6 +150,8 @@ def collect_stats(engine: Engine) -> pb.StatsResponse:
     message.num_leased = len(engine.scheduler.held)
     message.num_queued_prefill_tokens = engine.num_queued_prefill_tokens()
     message.transfer.update(stats.extra["kv_transfer"])
+    # swapping's counters ride the same summed map, under a prefix the metrics split back out
+    message.transfer.update({f"{KV_SWAP_PREFIX}{name}": value for name, value in stats.extra["kv_swap"].items()})
     return message
 
 

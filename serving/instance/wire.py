@@ -95,6 +95,7 @@ def stats_to_proto(stats: EngineStats) -> pb.StatsResponse:
     message = pb.StatsResponse(**{name: getattr(stats, name) for name in _STATS_FIELDS})
     for name, histogram in stats.extra.get("histograms", {}).items():  # LatencyHistogram.snapshot()s
         message.histograms[name].CopyFrom(pb.Histogram(**histogram))
+    message.client_service.update(stats.extra.get("client_service", {}))
     return message
 
 

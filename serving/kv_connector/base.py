@@ -4,13 +4,16 @@ The model runner hands a step's moves to its connector worker before the forward
 layer range as the pass finishes it (so a send ships layers while later ones compute) and the tokens
 it sampled (a send's commit carries the first one), and polls it for moves that started or ended:
 
-    start(moves) ─ layers_done(rows, 0, 4) ─ layers_done(rows, 4, 8) ... ─ tokens_sampled ─ poll()
+    start(moves) ─ wait_layers(0, 1) ... layers_done(rows, 0, 4) ─ ... ─ tokens_sampled ─ wait_layers(0, L) ─ poll()
+
+`wait_layers(start, end)` comes before the forward pass touches those layers: a worker whose copies
+read or write the cache the pass uses (the swap worker) returns once they are done there.
 
 `start` never raises: a move the worker cannot take is reported failed by the next poll, and every
 move it took is reported ended by some later poll, so the scheduler never waits for ever and never
 frees a block under a running copy. Colocated instances use `NullWorker`; instances that send or
-receive KV use `TransferWorker` (transfer.py); a host-tier swap worker and a shared-pool (semi-PD)
-worker plug in beside them.
+receive KV use `TransferWorker` (transfer.py); with `--preemption-mode swap` a `SwapWorker` (swap.py)
+sits beside either in a `ComposedWorker`; a shared-pool (semi-PD) worker plugs in the same way.
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ class KVConnectorWorker(Protocol):
 
     def start(self, moves: list[KVMove]) -> None:
         """Take this step's moves (at the start of the step, on the engine thread). Never raises."""
+
+    def wait_layers(self, layer_start: int, layer_end: int) -> None:
+        """Return once this worker's copies that touch layers [start, end) of the cache are done (the
+        forward pass is about to read or write them). Raises when they cannot finish."""
 
     def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
         """These requests' KV of layers [start, end) for this step's tokens is in the cache."""
@@ -52,6 +59,9 @@ class NullWorker:
     def start(self, moves: list[KVMove]) -> None:
         self._results += [MoveResult(m.request_id, m.kind, FAILED, "this instance moves no KV")
                           for m in moves if m.kind != "cancel"]
+
+    def wait_layers(self, layer_start: int, layer_end: int) -> None:
+        pass
 
     def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
         pass

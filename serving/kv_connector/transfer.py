@@ -96,6 +96,9 @@ class TransferWorker:
         if self.receives is not None:
             self.receives.cancel(move.request_id, move.reason)  # returns once no receiver thread writes
 
+    def wait_layers(self, layer_start: int, layer_end: int) -> None:
+        pass  # its copies never touch what the forward pass computes next
+
     def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
         if self.sends is not None:
             self.sends.layers_done(request_ids, layer_start, layer_end)

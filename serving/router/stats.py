@@ -11,6 +11,8 @@
                           num_free_blocks, num_total_blocks, num_restarts}}
     histograms    {metric: {instance name: {role, bounds, counts (cumulative, +Inf last), sum, count}}}
                   e.g. kv_transfer_latency_seconds, per instance (not summed: roles measure differently)
+    client_service  {client: service summed over instances} (--scheduling-policy vtc: prefill instances
+                  count prompts and first tokens, decode instances the rest)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def aggregate_stats(instances: list, router_counters: dict[str, int]) -> EngineS
     transfer: dict[str, float] = {}
     per_instance = {}
     histograms: dict[str, dict] = {}
+    client_service: dict[str, float] = {}
     for state in instances:
         s = state.stats
         per_instance[state.name] = {
@@ -36,6 +39,8 @@ def aggregate_stats(instances: list, router_counters: dict[str, int]) -> EngineS
             histograms.setdefault(name, {})[state.name] = {
                 "role": state.role, "bounds": list(h.bounds), "counts": list(h.counts), "sum": h.sum,
                 "count": h.count}
+        for client, value in s.client_service.items():
+            client_service[client] = client_service.get(client, 0.0) + value
         # counters keep a down instance's last figures; gauges count only what is up
         stats.num_preemptions += s.num_preemptions
         stats.prefix_cache_queries += s.prefix_cache_queries
@@ -49,5 +54,6 @@ def aggregate_stats(instances: list, router_counters: dict[str, int]) -> EngineS
         num_total += s.num_total_blocks
     stats.kv_cache_usage = num_used / num_total if num_total else 0.0
     router = {f"{name}_total": value for name, value in router_counters.items()}
-    stats.extra = {"kv_transfer": transfer, "router": router, "instances": per_instance, "histograms": histograms}
+    stats.extra = {"kv_transfer": transfer, "router": router, "instances": per_instance, "histograms": histograms,
+                   "client_service": client_service}
     return stats

@@ -80,13 +80,17 @@ def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
 class PagedAttentionBackend:
     """The model's AttentionBackend for one chain: store its K/V, attend over the paged cache."""
 
-    def __init__(self, kv_cache: Tensor, meta: AttentionMetadata, scale: float, first_layer: int = 0) -> None:
+    def __init__(self, kv_cache: Tensor, meta: AttentionMetadata, scale: float, first_layer: int = 0,
+                 wait_layers=None) -> None:
         self.kv_cache = kv_cache  # [L, 2, num_blocks, block_size, Hkv, D]: layers first_layer.. (a pipeline stage's)
         self.meta = meta
         self.scale = scale
         self.first_layer = first_layer
+        self.wait_layers = wait_layers  # the connector's, when copies into or out of the cache may be pending
 
     def __call__(self, layer_idx: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.wait_layers is not None:
+            self.wait_layers(layer_idx, layer_idx + 1)
         index = layer_idx - self.first_layer
         k_cache, v_cache = self.kv_cache[index, 0], self.kv_cache[index, 1]
         meta = self.meta
@@ -175,6 +179,7 @@ class ModelRunner:
         self.connector.start(plan.kv_moves)  # first: every move is then reported, whatever happens below
         self._apply_plan(plan)
         result = StepResult() if plan.is_empty else self._execute(plan)
+        self.connector.wait_layers(0, self.arch.num_layers)  # the step's swaps end in it (kv_connector/swap.py)
         result.moves = self.connector.poll()
         result.step_seconds = time.perf_counter() - started
         return result
@@ -260,7 +265,9 @@ class ModelRunner:
         states = [self.states[r] for r in rows]
         num_tokens = [plan.num_scheduled_tokens[r] for r in rows]
         inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
-        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale)
+        swapping = any(m.kind in ("swap_out", "swap_in") for m in plan.kv_moves)
+        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale,
+                                     wait_layers=self.connector.wait_layers if swapping else None)
         num_layers = self.arch.num_layers
         key = tuple(rows)
         hidden, residual = self.carried.pop(key, (None, None)) if chain[0].layer_start > 0 else (None, None)
@@ -270,6 +277,8 @@ class ModelRunner:
         layers = self._native_layers_for(inputs)
         for segment in chain:
             end = num_layers if segment.layer_end is None else segment.layer_end
+            if swapping and layers is not None:  # one native call runs the range: its copies first
+                self.connector.wait_layers(segment.layer_start, end)
             with self._forward_timer():
                 hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
                                               hidden, residual, layers)                   # [T, H]

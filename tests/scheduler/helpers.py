@@ -9,10 +9,10 @@ from scheduler.kv_moves import MoveResult
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=8, budget=32, max_model_len=256,
-                   prefix_caching=True, connector=None, clock=None, **config) -> Scheduler:
+                   prefix_caching=True, connector=None, clock=None, preemption=None, **config) -> Scheduler:
     kv = KVCacheManager(BlockPool(num_blocks, prefix_caching), block_size)
     return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, **config), kv,
-                     max_model_len, connector=connector, clock=clock or VirtualClock())
+                     max_model_len, connector=connector, clock=clock or VirtualClock(), preemption=preemption)
 
 
 def make_request(rid, prompt_len=10, max_tokens=5, first=1, priority=0, **kwargs) -> Request:
