@@ -84,7 +84,8 @@ class _Options:
             random_input_len=args.random_input_len, random_output_len=args.random_output_len,
             random_range_ratio=args.random_range_ratio, output_len=args.output_len,
             num_turns=args.num_turns, think_time_s=args.think_time, tenants=parse_tenants(args.tenants),
-            prompt_format=args.prompt_format, max_model_len=args.max_model_len, seed=args.seed)
+            prompt_format=args.prompt_format, priority_levels=args.priority_levels,
+            max_model_len=args.max_model_len, seed=args.seed)
         load = LoadConfig(request_rate=rates[0], arrival=arrival, burstiness=args.burstiness,
                           max_concurrency=args.max_concurrency, trace_time_scale=args.trace_time_scale)
         for rate in rates:

@@ -58,6 +58,9 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
                        help="seconds between a reply and the conversation's next turn")
     group.add_argument("--tenants", default=None,
                        help="tenants and traffic weights, e.g. alice:3,bob:1 (sent as the `user` field)")
+    group.add_argument("--priority-levels", type=int, default=0,
+                       help="N > 0: each request gets a random `priority` in [0, N), drawn anew per turn "
+                            "(lower first under the server's --scheduling-policy priority)")
     group.add_argument("--prompt-format", default="text", choices=PROMPT_FORMATS,
                        help="token_ids: exact-length token-id prompts (/v1/completions only)")
     group.add_argument("--max-model-len", type=int, default=None,

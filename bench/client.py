@@ -26,7 +26,7 @@ _ERROR_TEXT_LIMIT = 500
 
 
 def build_payload(endpoint: EndpointConfig, model: str, prompt: str | list[int] | list[dict[str, str]],
-                  max_tokens: int, tenant: str | None) -> dict[str, Any]:
+                  max_tokens: int, tenant: str | None, priority: int | None = None) -> dict[str, Any]:
     """Request body; `prompt` is a list of chat messages for the chat endpoint."""
     payload: dict[str, Any] = {
         "model": model,
@@ -41,6 +41,8 @@ def build_payload(endpoint: EndpointConfig, model: str, prompt: str | list[int] 
         payload["temperature"] = endpoint.temperature
     if tenant is not None:
         payload["user"] = tenant  # OpenAI's field for the end user; per-tenant fairness keys on it
+    if priority is not None:
+        payload["priority"] = priority  # vLLM's extension field (--scheduling-policy priority)
     payload.update(endpoint.extra_body)
     return payload
 

@@ -115,6 +115,9 @@ class WorkloadConfig:
     think_time_s: float = 0.0
     tenants: tuple[tuple[str, float], ...] = ()
     prompt_format: str = "text"
+    # > 0: every request carries a `priority` drawn anew per turn from [0, levels) (lower runs first
+    # under --scheduling-policy priority): a conversation's priority changes at every turn
+    priority_levels: int = 0
     max_model_len: int | None = None  # clip prompt + output to fit the server's context
     seed: int = 0
 
@@ -141,6 +144,8 @@ class WorkloadConfig:
                              "use --prompt-format text with --num-turns > 1")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"--max-model-len must be at least 2, got {self.max_model_len}")
+        if self.priority_levels < 0:
+            raise ValueError(f"--priority-levels must be 0 (no priorities) or more, got {self.priority_levels}")
 
 
 @dataclass(frozen=True)

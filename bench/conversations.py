@@ -16,6 +16,7 @@ class Turn:
     prompt: str | list[int]  # user text, or token ids for a /v1/completions token-id prompt
     num_input_tokens: int  # tokens of this turn's new prompt (client-side count, no history)
     num_output_tokens: int  # max_tokens sent with the request
+    priority: int | None = None  # sent as the request's `priority` (--priority-levels)
 
 
 @dataclass

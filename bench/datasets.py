@@ -35,8 +35,8 @@ class Workload:
 
 def build_workload(config: WorkloadConfig, synthesizer: PromptSynthesizer) -> Workload:
     """Build the conversations named by `config`; deterministic in config.seed."""
-    length_rng, prompt_rng, tenant_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3))
+    length_rng, prompt_rng, tenant_rng, priority_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
     if config.dataset_name in ("jsonl", "sharegpt"):
         from bench.dataset_files import load_jsonl, load_sharegpt
 
@@ -47,6 +47,10 @@ def build_workload(config: WorkloadConfig, synthesizer: PromptSynthesizer) -> Wo
     kept = [c for c in conversations if trim_to_context(c, config.max_model_len)]
     weights = dict(config.tenants)
     assign_tenants(kept, config.tenants, tenant_rng)
+    if config.priority_levels:
+        for conversation in kept:
+            for turn in conversation.turns:
+                turn.priority = int(priority_rng.integers(config.priority_levels))
     for conversation in kept:
         weights.setdefault(conversation.tenant, 1.0)
     if not kept:

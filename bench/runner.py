@@ -120,7 +120,7 @@ async def _run(spec: RunSpec, workload: Workload, arrivals_s: np.ndarray,
                     tenant = conversation.tenant if conversation.tenant != DEFAULT_TENANT else None
                     payload = build_payload(spec.endpoint, spec.model,
                                             prompt_for(spec.endpoint, history, turn),
-                                            turn.num_output_tokens, tenant)
+                                            turn.num_output_tokens, tenant, turn.priority)
                     async with slots:
                         await client.send(payload, record, origin_s)
                     records.append(record)

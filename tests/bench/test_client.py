@@ -88,9 +88,10 @@ def test_payload_controls_output_length():
     assert payload == {"model": "m", "prompt": [1, 2, 3], "max_tokens": 16, "stream": True,
                        "stream_options": {"include_usage": True}, "ignore_eos": True,
                        "temperature": 0.0, "user": "alice", "top_p": 0.5}
+    assert build_payload(endpoint, "m", [1], 2, None, priority=3)["priority"] == 3
     chat = build_payload(CHAT, "m", [{"role": "user", "content": "hi"}], 4, None)
     assert chat["messages"] == [{"role": "user", "content": "hi"}] and "prompt" not in chat
-    assert "ignore_eos" not in chat and "user" not in chat and chat["max_tokens"] == 4
+    assert "ignore_eos" not in chat and "user" not in chat and chat["max_tokens"] == 4 and "priority" not in chat
 
 
 def _run_send(endpoint: EndpointConfig, handler) -> RequestRecord:

@@ -78,6 +78,22 @@ def test_multi_turn_tenants_and_output_len_override():
     assert workload.tenant_weights == {"alice": 3.0, "bob": 1.0}
 
 
+def test_priority_levels_draw_a_priority_per_turn_and_leave_the_rest_unchanged():
+    base = WorkloadConfig(dataset_name="synthetic-code", num_prompts=200, num_turns=3, seed=2)
+    with_priorities = build_workload(WorkloadConfig(**{**base.__dict__, "priority_levels": 4}), PromptSynthesizer(None))
+    plain = build_workload(base, PromptSynthesizer(None))
+    turns = [t for c in with_priorities.conversations for t in c.turns]
+    assert {t.priority for t in turns} == {0, 1, 2, 3}
+    # a conversation's priority changes between turns (drawn anew), so priorities change often
+    assert sum(len({t.priority for t in c.turns}) > 1 for c in with_priorities.conversations) > 100
+    assert all(t.priority is None for c in plain.conversations for t in c.turns)
+    assert [t.prompt for t in turns] == [t.prompt for c in plain.conversations for t in c.turns]
+    again = build_workload(WorkloadConfig(**{**base.__dict__, "priority_levels": 4}), PromptSynthesizer(None))
+    assert [t.priority for c in again.conversations for t in c.turns] == [t.priority for t in turns]
+    with pytest.raises(ValueError, match="--priority-levels"):
+        WorkloadConfig(priority_levels=-1)
+
+
 def test_max_model_len_shortens_prompts_and_turns():
     config = WorkloadConfig(num_prompts=3, num_turns=4, random_input_len=500, random_output_len=20,
                             max_model_len=100)
