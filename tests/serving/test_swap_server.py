@@ -25,25 +25,35 @@ def _metric(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+def _reference(model_dir: str, prompts: list[str]) -> list[str]:
+    """What an engine with room for every request (never preempting) answers."""
+    llm = LLM(model_dir, block_size=4, num_blocks_override=512, max_model_len=160)
+    return [r.outputs[0].text for r in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24,
+                                                                          ignore_eos=True))]
+
+
+def _complete_all(port: int, prompts: list[str]) -> list[str]:
+    """Every prompt at once through the openai client (greedy, 24 tokens each)."""
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
+    model = api.models.list().data[0].id
+
+    def complete(prompt: str) -> str:
+        reply = api.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
+                                       extra_body={"ignore_eos": True})
+        return reply.choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(complete, prompts))
+
+
 def test_the_server_swaps_under_memory_pressure_and_counts_it(tiny_model_dir, tmp_path):
     prompts = PROMPTS + [p + " and so on" for p in PROMPTS]
-    expected = [r.outputs[0].text for r in LLM(tiny_model_dir, block_size=4, num_blocks_override=512, max_model_len=160)
-                .generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
+    expected = _reference(tiny_model_dir, prompts)
     port = free_port()
     process = start_server(["--model", tiny_model_dir, "--block-size", "4", "--num-gpu-blocks-override", "40",
                             "--max-model-len", "160", "--no-enable-prefix-caching", "--preemption-mode", "swap",
                             "--swap-space", "0.01", "--log-level", "warning"], port, tmp_path / "server.log", 240)
     try:
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
-        model = api.models.list().data[0].id
-
-        def complete(prompt: str) -> str:
-            reply = api.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
-                                           extra_body={"ignore_eos": True})
-            return reply.choices[0].text
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            got = list(pool.map(complete, prompts))
-        assert got == expected
+        assert _complete_all(port, prompts) == expected
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
         assert _metric(metrics, "pdserve:kv_swap_preemptions_swap_total") > 0
         assert _metric(metrics, "pdserve:kv_swap_swap_out_bytes_total") > 0
@@ -60,8 +70,7 @@ def test_a_decode_instance_swaps_and_its_counters_reach_the_router(tiny_model_di
     shared memory, a TransferWorker and a SwapWorker side by side); outputs are unchanged and the
     instance's swap counters reach the router's /metrics over the instance gRPC."""
     prompts = PROMPTS + [p + " and so on" for p in PROMPTS]
-    expected = [r.outputs[0].text for r in LLM(tiny_model_dir, block_size=4, num_blocks_override=512, max_model_len=160)
-                .generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))]
+    expected = _reference(tiny_model_dir, prompts)
     config = tmp_path / "deploy.yaml"
     config.write_text("""
 model: {max_model_len: 160}
@@ -76,16 +85,7 @@ deploy:
     process = start_server(["--config", str(config), "--model", tiny_model_dir, "--log-level", "warning"], port,
                            tmp_path / "server.log", 300)
     try:
-        api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120)
-        model = api.models.list().data[0].id
-
-        def complete(prompt: str) -> str:
-            reply = api.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
-                                           extra_body={"ignore_eos": True})
-            return reply.choices[0].text
-        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            got = list(pool.map(complete, prompts))
-        assert got == expected
+        assert _complete_all(port, prompts) == expected
         metrics = ""
         for _ in range(50):  # the router polls instance stats every health-check interval
             metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
