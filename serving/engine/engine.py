@@ -198,14 +198,21 @@ def _allocation(config: Config):
     return make_strategy(name)
 
 
-def _host_tier(config: Config, layout, kv_cache, connector):
-    """--preemption-mode swap: the host tier's blocks (accounting for the scheduler, a tensor for the
-    swap worker, pinned on CUDA) and the connector worker with a swap worker beside it."""
+def _num_host_blocks(config: Config, layout) -> int:
+    """Blocks of this rank's layout in --swap-space GiB (every rank of a tensor-parallel group holds as
+    many, of its own heads: the same block ids); 0 without swapping."""
+    if config.scheduler.preemption_mode != "swap":
+        return 0
     num_host_blocks = int(config.cache.swap_space * 2**30) // layout.bytes_per_block
     if num_host_blocks < 1:
-        connector.close()
         raise ValueError(f"--swap-space {config.cache.swap_space:g} GiB holds no KV block of "
                          f"{layout.bytes_per_block} bytes: raise --swap-space")
+    return num_host_blocks
+
+
+def _host_tier(config: Config, layout, kv_cache, connector, num_host_blocks: int):
+    """--preemption-mode swap: the host tier's blocks (accounting for the scheduler, a tensor for the
+    swap worker, pinned on CUDA) and the connector worker with a swap worker beside it."""
     # never zeroed: a host block is read only after a swap-out wrote it
     host_cache = torch.empty(layout.shape(num_host_blocks), dtype=kv_cache.dtype,
                              pin_memory=kv_cache.is_cuda)
@@ -223,9 +230,9 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
     config.parallel.check_supported(role=role, device=device.type)
-    if config.scheduler.preemption_mode == "swap" and config.parallel.world_size > 1:
-        raise ValueError("--preemption-mode swap is not supported with tensor or pipeline parallelism yet (each "
-                         "rank would need a host tier of its own): use --preemption-mode recompute")
+    if config.scheduler.preemption_mode == "swap" and config.parallel.pipeline_parallel_size > 1:
+        raise ValueError("--preemption-mode swap is not supported with pipeline parallelism yet (plans in flight "
+                         "across stages would overlap a request's swaps): use --preemption-mode recompute")
     dtype = resolve_dtype(config.model.dtype, device)
     tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     workers = None
@@ -257,6 +264,7 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     layout = model_kv_layout(model, config.cache.block_size)
     num_blocks = num_kv_blocks(layout, config.cache)
     check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
+    num_host_blocks = _num_host_blocks(config, layout)
     pool = _allocate_shared(layout, num_blocks) if wants_shared_pool(role, config, device) else None
     kv_cache = pool.tensor if pool is not None else layout.allocate(num_blocks, device)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s%s)", num_blocks, layout.block_size,
@@ -264,7 +272,8 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
                 f", shared memory {pool.name}" if pool else "")
     kv_caches = [kv_cache]
     if workers is not None:  # an instance that moves KV maps every rank's cache: its transfer endpoint is here
-        workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None)
+        workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None,
+                      num_host_blocks=num_host_blocks)
         kv_caches += workers.rank_caches
     stage = getattr(model, "pipeline_stage", None)  # this rank's (stage 0's) layers: the layout declares the model's
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir),
@@ -272,7 +281,7 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     connector = make_worker(role, config, kv_caches, kv_layout, config.deploy.internal_host, token, pool)
     host = None
     if config.scheduler.preemption_mode == "swap":
-        host, connector = _host_tier(config, layout, kv_cache, connector)
+        host, connector = _host_tier(config, layout, kv_cache, connector, num_host_blocks)
     if workers is not None:
         from serving.runner.tensor_parallel import TensorParallelRunner
         runner = TensorParallelRunner(workers, model, kv_cache, layout, device, config.model.seed, connector,

@@ -254,3 +254,25 @@ class ComposedWorker:
         self.swap.close()
         self.primary.close()
 
+
+
+class _RankSwaps(ComposedWorker):
+    """A tensor-parallel worker rank's connector: it swaps its own heads of the blocks rank 0's
+    scheduler names (the same block ids on every rank). Rank 0 hears only its own swaps' results, so a
+    copy that fails here must not pass in silence: it fails the rank's step, and the group restarts."""
+
+    def poll(self) -> list[MoveResult]:
+        results = super().poll()
+        failed = [r for r in results if r.state == FAILED and r.kind in SWAP_KINDS]
+        if failed:
+            raise RuntimeError(f"KV {failed[0].kind} of request {failed[0].request_id} failed on this rank "
+                               f"({failed[0].reason})")
+        return results
+
+
+def rank_swap_worker(kv_cache: torch.Tensor, num_host_blocks: int) -> ComposedWorker:
+    """The connector of a worker rank that swaps: a host tier of num_host_blocks blocks of its layout."""
+    from serving.kv_connector.base import NullWorker
+    host_cache = torch.empty((kv_cache.shape[0], 2, num_host_blocks, *kv_cache.shape[3:]), dtype=kv_cache.dtype,
+                             pin_memory=kv_cache.is_cuda)
+    return _RankSwaps(NullWorker(), SwapWorker(kv_cache, host_cache))

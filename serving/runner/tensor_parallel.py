@@ -50,6 +50,7 @@ from scheduler.kv_moves import SendKV
 from scheduler.step import StepPlan, StepResult
 from serving.models import load_model
 from serving.models.tensor_parallel import CollectiveError, ShmCollectives, TPGroup, make_process_group
+from serving.kv_connector.swap import rank_swap_worker
 from serving.runner.model_runner import ModelRunner, model_kv_layout
 from serving.runner.rank_hosts import STARTUP_TIMEOUT_S, RayRank, RayRanks, start_local_rank
 from serving.runner.rank_memory import (SharedRankCaches, attach_collectives_region, create_collectives_region,
@@ -135,11 +136,12 @@ def _worker_main(conn) -> None:
         group, world = _join(store, spec.rank, spec.size, tp, pp, device, spec.collective_timeout_s, shm)
         model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group,
                            _stage_of(spec.model_dir, spec.rank, tp, pp))
-        num_blocks, block_size, cache_name = conn.recv()
+        num_blocks, block_size, cache_name, num_host_blocks = conn.recv()
         layout = model_kv_layout(model, block_size)
         kv_cache = map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
         runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager,
-                             pipe=_stage_pipe(model, world, spec.rank, tp, device))
+                             pipe=_stage_pipe(model, world, spec.rank, tp, device),
+                             connector=rank_swap_worker(kv_cache, num_host_blocks) if num_host_blocks else None)
         reports_result = pp > 1 and runner.stage.is_last and spec.rank % tp == 0
         conn.send(("ready", os.getpid()))
     except (EOFError, OSError):  # rank 0's process is gone
@@ -233,10 +235,11 @@ class TensorParallelWorkers:
         if status != what:
             raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {detail}")
 
-    def ready(self, num_blocks: int, block_size: int, share_caches_of=None) -> None:
+    def ready(self, num_blocks: int, block_size: int, share_caches_of=None, num_host_blocks: int = 0) -> None:
         """Send every worker the KV cache size; wait until each has built its runner (or raise its error).
         share_caches_of: rank 0's KVCacheLayout, to make the workers' caches shared-memory files this
-        process maps too (`rank_caches`), for an instance that moves KV (host memory only)."""
+        process maps too (`rank_caches`), for an instance that moves KV (host memory only).
+        num_host_blocks: the host tier each rank swaps its heads to (--preemption-mode swap), else 0."""
         try:
             if share_caches_of is not None:
                 self._shared_caches = SharedRankCaches([self._rank_layout(share_caches_of, rank)
@@ -244,7 +247,7 @@ class TensorParallelWorkers:
                 self.rank_caches = self._shared_caches.tensors
             names = self._shared_caches.names if self._shared_caches is not None else [None] * len(self.conns)
             for conn, name in zip(self.conns, names):
-                conn.send((num_blocks, block_size, name))
+                conn.send((num_blocks, block_size, name, num_host_blocks))
             for rank in range(1, self.size):
                 self._expect(rank, "ready")
         except BaseException:

@@ -158,9 +158,24 @@ def test_spans_follow_both_sides():
     assert spans([]) == []
 
 
+def test_tensor_parallel_ranks_swap_their_own_heads(tiny_model_dir):
+    """Every rank of a TP=2 group swaps its heads of the blocks rank 0's scheduler names, into a host
+    tier of its own: outputs equal a single rank that never preempts."""
+    expected = [r.outputs[0].token_ids for r in LLM(tiny_model_dir, block_size=4, num_blocks_override=512)
+                .generate(PROMPTS, _greedy(24))]
+    llm = _swapping(tiny_model_dir, tensor_parallel_size=2)
+    try:
+        got = [r.outputs[0].token_ids for r in llm.generate(PROMPTS, _greedy(24))]
+        assert llm.engine.scheduler.preemption.counters()["preemptions_swap"] > 0
+        assert got == expected
+        _check_nothing_held(llm)
+    finally:
+        llm.engine.close()
+
+
 def test_swap_is_refused_where_it_is_not_built_and_a_tiny_swap_space_is_named(tiny_model_dir):
-    with pytest.raises(ValueError, match="--preemption-mode swap is not supported with tensor"):
-        LLM(tiny_model_dir, preemption_mode="swap", tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="--preemption-mode swap is not supported with pipeline"):
+        LLM(tiny_model_dir, preemption_mode="swap", pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="raise --swap-space"):
         LLM(tiny_model_dir, preemption_mode="swap", swap_space=1e-9)
     with pytest.raises(ValueError, match="--preemption-mode must be one of recompute, swap"):
