@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = CacheConfig(num_blocks_override=most_tokens // 16 + 64)
     tp = args.tensor_parallel_size
     if tp > 1:
-        from serving.runner.tensor_parallel import load_tensor_parallel_runner
+        from serving.runner.parallel_group import load_tensor_parallel_runner
         runner = load_tensor_parallel_runner(model_dir, cache, device, dtype, tp)
     else:
         runner = ModelRunner.load(model_dir, cache, device, dtype)

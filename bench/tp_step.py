@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from serving.runner.model_runner import ModelRunner
-    from serving.runner.tensor_parallel import load_tensor_parallel_runner
+    from serving.runner.parallel_group import load_tensor_parallel_runner
 
     device, dtype = torch.device("cpu"), torch.float32
     threads = torch.get_num_threads()

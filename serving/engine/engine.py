@@ -239,7 +239,7 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     if tp > 1 or pp > 1:  # ranks 1.. spawned; this process is rank 0 (serving/runner/tensor_parallel.py)
         from serving.models.pipeline import check_pipeline_parallel
         from serving.models.tensor_parallel import check_tensor_parallel
-        from serving.runner.tensor_parallel import start_tensor_parallel
+        from serving.runner.parallel_group import start_tensor_parallel
         arch = ModelArchConfig.from_model_dir(model_dir)
         check_tensor_parallel(arch, tp)
         check_pipeline_parallel(arch.num_layers, pp)
