@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from scheduler.kv_moves import FAILED, FINISHED, KVMove, MoveResult
 logger = logging.getLogger(__name__)
 
 SWAP_KINDS = ("swap_out", "swap_in")
+_IDLE_WAIT_S = 1.0  # how long the swap thread holds its worker while waiting for a job
 
 
 @dataclass
@@ -105,7 +107,10 @@ class SwapWorker:
         self.copies = {"swap_out": 0, "swap_in": 0}  # span copies (per layer), by kind
         self.num_failed = 0
         self.seconds = LatencyHistogram()  # per job: queued -> last layer copied
-        self._thread = threading.Thread(target=self._run, name="pdserve-kv-swap", daemon=True)
+        # the thread holds the worker only while it copies or waits (up to a second): an engine dropped
+        # without close() lets its worker, and the host tier with it, be collected, and the thread ends
+        self._thread = threading.Thread(target=_serve, args=(weakref.ref(self),), name="pdserve-kv-swap",
+                                        daemon=True)
         self._thread.start()
 
     # ---- KVConnectorWorker ----
@@ -169,49 +174,59 @@ class SwapWorker:
         self._thread.join(timeout=5)
 
     # ---- the thread ----
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._jobs or self._closed)
-                if not self._jobs:
-                    return
-                copies, results = self._jobs[0]
-            started = time.perf_counter()
-            failed: dict[str, str] = {}
-            for layer in range(self.num_layers):
-                for copy in copies:
-                    if copy.request_id in failed:
-                        continue
-                    try:
-                        if self._stream is not None:
-                            with torch.cuda.stream(self._stream):
-                                copy.run(layer)
-                        else:
-                            copy.run(layer)
-                    except Exception as e:  # noqa: BLE001 - the move fails, the thread goes on
-                        failed[copy.request_id] = f"{type(e).__name__}: {e}"
-                        logger.error("KV %s of request %s failed at layer %d: %s", copy.kind, copy.request_id,
-                                     layer, failed[copy.request_id])
-                if self._stream is not None:
-                    self._stream.synchronize()
-                with self._cond:
-                    self._layers = layer + 1
-                    self._cond.notify_all()
+    def _serve_one(self) -> bool:
+        """Copy the next job, waiting up to a second for one; False once closed with nothing left."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._jobs or self._closed, _IDLE_WAIT_S)
+            if not self._jobs:
+                return not self._closed
+            copies, results = self._jobs[0]
+        started = time.perf_counter()
+        failed: dict[str, str] = {}
+        for layer in range(self.num_layers):
             for copy in copies:
-                reason = failed.get(copy.request_id)
-                results.append(MoveResult(copy.request_id, copy.kind, FAILED if reason else FINISHED, reason or ""))
-                if reason is None:
-                    self.counts[copy.kind] += 1
-                    self.blocks[copy.kind] += sum(n for _, _, n in copy.runs)
-                    self.copies[copy.kind] += len(copy.runs) * self.num_layers
-            self.num_failed += sum(1 for r in results if r.state == FAILED)
-            self.seconds.observe(time.perf_counter() - started)
+                if copy.request_id in failed:
+                    continue
+                try:
+                    if self._stream is not None:
+                        with torch.cuda.stream(self._stream):
+                            copy.run(layer)
+                    else:
+                        copy.run(layer)
+                except Exception as e:  # noqa: BLE001 - the move fails, the thread goes on
+                    failed[copy.request_id] = f"{type(e).__name__}: {e}"
+                    logger.error("KV %s of request %s failed at layer %d: %s", copy.kind, copy.request_id,
+                                 layer, failed[copy.request_id])
+            if self._stream is not None:
+                self._stream.synchronize()
             with self._cond:
-                self._jobs.popleft()
-                self._results += results
-                self._done += 1
-                self._layers = 0
+                self._layers = layer + 1
                 self._cond.notify_all()
+        for copy in copies:
+            reason = failed.get(copy.request_id)
+            results.append(MoveResult(copy.request_id, copy.kind, FAILED if reason else FINISHED, reason or ""))
+            if reason is None:
+                self.counts[copy.kind] += 1
+                self.blocks[copy.kind] += sum(n for _, _, n in copy.runs)
+                self.copies[copy.kind] += len(copy.runs) * self.num_layers
+        self.num_failed += sum(1 for r in results if r.state == FAILED)
+        self.seconds.observe(time.perf_counter() - started)
+        with self._cond:
+            self._jobs.popleft()
+            self._results += results
+            self._done += 1
+            self._layers = 0
+            self._cond.notify_all()
+        return True
+
+
+def _serve(ref: weakref.ref) -> None:
+    """The swap thread: jobs until its worker is closed or collected."""
+    while True:
+        worker = ref()
+        if worker is None or not worker._serve_one():
+            return
+        del worker
 
 
 class ComposedWorker:

@@ -24,6 +24,8 @@ from serving.launchers.base import LaunchedInstance
 
 logger = logging.getLogger(__name__)
 
+_LOCAL_START_ATTEMPTS = 2  # starts of a local Ray cluster before its error is raised
+
 _MAX_RAY_RESTARTS = 5
 _MAX_TASK_RETRIES = 3
 _STOP_TIMEOUT_S = 15.0
@@ -96,7 +98,17 @@ class RayLauncher:
         else:
             # a local cluster with room for every instance (Ray's CPUs are a logical count)
             num_cpus = max(os.cpu_count() or 1, int(-(-num_instances * self.deploy.num_cpus_per_instance // 1)))
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+            for attempt in range(1, _LOCAL_START_ATTEMPTS + 1):
+                try:
+                    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+                    break
+                except RuntimeError as e:
+                    # the head's GCS server did not publish its port in time (Ray waits 30 s): seen once on a
+                    # loaded 2-core box with no GCS log at all; a second start is cheap next to failing
+                    if attempt == _LOCAL_START_ATTEMPTS or "Timed out" not in str(e):
+                        raise
+                    logger.warning("the local Ray cluster did not start (%s); starting it again", e)
+                    ray.shutdown()
         self._connected_here = True
 
     def _bundle(self) -> dict[str, float]:

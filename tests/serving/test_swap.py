@@ -203,3 +203,17 @@ def test_a_second_turn_brings_its_history_back_from_the_host_tier(tiny_model_dir
     fresh = LLM(tiny_model_dir, block_size=4, num_blocks_override=64, max_model_len=200)
     assert second.outputs[0].token_ids == fresh.generate([turn], _greedy(12))[0].outputs[0].token_ids
     _check_nothing_held(llm)
+
+
+def test_a_worker_dropped_without_close_is_collected_and_its_thread_ends():
+    import gc
+    import time
+    import weakref
+    worker = SwapWorker(torch.zeros(2, 2, 4, 4, 1, 8), torch.zeros(2, 2, 4, 4, 1, 8))
+    ref, thread = weakref.ref(worker), worker._thread
+    del worker
+    deadline = time.monotonic() + 10
+    while (ref() is not None or thread.is_alive()) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert ref() is None and not thread.is_alive()  # the host tier goes with it
