@@ -33,10 +33,22 @@ class AllocationStrategy(Protocol):
     def freed(self, block_ids: list[int]) -> None:
         """These blocks are back in the free list."""
 
+    def attach(self, num_blocks: int) -> None:
+        """Called by the pool once, every block free."""
+
+    def check(self, free: set[int]) -> None:
+        """AssertionError unless what the strategy tracks matches the pool's free list."""
+
 
 class LruBlocks:
     """Single blocks, least recently freed first."""
     name = "lru"
+
+    def attach(self, num_blocks: int) -> None:
+        pass
+
+    def check(self, free: set[int]) -> None:
+        pass
 
     def take(self, free: OrderedDict[int, None], num_blocks: int, after: int | None = None) -> list[int]:
         return [free.popitem(last=False)[0] for _ in range(num_blocks)]
@@ -59,7 +71,6 @@ class BlockGroups:
         self.num_blocks = 0
 
     def attach(self, num_blocks: int) -> None:
-        """Called by the pool: every block free."""
         size = self.group_size
         self.num_blocks = num_blocks
         self._free_count = [min(size, num_blocks - g * size) for g in range(-(-num_blocks // size))]
@@ -92,7 +103,6 @@ class BlockGroups:
             whole.pop(group, None)
 
     def check(self, free: set[int]) -> None:
-        """AssertionError unless the group counts match the free list."""
         size = self.group_size
         for group, count in enumerate(self._free_count):
             ids = range(group * size, min((group + 1) * size, self.num_blocks))

@@ -37,8 +37,7 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
         self.strategy = strategy or LruBlocks()
-        if hasattr(self.strategy, "attach"):
-            self.strategy.attach(num_blocks)
+        self.strategy.attach(num_blocks)
         self.block_hashes: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         # of cached blocks: their tokens and parent, checked on every lookup
@@ -167,8 +166,7 @@ class BlockPool:
             if expected_refs is not None:
                 want = expected_refs.get(block_id, 0)
                 assert refs == want, f"block {block_id}: ref count {refs}, live requests hold {want}"
-        if hasattr(self.strategy, "check"):
-            self.strategy.check(free)
+        self.strategy.check(free)
         for block_hash, block_id in self.hash_to_block.items():
             assert self.block_hashes[block_id] == block_hash, f"hash index out of sync at {block_id}"
             assert self.block_tokens[block_id] is not None, f"cached block {block_id} has no tokens"

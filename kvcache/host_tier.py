@@ -67,20 +67,18 @@ class HostTier:
         copies. Reuses the request's kept copy, or else the host prefix cache's blocks."""
         kv = self.kv
         self.kept.pop(request_id, None)  # swapping out: its copy is what it is swapped to
-        if not kv.block_ids(request_id):
-            hits = kv.lookup_prefix(token_ids[:num_tokens + 1]) if num_tokens else []
-            while not kv.can_allocate(request_id, num_tokens, hits) and self._give_up_kept():
-                hits = kv.lookup_prefix(token_ids[:num_tokens + 1])  # a given-up copy may have served a hit
-            if not kv.can_allocate(request_id, num_tokens, hits):
+        fresh = not kv.block_ids(request_id)  # no table yet: start from what the host prefix cache holds
+
+        def prefix_hits() -> list[int]:
+            return kv.lookup_prefix(token_ids[:num_tokens + 1]) if fresh and num_tokens else []
+        hits = prefix_hits()
+        while not kv.can_allocate(request_id, num_tokens, hits):
+            if not self._give_up_kept():
                 return None
-            kv.allocate(request_id, num_tokens, hits)
+            hits = prefix_hits()  # a given-up copy may have served a hit
+        kv.allocate(request_id, num_tokens, hits)
+        if fresh:
             self.valid[request_id] = len(hits) * self.block_size
-        else:
-            while not kv.can_allocate(request_id, num_tokens) and self._give_up_kept():
-                pass
-            if not kv.can_allocate(request_id, num_tokens):
-                return None
-            kv.allocate(request_id, num_tokens)
         first = self.valid.get(request_id, 0) // self.block_size
         self.valid[request_id] = num_tokens
         kv.cache_blocks(request_id, token_ids, num_tokens)  # the copies land before any read of them
@@ -135,9 +133,7 @@ class HostTier:
     def _give_up_kept(self) -> bool:
         if not self.kept:
             return False
-        request_id, _ = self.kept.popitem(last=False)
-        self.kv.free(request_id)
-        self.valid.pop(request_id, None)
+        self.release(next(iter(self.kept)))
         return True
 
     def check_integrity(self) -> None:
