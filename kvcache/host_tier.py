@@ -37,6 +37,7 @@ class HostTier:
         self.block_size = block_size
         self.valid: dict[str, int] = {}  # request -> tokens whose KV its host table holds
         self.kept: OrderedDict[str, None] = OrderedDict()  # running requests' copies, least recent first
+        self.out: set[str] = set()  # requests swapped out: their host table is their only copy
         self._offloads: dict[str, list[int]] = {}  # finished requests' copies in flight: their new blocks
         self.num_prefix_hit_tokens = 0  # prompt tokens brought back from the host prefix cache
         self.num_offloaded_blocks = 0
@@ -67,6 +68,7 @@ class HostTier:
         copies. Reuses the request's kept copy, or else the host prefix cache's blocks."""
         kv = self.kv
         self.kept.pop(request_id, None)  # swapping out: its copy is what it is swapped to
+        self.out.add(request_id)
         fresh = not kv.block_ids(request_id)  # no table yet: start from what the host prefix cache holds
 
         def prefix_hits() -> list[int]:
@@ -90,9 +92,15 @@ class HostTier:
         self.valid[request_id] = len(hits) * self.block_size
         self.num_prefix_hit_tokens += len(hits) * self.block_size
 
+    def resuming(self, request_id: str) -> None:
+        """Its SwapIn is planned: the device blocks will hold its KV again."""
+        self.out.discard(request_id)
+
     def swapped_in(self, request_id: str) -> None:
-        """Its SwapIn ended: the host table stays as a kept copy."""
-        if self.kv.block_ids(request_id):
+        """Its SwapIn ended: the host table stays as a kept copy; unless the request was swapped out
+        again before this report came (plans in flight on pipeline stages): then the table is its
+        only copy, and a kept copy may be given up."""
+        if self.kv.block_ids(request_id) and request_id not in self.out:
             self.kept[request_id] = None
             self.kept.move_to_end(request_id)
 
@@ -127,6 +135,7 @@ class HostTier:
         self.kv.free(request_id)
         self.valid.pop(request_id, None)
         self.kept.pop(request_id, None)
+        self.out.discard(request_id)
         if evict and blocks:
             self.pool.evict([b for b in blocks if self.pool.ref_counts[b] == 0])
 
@@ -139,3 +148,4 @@ class HostTier:
     def check_integrity(self) -> None:
         self.kv.check_integrity()
         assert set(self.kept) <= set(self.kv.request_ids), "a kept copy without a host table"
+        assert not self.kept.keys() & self.out, "a swapped-out request's only copy counted as kept"

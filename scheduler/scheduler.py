@@ -205,7 +205,7 @@ class Scheduler:
         """Make room for the head of the queue by preempting running requests it outranks."""
         while self.waiting and self.running:
             head = self.waiting.peek()
-            if self.kv.can_allocate(head.request_id, head.num_tokens):
+            if self.kv.can_allocate(head.request_id, head.num_tokens) or not self._resumable(head):
                 return
             victim = self.ordering.victim(self.running)
             if not self.ordering.outranks(head, victim):
@@ -248,6 +248,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
             swapped = request.status is RequestStatus.SWAPPED  # its KV waits in the host tier
+            if not self._resumable(request):
+                break
             host_hits: list[int] = []
             if swapped or self.kv.block_ids(request.request_id):  # or blocks reserved already (a remote prefill)
                 cached, num_computed = [], request.num_computed_tokens
@@ -278,6 +280,11 @@ class Scheduler:
                 request.sampling_params, list(self.kv.block_ids(request.request_id)), num_computed))
             plan.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
+
+    def _resumable(self, request: Request) -> bool:
+        """Not while its swap-out is in a plan still in flight (pipeline stages report a plan's moves
+        a plan or more late): a failed copy must be known before the request resumes from it."""
+        return request.status is not RequestStatus.SWAPPED or not self.moves.has(request.request_id, "swap_out")
 
     def _preempt(self, request: Request, plan: StepPlan) -> int:
         """Preempt a running request; returns the tokens it had scheduled in this plan (now unscheduled)."""

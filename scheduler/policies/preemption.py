@@ -136,6 +136,7 @@ class SwapPreemption:
         if len(block_ids) < len(host_blocks):
             raise RuntimeError(f"request {request.request_id} resumes with {len(block_ids)} device blocks for "
                                f"{len(host_blocks)} swapped ones")
+        self.host.resuming(request.request_id)
         self.num_swapped_in += 1
         self.num_blocks_in += len(host_blocks)
         return [SwapIn(request.request_id, list(host_blocks), list(block_ids[:len(host_blocks)]))]

@@ -11,6 +11,7 @@ instance process in disaggregated mode (role prefill or decode).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from kvcache.allocation import make_strategy
 from kvcache.block_pool import BlockPool
 from kvcache.host_tier import HostTier
 from kvcache.kv_manager import KVCacheManager
+from kvcache.layout import stage_layers
 from kvcache.transfer.layout import KVLayout
 from scheduler.clock import Clock, MonotonicClock
 from scheduler.connectors import ConnectorPolicy, NullConnector, RemoteDecode, RemotePrefill
@@ -198,11 +200,16 @@ def _allocation(config: Config):
     return make_strategy(name)
 
 
-def _num_host_blocks(config: Config, layout) -> int:
-    """Blocks of this rank's layout in --swap-space GiB (every rank of a tensor-parallel group holds as
-    many, of its own heads: the same block ids); 0 without swapping."""
+def _num_host_blocks(config: Config, layout, stage) -> int:
+    """Blocks in --swap-space GiB per rank (every rank of a group holds as many, of its own heads and
+    stage's layers: the same block ids), sized by the largest rank's blocks (the last pipeline stage
+    holds the most layers); 0 without swapping."""
     if config.scheduler.preemption_mode != "swap":
         return 0
+    if stage is not None:
+        layout = dataclasses.replace(layout, num_layers=max(
+            end - first for first, end in (stage_layers(stage.num_model_layers, stage.size, s)
+                                           for s in range(stage.size))))
     num_host_blocks = int(config.cache.swap_space * 2**30) // layout.bytes_per_block
     if num_host_blocks < 1:
         raise ValueError(f"--swap-space {config.cache.swap_space:g} GiB holds no KV block of "
@@ -230,9 +237,6 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
     config.parallel.check_supported(role=role, device=device.type)
-    if config.scheduler.preemption_mode == "swap" and config.parallel.pipeline_parallel_size > 1:
-        raise ValueError("--preemption-mode swap is not supported with pipeline parallelism yet (plans in flight "
-                         "across stages would overlap a request's swaps): use --preemption-mode recompute")
     dtype = resolve_dtype(config.model.dtype, device)
     tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     workers = None
@@ -264,7 +268,8 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     layout = model_kv_layout(model, config.cache.block_size)
     num_blocks = num_kv_blocks(layout, config.cache)
     check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
-    num_host_blocks = _num_host_blocks(config, layout)
+    stage = getattr(model, "pipeline_stage", None)  # this rank's (stage 0's) layers: the layout declares the model's
+    num_host_blocks = _num_host_blocks(config, layout, stage)
     pool = _allocate_shared(layout, num_blocks) if wants_shared_pool(role, config, device) else None
     kv_cache = pool.tensor if pool is not None else layout.allocate(num_blocks, device)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s%s)", num_blocks, layout.block_size,
@@ -275,7 +280,6 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
         workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None,
                       num_host_blocks=num_host_blocks)
         kv_caches += workers.rank_caches
-    stage = getattr(model, "pipeline_stage", None)  # this rank's (stage 0's) layers: the layout declares the model's
     kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir),
                                            stage.num_model_layers if stage else None, stage.size if stage else 1)
     connector = make_worker(role, config, kv_caches, kv_layout, config.deploy.internal_host, token, pool)

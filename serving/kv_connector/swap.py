@@ -85,13 +85,15 @@ class SwapWorker:
     """SwapOut / SwapIn between `kv_cache` and `host_cache` (same layout, host blocks in the second)."""
     address = ""
 
-    def __init__(self, kv_cache: torch.Tensor, host_cache: torch.Tensor, timeout_s: float = 120.0) -> None:
+    def __init__(self, kv_cache: torch.Tensor, host_cache: torch.Tensor, timeout_s: float = 120.0,
+                 first_layer: int = 0) -> None:
         if kv_cache.shape[0] != host_cache.shape[0] or kv_cache.shape[3:] != host_cache.shape[3:] \
                 or kv_cache.dtype != host_cache.dtype:
             raise ValueError(f"host KV tier {tuple(host_cache.shape)} {host_cache.dtype} does not match the KV cache "
                              f"{tuple(kv_cache.shape)} {kv_cache.dtype}")
         self.kv_cache, self.host_cache = kv_cache, host_cache
         self.num_layers = kv_cache.shape[0]
+        self.first_layer = first_layer  # a pipeline stage's: wait_layers takes the model's layer numbers
         self.block_bytes = kv_cache[0, :, 0].numel() * kv_cache.element_size()  # K and V of one block, one layer
         self.timeout_s = timeout_s
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
@@ -131,8 +133,10 @@ class SwapWorker:
             self._cond.notify_all()
 
     def wait_layers(self, layer_start: int, layer_end: int) -> None:
-        """Return once every queued job has copied layers [0, layer_end) (earlier jobs: all layers)."""
+        """Return once every queued job has copied layers [0, layer_end) (earlier jobs: all layers);
+        layer numbers are the model's (a pipeline stage's cache holds layers from first_layer)."""
         cond = self._cond
+        layer_end -= self.first_layer
         with cond:
             if self._done >= self._issued:
                 return
@@ -272,9 +276,11 @@ class ComposedWorker:
 
 
 class _RankSwaps(ComposedWorker):
-    """A tensor-parallel worker rank's connector: it swaps its own heads of the blocks rank 0's
-    scheduler names (the same block ids on every rank). Rank 0 hears only its own swaps' results, so a
-    copy that fails here must not pass in silence: it fails the rank's step, and the group restarts."""
+    """A worker rank's connector (tensor-parallel or pipeline): it swaps its own heads and layers of the
+    blocks rank 0's scheduler names (the same block ids on every rank). Rank 0 hears only its own swaps'
+    results, so a copy that fails here must not pass in silence: it fails the rank's step, and the group
+    restarts. Every rank ends a plan's copies within its step, and a pipeline stage runs the plans in
+    order, so rank 0's report of a plan (taken once every stage answered it) holds for all of them."""
 
     def poll(self) -> list[MoveResult]:
         results = super().poll()
@@ -285,9 +291,10 @@ class _RankSwaps(ComposedWorker):
         return results
 
 
-def rank_swap_worker(kv_cache: torch.Tensor, num_host_blocks: int) -> ComposedWorker:
-    """The connector of a worker rank that swaps: a host tier of num_host_blocks blocks of its layout."""
+def rank_swap_worker(kv_cache: torch.Tensor, num_host_blocks: int, first_layer: int = 0) -> ComposedWorker:
+    """The connector of a worker rank that swaps: a host tier of num_host_blocks blocks of its layout
+    (its heads, and its pipeline stage's layers from first_layer)."""
     from serving.kv_connector.base import NullWorker
     host_cache = torch.empty((kv_cache.shape[0], 2, num_host_blocks, *kv_cache.shape[3:]), dtype=kv_cache.dtype,
                              pin_memory=kv_cache.is_cuda)
-    return _RankSwaps(NullWorker(), SwapWorker(kv_cache, host_cache))
+    return _RankSwaps(NullWorker(), SwapWorker(kv_cache, host_cache, first_layer=first_layer))

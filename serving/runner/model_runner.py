@@ -66,6 +66,11 @@ def model_kv_layout(model: CausalLM, block_size: int) -> KVCacheLayout:
     return layout
 
 
+def _has_swaps(plan: StepPlan) -> bool:
+    """Copies into or out of the cache may run beside the plan's forward pass (kv_connector/swap.py)."""
+    return any(m.kind in ("swap_out", "swap_in") for m in plan.kv_moves)
+
+
 def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
     """The pool size: fixed by --num-gpu-blocks-override, else what the memory budget holds."""
     if cache_config.num_blocks_override:
@@ -222,10 +227,14 @@ class ModelRunner:
         states = [self.states[r] for r in rows]
         num_tokens = [plan.num_scheduled_tokens[r] for r in rows]
         inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
-        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale, stage.first_layer)
+        swapping = _has_swaps(plan)
+        attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale, stage.first_layer,
+                                     wait_layers=self.connector.wait_layers if swapping else None)
         hidden, residual = (None, None) if stage.is_first else self.pipe.recv(inputs.input_ids.shape[0])
         layers = self._native_layers_for(inputs)
         for start, end in zip(bounds, bounds[1:]):  # layer groups: each handed to a KV send as it ends
+            if swapping and layers is not None:  # one native call runs the range: its copies first
+                self.connector.wait_layers(start, end)
             with self._forward_timer(sync=not stage.is_last):
                 hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, start, end, hidden,
                                               residual, layers)                              # [T, H]
@@ -265,7 +274,7 @@ class ModelRunner:
         states = [self.states[r] for r in rows]
         num_tokens = [plan.num_scheduled_tokens[r] for r in rows]
         inputs = build_step_inputs(states, num_tokens, self.block_size, self.device)
-        swapping = any(m.kind in ("swap_out", "swap_in") for m in plan.kv_moves)
+        swapping = _has_swaps(plan)
         attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale,
                                      wait_layers=self.connector.wait_layers if swapping else None)
         num_layers = self.arch.num_layers

@@ -113,6 +113,11 @@ def _stage_pipe(model, world, rank: int, tp: int, device: torch.device):
                      arch.hidden_size, next(model.parameters()).dtype, device)
 
 
+def _first_layer(model) -> int:
+    stage = getattr(model, "pipeline_stage", None)
+    return stage.first_layer if stage is not None else 0
+
+
 def _worker_main(conn) -> None:
     """A worker rank: read its spec, say it started, join the group, load the shard, then wait for the
     KV cache size and execute every plan it is sent until the connection closes. Each plan is answered
@@ -140,7 +145,8 @@ def _worker_main(conn) -> None:
         kv_cache = map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
         runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager,
                              pipe=_stage_pipe(model, world, spec.rank, tp, device),
-                             connector=rank_swap_worker(kv_cache, num_host_blocks) if num_host_blocks else None)
+                             connector=rank_swap_worker(kv_cache, num_host_blocks, _first_layer(model))
+                             if num_host_blocks else None)
         reports_result = pp > 1 and runner.stage.is_last and spec.rank % tp == 0
         conn.send(("ready", os.getpid()))
     except (EOFError, OSError):  # rank 0's process is gone

@@ -173,9 +173,28 @@ def test_tensor_parallel_ranks_swap_their_own_heads(tiny_model_dir):
         llm.engine.close()
 
 
-def test_swap_is_refused_where_it_is_not_built_and_a_tiny_swap_space_is_named(tiny_model_dir):
-    with pytest.raises(ValueError, match="--preemption-mode swap is not supported with pipeline"):
-        LLM(tiny_model_dir, preemption_mode="swap", pipeline_parallel_size=2)
+@pytest.mark.parametrize("tp, pp", [(1, 2), (1, 4)])
+def test_pipeline_stages_swap_their_own_layers_with_plans_in_flight(tiny_model_dir, tp, pp):
+    """Every stage swaps its layers of the blocks stage 0's scheduler names, while up to pp plans are
+    in flight: a plan's moves are reported once every stage ran it, so requests may be preempted,
+    resumed and preempted again before a report comes. Outputs equal a single rank that never
+    preempts; both tiers end empty."""
+    expected = [r.outputs[0].token_ids for r in LLM(tiny_model_dir, block_size=4, num_blocks_override=512)
+                .generate(PROMPTS, _greedy(24))]
+    llm = _swapping(tiny_model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    try:
+        got = [r.outputs[0].token_ids for r in llm.generate(PROMPTS, _greedy(24))]
+        counters = llm.engine.scheduler.preemption.counters()
+        assert counters["preemptions_swap"] > 0 and counters["preemptions_recompute"] == 0
+        assert counters["swap_in_requests"] == counters["preemptions_swap"]
+        assert llm.engine.core.num_overlapped_plans > 0
+        assert got == expected
+        _check_nothing_held(llm)
+    finally:
+        llm.engine.close()
+
+
+def test_a_tiny_or_unknown_swap_setting_is_named(tiny_model_dir):
     with pytest.raises(ValueError, match="raise --swap-space"):
         LLM(tiny_model_dir, preemption_mode="swap", swap_space=1e-9)
     with pytest.raises(ValueError, match="--preemption-mode must be one of recompute, swap"):
