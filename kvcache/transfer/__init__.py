@@ -10,7 +10,8 @@ from kvcache.transfer.counters import TransferCounters
 from kvcache.transfer.handle import TransferHandle, TransferResult, TransferState
 from kvcache.transfer.layout import IncompatibleLayoutError, KVLayout
 from kvcache.transfer.receiver import BlockAllocator, KVReceiver
-from kvcache.transfer.sender import KVSender, PeerUnavailableError, TransferRefusedError
+from kvcache.transfer.peer import PeerUnavailableError, TransferRefusedError
+from kvcache.transfer.sender import KVSender
 from kvcache.transfer.server import ReceiverServer
 
 __all__ = ["BlockAllocator", "IncompatibleLayoutError", "KVLayout", "KVReceiver", "KVSender",

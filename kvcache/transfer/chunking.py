@@ -50,3 +50,9 @@ def plan_chunks(layer_start: int, layer_end: int, num_blocks: int, num_bytes_per
     return [ChunkRange(layer, layer + 1, start, min(start + blocks_per_chunk, num_blocks), rank)
             for layer in range(layer_start, layer_end)
             for start in range(0, num_blocks, blocks_per_chunk)]
+
+
+def cut_at(start: int, stop: int, boundaries: list[int]) -> list[tuple[int, int]]:
+    """[start, stop) cut at every boundary inside it; [] when empty."""
+    points = [start] + [b for b in boundaries if start < b < stop] + [stop]
+    return [(a, b) for a, b in zip(points, points[1:]) if a < b]

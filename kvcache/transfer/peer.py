@@ -21,6 +21,21 @@ TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
                              grpc.StatusCode.ABORTED})
 
 
+class TransferRefusedError(RuntimeError):
+    """The decode peer has no room for the request's blocks now (backpressure); nothing is held."""
+
+
+class PeerUnavailableError(ConnectionError):
+    """The decode peer did not answer (after one retry) or refused the call for a reason other than
+    layout or room; the message carries the gRPC status."""
+
+
+def describe_rpc_error(error: BaseException | str) -> str:
+    if isinstance(error, grpc.RpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__
+
+
 class PeerClient:
     def __init__(self, address: str, config: TransferConfig, token: str | None = None) -> None:
         options = wire.grpc_options(config) + [("grpc.use_local_subchannel_pool", 1)]

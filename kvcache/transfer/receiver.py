@@ -28,8 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 import grpc
 import torch
@@ -43,60 +42,11 @@ from kvcache.transfer.counters import TransferCounters
 from kvcache.transfer.layout import KVLayout
 from kvcache.transfer.pins import Pins
 from kvcache.transfer.reaper import Reaper
+from kvcache.transfer.reservation import BlockAllocator, RpcError, Reservation
 from kvcache.transfer.shm import ShmAttachments, host_id
 from kvcache.transfer.writers import OneSidedWriters
 
 logger = logging.getLogger(__name__)
-
-
-class BlockAllocator(Protocol):
-    """The engine's side of the receiver. Called from gRPC worker threads: must be thread-safe."""
-
-    def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
-        """Allocate ceil(num_tokens / block_size) blocks for the request; None when there is no room
-        (the sender is told RESOURCE_EXHAUSTED). Must not block."""
-
-    def release(self, request_id: str) -> None:
-        """Free the reserved blocks of a transfer that will not complete."""
-
-    def on_transfer_complete(self, request_id: str, first_token_id: int | None) -> None:
-        """Every layer of every reserved block is written: the request can join decoding. The commit
-        may carry the first output token the prefill sampled (None when it does not)."""
-
-    def on_transfer_failed(self, request_id: str, reason: str) -> None:
-        """The transfer was dropped (stall, abort); release() has already been called."""
-
-
-class RpcError(Exception):
-    """A refusal to send back as a gRPC status (with optional trailing metadata)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str,
-                 trailing_metadata: tuple[tuple[str, bytes], ...] = ()) -> None:
-        super().__init__(details)
-        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
-
-
-@dataclass
-class _Reservation:
-    request_id: str
-    block_ids: torch.Tensor     # [num_blocks] int64, destination ids in this kv_cache
-    attempt: int
-    written: torch.Tensor       # [ranks, num_layers, num_blocks] bool: which (rank, layer, block) arrived
-    started: float
-    last_progress: float
-    num_bytes: int = 0
-    outcome: str = ""           # "" while open; "complete", or why it was dropped
-    first_token_id: int | None = None  # carried by the commit
-    routine: bool = False       # dropped on request (the sender gave up, the engine cancelled): log quietly
-    # One-sided only: the writer's sender id, its control slot and ticket, whether the writer's pin
-    # is still held, whether the blocks were counted as quarantined, the last progress value seen.
-    writer: str = ""
-    slot: int = -1
-    ticket: int = 0
-    writer_pinned: bool = False
-    quarantined: bool = False
-    progress_seen: int = 0
-    pins: Pins = field(init=False)
 
 
 class KVReceiver:
@@ -132,8 +82,8 @@ class KVReceiver:
         self.host_id = host_id()
         self._clock = clock
         self._lock = threading.Lock()
-        self._reservations: dict[str, _Reservation] = {}
-        self._draining: dict[str, _Reservation] = {}  # ended, a copy still in flight
+        self._reservations: dict[str, Reservation] = {}
+        self._draining: dict[str, Reservation] = {}  # ended, a copy still in flight
         self._shm = ShmAttachments()
         self._writers = OneSidedWriters(pool) if pool is not None else None
         self._reaper = Reaper(self.sweep, interval_s=min(1.0, config.stall_timeout_s / 4), name="kv-receiver-reaper")
@@ -240,7 +190,7 @@ class KVReceiver:
             raise RpcError(grpc.StatusCode.INTERNAL, f"the allocator returned {len(block_ids)} blocks for "
                            f"{request.num_tokens} tokens, expected {num_blocks}")
         now = self._clock()
-        reservation = _Reservation(request.request_id, torch.tensor(block_ids, dtype=torch.int64),
+        reservation = Reservation(request.request_id, torch.tensor(block_ids, dtype=torch.int64),
                                    request.attempt,
                                    torch.zeros(self.layout.world_size, self.layout.num_layers, num_blocks,
                                                dtype=torch.bool),
@@ -262,14 +212,14 @@ class KVReceiver:
         return self._reserve_response(reservation)
 
     @staticmethod
-    def _reserve_response(reservation: _Reservation) -> pb.ReserveResponse:
+    def _reserve_response(reservation: Reservation) -> pb.ReserveResponse:
         response = pb.ReserveResponse(num_blocks=len(reservation.block_ids))
         if reservation.writer:
             response.block_ids.extend(reservation.block_ids.tolist())
             response.slot, response.ticket = reservation.slot, reservation.ticket
         return response
 
-    def _restart(self, request_id: str, attempt: int, writer: str) -> _Reservation | None:
+    def _restart(self, request_id: str, attempt: int, writer: str) -> Reservation | None:
         """A retry of an open transfer: keep its blocks (and its writer's slot), forget what arrived.
         None if none is open."""
         with self._lock:
@@ -322,7 +272,7 @@ class KVReceiver:
             reservation.pins.unpin()
         return pb.ChunkAck(num_bytes_written=header.num_bytes)
 
-    def _pin(self, request_id: str, attempt: int) -> _Reservation:
+    def _pin(self, request_id: str, attempt: int) -> Reservation:
         with self._lock:
             reservation = self._reservations.get(request_id)
             if reservation is None:
@@ -396,7 +346,7 @@ class KVReceiver:
         self._release_writer_pin(reservation)
         return pb.CommitResponse(num_bytes_received=reservation.num_bytes)
 
-    def _mark_written(self, reservation: _Reservation, ranges) -> None:
+    def _mark_written(self, reservation: Reservation, ranges) -> None:
         """Coverage of a one-sided attempt, from the ranges its Commit lists (caller holds the lock)."""
         num_blocks = len(reservation.block_ids)
         reservation.written.zero_()
@@ -431,7 +381,7 @@ class KVReceiver:
             reservation = self._reservations.get(request_id)
         return reservation is not None and self._drop(reservation, reason, routine)
 
-    def _drop(self, reservation: _Reservation, reason: str, routine: bool) -> bool:
+    def _drop(self, reservation: Reservation, reason: str, routine: bool) -> bool:
         """drop() of this very reservation; False if it is not open any more."""
         request_id = reservation.request_id
         with self._lock:
@@ -472,7 +422,7 @@ class KVReceiver:
         self.counters.add(num_stalled=len(dropped))
         return dropped
 
-    def _end(self, reservation: _Reservation, outcome: str) -> None:
+    def _end(self, reservation: Reservation, outcome: str) -> None:
         """Move an open reservation to draining (caller holds the lock); a one-sided writer stops
         before its next chunk."""
         reservation.outcome = outcome
@@ -481,7 +431,7 @@ class KVReceiver:
         if reservation.writer:
             self._writers.close_slot(reservation.slot)
 
-    def _release_writer_pin(self, reservation: _Reservation) -> None:
+    def _release_writer_pin(self, reservation: Reservation) -> None:
         """The writer of a one-sided reservation writes nothing more into it (once per reservation)."""
         with self._lock:
             if not reservation.writer_pinned:
@@ -504,7 +454,7 @@ class KVReceiver:
             self._release_writer_pin(reservation)  # first: an open one is dropped without quarantine
             self._drop(reservation, reason, routine=reason == "the sender closed")
 
-    def _finalize(self, reservation: _Reservation) -> None:
+    def _finalize(self, reservation: Reservation) -> None:
         """Runs once no copy touches the blocks any more: hand them over, or give them back."""
         with self._lock:
             self._draining.pop(reservation.request_id, None)

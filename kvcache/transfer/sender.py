@@ -31,7 +31,7 @@ import grpc
 import torch
 
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
-from kvcache.transfer.chunking import ChunkRange, plan_chunks
+from kvcache.transfer.chunking import ChunkRange, cut_at, plan_chunks
 from kvcache.transfer.config import TransferConfig
 from kvcache.transfer.counters import TransferCounters
 from kvcache.transfer.handle import TransferHandle, TransferResult, TransferState
@@ -39,7 +39,8 @@ from kvcache.transfer.layout import IncompatibleLayoutError, KVLayout
 from kvcache.transfer.lease import LeaseTable
 from kvcache.transfer.onesided import OneSidedWrites, ReservationClosedError
 from kvcache.transfer.payloads import InlinePayloads, ShmPayloads
-from kvcache.transfer.peer import TRANSIENT_CODES, PeerClient
+from kvcache.transfer.peer import (TRANSIENT_CODES, PeerClient, PeerUnavailableError, TransferRefusedError,
+                                   describe_rpc_error)
 from kvcache.transfer.plans import HeadCopy, head_routes, pack_rank
 from kvcache.transfer.reaper import Reaper
 from kvcache.transfer import wire
@@ -48,15 +49,6 @@ from kvcache.transfer.wire import LAYOUT_TRAILER_KEY
 from kvcache.transfer.writers import pid_namespace
 
 logger = logging.getLogger(__name__)
-
-
-class TransferRefusedError(RuntimeError):
-    """The decode peer has no room for the request's blocks now (backpressure); nothing is held."""
-
-
-class PeerUnavailableError(ConnectionError):
-    """The decode peer did not answer (after one retry) or refused the call for a reason other than
-    layout or room; the message carries the gRPC status."""
 
 
 def _ignore(result: TransferResult) -> None:
@@ -258,7 +250,7 @@ class KVSender:
         for rank in range(self.peer_layout.world_size):
             first, end = self.peer_layout.rank_layers(rank)
             start, stop = max(layer_start, first), min(layer_end, end)
-            for piece_start, piece_end in _cut(start, stop, self._src_stage_starts):
+            for piece_start, piece_end in cut_at(start, stop, self._src_stage_starts):
                 chunks += plan_chunks(piece_start, piece_end, len(handle.src_block_ids),
                                       self.peer_layout.num_bytes_per_layer_block, self.max_chunk_bytes, rank)
         return chunks
@@ -338,7 +330,7 @@ class KVSender:
             self.fail(handle, "the decode side dropped the reservation")  # nothing left to retry into
             return
         if attempt == current and error is not None:
-            self._retry(handle, f"chunk {chunk} failed: {_describe(error)}")
+            self._retry(handle, f"chunk {chunk} failed: {describe_rpc_error(error)}")
             return
         if attempt == current:
             self.counters.add(num_bytes_sent=future.result())
@@ -399,7 +391,7 @@ class KVSender:
         try:
             reserved = self._peer.reserve(request, self.config.rpc_timeout_s)
         except grpc.RpcError as e:
-            self.fail(handle, f"{reason}; retry could not reserve: {_describe(e)}")
+            self.fail(handle, f"{reason}; retry could not reserve: {describe_rpc_error(e)}")
             return
         if handle.target is not None and reserved.ticket != handle.target.ticket:
             # The peer keeps an open reservation on a retry; a new one means the old one was dropped
@@ -493,15 +485,3 @@ class KVSender:
 
     def _src_stage_of(self, layer: int) -> int:
         return max(s for s, first in enumerate(self._src_stage_starts) if first <= layer)
-
-
-def _cut(start: int, stop: int, boundaries: list[int]) -> list[tuple[int, int]]:
-    """[start, stop) cut at every boundary inside it; [] when empty."""
-    points = [start] + [b for b in boundaries if start < b < stop] + [stop]
-    return [(a, b) for a, b in zip(points, points[1:]) if a < b]
-
-
-def _describe(error: BaseException | str) -> str:
-    if isinstance(error, grpc.RpcError):
-        return f"{error.code().name}: {error.details()}"
-    return str(error) or type(error).__name__
