@@ -3,10 +3,13 @@
     pdserve profile --model DIR --out latency.json [--quick] [--threads N]
     pdserve profile --model DIR --out LATENCY_DIR/        (writes LATENCY_DIR/latency-tp1-pp1.json)
     pdserve profile --model DIR --tensor-parallel-size 2 --out LATENCY_DIR/   (latency-tp2-pp1.json)
+    pdserve profile --model DIR --pipeline-parallel-size 2 --out LATENCY_DIR/ (latency-tp1-pp2.json)
     pdserve profile --from-trace TRACE_DIR_OR_FILE... --out latency.json     (no model run: see below)
 
 A latency-model set for the simulator and planner is one such file per TP x PP plan (its meta says tp
-and pp); a directory of them is what `--latency-model` takes. Plans not profiled are scaled from a
+and pp); a directory of them is what `--latency-model` takes. A plan with pipeline stages is timed as
+a lone plan going through all its stages (what one step costs alone); the simulator overlaps plans in
+flight as the runtime does (scheduler/latency_executor.py). Plans not profiled are scaled from a
 profiled one by the rule in scheduler/latency_plans.py. Profile with the torch threads an instance will
 have (`--threads`: an instance of a disaggregated deployment gets num_cpus_per_instance threads).
 
@@ -27,6 +30,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -54,15 +58,20 @@ def _plan(runner, lens: list[int], num_new: list[int], step: int) -> StepPlan:
     return plan
 
 
-def time_step(runner, lens: list[int], num_new: list[int], repeats: int, step: int) -> float:
-    samples = []
+def time_step(runner, lens: list[int], num_new: list[int], repeats: int, step: int) -> tuple[float, float]:
+    """Median seconds of the step, and of its busiest pipeline stage's compute (the step's, without
+    stages)."""
+    samples, stage_samples = [], []
+    stages = getattr(runner, "stage_busy_seconds", None)
     for r in range(repeats):
         plan = _plan(runner, lens, num_new, step * 100 + r)
+        busy = list(stages) if stages is not None else None
         started = time.perf_counter()
         runner.execute(plan)
         samples.append(time.perf_counter() - started)
+        stage_samples.append(max(after - before for before, after in zip(busy, stages)) if busy else samples[-1])
         runner.execute(StepPlan(finished_request_ids=list(plan.num_scheduled_tokens)))
-    return statistics.median(samples)
+    return statistics.median(samples), statistics.median(stage_samples)
 
 
 def grids(quick: bool, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -90,12 +99,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile this many ranks (rank processes, as `pdserve serve --tensor-parallel-size` "
                              "runs them; --threads is the instance's total, split between its ranks); with "
                              "--from-trace: the plan the traced engine ran")
+    parser.add_argument("--pipeline-parallel-size", type=int, default=1,
+                        help="profile this many pipeline stages (rank processes, as `pdserve serve "
+                             "--pipeline-parallel-size` runs them; --threads is split between all ranks)")
     parser.add_argument("--from-trace", nargs="+", default=None, metavar="TRACE",
                         help="fit from step traces (files or directories of *.jsonl written with "
                              "`pdserve serve --step-trace-dir`) instead of running the model")
     args = parser.parse_args(argv)
-    if args.tensor_parallel_size < 1:
-        parser.error("--tensor-parallel-size must be at least 1")
+    if args.tensor_parallel_size < 1 or args.pipeline_parallel_size < 1:
+        parser.error("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
+    if args.from_trace and args.pipeline_parallel_size > 1:
+        parser.error("--from-trace does not take --pipeline-parallel-size: a pipelined engine's traced steps "
+                     "include waits for the other plans in flight; profile the plan instead (without --from-trace)")
     if args.from_trace:
         return fit_from_trace(args.from_trace, args.out, args.tensor_parallel_size)
     if args.threads is not None:
@@ -111,29 +126,34 @@ def main(argv: list[str] | None = None) -> int:
     prefill_grid, decode_grid = grids(args.quick, args.max_tokens)
     most_tokens = max(sum(b) for b in prefill_grid + decode_grid)
     cache = CacheConfig(num_blocks_override=most_tokens // 16 + 64)
-    tp = args.tensor_parallel_size
-    if tp > 1:
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    if tp > 1 or pp > 1:
         from serving.runner.parallel_group import load_tensor_parallel_runner
-        runner = load_tensor_parallel_runner(model_dir, cache, device, dtype, tp)
+        runner = load_tensor_parallel_runner(model_dir, cache, device, dtype, tp, pp=pp)
     else:
         runner = ModelRunner.load(model_dir, cache, device, dtype)
     try:
         time_step(runner, [8], [8], 2, step=0)  # warm-up
-        prefill_s, decode_s = [], []
+        prefill, decode = [], []
         with tqdm(total=len(prefill_grid) + len(decode_grid), desc="profiling steps") as bar:
             for i, lens in enumerate(prefill_grid):
-                prefill_s.append(time_step(runner, lens, lens, args.repeats, step=1 + i))
+                prefill.append(time_step(runner, lens, lens, args.repeats, step=1 + i))
                 bar.update(1)
             for i, ctx in enumerate(decode_grid):
-                decode_s.append(time_step(runner, ctx, [1] * len(ctx), args.repeats, step=1000 + i))
+                decode.append(time_step(runner, ctx, [1] * len(ctx), args.repeats, step=1000 + i))
                 bar.update(1)
     finally:
         runner.close()
-    model = LatencyModel(fit_prefill(prefill_grid, prefill_s), fit_decode(decode_grid, decode_s), meta={
-        "model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": tp, "pp": 1,
-        "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-        "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
-        "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)]})
+    prefill_s, decode_s = [s for s, _ in prefill], [s for s, _ in decode]
+    meta = {"model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": tp, "pp": pp,
+            "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+            "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
+            "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)]}
+    if pp > 1:  # how long a plan holds the busiest stage: what plans in flight overlap (latency_executor.py)
+        meta["stage"] = {"prefill": asdict(fit_prefill(prefill_grid, [b for _, b in prefill])),
+                         "decode": asdict(fit_decode(decode_grid, [b for _, b in decode]))}
+        meta["stage_samples"] = {"prefill": [b for _, b in prefill], "decode": [b for _, b in decode]}
+    model = LatencyModel(fit_prefill(prefill_grid, prefill_s), fit_decode(decode_grid, decode_s), meta=meta)
     out = args.out
     if out.endswith("/") or os.path.isdir(out):
         out = save_set([model], out)[0]

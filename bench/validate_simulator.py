@@ -38,6 +38,10 @@ SYSTEMS = {
     # or scales from a tp=1 one)
     "colocated-tp2": {"deploy": {"mode": "colocated"}, "parallel": {"tensor_parallel_size": 2},
                       "cache": {"kv_cache_memory_bytes": "1GiB"}},
+    # two pipeline stages with plans in flight (priced from a pp=2 profile of a lone plan, or scaled);
+    # no in-place fit: a pipelined engine's traced steps include waits for the other plans in flight
+    "colocated-pp2": {"deploy": {"mode": "colocated"}, "parallel": {"pipeline_parallel_size": 2},
+                      "cache": {"kv_cache_memory_bytes": "1GiB"}},
 }
 
 
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-model", action="append", default=[], metavar="SYSTEM=FILE",
                         help="profiled latency model per system, e.g. colocated=lat2.json (repeat per system); "
                              "without one a system is simulated with its in-place fit only")
-    parser.add_argument("--systems", default="colocated,1p1d", help="comma list of colocated, 1p1d, colocated-tp2")
+    parser.add_argument("--systems", default="colocated,1p1d",
+                        help="comma list of colocated, 1p1d, colocated-tp2, colocated-pp2")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--cluster", default="deploy/clusters/cpu.yaml", help="links for the simulated transfers")
     parser.add_argument("--result-dir", default="results/sim-validation")
@@ -73,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"systems {unknown}: each must be one of {', '.join(SYSTEMS)}")
+    unpriced = [s for s in systems if SYSTEMS[s].get("parallel", {}).get("pipeline_parallel_size", 1) > 1
+                and s not in latency]
+    if unpriced:
+        parser.error(f"{', '.join(unpriced)}: give --latency-model SYSTEM=FILE (a pipelined engine has no in-place "
+                     "fit; profile it with `pdserve profile --pipeline-parallel-size`)")
     out = Path(args.result_dir)
     summary = {}
     for system in systems:
@@ -134,17 +144,19 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
             rows[row["rate"]]["profile"] = row["simulated"]
         if compared.get("goodput"):
             goodput["profile"] = compared["goodput"]["text"]
+    parallel = SYSTEMS[system].get("parallel", {})
+    tp, pp = parallel.get("tensor_parallel_size", 1), parallel.get("pipeline_parallel_size", 1)
+    in_place_runs = measured if pp == 1 else []  # no in-place fit of a pipelined engine (see SYSTEMS)
     # in place: each rate priced by the steps of the other rates' runs
     windows = {}
-    for path in measured:
+    for path in in_place_runs:
         result = json.loads(Path(path).read_text())
         windows[path] = (result["started_at"], result["started_at"] + result["duration"])
     in_place_rows = []
-    for path in measured:
+    for path in in_place_runs:
         others = [step for other, (start, end) in windows.items() if other != path
                   for step in step_trace.read([trace_dir], since=start, until=end)]
         name = Path(path).stem
-        tp = SYSTEMS[system].get("parallel", {}).get("tensor_parallel_size", 1)
         model = step_trace.fit(others, meta={"system": system, "left_out": name, "tp": tp, "pp": 1})
         model_path = out / f"latency-in-place-without-{name}.json"
         model.save(str(model_path))

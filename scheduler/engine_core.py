@@ -129,7 +129,8 @@ class EngineCore:
             if plan.is_empty:
                 break
         plan, traced = self._in_flight.popleft()
-        self.last_step_idle = plan.is_empty and not self._in_flight
+        # nothing computed and nothing computing (an empty plan may stay in flight: the next fill takes it)
+        self.last_step_idle = plan.is_empty and all(p.is_empty for p, _ in self._in_flight)
         result = self.executor.collect()
         if traced is not None:
             chunks, contexts, started = traced

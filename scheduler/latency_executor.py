@@ -11,6 +11,17 @@ fixed overhead: the two fits each include the per-step constant. `latency_model`
 those two methods and the two fixed terms (`prefill.a`, `decode.a`): a fitted `LatencyModel`, or a
 `PlanLatency` that scales one to another TP x PP plan (scheduler/latency_plans.py).
 
+With pipeline_depth > 1 (a plan of pp pipeline stages) it is a pipelined executor, as the runtime's
+stage group is (serving/runner/tensor_parallel.py): `submit` / `collect`, up to pp plans in flight. The
+latency model then gives a plan's latency through all the stages alone (what `pdserve profile
+--pipeline-parallel-size` measures), and its `stage_model()` (profiled beside it) how long the plan
+holds its busiest stage; every stage is taken to hold it that long (without a stage model: an equal
+share of the latency), and the rest of the latency (hand-offs, the engine's own work) passes between
+stages without holding one. A stage takes the next plan as soon as it is done with the last, and a
+plan's result (its sampled tokens and the moves' reports) comes back when its last stage ends. So a
+lone plan costs the whole latency, and a full pipeline delivers a plan per stage time, each with the
+share of the running requests the scheduler gives it.
+
 KV moves end through a `MoveModel`, told when each move was planned and how long the step that
 planned it lasts (a send streams its layers out while that step computes them); the default ends
 each at once (started, active and finished in the step that issued it), which is what a colocated or
@@ -19,6 +30,7 @@ times them from link bandwidth instead.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,21 +48,29 @@ class MoveModel(Protocol):
 
 
 class InstantMoves:
-    """Every move succeeds at once."""
+    """Every move succeeds with the step that planned it (reported once that step's time is up: with
+    plans in flight, not with an earlier plan's result)."""
 
     def __init__(self) -> None:
-        self._due: list[MoveResult] = []
+        self._due: list[tuple[float, MoveResult]] = []
 
     def start(self, move: KVMove, now: float, step_seconds: float) -> None:
         if isinstance(move, CancelKV):
             return  # its move has ended already
+        at = now + step_seconds
         if move.kind == "recv":
-            self._due += [MoveResult(move.request_id, move.kind, STARTED), MoveResult(move.request_id, move.kind, ACTIVE)]
-        self._due.append(MoveResult(move.request_id, move.kind, FINISHED))
+            self._due += [(at, MoveResult(move.request_id, move.kind, STARTED)),
+                          (at, MoveResult(move.request_id, move.kind, ACTIVE))]
+        self._due.append((at, MoveResult(move.request_id, move.kind, FINISHED)))
 
     def due(self, now: float) -> list[MoveResult]:
-        due, self._due = self._due, []
-        return due
+        now += 1e-9  # (start + duration may round a hair past the step's end)
+        ready = [result for at, result in self._due if at <= now]
+        if len(ready) == len(self._due):
+            self._due = []
+        else:
+            self._due = [(at, result) for at, result in self._due if at > now]
+        return ready
 
 
 @dataclass
@@ -61,16 +81,62 @@ class _State:
 
 class LatencyModelExecutor:
     def __init__(self, latency_model: LatencyModel, token_id: int = 0, moves: MoveModel | None = None,
-                 clock=None) -> None:
+                 clock=None, pipeline_depth: int = 1) -> None:
         self.latency_model = latency_model
         self.token_id = token_id
         self.moves = moves or InstantMoves()
         self.clock = clock  # read for move timing only; the engine loop advances it
         self.states: dict[str, _State] = {}
-        self.busy_seconds = 0.0
+        self.busy_seconds = 0.0  # a pipeline's: per stage (each is busy this long)
+        self.pipeline_depth = pipeline_depth
+        self._stage_free = [0.0] * pipeline_depth  # when each stage is done with the plans it was given
+        self._in_flight: deque[tuple[StepResult, float]] = deque()  # (result, when its last stage ends)
+        stage_model = getattr(latency_model, "stage_model", None)
+        self._stage_latency = stage_model() if pipeline_depth > 1 and stage_model is not None else None
 
     def execute(self, plan: StepPlan) -> StepResult:
-        now = self.clock.now() if self.clock is not None else 0.0
+        if self.pipeline_depth > 1:
+            self.submit(plan)
+            return self.collect()
+        now = self._now()
+        result = self._compute(plan)
+        self.busy_seconds += result.step_seconds
+        for move in plan.kv_moves:
+            self.moves.start(move, now, result.step_seconds)
+        result.moves = self.moves.due(now + result.step_seconds)
+        return result
+
+    def submit(self, plan: StepPlan) -> None:
+        """The plan enters each stage when it has left the stage before it (and the hop between them has
+        passed) and that stage is done with the plans before it."""
+        chunks, contexts = [], []
+        result = self._compute(plan, chunks, contexts)
+        depth, latency = self.pipeline_depth, result.step_seconds
+        stage_seconds = (min(self._seconds(chunks, contexts, self._stage_latency), latency / depth)
+                         if self._stage_latency is not None and (chunks or contexts) else latency / depth)
+        hop = latency / depth - stage_seconds  # before each stage, holding none
+        start = end = self._now()
+        for stage, free in enumerate(self._stage_free):
+            end = max(end + hop, free) + stage_seconds
+            self._stage_free[stage] = end
+        self.busy_seconds += stage_seconds
+        for move in plan.kv_moves:  # a send streams out while the stages compute the plan
+            self.moves.start(move, start, end - start)
+        self._in_flight.append((result, end))
+
+    def collect(self) -> StepResult:
+        """The oldest plan's result; step_seconds is how long after now its last stage ends."""
+        result, end = self._in_flight.popleft()
+        result.step_seconds = max(0.0, end - self._now())
+        result.moves = self.moves.due(end)
+        return result
+
+    def _now(self) -> float:
+        return self.clock.now() if self.clock is not None else 0.0
+
+    def _compute(self, plan: StepPlan, chunks: list[int] | None = None, contexts: list[int] | None = None) -> StepResult:
+        """The plan's bookkeeping and modelled seconds (moves not started); fills chunks and contexts
+        with its prefill chunk lengths and decode rows' contexts, as priced."""
         for request_id in plan.finished_request_ids + plan.preempted_request_ids:
             self.states.pop(request_id, None)
         for new in plan.new_requests:
@@ -82,7 +148,9 @@ class LatencyModelExecutor:
                                    f"{delta.num_computed_tokens} vs {state.num_computed_tokens} computed tokens")
             state.num_tokens += len(delta.new_token_ids)
         # one pass: classify each row as step_seconds does (before it advances), then advance it
-        chunks, contexts, sampled = [], [], {}
+        chunks = [] if chunks is None else chunks
+        contexts = [] if contexts is None else contexts
+        sampled = {}
         states, token_id = self.states, self.token_id
         for request_id, num_tokens in plan.num_scheduled_tokens.items():
             state = states[request_id]
@@ -95,13 +163,7 @@ class LatencyModelExecutor:
             if computed >= state.num_tokens:
                 sampled[request_id] = token_id
                 state.num_tokens += 1
-        seconds = self._seconds(chunks, contexts)
-        self.busy_seconds += seconds
-        for move in plan.kv_moves:
-            self.moves.start(move, now, seconds)
-        result = StepResult(sampled_token_ids=sampled, step_seconds=seconds)
-        result.moves = self.moves.due(now + seconds)
-        return result
+        return StepResult(sampled_token_ids=sampled, step_seconds=self._seconds(chunks, contexts))
 
     def step_seconds(self, plan: StepPlan) -> float:
         """The modelled duration of a plan (0 for one that computes nothing)."""
@@ -114,8 +176,8 @@ class LatencyModelExecutor:
                 chunks.append(num_tokens)
         return self._seconds(chunks, contexts)
 
-    def _seconds(self, chunks: list[int], contexts: list[int]) -> float:
-        model = self.latency_model
+    def _seconds(self, chunks: list[int], contexts: list[int], model=None) -> float:
+        model = model or self.latency_model
         seconds = 0.0
         if chunks:
             seconds += model.prefill_time(chunks)

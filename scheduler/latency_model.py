@@ -35,6 +35,15 @@ class LatencyModel:
         d = self.decode
         return d.a + d.b * float(sum(context_lens)) + d.c * len(context_lens)
 
+    def stage_model(self) -> "LatencyModel | None":
+        """A pipeline plan's busiest stage per step (`meta["stage"]`, fitted by `pdserve profile
+        --pipeline-parallel-size` from the stages' own compute time), or None: how long a plan holds a
+        stage, where prefill_time / decode_time are a lone plan's latency through all of them."""
+        stage = self.meta.get("stage")
+        if not stage:
+            return None
+        return LatencyModel(PhaseCoefficients(**stage["prefill"]), PhaseCoefficients(**stage["decode"]))
+
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(asdict(self), f, indent=2)

@@ -15,13 +15,16 @@ step, b·Σlen + c·Σlen² for prefill, b·Σcontext + c·rows for decode; a: t
                        + 2·L collectives per step (attention output, MLP output), ring all-reduce:
                          latency  2·L·allreduce_latency_s                     (per step, tp > tp0)
                          bytes    2·L · 2(tp−1)/tp · hidden·dtype_bytes / bw  (per token of the step)
-    pipeline parallel  the step's rows (prompt chunks or decode sequences) are split into
-                       m = min(pp, rows) microbatches that follow each other through the pp stages
-                       (L/pp layers each), so a step costs
-                         a + W/m + (pp−1)·(p2p_latency_s + tokens·hidden·dtype_bytes / bw)
-                       with m = pp every stage is busy and a batch advances every W/pp (throughput
-                       x pp); with fewer rows than stages the idle stages are the pipeline bubble (one
-                       prompt alone gets no faster: W/1).
+    pipeline parallel  a plan goes through the pp stages (L/pp layers each) one after the other, so
+                       alone it costs its whole work and the hidden state's hops:
+                         a + W + (pp−1)·(p2p_latency + tokens·hidden·dtype_bytes / bw)
+                       what pipelining buys is plans in flight, as the runtime runs them (vLLM's batch
+                       queue): the latency-model executor gives each stage 1/pp of that latency and
+                       lets the next plan into a stage as soon as it is free (up to pp plans in
+                       flight, each with 1/pp of the running requests), so a full pipeline delivers
+                       pp plans per latency and a lone prompt gets no faster (the bubble).
+                       A profiled pp plan (`pdserve profile --pipeline-parallel-size`) is that same
+                       lone-plan latency, measured.
 
 Communication bandwidths come from the cluster (intra-node for TP, which never crosses a node; the
 pipeline's link for PP). With no communication model given, the collectives cost nothing.
@@ -80,9 +83,8 @@ class PlanLatency:
     def meta(self) -> dict:
         return {**self.base.meta, "tp": self.tp, "pp": self.pp, "scaled_from_tp": self.base_tp}
 
-    def _scaled(self, a: float, work: float, rows: int, num_tokens: int) -> float:
-        work *= self.base_tp / self.tp
-        seconds = a + work / max(1, min(self.pp, rows))
+    def _scaled(self, a: float, work: float, num_tokens: int) -> float:
+        seconds = a + work * self.base_tp / self.tp
         if self.comm is not None:
             seconds += self.comm.tp_seconds(self.tp, self.base_tp, num_tokens)
             seconds += self.comm.pp_seconds(self.pp, num_tokens)
@@ -92,12 +94,12 @@ class PlanLatency:
         p = self.base.prefill
         total = sum(prompt_lens)
         work = p.b * total + p.c * sum(n * n for n in prompt_lens)
-        return self._scaled(p.a, work, len(prompt_lens), total)
+        return self._scaled(p.a, work, total)
 
     def decode_time(self, context_lens: list[int]) -> float:
         d = self.base.decode
         rows = len(context_lens)
-        return self._scaled(d.a, d.b * sum(context_lens) + d.c * rows, rows, rows)
+        return self._scaled(d.a, d.b * sum(context_lens) + d.c * rows, rows)
 
 
 def plan_of(model: LatencyModel) -> tuple[int, int]:

@@ -58,16 +58,27 @@ def test_the_fit_weighs_relative_error_so_short_steps_are_not_lost_to_long_ones(
     assert one_row == pytest.approx(seconds[0], rel=0.05)
 
 
-def test_profile_command_profiles_a_tensor_parallel_plan_into_a_set(tiny_model_dir, tmp_path):
-    """--tensor-parallel-size runs the real ranks; the set then serves tp=2 as profiled, not scaled."""
+def test_profile_command_profiles_tensor_and_pipeline_parallel_plans_into_a_set(tiny_model_dir, tmp_path):
+    """--tensor-parallel-size and --pipeline-parallel-size run the real ranks; the set then serves those
+    plans as profiled, not scaled."""
     from bench.profile import main
     from scheduler.latency_plans import LatencyModelSet
     assert main(["--model", tiny_model_dir, "--quick", "--repeats", "1", "--out", f"{tmp_path}/"]) == 0
     assert main(["--model", tiny_model_dir, "--quick", "--repeats", "1", "--tensor-parallel-size", "2",
                  "--out", f"{tmp_path}/"]) == 0
+    assert main(["--model", tiny_model_dir, "--quick", "--repeats", "1", "--pipeline-parallel-size", "2",
+                 "--out", f"{tmp_path}/"]) == 0
     models = LatencyModelSet.load([str(tmp_path)])
-    assert models.plans == [(1, 1), (2, 1)]
-    tp2, source = models.for_plan(2, 1)
-    assert source == "profiled" and tp2.meta["tp"] == 2
-    assert all(s > 0 for _, s in tp2.meta["prefill_samples"] + tp2.meta["decode_samples"])
-    assert math.isfinite(tp2.prefill_time([256])) and math.isfinite(tp2.decode_time([64, 64]))
+    assert models.plans == [(1, 1), (1, 2), (2, 1)]
+    for tp, pp in ((2, 1), (1, 2)):
+        plan, source = models.for_plan(tp, pp)
+        assert source == "profiled" and (plan.meta["tp"], plan.meta["pp"]) == (tp, pp)
+        assert all(s > 0 for _, s in plan.meta["prefill_samples"] + plan.meta["decode_samples"])
+        assert math.isfinite(plan.prefill_time([256])) and math.isfinite(plan.decode_time([64, 64]))
+
+
+def test_a_pipelined_engines_trace_is_not_fitted(tmp_path, capsys):
+    from bench.profile import main
+    with pytest.raises(SystemExit):
+        main(["--from-trace", str(tmp_path), "--pipeline-parallel-size", "2", "--out", f"{tmp_path}/x.json"])
+    assert "profile the plan instead" in capsys.readouterr().err

@@ -169,3 +169,19 @@ def test_a_prompt_the_prefill_instance_refuses_releases_its_decode_reservation()
     refused, served = result.records
     assert not refused.success and "max-model-len" in refused.error
     assert served.success and served.num_output_tokens == 5
+
+
+def test_an_instance_of_pipeline_stages_runs_plans_in_flight():
+    """pp = 2 over the same lone-plan latency: a backlog of decodes drains sooner (plans in flight, each
+    with half the running requests), a lone request's first token comes no sooner."""
+    import dataclasses
+    busy = poisson(40, 200.0, prompt=64, output=64, seed=4)
+    one = instance("replica-0", "colocated")
+    _, serial = run(deployment(one), busy)
+    sim, staged = run(deployment(dataclasses.replace(one, pp=2)), busy)
+    assert sim.instances[0].executor.pipeline_depth == 2 and sim.instances[0].core.num_overlapped_plans > 0
+    assert max(r.finish_s for r in staged.records) < 0.8 * max(r.finish_s for r in serial.records)
+    alone = poisson(1, 1.0, prompt=64, output=8, seed=4)
+    _, a = run(deployment(one), alone)
+    _, b = run(deployment(dataclasses.replace(one, pp=2)), alone)
+    assert b.records[0].token_times_s[0] == pytest.approx(a.records[0].token_times_s[0], rel=1e-9)
