@@ -20,7 +20,9 @@ files: the prefill instance's steps fit prefill, the decode instance's decode.
 
 Otherwise it drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
 forward pass plus sampling, exactly what a serving step costs. The fitted model (scheduler/latency_model.py)
-is what the placement planner and simulator read.
+is what the placement planner and simulator read. Beside the steps it times the engine's swap worker on
+the same cache (`meta.swap`: bytes per second and seconds per copy), which prices swaps in a simulated
+deployment with --preemption-mode swap.
 """
 from __future__ import annotations
 
@@ -72,6 +74,41 @@ def time_step(runner, lens: list[int], num_new: list[int], repeats: int, step: i
         stage_samples.append(max(after - before for before, after in zip(busy, stages)) if busy else samples[-1])
         runner.execute(StepPlan(finished_request_ids=list(plan.num_scheduled_tokens)))
     return statistics.median(samples), statistics.median(stage_samples)
+
+
+def measure_swap_cost(kv_cache: torch.Tensor, num_blocks: int = 64, repeats: int = 5) -> dict:
+    """The swap copies' cost on this cache (`SwapCost` in scheduler/latency_model.py), through the
+    engine's own swap worker: num_blocks blocks swapped out and back in as one run and as single
+    blocks (every other block id); the two timings give the per-byte and the per-copy cost."""
+    from scheduler.kv_moves import SwapIn, SwapOut
+    from serving.kv_connector.swap import SwapWorker
+
+    num_layers, block_bytes = kv_cache.shape[0], kv_cache[:, :, 0].numel() * kv_cache.element_size()
+    num_blocks = min(num_blocks, kv_cache.shape[2] // 2)
+    host = torch.empty((num_layers, 2, num_blocks, *kv_cache.shape[3:]), dtype=kv_cache.dtype,
+                       pin_memory=kv_cache.is_cuda)
+    worker = SwapWorker(kv_cache, host)
+    try:
+        def timed(block_ids: list[int]) -> float:
+            samples = []
+            for r in range(repeats + 1):  # the first touches the host pages
+                started = time.perf_counter()
+                worker.start([SwapOut(f"out{r}", block_ids, list(range(num_blocks)))])
+                worker.wait_layers(0, num_layers)
+                worker.start([SwapIn(f"in{r}", list(range(num_blocks)), block_ids)])
+                worker.wait_layers(0, num_layers)
+                samples.append((time.perf_counter() - started) / 2)
+                worker.poll()
+            return statistics.median(samples[1:])
+        one_run = timed(list(range(num_blocks)))  # consecutive on both sides: one copy per layer
+        single = timed(list(range(0, 2 * num_blocks, 2)))  # a copy per block and layer
+    finally:
+        worker.close()
+    per_copy = max(0.0, (single - one_run) / ((num_blocks - 1) * num_layers))
+    moving = max(one_run - num_layers * per_copy, 1e-9)
+    return {"bytes_per_s": num_blocks * block_bytes / moving, "seconds_per_copy": per_copy,
+            "samples": {"blocks": num_blocks, "block_bytes": block_bytes, "one_run_s": one_run,
+                        "single_blocks_s": single}}
 
 
 def grids(quick: bool, max_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -142,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             for i, ctx in enumerate(decode_grid):
                 decode.append(time_step(runner, ctx, [1] * len(ctx), args.repeats, step=1000 + i))
                 bar.update(1)
+        swap = measure_swap_cost(runner.kv_cache)  # for --preemption-mode swap (rank 0's share of a block)
     finally:
         runner.close()
     prefill_s, decode_s = [s for s, _ in prefill], [s for s, _ in decode]
     meta = {"model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": tp, "pp": pp,
             "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
             "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
-            "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)]}
+            "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)], "swap": swap}
     if pp > 1:  # how long a plan holds the busiest stage: what plans in flight overlap (latency_executor.py)
         meta["stage"] = {"prefill": asdict(fit_prefill(prefill_grid, [b for _, b in prefill])),
                          "decode": asdict(fit_decode(decode_grid, [b for _, b in decode]))}
@@ -162,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p, d = model.prefill, model.decode
     print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
     print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
+    print(f"swap(s)    = bytes / {swap['bytes_per_s'] / 1e9:.2f} GB/s + {swap['seconds_per_copy'] * 1e6:.1f} us per "
+          "copy (one per run of blocks and layer)")
     print(f"wrote {out}")
     return 0
 

@@ -5,6 +5,7 @@ goes through exactly the metric, report and plot code of a measured one.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from bench.config import LoadConfig
 from bench.datasets import Workload
 from bench.prompts import PromptSynthesizer
 from bench.records import RequestRecord
-from kvcache.layout import KVCacheLayout
+from kvcache.layout import KVCacheLayout, stage_layers
 from scheduler.latency_plans import CommModel, LatencyModelSet
 from scheduler.planner.cluster import ClusterSpec
 from scheduler.planner.placement import pack_first_fit
@@ -81,6 +82,12 @@ def resolve_dtype(config: Config, latency: LatencyModelSet) -> str:
     return latency.dtype or "float32"
 
 
+def _rank_layout(layout: KVCacheLayout, tp: int, pp: int, stage: int) -> KVCacheLayout:
+    """The KV layout one rank of pipeline stage `stage` holds: its heads, its stage's layers."""
+    first, end = stage_layers(layout.num_layers, pp, stage)
+    return dataclasses.replace(layout.rank_slice(tp, 0), num_layers=end - first)
+
+
 def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpec | None = None,
                    max_concurrency: int | None = None) -> SimDeployment:
     """The deployment `pdserve serve --config` would start, as the simulator wants it: the same
@@ -101,12 +108,16 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
     for (name, role, role_config), node in zip(roles, nodes):
         dtype = resolve_dtype(role_config, latency)
         block_size = role_config.cache.block_size
+        tp, pp = role_config.parallel.tensor_parallel_size, role_config.parallel.pipeline_parallel_size
         layout = KVCacheLayout.for_model(shape.num_layers, shape.num_kv_heads, shape.head_dim, block_size, dtype)
         cache = role_config.cache
-        num_blocks = cache.num_blocks_override or layout.num_blocks_for_bytes(cache.kv_cache_memory_bytes)
+        # the pools as the engine sizes them: the budget is per rank, in blocks of rank 0's heads and
+        # layers (stage 0's); the host tier in blocks of the largest stage's (serving/engine/engine.py)
+        rank = _rank_layout(layout, tp, pp, 0)
+        num_blocks = cache.num_blocks_override or rank.num_blocks_for_bytes(cache.kv_cache_memory_bytes)
         max_model_len = resolve_max_model_len(role_config.model.max_model_len, _arch(role_config))
         check_kv_pool_fits(num_blocks, block_size, max_model_len)
-        tp, pp = role_config.parallel.tensor_parallel_size, role_config.parallel.pipeline_parallel_size
+        largest = max((_rank_layout(layout, tp, pp, stage) for stage in range(pp)), key=lambda l: l.num_layers)
         comm = CommModel(shape.num_layers, shape.hidden_size, dtype_bytes(dtype), cluster.intra_node_bytes_per_s,
                          cluster.intra_node_bytes_per_s if tp * pp <= cluster.devices_per_node
                          else cluster.inter_node_bytes_per_s)
@@ -114,7 +125,8 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
         instances.append(SimInstanceSpec(name, role, role_config.scheduler, num_blocks, block_size, max_model_len,
                                          step_latency, layout.bytes_per_block // block_size, shape.num_layers,
                                          node, tp, pp, cache.enable_prefix_caching,
-                                         int(cache.swap_space * 2**30) // layout.bytes_per_block))
+                                         int(cache.swap_space * 2**30) // largest.bytes_per_block,
+                                         rank.bytes_per_block))
     deploy = config.deploy
     links = LinkSpec(cluster.intra_node_bytes_per_s, cluster.inter_node_bytes_per_s, cluster.transfer_latency_ms / 1e3,
                      deploy.kv_transfer_layers_per_group)

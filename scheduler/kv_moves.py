@@ -60,6 +60,18 @@ class SwapIn:
     kind = "swap_in"
 
 
+def spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(source, destination) block pairs -> runs (first source, first destination, length) where both
+    sides continue by one."""
+    runs: list[tuple[int, int, int]] = []
+    for src, dst in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((src, dst, 1))
+    return runs
+
+
 @dataclass(frozen=True)
 class AdoptKV:
     request_id: str

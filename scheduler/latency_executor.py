@@ -22,6 +22,11 @@ plan's result (its sampled tokens and the moves' reports) comes back when its la
 lone plan costs the whole latency, and a full pipeline delivers a plan per stage time, each with the
 share of the running requests the scheduler gives it.
 
+Swaps (preemption by swapping) cost time when the latency model has a swap cost (`pdserve profile`
+times the engine's swap worker) and the executor knows the bytes of one block on one rank: a plan's
+copies run beside its forward pass, each layer's before that layer's attention (kv_connector/swap.py),
+so a plan with swaps costs max(compute, copies + compute / layers). Without either, swaps are free.
+
 KV moves end through a `MoveModel`, told when each move was planned and how long the step that
 planned it lasts (a send streams its layers out while that step computes them); the default ends
 each at once (started, active and finished in the step that issued it), which is what a colocated or
@@ -34,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from scheduler.kv_moves import ACTIVE, FINISHED, STARTED, CancelKV, KVMove, MoveResult
+from scheduler.kv_moves import ACTIVE, FINISHED, STARTED, CancelKV, KVMove, MoveResult, SwapIn, SwapOut, spans
 from scheduler.latency_model import LatencyModel
 from scheduler.step import StepPlan, StepResult, is_decode_row
 
@@ -81,7 +86,7 @@ class _State:
 
 class LatencyModelExecutor:
     def __init__(self, latency_model: LatencyModel, token_id: int = 0, moves: MoveModel | None = None,
-                 clock=None, pipeline_depth: int = 1) -> None:
+                 clock=None, pipeline_depth: int = 1, swap_block_bytes: int = 0, num_layers: int = 1) -> None:
         self.latency_model = latency_model
         self.token_id = token_id
         self.moves = moves or InstantMoves()
@@ -91,6 +96,11 @@ class LatencyModelExecutor:
         self.pipeline_depth = pipeline_depth
         self._stage_free = [0.0] * pipeline_depth  # when each stage is done with the plans it was given
         self._in_flight: deque[tuple[StepResult, float]] = deque()  # (result, when its last stage ends)
+        swap_cost = getattr(latency_model, "swap_cost", None)
+        self._swap_cost = swap_cost() if swap_cost is not None and swap_block_bytes > 0 else None
+        self._swap_block_bytes = swap_block_bytes  # one block on one rank (its heads, its stage's layers)
+        self._num_layers = max(1, num_layers)  # a rank's: one copy per run and layer
+        self.swap_seconds = 0.0  # modelled copy time of every swap
         stage_model = getattr(latency_model, "stage_model", None)
         self._stage_latency = stage_model() if pipeline_depth > 1 and stage_model is not None else None
 
@@ -163,7 +173,24 @@ class LatencyModelExecutor:
             if computed >= state.num_tokens:
                 sampled[request_id] = token_id
                 state.num_tokens += 1
-        return StepResult(sampled_token_ids=sampled, step_seconds=self._seconds(chunks, contexts))
+        seconds = self._seconds(chunks, contexts)
+        if self._swap_cost is not None and plan.kv_moves:
+            seconds = self._with_swaps(plan, seconds)
+        return StepResult(sampled_token_ids=sampled, step_seconds=seconds)
+
+    def _with_swaps(self, plan: StepPlan, compute: float) -> float:
+        num_blocks = num_runs = 0
+        for move in plan.kv_moves:
+            if isinstance(move, (SwapOut, SwapIn)):
+                num_blocks += len(move.block_ids)
+                src, dst = ((move.block_ids, move.host_block_ids) if isinstance(move, SwapOut)
+                            else (move.host_block_ids, move.block_ids))
+                num_runs += len(spans(list(zip(src, dst))))
+        if not num_blocks:
+            return compute
+        copies = self._swap_cost.seconds(num_blocks, num_runs, self._swap_block_bytes, self._num_layers)
+        self.swap_seconds += copies
+        return max(compute, copies + compute / self._num_layers)
 
     def step_seconds(self, plan: StepPlan) -> float:
         """The modelled duration of a plan (0 for one that computes nothing)."""

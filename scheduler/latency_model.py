@@ -22,6 +22,18 @@ class PhaseCoefficients:
 
 
 @dataclass(frozen=True)
+class SwapCost:
+    """What a swap's copies cost (`pdserve profile` times the engine's own swap worker): every byte at
+    the host link's speed, plus a fixed cost per copy (one per run of consecutive blocks and layer)."""
+    bytes_per_s: float
+    seconds_per_copy: float
+
+    def seconds(self, num_blocks: int, num_runs: int, block_bytes: int, num_layers: int) -> float:
+        """num_blocks blocks of block_bytes (every layer's K and V) in num_runs runs of num_layers layers."""
+        return num_blocks * block_bytes / self.bytes_per_s + num_runs * num_layers * self.seconds_per_copy
+
+
+@dataclass(frozen=True)
 class LatencyModel:
     prefill: PhaseCoefficients
     decode: PhaseCoefficients
@@ -43,6 +55,11 @@ class LatencyModel:
         if not stage:
             return None
         return LatencyModel(PhaseCoefficients(**stage["prefill"]), PhaseCoefficients(**stage["decode"]))
+
+    def swap_cost(self) -> SwapCost | None:
+        """The swap copies' cost profiled beside the steps (`meta["swap"]`), or None."""
+        swap = self.meta.get("swap")
+        return SwapCost(swap["bytes_per_s"], swap["seconds_per_copy"]) if swap else None
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:

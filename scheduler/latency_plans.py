@@ -83,6 +83,10 @@ class PlanLatency:
     def meta(self) -> dict:
         return {**self.base.meta, "tp": self.tp, "pp": self.pp, "scaled_from_tp": self.base_tp}
 
+    def swap_cost(self):
+        """The base plan's (a rank copies its own share of each block at the same host link speed)."""
+        return self.base.swap_cost()
+
     def _scaled(self, a: float, work: float, num_tokens: int) -> float:
         seconds = a + work * self.base_tp / self.tp
         if self.comm is not None:

@@ -42,7 +42,9 @@ class SimInstance:
         self.scheduler = Scheduler(spec.scheduler, kv, spec.max_model_len, make_connector(spec, deployment),
                                    self.clock, preemption=make_preemption(spec.scheduler.preemption_mode, host))
         self.moves = network.register(spec)
-        self.executor = LatencyModelExecutor(spec.latency, token_id, self.moves, self.clock, pipeline_depth=spec.pp)
+        self.executor = LatencyModelExecutor(spec.latency, token_id, self.moves, self.clock, pipeline_depth=spec.pp,
+                                             swap_block_bytes=spec.swap_block_bytes,
+                                             num_layers=-(-spec.num_layers // spec.pp))
         self.core = EngineCore(self.scheduler, self.executor, self.clock)
         # the router's view (what the runtime's InstanceState tracks)
         self.num_queued_prefill_tokens = 0  # prompt tokens sent here, first token not yet back

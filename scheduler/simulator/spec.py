@@ -33,7 +33,8 @@ class SimInstanceSpec:
     tp: int = 1
     pp: int = 1
     enable_prefix_caching: bool = True
-    num_host_blocks: int = 0  # the host tier of --preemption-mode swap (swaps take no modelled time yet)
+    num_host_blocks: int = 0  # the host tier of --preemption-mode swap
+    swap_block_bytes: int = 0  # one KV block on one rank (its heads and stage's layers): what a swap copies
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -105,7 +105,7 @@ class TransferNetwork:
             self._send(moves, move, now, step_seconds)
         elif isinstance(move, CancelKV):
             self._cancel(move.request_id, now, move.reason)
-        else:  # swaps and adopts have no home in a simulated deployment yet: they end at once
+        else:  # swaps end with the step that carries them (their copies are priced in it: latency_executor.py)
             moves.push(now + step_seconds, MoveResult(move.request_id, move.kind, FINISHED))
 
     def deliver_now(self, moves: InstanceMoves, request_id: str, now: float) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from kvcache.transfer.counters import LatencyHistogram
-from scheduler.kv_moves import FAILED, FINISHED, KVMove, MoveResult
+from scheduler.kv_moves import FAILED, FINISHED, KVMove, MoveResult, spans
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +67,6 @@ class _Copy:
         src, dst = self.src[layer], self.dst[layer]
         for first_src, first_dst, n in self.runs:
             dst[:, first_dst:first_dst + n].copy_(src[:, first_src:first_src + n], non_blocking=True)
-
-
-def spans(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(source, destination) block pairs -> runs (first source, first destination, length) where both
-    sides continue by one."""
-    runs: list[tuple[int, int, int]] = []
-    for src, dst in pairs:
-        if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((src, dst, 1))
-    return runs
 
 
 class SwapWorker:

@@ -85,6 +85,19 @@ def test_a_deployment_yaml_becomes_the_instances_serve_would_start(tiny_model_di
         sim_deployment(Config.from_dict({"model": tiny_model_dir, "num_gpu_blocks_override": 2}), latency)
 
 
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_simulated_pools_are_sized_per_rank_as_the_engine_sizes_them(tiny_model_dir, tp, pp):
+    """The KV budget is per rank, in blocks of rank 0's heads and layers; the host tier's in blocks of
+    the largest stage's; a swap copies one rank's share of a block."""
+    config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": 64 * 2**20, "swap_space": 0.125,
+                               "parallel": {"tensor_parallel_size": tp, "pipeline_parallel_size": pp}})
+    instance = sim_deployment(config, LatencyModelSet({(1, 1): LATENCY})).instances[0]
+    rank = KVCacheLayout.for_model(4 // pp, 2 // tp, 32, 16, "float32")  # the tiny model: 4 layers, 2 KV heads
+    assert instance.num_blocks == 64 * 2**20 // rank.bytes_per_block
+    assert instance.num_host_blocks == 2**27 // rank.bytes_per_block and instance.swap_block_bytes == rank.bytes_per_block
+    assert instance.kv_bytes_per_token == KVCacheLayout.for_model(4, 2, 32, 16, "float32").bytes_per_block // 16
+
+
 def _write(tmp_path, model_dir):
     config = tmp_path / "deploy.yaml"
     config.write_text(yaml.safe_dump({"model": {"model": model_dir, "max_model_len": 1024},

@@ -8,7 +8,7 @@ from kvcache.kv_manager import KVCacheManager
 from scheduler import EngineCore, Request, SamplingParams, Scheduler, SchedulerConfig, VirtualClock
 from scheduler.latency_executor import LatencyModelExecutor
 from scheduler.latency_model import LatencyModel, PhaseCoefficients
-from scheduler.kv_moves import SwapOut
+from scheduler.kv_moves import SwapIn, SwapOut
 from scheduler.step import NewRequestData, StepPlan
 
 MODEL = LatencyModel(PhaseCoefficients(0.010, 2e-5, 1e-9), PhaseCoefficients(0.008, 1e-6, 5e-4))
@@ -154,3 +154,23 @@ def test_a_profiled_stage_time_sets_the_pipelines_pace():
     clock.advance(first.step_seconds)
     assert executor.collect().step_seconds == pytest.approx(0.0025)  # one stage time behind the first
     assert LatencyModel(model.prefill, model.decode).stage_model() is None
+
+
+def test_a_plans_swaps_are_priced_beside_its_compute():
+    """Copies run beside the forward pass, each layer's before that layer: a plan with swaps costs
+    max(compute, copies + compute / layers); without a swap cost (or block size) they are free."""
+    model = LatencyModel(PhaseCoefficients(0.010, 0.0, 0.0), PhaseCoefficients(0.008, 0.0, 0.0),
+                         meta={"swap": {"bytes_per_s": 1e6, "seconds_per_copy": 1e-4}})
+    executor = LatencyModelExecutor(model, swap_block_bytes=1000, num_layers=4)
+    new = [NewRequestData("r", [5] * 8, 8, SamplingParams(max_tokens=4), [0, 1], 0)]
+    small = SwapOut("a", [10, 11], [0, 1])  # one run: 2 kB and 4 copies = 2.4 ms
+    assert executor.execute(StepPlan(new_requests=new, num_scheduled_tokens={"r": 8}, kv_moves=[small])) \
+        .step_seconds == pytest.approx(0.010)  # hidden behind the compute
+    scattered = SwapIn("b", [0, 1, 2, 3], [20, 22, 24, 26])  # four runs: 4 kB and 16 copies = 5.6 ms
+    big = SwapOut("c", list(range(30, 40)), list(range(4, 14)))  # 10 kB and 4 copies = 10.4 ms
+    result = executor.execute(StepPlan(num_scheduled_tokens={"r": 1}, cached_requests=[], kv_moves=[scattered, big]))
+    assert result.step_seconds == pytest.approx(0.0056 + 0.0104 + 0.008 / 4)
+    assert executor.swap_seconds == pytest.approx(0.0024 + 0.016)
+    free = LatencyModelExecutor(model)  # no block size: nothing to price
+    free.execute(StepPlan(new_requests=new, num_scheduled_tokens={"r": 8}))
+    assert free.execute(StepPlan(num_scheduled_tokens={"r": 1}, kv_moves=[big])).step_seconds == pytest.approx(0.008)

@@ -44,6 +44,9 @@ def test_profile_command_writes_a_usable_model(tiny_model_dir, tmp_path):
     assert len(model.meta["prefill_samples"]) >= 4 and len(model.meta["decode_samples"]) >= 4
     assert all(s > 0 for _, s in model.meta["prefill_samples"] + model.meta["decode_samples"])
     assert math.isfinite(model.prefill_time([256])) and math.isfinite(model.decode_time([64, 64]))
+    swap = model.swap_cost()  # timed through the engine's swap worker
+    assert swap.bytes_per_s > 0 and swap.seconds_per_copy >= 0
+    assert model.meta["swap"]["samples"]["single_blocks_s"] > 0
 
 
 def test_the_fit_weighs_relative_error_so_short_steps_are_not_lost_to_long_ones():

@@ -185,3 +185,27 @@ def test_an_instance_of_pipeline_stages_runs_plans_in_flight():
     _, a = run(deployment(one), alone)
     _, b = run(deployment(dataclasses.replace(one, pp=2)), alone)
     assert b.records[0].token_times_s[0] == pytest.approx(a.records[0].token_times_s[0], rel=1e-9)
+
+
+def test_swaps_cost_what_the_profile_says_they_cost():
+    """A decode instance too small for its load swaps (--preemption-mode swap): with a slow host link
+    its steps carry the copies and the run takes longer; every block of both tiers comes back."""
+    import dataclasses
+    from scheduler import SchedulerConfig
+    conversations = poisson(60, 50.0, prompt=100, output=200, seed=2)
+
+    def run_with(swap):
+        model = LatencyModel(MODEL.prefill, MODEL.decode, meta={"swap": swap} if swap else {})
+        decode = dataclasses.replace(instance("decode-0", "decode", num_blocks=60, model=model),
+                                     scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=2048,
+                                                               preemption_mode="swap"),
+                                     num_host_blocks=4000, swap_block_bytes=KV_BYTES_PER_TOKEN * 16)
+        sim, result = run(deployment(instance("prefill-0", "prefill"), decode), conversations)
+        assert all(r.success and r.num_output_tokens == 200 for r in result.records)
+        host = sim.instances[1].scheduler.preemption.host
+        assert host.pool.num_free_blocks == host.pool.num_blocks
+        return sim.instances[1], max(r.finish_s for r in result.records)
+    free, free_end = run_with(None)
+    slow, slow_end = run_with({"bytes_per_s": 2e8, "seconds_per_copy": 1e-4})
+    assert free.scheduler.preemption.num_swapped_out > 0 and free.executor.swap_seconds == 0
+    assert slow.executor.swap_seconds > 0.5 and slow_end > free_end
