@@ -42,6 +42,10 @@ SYSTEMS = {
     # no in-place fit: a pipelined engine's traced steps include waits for the other plans in flight
     "colocated-pp2": {"deploy": {"mode": "colocated"}, "parallel": {"pipeline_parallel_size": 2},
                       "cache": {"kv_cache_memory_bytes": "1GiB"}},
+    # a KV pool too small for the load, preempting by swap (priced from the profile's swap cost; run it
+    # with --max-model-len 1024, which the pool must hold)
+    "colocated-swap": {"deploy": {"mode": "colocated"}, "scheduler": {"preemption_mode": "swap"},
+                       "cache": {"kv_cache_memory_bytes": "24MiB", "swap_space": 1}},
 }
 
 
@@ -51,8 +55,9 @@ def deployment_yaml(system: str, model: str, max_model_len: int) -> dict:
     deployment = {"model": {"model": model, "max_model_len": max_model_len},
                   "cache": {**spec["cache"], "enable_prefix_caching": False},
                   "deploy": dict(spec["deploy"])}
-    if "parallel" in spec:
-        deployment["parallel"] = dict(spec["parallel"])
+    for section in ("parallel", "scheduler"):
+        if section in spec:
+            deployment[section] = dict(spec[section])
     return deployment
 
 
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="profiled latency model per system, e.g. colocated=lat2.json (repeat per system); "
                              "without one a system is simulated with its in-place fit only")
     parser.add_argument("--systems", default="colocated,1p1d",
-                        help="comma list of colocated, 1p1d, colocated-tp2, colocated-pp2")
+                        help="comma list of colocated, 1p1d, colocated-tp2, colocated-pp2, colocated-swap")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--cluster", default="deploy/clusters/cpu.yaml", help="links for the simulated transfers")
     parser.add_argument("--result-dir", default="results/sim-validation")
@@ -117,6 +122,7 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
     from bench.sim_compare import goodput_summary
     from bench.simulate import main as simulate_main
     from scheduler import step_trace
+    from scheduler.latency_model import LatencyModel
 
     trace_dir = out / "trace"
     config_path = out / f"{system}.yaml"
@@ -157,7 +163,10 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
         others = [step for other, (start, end) in windows.items() if other != path
                   for step in step_trace.read([trace_dir], since=start, until=end)]
         name = Path(path).stem
-        model = step_trace.fit(others, meta={"system": system, "left_out": name, "tp": tp, "pp": 1})
+        meta = {"system": system, "left_out": name, "tp": tp, "pp": 1}
+        if latency and LatencyModel.load(latency).meta.get("swap"):  # the copies' cost is no step's: the profile's
+            meta["swap"] = LatencyModel.load(latency).meta["swap"]
+        model = step_trace.fit(others, meta=meta)
         model_path = out / f"latency-in-place-without-{name}.json"
         model.save(str(model_path))
         compared = simulate(str(model_path), [path], f"compare-in-place-{name}.json")
