@@ -50,7 +50,9 @@ def _strike_decode(app, victim: str, signal_number: int) -> tuple[int, list[Stre
     `victim`: SIGSTOP freezes the instance and its engine process (a hung host), SIGKILL kills the
     instance process alone (its engine process must notice and exit). Returns how many streams the
     victim held, the streams, and the victim's pids (instance first)."""
-    streams = [completion(app.model, p, 200) for p in make_prompts(11, [20, 35, 50, 65, 80, 95])]
+    # long enough that the victim is still generating when struck: the tiny model can generate a short
+    # reply whole (held in the router's stream buffers) before a client on a loaded box has read 3 chunks
+    streams = [completion(app.model, p, 600) for p in make_prompts(11, [20, 35, 50, 65, 80, 95])]
     holders, family = [], []
 
     def strike() -> None:
