@@ -15,10 +15,12 @@ def test_validation_serves_traces_and_compares_both_fits(tiny_model_dir, tmp_pat
     profile = tmp_path / "lat.json"
     assert profile_main(["--model", tiny_model_dir, "--quick", "--out", str(profile)]) == 0
     out = tmp_path / "validation"
+    # 24 prompts a rate: each rate's in-place fit needs 8 prefill steps of the other rate, and at 8 req/s
+    # on a loaded box 12 prompts were once batched into 7
     code = validate_main(["--model", tiny_model_dir, "--systems", "colocated", "--max-model-len", "512",
                           "--latency-model", f"colocated={profile}", "--result-dir", str(out),
                           "--dataset-name", "random", "--random-input-len", "64", "--random-output-len", "8",
-                          "--num-prompts", "12", "--request-rate", "4,8", "--goodput", "ttft:2000", "tpot:500",
+                          "--num-prompts", "24", "--request-rate", "4,8", "--goodput", "ttft:2000", "tpot:500",
                           "--seed", "0", "--disable-tqdm"])
     assert code == 0
     system = out / "colocated"
