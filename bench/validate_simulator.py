@@ -153,6 +153,7 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
     parallel = SYSTEMS[system].get("parallel", {})
     tp, pp = parallel.get("tensor_parallel_size", 1), parallel.get("pipeline_parallel_size", 1)
     in_place_runs = measured if pp == 1 else []  # no in-place fit of a pipelined engine (see SYSTEMS)
+    swap = LatencyModel.load(latency).meta.get("swap") if latency else None  # the copies' cost is no step's
     # in place: each rate priced by the steps of the other rates' runs
     windows = {}
     for path in in_place_runs:
@@ -164,8 +165,8 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
                   for step in step_trace.read([trace_dir], since=start, until=end)]
         name = Path(path).stem
         meta = {"system": system, "left_out": name, "tp": tp, "pp": 1}
-        if latency and LatencyModel.load(latency).meta.get("swap"):  # the copies' cost is no step's: the profile's
-            meta["swap"] = LatencyModel.load(latency).meta["swap"]
+        if swap:  # the profile's
+            meta["swap"] = swap
         model = step_trace.fit(others, meta=meta)
         model_path = out / f"latency-in-place-without-{name}.json"
         model.save(str(model_path))
