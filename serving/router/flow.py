@@ -42,9 +42,16 @@ class InstanceFailed(Exception):
     streams fail too); `draining`: it refused a new request while shutting down (no more requests go
     there, its running streams go on)."""
 
-    def __init__(self, state: InstanceState, reason: str, dead: bool = True, draining: bool = False) -> None:
+    def __init__(self, state: InstanceState, reason: str, dead: bool = True, draining: bool = False,
+                 client=None) -> None:
         super().__init__(reason)
         self.state, self.reason, self.dead, self.draining = state, reason, dead and not draining, draining
+        self.client = client  # the incarnation that failed (None: the current one)
+
+    @property
+    def current(self) -> bool:
+        """The failure is the instance's as it is now, not one of an incarnation since restarted."""
+        return self.client is None or self.client is self.state.client
 
 
 class _NoRoom(Exception):
@@ -62,10 +69,12 @@ class _Stream:
         self.state = state
         self.call = call
         self.interruption: Exception | None = None
+        self.closed = False
+        self.client = state.client  # the incarnation the call went to
         state.streams.add(self)
 
     def fail(self, reason: str) -> None:
-        self.interrupt(InstanceFailed(self.state, reason))
+        self.interrupt(InstanceFailed(self.state, reason, client=self.client))
 
     def interrupt(self, error: Exception) -> None:
         self.interruption = error
@@ -90,14 +99,16 @@ class _Stream:
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise _NoRoom(e.details()) from None
             if code == grpc.StatusCode.UNAVAILABLE and wire.is_draining(e.details()):
-                raise InstanceFailed(self.state, e.details(), draining=True) from None
-            raise InstanceFailed(self.state, f"{code.name}: {e.details()}", dead=code in _DEAD_CODES) from None
+                raise InstanceFailed(self.state, e.details(), draining=True, client=self.client) from None
+            raise InstanceFailed(self.state, f"{code.name}: {e.details()}", dead=code in _DEAD_CODES,
+                                 client=self.client) from None
         if message is grpc.aio.EOF:
-            raise InstanceFailed(self.state, "its stream ended before the request finished")
+            raise InstanceFailed(self.state, "its stream ended before the request finished", client=self.client)
         return message
 
     def close(self) -> None:
         """Cancelling an unfinished call aborts the request on the instance (its blocks are freed)."""
+        self.closed = True
         self.state.streams.discard(self)
         self.call.cancel()
 
@@ -154,6 +165,8 @@ class RequestFlow:
                 self._close(stream)
 
     def _note_failure(self, error: InstanceFailed) -> None:
+        if not error.current:  # the instance has been restarted since: the new one is not at fault
+            return
         if error.dead:
             self.pool.mark_failed(error.state, error.reason)
         elif error.draining:

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 _MIN_HEALTH_TIMEOUT_S = 2.0
 _MAX_RESTART_ATTEMPTS = 3
+_READ_OUT_POLL_S = 0.05
 
 
 @dataclass
@@ -121,20 +122,40 @@ class InstancePool:
         if not state.up:
             return
         state.up = False
-        if state.draining:  # it has finished draining and exited: expected, not a failure
+        drained = state.draining
+        if drained:  # it has finished draining and exited: expected, not a failure
             logger.warning("instance %s (%s) has stopped after draining: %s", state.name,
                            state.launched.address, reason)
+            # It answered its streams in full before it exited, but the last of what it sent may
+            # still sit unread in this channel: the streams read it out (one the instance did not
+            # finish ends with its transport's error), and the channel closes after them.
+            self._spawn(self._read_out(state.name, set(state.streams), state.client))
+            state.streams = set()
         else:
             self.counters["num_instance_failures"] += 1
             logger.error("instance %s (%s) is down: %s", state.name, state.launched.address, reason)
-        for stream in list(state.streams):
-            stream.fail(f"instance {state.name} failed: {reason}")
-        state.streams.clear()
+            for stream in list(state.streams):
+                stream.fail(f"instance {state.name} failed: {reason}")
+            state.streams.clear()
         state.num_queued_prefill_tokens = 0
         if self.deploy.restart_failed_instances:
-            self._spawn(self._restart(state))
+            self._spawn(self._restart(state, close_old_client=not drained))
 
-    async def _restart(self, state: InstanceState) -> None:
+    async def _read_out(self, name: str, streams: set, client: InstanceClient) -> None:
+        """Close a drained instance's channel once its streams are read out (at most
+        --instance-timeout-s; a stream still open then fails)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.deploy.instance_timeout_s
+        try:
+            while any(not stream.closed for stream in streams) and loop.time() < deadline:
+                await asyncio.sleep(_READ_OUT_POLL_S)
+            for stream in streams:
+                if not stream.closed:
+                    stream.fail(f"instance {name} stopped after draining with this stream unfinished")
+        finally:
+            await client.close()
+
+    async def _restart(self, state: InstanceState, close_old_client: bool = True) -> None:
         for attempt in range(1, _MAX_RESTART_ATTEMPTS + 1):
             try:
                 launched = await asyncio.wait_for(self.launcher.restart(state.launched.spec),
@@ -155,7 +176,8 @@ class InstancePool:
             state.up = True
             self._changed.set()
             logger.info("instance %s is back on %s", state.name, launched.address)
-            await old_client.close()
+            if close_old_client:
+                await old_client.close()
             return
         logger.error("gave up restarting %s; it stays down", state.name)
 

@@ -1,0 +1,129 @@
+"""The router's pool against a real gRPC Instance service (in process, localhost) that streams a
+reply in full and then stops, as a drained instance does before it exits.
+
+What the instance sent before it stopped can still sit unread in the router's channel: a drained
+instance found down must let its streams read it out, where a crashed one fails them at once.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from scheduler.sampling_params import SamplingParams
+from serving.config import Config, DeployConfig
+from serving.instance._proto import instance_pb2 as pb
+from serving.instance._proto import instance_pb2_grpc as pb_grpc
+from serving.instance.servicer import InstanceSpec
+from serving.launchers import LaunchedInstance
+from serving.router.flow import InstanceFailed, RequestFlow, _Stream
+from serving.router.pool import InstancePool
+
+NUM_MESSAGES = 20
+
+
+class _Replies(pb_grpc.InstanceServicer):
+    """Generate streams NUM_MESSAGES outputs, the last one finished, and returns."""
+
+    def __init__(self) -> None:
+        self.answered = asyncio.Event()
+
+    async def Generate(self, request, context):
+        for i in range(NUM_MESSAGES):
+            last = i == NUM_MESSAGES - 1
+            yield pb.GenerateOutput(request_id=request.request_id, new_token_ids=[i], finished=last,
+                                    finish_reason="length" if last else "")
+        self.answered.set()
+
+
+async def _started() -> tuple[grpc.aio.Server, _Replies, str]:
+    server = grpc.aio.server()
+    servicer = _Replies()
+    pb_grpc.add_InstanceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, servicer, f"127.0.0.1:{port}"
+
+
+def _pool(address: str) -> InstancePool:
+    launched = LaunchedInstance(InstanceSpec("decode-0", "decode", Config()), address,
+                                pb.InstanceInfo(name="decode-0", role="decode"))
+    deploy = DeployConfig(restart_failed_instances=False, instance_timeout_s=30.0)
+    return InstancePool([launched], launcher=None, deploy=deploy, check_peer=None,
+                        counters={"num_instance_failures": 0, "num_instance_restarts": 0})
+
+
+async def _answered_then_stopped(draining: bool) -> tuple[InstancePool, _Stream]:
+    """A stream whose reply the instance sent in full, nothing of it read; the instance then stops
+    and is found down."""
+    server, servicer, address = await _started()
+    pool = _pool(address)
+    state = pool.instances[0]
+    stream = _Stream(state, state.client.generate("r", [1, 2, 3], SamplingParams(max_tokens=NUM_MESSAGES)))
+    await asyncio.wait_for(servicer.answered.wait(), 30)
+    await server.stop(None)  # the process exits
+    if draining:
+        pool.mark_draining(state)
+    pool.mark_failed(state, "health check failed (UNAVAILABLE: connection refused)")
+    return pool, stream
+
+
+def test_a_drained_instance_found_down_lets_its_streams_read_out_what_it_sent():
+    async def run():
+        pool, stream = await _answered_then_stopped(draining=True)
+        tokens = []
+        while True:
+            message = await stream.read(10)
+            tokens += list(message.new_token_ids)
+            if message.finished:
+                break
+        assert tokens == list(range(NUM_MESSAGES)) and message.finish_reason == "length"
+        assert pool.counters["num_instance_failures"] == 0  # drained, not crashed
+        channel = stream.client._channel
+        assert channel.get_state() != grpc.ChannelConnectivity.SHUTDOWN  # still open: the stream reads
+        stream.close()
+        for _ in range(100):  # the pool closes the drained incarnation's channel once its streams are done
+            if channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN:
+                break
+            await asyncio.sleep(0.05)
+        assert channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        await pool.close()
+    asyncio.run(run())
+
+
+def test_a_crashed_instance_found_down_fails_its_streams_at_once():
+    async def run():
+        pool, stream = await _answered_then_stopped(draining=False)
+        with pytest.raises(InstanceFailed, match="instance decode-0 failed: health check failed") as error:
+            await stream.read(10)
+        assert error.value.dead and error.value.current
+        assert pool.counters["num_instance_failures"] == 1
+        await pool.close()
+    asyncio.run(run())
+
+
+def test_a_failure_of_an_incarnation_since_restarted_is_not_the_new_ones():
+    async def run():
+        server, _, address = await _started()
+        pool = _pool(address)
+        state = pool.instances[0]
+        stream = _Stream(state, state.client.generate("r", [1], SamplingParams(max_tokens=1)))
+        old_client = state.client
+        state.client = type(old_client)(address, 30.0, None)  # restarted: a new client
+        stream.fail("the old process died")
+        with pytest.raises(InstanceFailed) as error:
+            await stream.read(10)
+        assert not error.value.current
+        flow = RequestFlow(pool, tokenizer=None, deploy=pool.deploy, request_id="r", prompt_token_ids=[1],
+                           params=SamplingParams(max_tokens=1), counters={})
+        flow._note_failure(error.value)
+        assert state.up and pool.counters["num_instance_failures"] == 0  # the new incarnation stays up
+        error.value.client = None  # the same failure, of the instance as it is now, marks it down
+        flow._note_failure(error.value)
+        assert not state.up and pool.counters["num_instance_failures"] == 1
+        stream.close()
+        await old_client.close()
+        await pool.close()
+        await server.stop(None)
+    asyncio.run(run())
