@@ -1,7 +1,8 @@
 """What pipelining buys: a batch of requests generated end to end by the offline engine, one rank against
 tensor and pipeline parallelism, and pipeline stages with and without plans in flight.
 
-    python -m bench.pp_pipeline --model DIR [--requests 16] [--prompt 128] [--tokens 32] [--repeats 3] [--json F]
+    python -m bench.pp_pipeline --model DIR [--requests 16] [--prompt 128] [--tokens 32] [--repeats 3]
+        [--partitions 7,5 8,4] [--json F]
 
 Executors (each an `LLM`, all loaded up front, run in turn each repetition so drift hits them alike):
     tp1          one process, all its threads
@@ -10,6 +11,7 @@ Executors (each an `LLM`, all loaded up front, run in turn each repetition so dr
                  works on one plan, stage 0 runs the next, each plan taking half of the running requests
     pp2-serial   the same stages with one plan at a time (the engine's depth set to 1): one batch
                  goes through the stages while the other idles, what pipelining is measured against
+    pp2[7,5]     with --partitions: two stages of these layers (--pp-layer-partition), plans in flight
 Reported: output tokens per second (median), the ratio to tp1, and for the stages the bubble,
 1 - (sum of the stages' forward seconds) / (stages x wall seconds): the share of stage time idle.
 """
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--partitions", nargs="*", default=[], metavar="N,N",
+                        help="also two stages of these layers each (--pp-layer-partition), plans in flight")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -44,10 +48,15 @@ def main(argv: list[str] | None = None) -> int:
     llms = {"tp1": LLM(args.model, **common), "tp2": LLM(args.model, tensor_parallel_size=2, **common),
             "pp2": LLM(args.model, pipeline_parallel_size=2, **common)}
     variants = {"tp1": ("tp1", 0), "tp2": ("tp2", 0), "pp2": ("pp2", 2), "pp2-serial": ("pp2", 1)}
+    for partition in args.partitions:
+        name = f"pp2[{partition}]"
+        llms[name] = LLM(args.model, pipeline_parallel_size=2, pp_layer_partition=partition, **common)
+        variants[name] = (name, 2)
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
     rates = {v: [] for v in variants}
     bubbles = {v: [] for v in variants}
+    busy_shares = {v: [] for v in variants}  # per round: each stage's forward seconds / wall
     try:
         for round_ in range(args.repeats + 1):  # round 0 warms up
             for variant, (name, depth) in variants.items():
@@ -66,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     if len(busy) > 1:  # pipeline stages (a TP group's one entry is not a bubble)
                         spent = sum(runner.stage_busy_seconds) - sum(busy)
                         bubbles[variant].append(1 - spent / (len(busy) * wall))
+                        busy_shares[variant].append([(after - before) / wall for before, after
+                                                     in zip(busy, runner.stage_busy_seconds)])
             print(f"round {round_}/{args.repeats} done", file=sys.stderr, flush=True)
     finally:
         for llm in llms.values():
@@ -73,13 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(rates["tp1"])
     print(f"\nmodel={args.model} {args.requests} requests x ({args.prompt} prompt + {args.tokens} output tokens), "
           f"medians of {args.repeats}")
-    print(f"{'executor':>11} {'tokens/s':>9} {'vs tp1':>7} {'bubble':>7}")
+    print(f"{'executor':>11} {'tokens/s':>9} {'vs tp1':>7} {'bubble':>7}  stages busy (share of wall)")
     rows = []
     for variant in variants:
         rate = statistics.median(rates[variant])
         bubble = statistics.median(bubbles[variant]) if bubbles[variant] else None
-        rows.append({"executor": variant, "tokens_per_s": rate, "vs_tp1": rate / base, "bubble": bubble})
-        print(f"{variant:>11} {rate:>9.1f} {rate / base:>7.2f} " + (f"{bubble:>7.1%}" if bubble is not None else f"{'-':>7}"))
+        shares = ([statistics.median(r[s] for r in busy_shares[variant]) for s in range(len(busy_shares[variant][0]))]
+                  if busy_shares[variant] else None)
+        rows.append({"executor": variant, "tokens_per_s": rate, "vs_tp1": rate / base, "bubble": bubble,
+                     "stage_busy_share": shares})
+        print(f"{variant:>11} {rate:>9.1f} {rate / base:>7.2f} " + (f"{bubble:>7.1%}" if bubble is not None else f"{'-':>7}")
+              + ("  " + " ".join(f"{x:.0%}" for x in shares) if shares else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "requests": args.requests, "prompt": args.prompt, "tokens": args.tokens,

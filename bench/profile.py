@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-parallel-size", type=int, default=1,
                         help="profile this many pipeline stages (rank processes, as `pdserve serve "
                              "--pipeline-parallel-size` runs them; --threads is split between all ranks)")
+    parser.add_argument("--pp-layer-partition", default=None, metavar="N,N,..",
+                        help="layers of each pipeline stage, as `pdserve serve --pp-layer-partition` (default: "
+                             "the even split)")
     parser.add_argument("--from-trace", nargs="+", default=None, metavar="TRACE",
                         help="fit from step traces (files or directories of *.jsonl written with "
                              "`pdserve serve --step-trace-dir`) instead of running the model")
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_trace and args.pipeline_parallel_size > 1:
         parser.error("--from-trace does not take --pipeline-parallel-size: a pipelined engine's traced steps "
                      "include waits for the other plans in flight; profile the plan instead (without --from-trace)")
+    if args.pp_layer_partition and args.pipeline_parallel_size == 1:
+        parser.error("--pp-layer-partition splits pipeline stages: give --pipeline-parallel-size too")
     if args.from_trace:
         return fit_from_trace(args.from_trace, args.out, args.tensor_parallel_size)
     if args.threads is not None:
@@ -164,9 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     most_tokens = max(sum(b) for b in prefill_grid + decode_grid)
     cache = CacheConfig(num_blocks_override=most_tokens // 16 + 64)
     tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    partition = ()
+    if pp > 1:
+        from serving.models.config import ModelArchConfig
+        from serving.models.pipeline import layer_partition
+        try:
+            partition = layer_partition(ModelArchConfig.from_model_dir(model_dir).num_layers, pp,
+                                        args.pp_layer_partition)
+        except ValueError as e:
+            parser.error(str(e))
     if tp > 1 or pp > 1:
         from serving.runner.parallel_group import load_tensor_parallel_runner
-        runner = load_tensor_parallel_runner(model_dir, cache, device, dtype, tp, pp=pp)
+        runner = load_tensor_parallel_runner(model_dir, cache, device, dtype, tp, pp=pp, pp_partition=partition)
     else:
         runner = ModelRunner.load(model_dir, cache, device, dtype)
     try:
@@ -184,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         runner.close()
     prefill_s, decode_s = [s for s, _ in prefill], [s for s, _ in decode]
     meta = {"model": model_dir, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "tp": tp, "pp": pp,
+            "pp_partition": list(partition),
             "processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
             "prefill_samples": [[lens, s] for lens, s in zip(prefill_grid, prefill_s)],
             "decode_samples": [[ctx, s] for ctx, s in zip(decode_grid, decode_s)], "swap": swap}

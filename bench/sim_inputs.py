@@ -5,7 +5,7 @@ goes through exactly the metric, report and plot code of a measured one.
 """
 from __future__ import annotations
 
-import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +16,16 @@ from bench.config import LoadConfig
 from bench.datasets import Workload
 from bench.prompts import PromptSynthesizer
 from bench.records import RequestRecord
-from kvcache.layout import KVCacheLayout, stage_layers
+from kvcache.layout import KVCacheLayout
 from scheduler.latency_plans import CommModel, LatencyModelSet
 from scheduler.planner.cluster import ClusterSpec
 from scheduler.planner.placement import pack_first_fit
 from scheduler.planner.sizing import ModelShape, dtype_bytes
 from scheduler.simulator import LinkSpec, SimConversation, SimDeployment, SimInstanceSpec, SimRecord, SimTurn
 from serving.config import Config
+from serving.models.pipeline import layer_partition
+
+logger = logging.getLogger(__name__)
 
 _ARRIVAL_SEED_OFFSET = 1  # as bench/runner.py: arrivals draw from their own stream
 
@@ -82,10 +85,24 @@ def resolve_dtype(config: Config, latency: LatencyModelSet) -> str:
     return latency.dtype or "float32"
 
 
-def _rank_layout(layout: KVCacheLayout, tp: int, pp: int, stage: int) -> KVCacheLayout:
-    """The KV layout one rank of pipeline stage `stage` holds: its heads, its stage's layers."""
-    first, end = stage_layers(layout.num_layers, pp, stage)
-    return dataclasses.replace(layout.rank_slice(tp, 0), num_layers=end - first)
+def _pool_layout(layout: KVCacheLayout, parallel) -> KVCacheLayout:
+    """The rank layout the engine sizes its pools by (serving/runner/model_runner.py: pool_layout): its
+    heads, the layers of its largest pipeline stage."""
+    rank = layout.rank_slice(parallel.tensor_parallel_size, 0)
+    pp = parallel.pipeline_parallel_size
+    return rank if pp == 1 else rank.largest_stage(layer_partition(layout.num_layers, pp, parallel.pp_layer_partition))
+
+
+def _check_profiled_split(name: str, step_latency, num_layers: int, parallel) -> None:
+    """Warn where a pipelined instance splits its layers otherwise than the profile it is priced by."""
+    profiled = getattr(step_latency, "meta", {}).get("pp_partition")
+    pp = parallel.pipeline_parallel_size
+    if pp > 1 and profiled:
+        served = layer_partition(num_layers, pp, parallel.pp_layer_partition)
+        if tuple(profiled) != served:
+            logger.warning("%s: its stages hold %s layers, but its latency model was profiled with stages of %s "
+                           "(pdserve profile --pp-layer-partition %s to price this split)", name,
+                           ",".join(map(str, served)), ",".join(map(str, profiled)), ",".join(map(str, served)))
 
 
 def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpec | None = None,
@@ -111,21 +128,21 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
         tp, pp = role_config.parallel.tensor_parallel_size, role_config.parallel.pipeline_parallel_size
         layout = KVCacheLayout.for_model(shape.num_layers, shape.num_kv_heads, shape.head_dim, block_size, dtype)
         cache = role_config.cache
-        # the pools as the engine sizes them: the budget is per rank, in blocks of rank 0's heads and
-        # layers (stage 0's); the host tier in blocks of the largest stage's (serving/engine/engine.py)
-        rank = _rank_layout(layout, tp, pp, 0)
+        # the pools as the engine sizes them: the budget is per rank, the device pool and the host tier
+        # in blocks of a rank's heads and the largest stage's layers (serving/engine/engine.py)
+        rank = _pool_layout(layout, role_config.parallel)
         num_blocks = cache.num_blocks_override or rank.num_blocks_for_bytes(cache.kv_cache_memory_bytes)
         max_model_len = resolve_max_model_len(role_config.model.max_model_len, _arch(role_config))
         check_kv_pool_fits(num_blocks, block_size, max_model_len)
-        largest = max((_rank_layout(layout, tp, pp, stage) for stage in range(pp)), key=lambda l: l.num_layers)
         comm = CommModel(shape.num_layers, shape.hidden_size, dtype_bytes(dtype), cluster.intra_node_bytes_per_s,
                          cluster.intra_node_bytes_per_s if tp * pp <= cluster.devices_per_node
                          else cluster.inter_node_bytes_per_s)
         step_latency, _ = latency.for_plan(tp, pp, comm)
+        _check_profiled_split(name, step_latency, shape.num_layers, role_config.parallel)
         instances.append(SimInstanceSpec(name, role, role_config.scheduler, num_blocks, block_size, max_model_len,
                                          step_latency, layout.bytes_per_block // block_size, shape.num_layers,
                                          node, tp, pp, cache.enable_prefix_caching,
-                                         int(cache.swap_space * 2**30) // largest.bytes_per_block,
+                                         int(cache.swap_space * 2**30) // rank.bytes_per_block,
                                          rank.bytes_per_block))
     deploy = config.deploy
     links = LinkSpec(cluster.intra_node_bytes_per_s, cluster.inter_node_bytes_per_s, cluster.transfer_latency_ms / 1e3,

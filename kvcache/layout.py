@@ -103,6 +103,17 @@ class KVCacheLayout:
         return dataclasses.replace(self, num_kv_heads=_heads_per_rank(heads, tp_size), tp_size=tp_size,
                                    tp_rank=tp_rank, total_kv_heads=heads)
 
+    def stage_slice(self, partition, stage: int) -> KVCacheLayout:
+        """The layout of a rank of pipeline stage `stage` under `partition` (layers per stage): its
+        stage's layers, this layout's heads."""
+        first, end = stage_layers(partition, stage)
+        return dataclasses.replace(self, num_layers=end - first)
+
+    def largest_stage(self, partition) -> KVCacheLayout:
+        """stage_slice of the stage that holds the most layers: the one whose blocks are largest (every
+        stage holds as many blocks, of the same ids; pools are sized so that this one fits)."""
+        return dataclasses.replace(self, num_layers=max(partition))
+
     def for_rank(self, tp_rank: int) -> KVCacheLayout:
         """The layout of another rank of the same group."""
         return dataclasses.replace(self, tp_rank=tp_rank)
@@ -151,12 +162,46 @@ class KVCacheLayout:
                    tp_size, tp_rank, total_kv_heads)
 
 
-def stage_layers(num_layers: int, pp_size: int, stage: int) -> tuple[int, int]:
-    """The layers [first, end) pipeline stage `stage` of pp_size holds (vLLM's even split; the earlier
-    stages get the shorter ranges). The one rule the model's stages and the KV transfer both use."""
-    if not 0 <= stage < pp_size <= num_layers:
-        raise ValueError(f"stage {stage} of {pp_size} cannot hold a share of {num_layers} layers")
-    return stage * num_layers // pp_size, (stage + 1) * num_layers // pp_size
+def even_partition(num_layers: int, pp_size: int) -> tuple[int, ...]:
+    """Layers per pipeline stage, vLLM's default split: num_layers // pp_size each, the remainder one
+    more each on the stages just before the last (the last also holds the LM head and samples)."""
+    if not 0 < pp_size <= num_layers:
+        raise ValueError(f"{pp_size} pipeline stages cannot each hold a share of {num_layers} layers")
+    counts = [num_layers // pp_size] * pp_size
+    for i in range(2, num_layers % pp_size + 2):
+        counts[-i] += 1
+    return tuple(counts)
+
+
+def parse_partition(spec: str | None, num_layers: int, pp_size: int) -> tuple[int, ...]:
+    """The stages' layer counts from --pp-layer-partition ("5,3": vLLM's VLLM_PP_LAYER_PARTITION;
+    None, "" or "even": `even_partition`); ValueError saying what to change."""
+    if spec is None or str(spec).strip() in ("", "even"):
+        return even_partition(num_layers, pp_size)
+    try:
+        counts = tuple(int(part) for part in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"--pp-layer-partition {spec!r}: give the layers of each pipeline stage, comma "
+                         f"separated (e.g. {','.join(map(str, even_partition(num_layers, pp_size)))}), or even"
+                         ) from None
+    check_partition(counts, num_layers, pp_size)
+    return counts
+
+
+def check_partition(counts, num_layers: int, pp_size: int) -> None:
+    if len(counts) != pp_size or sum(counts) != num_layers or min(counts) < 1:
+        raise ValueError(f"--pp-layer-partition {','.join(map(str, counts))}: give {pp_size} stage sizes "
+                         f"(--pipeline-parallel-size), each at least 1, that add up to the model's "
+                         f"{num_layers} layers, e.g. {','.join(map(str, even_partition(num_layers, pp_size)))}")
+
+
+def stage_layers(partition, stage: int) -> tuple[int, int]:
+    """The layers [first, end) pipeline stage `stage` holds under `partition` (layers per stage). The
+    one rule the model's stages, the KV pools and the KV transfer all use."""
+    if not 0 <= stage < len(partition):
+        raise ValueError(f"stage {stage} is not a stage of {len(partition)}")
+    first = sum(partition[:stage])
+    return first, first + partition[stage]
 
 
 def _heads_per_rank(total_kv_heads: int, tp_size: int) -> int:

@@ -95,6 +95,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-parallel-size", type=int, default=None,
                    help="pipeline stages each instance splits its layers over, several plans in flight "
                         "(per role: pipeline_parallel_size in the YAML role sections)")
+    g.add_argument("--pp-layer-partition", default=None, metavar="N,N,..",
+                   help="layers of each pipeline stage, e.g. 7,5 (vLLM's VLLM_PP_LAYER_PARTITION; default: "
+                        "an even split, a remainder on the stages before the last, which also holds the LM head)")
     g.add_argument("--num-prefill", type=int, default=None, help="prefill instances (disaggregated)")
     g.add_argument("--num-decode", type=int, default=None, help="decode instances (disaggregated)")
     g.add_argument("--launcher", default=None, choices=["local", "ray"])

@@ -57,6 +57,9 @@ class ParallelConfig:
     of any two plans (kvcache/transfer/plans.py; host memory only for now)."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # layers of each pipeline stage, comma separated ("7,5"; vLLM's VLLM_PP_LAYER_PARTITION), or a list
+    # in YAML; None: the even split, a remainder on the stages before the last (vLLM's)
+    pp_layer_partition: str | None = None
     # how long a rank waits in a collective for a peer before the group is declared dead (a dead peer
     # is seen at once; this catches a hung one)
     collective_timeout_s: float = 60.0
@@ -73,6 +76,17 @@ class ParallelConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
         if not self.collective_timeout_s > 0:
             raise ValueError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s!r}")
+        if isinstance(self.pp_layer_partition, (list, tuple)):  # YAML: [7, 5]
+            object.__setattr__(self, "pp_layer_partition", ",".join(map(str, self.pp_layer_partition)))
+        if self.pp_layer_partition is not None:
+            try:
+                counts = [int(part) for part in str(self.pp_layer_partition).split(",")]
+            except ValueError:
+                counts = []
+            if len(counts) != self.pipeline_parallel_size or min(counts) < 1:
+                raise ValueError(f"--pp-layer-partition {self.pp_layer_partition!r}: give the layers of each of "
+                                 f"the {self.pipeline_parallel_size} pipeline stages (--pipeline-parallel-size), "
+                                 "comma separated, each at least 1 (e.g. 7,5 for a 12-layer model over 2)")
 
     @property
     def world_size(self) -> int:

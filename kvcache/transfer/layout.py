@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.layout import KVCacheLayout, stage_layers
+from kvcache.layout import KVCacheLayout, check_partition, even_partition, stage_layers
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 
 
@@ -24,15 +24,16 @@ class IncompatibleLayoutError(ValueError):
 
 # Fields that describe a side's tensor-parallel plan: they may differ between the peers (the sender
 # converts, kvcache/transfer/plans.py); every other field must be equal.
-PLAN_FIELDS = ("num_kv_heads", "tp_size", "tp_rank", "pp_size")
+PLAN_FIELDS = ("num_kv_heads", "tp_size", "tp_rank", "pp_size", "pp_partition")
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """What an instance declares to its KV peers: the `KVCacheLayout` of its rank tp_rank (every rank
     holds as many heads; the instance's endpoint declares rank 0) with the model's num_layers, its
-    pipeline stages, plus the model's fingerprint. Rank r = stage * tp_size + TP rank holds its stage's
-    layers (`rank_layers`). num_blocks is deliberately absent: each side sizes its own pool.
+    pipeline stages and their layers (pp_partition; empty: the even split), plus the model's
+    fingerprint. Rank r = stage * tp_size + TP rank holds its stage's layers (`rank_layers`).
+    num_blocks is deliberately absent: each side sizes its own pool.
     """
     model_fingerprint: str
     dtype: str
@@ -44,22 +45,26 @@ class KVLayout:
     tp_rank: int = 0
     total_kv_heads: int = 0  # the model's; 0: num_kv_heads * tp_size
     pp_size: int = 1
+    pp_partition: tuple[int, ...] = ()  # layers per stage; () : even_partition(num_layers, pp_size)
 
     def __post_init__(self) -> None:
         if self.total_kv_heads == 0:
             object.__setattr__(self, "total_kv_heads", self.num_kv_heads * self.tp_size)
         try:
+            object.__setattr__(self, "pp_partition", tuple(self.pp_partition)
+                               or even_partition(self.num_layers, self.pp_size))
+            check_partition(self.pp_partition, self.num_layers, self.pp_size)
             self.cache_layout  # validates every field
         except ValueError as e:
             raise ValueError(f"invalid KVLayout: {e}") from None
 
     @classmethod
-    def from_cache_layout(cls, layout: KVCacheLayout, model_fingerprint: str, num_layers: int | None = None,
-                          pp_size: int = 1) -> KVLayout:
-        """num_layers: the model's, where layout is one pipeline stage's (of pp_size)."""
-        return cls(model_fingerprint, layout.dtype, layout.block_size, num_layers or layout.num_layers,
+    def from_cache_layout(cls, layout: KVCacheLayout, model_fingerprint: str,
+                          pp_partition: tuple[int, ...] = ()) -> KVLayout:
+        """pp_partition: the pipeline stages' layers, where layout is one stage's."""
+        return cls(model_fingerprint, layout.dtype, layout.block_size, sum(pp_partition) or layout.num_layers,
                    layout.num_kv_heads, layout.head_dim, layout.tp_size, layout.tp_rank, layout.total_kv_heads,
-                   pp_size)
+                   len(pp_partition) or 1, tuple(pp_partition))
 
     @classmethod
     def from_kv_cache(cls, kv_cache: torch.Tensor, model_fingerprint: str, tp_size: int = 1,
@@ -80,13 +85,12 @@ class KVLayout:
 
     def rank_layers(self, rank: int) -> tuple[int, int]:
         """The model's layers [first, end) whose KV rank `rank` holds (its pipeline stage's)."""
-        return stage_layers(self.num_layers, self.pp_size, rank // self.tp_size)
+        return stage_layers(self.pp_partition, rank // self.tp_size)
 
     def rank_cache_layout(self, rank: int) -> KVCacheLayout:
         """The KVCacheLayout of rank `rank`'s cache: its stage's layers, its TP rank's heads."""
-        first, end = self.rank_layers(rank)
-        return KVCacheLayout(end - first, self.num_kv_heads, self.head_dim, self.block_size, self.dtype,
-                             self.tp_size, rank % self.tp_size, self.total_kv_heads)
+        return self.cache_layout.for_rank(rank % self.tp_size).stage_slice(self.pp_partition,
+                                                                             rank // self.tp_size)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -152,4 +156,5 @@ class KVLayout:
 
     @classmethod
     def from_proto(cls, message: pb.KVLayout) -> KVLayout:
-        return cls(**{f.name: getattr(message, f.name) for f in dataclasses.fields(cls)})
+        fields = {f.name: getattr(message, f.name) for f in dataclasses.fields(cls)}
+        return cls(**fields | {"pp_partition": tuple(message.pp_partition)})

@@ -11,7 +11,6 @@ instance process in disaggregated mode (role prefill or decode).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from kvcache.allocation import make_strategy
 from kvcache.block_pool import BlockPool
 from kvcache.host_tier import HostTier
 from kvcache.kv_manager import KVCacheManager
-from kvcache.layout import stage_layers
 from kvcache.transfer.layout import KVLayout
 from scheduler.clock import Clock, MonotonicClock
 from scheduler.connectors import ConnectorPolicy, NullConnector, RemoteDecode, RemotePrefill
@@ -39,7 +37,8 @@ from serving.kv_connector.base import KVConnectorWorker
 from serving.kv_connector.swap import ComposedWorker, SwapWorker
 from serving.kv_connector.transfer import make_worker, model_fingerprint, wants_shared_pool
 from serving.models import ModelArchConfig, load_model
-from serving.runner.model_runner import ModelRunner, model_kv_layout, num_kv_blocks, resolve_device, resolve_dtype
+from serving.runner.model_runner import (ModelRunner, model_kv_layout, num_kv_blocks, pool_layout, resolve_device,
+                                         resolve_dtype)
 
 logger = logging.getLogger(__name__)
 
@@ -202,14 +201,11 @@ def _allocation(config: Config):
 
 def _num_host_blocks(config: Config, layout, stage) -> int:
     """Blocks in --swap-space GiB per rank (every rank of a group holds as many, of its own heads and
-    stage's layers: the same block ids), sized by the largest rank's blocks (the last pipeline stage
-    holds the most layers); 0 without swapping."""
+    stage's layers: the same block ids), sized by the largest rank's blocks (`pool_layout`: the
+    pipeline stage of the most layers); 0 without swapping."""
     if config.scheduler.preemption_mode != "swap":
         return 0
-    if stage is not None:
-        layout = dataclasses.replace(layout, num_layers=max(
-            end - first for first, end in (stage_layers(stage.num_model_layers, stage.size, s)
-                                           for s in range(stage.size))))
+    layout = pool_layout(layout, stage)
     num_host_blocks = int(config.cache.swap_space * 2**30) // layout.bytes_per_block
     if num_host_blocks < 1:
         raise ValueError(f"--swap-space {config.cache.swap_space:g} GiB holds no KV block of "
@@ -241,16 +237,16 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     workers = None
     if tp > 1 or pp > 1:  # ranks 1.. spawned; this process is rank 0 (serving/runner/tensor_parallel.py)
-        from serving.models.pipeline import check_pipeline_parallel
+        from serving.models.pipeline import layer_partition
         from serving.models.tensor_parallel import check_tensor_parallel
         from serving.runner.parallel_group import start_tensor_parallel
         arch = ModelArchConfig.from_model_dir(model_dir)
         check_tensor_parallel(arch, tp)
-        check_pipeline_parallel(arch.num_layers, pp)
         parallel = config.parallel
+        partition = layer_partition(arch.num_layers, pp, parallel.pp_layer_partition) if pp > 1 else ()
         workers, model = start_tensor_parallel(model_dir, dtype, device, config.cache, tp, config.model.seed,
                                                parallel.collective_timeout_s, parallel.ray_placement_group,
-                                               parallel.ray_namespace, config.model.enforce_eager, pp)
+                                               parallel.ray_namespace, config.model.enforce_eager, pp, partition)
     else:
         model = load_model(model_dir, dtype, device)
     try:
@@ -266,9 +262,9 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     arch = model.config  # with tensor parallelism, this rank's share of the heads
     max_model_len = resolve_max_model_len(config.model.max_model_len, arch)
     layout = model_kv_layout(model, config.cache.block_size)
-    num_blocks = num_kv_blocks(layout, config.cache)
-    check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
     stage = getattr(model, "pipeline_stage", None)  # this rank's (stage 0's) layers: the layout declares the model's
+    num_blocks = num_kv_blocks(pool_layout(layout, stage), config.cache)  # every rank's cache within the budget
+    check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
     num_host_blocks = _num_host_blocks(config, layout, stage)
     pool = _allocate_shared(layout, num_blocks) if wants_shared_pool(role, config, device) else None
     kv_cache = pool.tensor if pool is not None else layout.allocate(num_blocks, device)
@@ -280,8 +276,7 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
         workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None,
                       num_host_blocks=num_host_blocks)
         kv_caches += workers.rank_caches
-    kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir),
-                                           stage.num_model_layers if stage else None, stage.size if stage else 1)
+    kv_layout = KVLayout.from_cache_layout(layout, model_fingerprint(model_dir), stage.partition if stage else ())
     connector = make_worker(role, config, kv_caches, kv_layout, config.deploy.internal_host, token, pool)
     host = None
     if config.scheduler.preemption_mode == "swap":

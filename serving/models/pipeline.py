@@ -6,9 +6,11 @@ allocated for it. Like tensor parallelism, a transform of the plain model at loa
     stage    0       | 1       | 2
              embed                 norm, lm_head
 
-Stage s holds layers [s*L//pp, (s+1)*L//pp) (vLLM's even split; earlier stages get the shorter
-ranges when L is not a multiple of pp). The hidden state and the residual [T, H] travel from one
-stage to the next (serving/runner/tensor_parallel.py runs the stages).
+Stage s holds a contiguous range of the layers: by default vLLM's even split (L // pp each, the
+remainder one more each on the stages just before the last, which also holds the LM head), or the
+layers per stage given by --pp-layer-partition (vLLM's VLLM_PP_LAYER_PARTITION). The hidden state and
+the residual [T, H] travel from one stage to the next (serving/runner/tensor_parallel.py runs the
+stages).
 """
 from __future__ import annotations
 
@@ -17,26 +19,38 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from kvcache.layout import parse_partition, stage_layers
+
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class PipelineStage:
     index: int
-    size: int
-    first_layer: int
-    end_layer: int
-    num_model_layers: int
+    partition: tuple[int, ...]  # the layers of every stage, in order (kvcache/layout.py)
 
     @classmethod
-    def of(cls, num_layers: int, size: int, index: int) -> PipelineStage:
-        if size < 1 or not 0 <= index < size:
-            raise ValueError(f"stage {index} is not a stage of pipeline_parallel_size {size}")
-        if size > num_layers:
-            raise ValueError(f"pipeline_parallel_size {size} exceeds the model's {num_layers} layers: every stage "
-                             "needs at least one")
-        from kvcache.layout import stage_layers
-        return cls(index, size, *stage_layers(num_layers, size, index), num_layers)
+    def of(cls, partition, index: int) -> PipelineStage:
+        partition = tuple(partition)
+        if not 0 <= index < len(partition):
+            raise ValueError(f"stage {index} is not a stage of pipeline_parallel_size {len(partition)}")
+        return cls(index, partition)
+
+    @property
+    def size(self) -> int:
+        return len(self.partition)
+
+    @property
+    def first_layer(self) -> int:
+        return stage_layers(self.partition, self.index)[0]
+
+    @property
+    def end_layer(self) -> int:
+        return stage_layers(self.partition, self.index)[1]
+
+    @property
+    def num_model_layers(self) -> int:
+        return sum(self.partition)
 
     @property
     def is_first(self) -> bool:
@@ -89,3 +103,10 @@ def check_pipeline_parallel(num_layers: int, pp: int) -> None:
     if pp > num_layers:
         raise ValueError(f"--pipeline-parallel-size {pp} cannot split this model: it has {num_layers} layers and "
                          f"every stage needs one. Sizes that can: 1 to {num_layers}")
+
+
+def layer_partition(num_layers: int, pp: int, spec: str | None = None) -> tuple[int, ...]:
+    """The layers of each of pp stages: --pp-layer-partition (spec), else the even split; ValueError
+    saying what to change."""
+    check_pipeline_parallel(num_layers, pp)
+    return parse_partition(spec, num_layers, pp)

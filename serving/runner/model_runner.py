@@ -71,6 +71,12 @@ def _has_swaps(plan: StepPlan) -> bool:
     return any(m.kind in ("swap_out", "swap_in") for m in plan.kv_moves)
 
 
+def pool_layout(layout: KVCacheLayout, stage) -> KVCacheLayout:
+    """The rank layout a per-rank memory budget is sized by: with pipeline stages (every rank holds as
+    many blocks, of the same ids) the largest stage's, so that no rank's cache exceeds the budget."""
+    return layout if stage is None else layout.largest_stage(stage.partition)
+
+
 def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
     """The pool size: fixed by --num-gpu-blocks-override, else what the memory budget holds."""
     if cache_config.num_blocks_override:

@@ -77,6 +77,7 @@ class RankSpec:
     enforce_eager: bool = False  # as rank 0: every rank takes the same path through a step
     tp_size: int = 0             # ranks per pipeline stage (0: size, no pipeline)
     pp_size: int = 1             # pipeline stages; rank r is stage r // tp_size, TP rank r % tp_size
+    pp_partition: tuple[int, ...] = ()  # the stages' layers (kvcache/layout.py)
 
 
 def _join(store, rank: int, size: int, tp: int, pp: int, device: torch.device, timeout_s: float,
@@ -95,12 +96,17 @@ def _join(store, rank: int, size: int, tp: int, pp: int, device: torch.device, t
     return group, world
 
 
-def _stage_of(model_dir: str, rank: int, tp: int, pp: int):
+def _stage_of(model_dir: str, rank: int, tp: int, pp: int, partition: tuple[int, ...] = ()):
+    """Rank `rank`'s pipeline stage (None: no pipeline); partition (): the even split."""
     if pp == 1:
         return None
     from serving.models.config import ModelArchConfig
-    from serving.models.pipeline import PipelineStage
-    return PipelineStage.of(ModelArchConfig.from_model_dir(model_dir).num_layers, pp, rank // tp)
+    from serving.models.pipeline import PipelineStage, layer_partition
+    if not partition:
+        partition = layer_partition(ModelArchConfig.from_model_dir(model_dir).num_layers, pp)
+    if len(partition) != pp:
+        raise ValueError(f"a layer partition of {len(partition)} stages for pipeline_parallel_size {pp}")
+    return PipelineStage.of(partition, rank // tp)
 
 
 def _stage_pipe(model, world, rank: int, tp: int, device: torch.device):
@@ -139,8 +145,11 @@ def _worker_main(conn) -> None:
                                          spec.collective_timeout_s) if spec.shm_name else None)
         group, world = _join(store, spec.rank, spec.size, tp, pp, device, spec.collective_timeout_s, shm)
         model = load_model(spec.model_dir, getattr(torch, spec.dtype), device, group,
-                           _stage_of(spec.model_dir, spec.rank, tp, pp))
-        num_blocks, block_size, cache_name, num_host_blocks = conn.recv()
+                           _stage_of(spec.model_dir, spec.rank, tp, pp, spec.pp_partition))
+        sizes = conn.recv()
+        if sizes is None:  # rank 0 gave up before the group was ready (its error is its own to report)
+            return
+        num_blocks, block_size, cache_name, num_host_blocks = sizes
         layout = model_kv_layout(model, block_size)
         kv_cache = map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
         runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager,
@@ -184,7 +193,8 @@ class TensorParallelWorkers:
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, size: int, seed: int,
                  collective_timeout_s: float, ray_placement_group: str | None = None,
-                 ray_namespace: str | None = None, enforce_eager: bool = False, pp: int = 1) -> None:
+                 ray_namespace: str | None = None, enforce_eager: bool = False, pp: int = 1,
+                 pp_partition: tuple[int, ...] = ()) -> None:
         from torch.distributed import TCPStore
         self.tp, self.pp = size, pp
         self.size, self.enforce_eager = size * pp, enforce_eager
@@ -205,7 +215,8 @@ class TensorParallelWorkers:
         shm = regions[0][1]
         self._shared_caches: SharedRankCaches | None = None
         self.rank_caches: list[torch.Tensor] = []  # ranks 1..'s KV caches, when ready() shared them
-        self.stage = _stage_of(model_dir, 0, size, pp)  # rank 0's pipeline stage (None: no pipeline)
+        self.stage = _stage_of(model_dir, 0, size, pp, pp_partition)  # rank 0's pipeline stage (None: no pipeline)
+        partition = self.stage.partition if self.stage is not None else ()
         ray_ranks = RayRanks(ray_placement_group, ray_namespace) if ray_placement_group else None
         try:
             for rank in range(1, world):
@@ -215,7 +226,8 @@ class TensorParallelWorkers:
                 shared, collectives = regions[rank // size]
                 conn.send(RankSpec(model_dir, str(dtype).removeprefix("torch."), device.type, rank, world, store.port,
                                    seed, threads, collective_timeout_s, shared.name if collectives else None,
-                                   collectives.slot_bytes if collectives else 0, enforce_eager, size, pp))
+                                   collectives.slot_bytes if collectives else 0, enforce_eager, size, pp,
+                                   partition))
             for rank in range(1, world):
                 self._expect(rank, "started")
             self.group, self.world_group = _join(store, 0, world, size, pp, device, collective_timeout_s, shm)
@@ -261,12 +273,8 @@ class TensorParallelWorkers:
 
     def _rank_layout(self, layout, rank: int):
         """Rank `rank`'s KVCacheLayout, from rank 0's: its TP rank's heads, its stage's layers."""
-        layers = layout.num_layers
-        if self.stage is not None:
-            from kvcache.layout import stage_layers
-            first, end = stage_layers(self.stage.num_model_layers, self.pp, rank // self.tp)
-            layers = end - first
-        return dataclasses.replace(layout, num_layers=layers, tp_rank=rank % self.tp)
+        layout = layout.for_rank(rank % self.tp)
+        return layout if self.stage is None else layout.stage_slice(self.stage.partition, rank // self.tp)
 
     def send(self, plan: StepPlan, earlier_stages_plan: StepPlan | None = None) -> None:
         """The plan to every worker; earlier_stages_plan (the same plan with the tokens the last stage

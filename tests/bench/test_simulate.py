@@ -3,7 +3,9 @@ instances `pdserve serve` would start, bench's workloads and arrival draws becom
 conversations, and simulated records go through the benchmark's own metric code."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -96,6 +98,21 @@ def test_simulated_pools_are_sized_per_rank_as_the_engine_sizes_them(tiny_model_
     assert instance.num_blocks == 64 * 2**20 // rank.bytes_per_block
     assert instance.num_host_blocks == 2**27 // rank.bytes_per_block and instance.swap_block_bytes == rank.bytes_per_block
     assert instance.kv_bytes_per_token == KVCacheLayout.for_model(4, 2, 32, 16, "float32").bytes_per_block // 16
+
+
+def test_a_partitioned_pipeline_is_sized_by_its_largest_stage_and_warned_of_a_profile_of_another(
+        tiny_model_dir, caplog):
+    config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": 64 * 2**20,
+                               "parallel": {"pipeline_parallel_size": 2, "pp_layer_partition": [3, 1]}})
+    profiled = dataclasses.replace(LATENCY, meta={**LATENCY.meta, "pp": 2, "pp_partition": [2, 2]})
+    with caplog.at_level(logging.WARNING, logger="bench.sim_inputs"):
+        instance = sim_deployment(config, LatencyModelSet({(1, 2): profiled})).instances[0]
+    assert instance.num_blocks == 64 * 2**20 // KVCacheLayout.for_model(3, 2, 32, 16, "float32").bytes_per_block
+    assert "stages hold 3,1 layers, but its latency model was profiled with stages of 2,2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bench.sim_inputs"):
+        sim_deployment(config.replace(pp_layer_partition="2,2"), LatencyModelSet({(1, 2): profiled}))
+    assert "profiled with stages" not in caplog.text
 
 
 def _write(tmp_path, model_dir):

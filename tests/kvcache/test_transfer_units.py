@@ -44,6 +44,19 @@ def test_layout_round_trips_through_proto_and_matches_its_cache():
         make_layout(tp_size=2, tp_rank=2)
 
 
+def test_pipeline_stages_travel_with_the_layout_and_may_differ_between_peers():
+    staged = make_layout(pp_size=2, pp_partition=(3, 1))
+    assert KVLayout.from_proto(staged.to_proto()) == staged
+    assert [staged.rank_layers(r) for r in range(2)] == [(0, 3), (3, 4)]
+    assert staged.rank_cache_layout(1).num_layers == 1
+    assert make_layout(pp_size=2).pp_partition == (2, 2)  # none given: the even split
+    assert make_layout(pp_size=3).pp_partition == (1, 2, 1)  # vLLM's: the remainder before the last stage
+    staged.check_compatible(make_layout(pp_size=2, pp_partition=(1, 3)))  # the sender converts
+    staged.check_compatible(make_layout())
+    with pytest.raises(ValueError, match="add up to the model's 4 layers"):
+        make_layout(pp_size=2, pp_partition=(3, 2))
+
+
 @pytest.mark.parametrize("layer_start,layer_end,num_blocks,max_chunk_blocks", [
     (0, 4, 3, 100),   # everything in one chunk
     (1, 4, 3, 7),     # two layers per chunk, a remainder layer

@@ -49,8 +49,22 @@ def reference(tiny_model_dir):
                               "prefill-pp2-decode-tp2", "prefill-tp2-decode-pp2"])
 def test_output_equals_colocated_tp1_and_each_decode_rank_gets_its_heads(tiny_model_dir, reference, prefill_tp,
                                                                          decode_tp, prefill_pp, decode_pp):
-    prefill = _engine(tiny_model_dir, "prefill", prefill_tp, prefill_pp)
-    decode = _engine(tiny_model_dir, "decode", decode_tp, decode_pp)
+    _check_transfers(_engine(tiny_model_dir, "prefill", prefill_tp, prefill_pp),
+                     _engine(tiny_model_dir, "decode", decode_tp, decode_pp), decode_tp, reference)
+
+
+def test_stages_split_differently_on_the_two_sides_move_each_layer_to_its_stage(tiny_model_dir, reference):
+    """--pp-layer-partition 3,1 on the prefill side, 1,3 on the decode side: every layer's KV goes
+    from the stage that computed it to the stage that holds it."""
+    prefill = _engine(tiny_model_dir, "prefill", 1, 2, pp_layer_partition="3,1")
+    decode = _engine(tiny_model_dir, "decode", 1, 2, pp_layer_partition="1,3")
+    assert prefill.kv_layout.pp_partition == (3, 1) and decode.kv_layout.pp_partition == (1, 3)
+    assert [c.shape[0] for c in decode.connector.receives._server.receiver.kv_caches] == [1, 3]
+    _check_transfers(prefill, decode, 1, reference)
+
+
+def _check_transfers(prefill, decode, decode_tp: int, reference) -> None:
+    decode_pp = decode.kv_layout.pp_size
     try:
         assert len(decode.connector.receives._server.receiver.kv_caches) == decode_tp * decode_pp
         prompts = make_prompts(31, [45, 7])

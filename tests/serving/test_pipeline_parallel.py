@@ -11,7 +11,7 @@ import pytest
 
 from scheduler.errors import ExecutorDeadError
 from serving.llm import LLM
-from serving.models.pipeline import PipelineStage, check_pipeline_parallel
+from serving.models.pipeline import PipelineStage, check_pipeline_parallel, layer_partition
 from tests.serving.test_disagg_support import children_running
 from tests.serving.test_tensor_parallel import (TP_WORKER, assert_native_equals_eager,  # noqa: F401
                                                 assert_same_generation, case_dirs, greedy, run)
@@ -20,7 +20,7 @@ from tests.serving.test_tensor_parallel import (TP_WORKER, assert_native_equals_
 @pytest.mark.parametrize("case", ["llama3-rope-scaling", "llama-tied-bias", "qwen2-qkv-bias", "qwen3-qk-norm"])
 @pytest.mark.parametrize("pp", [2, 3])
 def test_greedy_output_with_pipeline_stages_equals_one_rank(case_dirs, tiny_model_dir, case, pp):  # noqa: F811
-    """3 layers: stages of 1 and 2 layers (pp 2), one each (pp 3); a tied LM head on a last stage
+    """3 layers: stages of 2 and 1 layers (pp 2), one each (pp 3); a tied LM head on a last stage
     that does not hold the embedding."""
     model_dir = case_dirs[case]
     assert_same_generation(run(model_dir, 1, tokenizer=tiny_model_dir),
@@ -30,6 +30,30 @@ def test_greedy_output_with_pipeline_stages_equals_one_rank(case_dirs, tiny_mode
 @pytest.mark.parametrize("tp, pp", [(1, 2), (1, 4), (2, 2)])
 def test_the_built_in_tiny_model_with_pipeline_stages_and_tensor_parallel_ranks(tiny_model_dir, tp, pp):
     assert_same_generation(run(tiny_model_dir, 1), run(tiny_model_dir, tp, pipeline_parallel_size=pp))
+
+
+@pytest.mark.parametrize("partition", ["3,1", "1,3"])
+def test_a_layer_partition_of_the_stages_changes_nothing_but_where_the_layers_are(tiny_model_dir, partition):
+    """--pp-layer-partition: rank 0 holds its share of the layers (and their KV) only; the output
+    is one rank's."""
+    expected = run(tiny_model_dir, 1)
+    llm = LLM(tiny_model_dir, pipeline_parallel_size=2, pp_layer_partition=partition)
+    try:
+        first = int(partition.split(",")[0])
+        assert llm.engine.runner.stage == PipelineStage(0, tuple(int(n) for n in partition.split(",")))
+        assert llm.engine.runner.kv_cache.shape[0] == first
+        assert llm.engine.kv_layout.pp_partition == (first, 4 - first)
+    finally:
+        llm.engine.close()
+    assert_same_generation(expected, run(tiny_model_dir, 1, pipeline_parallel_size=2, pp_layer_partition=partition))
+
+
+def test_a_layer_partition_that_does_not_fit_says_what_to_give(tiny_model_dir):
+    with pytest.raises(ValueError, match=r"--pp-layer-partition '3,1,1': give the layers of each of the 2 pipeline"):
+        LLM(tiny_model_dir, pipeline_parallel_size=2, pp_layer_partition="3,1,1")
+    with pytest.raises(ValueError, match=r"--pp-layer-partition 3,2: give 2 stage sizes .* add up to the model's 4 "
+                                         r"layers, e.g. 2,2"):
+        LLM(tiny_model_dir, pipeline_parallel_size=2, pp_layer_partition="3,2")
 
 
 def test_chunked_prefill_and_preemption_across_stages_in_flight(tiny_model_dir):
@@ -44,7 +68,7 @@ def test_stages_overlap_plans_and_each_holds_only_its_layers(tiny_model_dir):
     llm = LLM(tiny_model_dir, pipeline_parallel_size=2)
     try:
         runner = llm.engine.runner
-        assert runner.stage == PipelineStage(0, 2, 0, 2, 4) and runner.pipeline_depth == 2
+        assert runner.stage == PipelineStage(0, (2, 2)) and runner.pipeline_depth == 2
         assert runner.kv_cache.shape[0] == 2  # the KV of its two layers only
         held = {name.split(".")[1] for name, _ in runner.model.named_parameters() if name.startswith("layers.")}
         assert held == {"0", "1"} and not hasattr(runner.model.lm_head, "weight")
@@ -80,8 +104,10 @@ def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_on_cuda_are
     ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill")  # runs (test_disagg_tp.py)
     with pytest.raises(ValueError, match="prefill instance with .*pipeline_parallel_size=2: not supported yet on CUDA"):
         ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill", "cuda")
-    stages = [PipelineStage.of(10, 3, s) for s in range(3)]
-    assert [(s.first_layer, s.end_layer) for s in stages] == [(0, 3), (3, 6), (6, 10)]
+    # vLLM's even split: the remainder on the stages just before the last
+    stages = [PipelineStage.of(layer_partition(10, 3), s) for s in range(3)]
+    assert [(s.first_layer, s.end_layer) for s in stages] == [(0, 3), (3, 7), (7, 10)]
+    assert layer_partition(11, 4) == (3, 3, 3, 2) and layer_partition(12, 2, "7,5") == (7, 5)
 
 
 def test_plans_left_in_flight_are_taken_first_when_the_engine_goes_serial(tiny_model_dir):
