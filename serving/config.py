@@ -78,6 +78,8 @@ class ParallelConfig:
             raise ValueError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s!r}")
         if isinstance(self.pp_layer_partition, (list, tuple)):  # YAML: [7, 5]
             object.__setattr__(self, "pp_layer_partition", ",".join(map(str, self.pp_layer_partition)))
+        if self.pp_layer_partition is not None and str(self.pp_layer_partition).strip() == "even":
+            object.__setattr__(self, "pp_layer_partition", None)  # the default, named
         if self.pp_layer_partition is not None:
             try:
                 counts = [int(part) for part in str(self.pp_layer_partition).split(",")]

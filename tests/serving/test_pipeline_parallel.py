@@ -108,6 +108,8 @@ def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_on_cuda_are
     stages = [PipelineStage.of(layer_partition(10, 3), s) for s in range(3)]
     assert [(s.first_layer, s.end_layer) for s in stages] == [(0, 3), (3, 7), (7, 10)]
     assert layer_partition(11, 4) == (3, 3, 3, 2) and layer_partition(12, 2, "7,5") == (7, 5)
+    assert ParallelConfig(pipeline_parallel_size=2, pp_layer_partition="even").pp_layer_partition is None
+    assert ParallelConfig(pipeline_parallel_size=2, pp_layer_partition=[7, 5]).pp_layer_partition == "7,5"
 
 
 def test_plans_left_in_flight_are_taken_first_when_the_engine_goes_serial(tiny_model_dir):
