@@ -43,10 +43,11 @@ class InstanceFailed(Exception):
     there, its running streams go on)."""
 
     def __init__(self, state: InstanceState, reason: str, dead: bool = True, draining: bool = False,
-                 client=None) -> None:
+                 client=None, exited: bool = False) -> None:
         super().__init__(reason)
         self.state, self.reason, self.dead, self.draining = state, reason, dead and not draining, draining
         self.client = client  # the incarnation that failed (None: the current one)
+        self.exited = exited  # its connection is gone (UNAVAILABLE): the process exited, rather than hung
 
     @property
     def current(self) -> bool:
@@ -101,7 +102,7 @@ class _Stream:
             if code == grpc.StatusCode.UNAVAILABLE and wire.is_draining(e.details()):
                 raise InstanceFailed(self.state, e.details(), draining=True, client=self.client) from None
             raise InstanceFailed(self.state, f"{code.name}: {e.details()}", dead=code in _DEAD_CODES,
-                                 client=self.client) from None
+                                 client=self.client, exited=code == grpc.StatusCode.UNAVAILABLE) from None
         if message is grpc.aio.EOF:
             raise InstanceFailed(self.state, "its stream ended before the request finished", client=self.client)
         return message
@@ -168,7 +169,7 @@ class RequestFlow:
         if not error.current:  # the instance has been restarted since: the new one is not at fault
             return
         if error.dead:
-            self.pool.mark_failed(error.state, error.reason)
+            self.pool.mark_failed(error.state, error.reason, exited=error.exited)
         elif error.draining:
             self.pool.mark_draining(error.state)
 

@@ -117,23 +117,27 @@ class InstancePool:
             logger.warning("instance %s (%s) is draining: no new requests go to it", state.name,
                            state.launched.address)
 
-    def mark_failed(self, state: InstanceState, reason: str) -> None:
-        """The instance is dead or unreachable: stop routing to it, fail its streams, restart it."""
+    def mark_failed(self, state: InstanceState, reason: str, exited: bool = False) -> None:
+        """The instance is dead or unreachable: stop routing to it, fail its streams, restart it.
+        exited: its process is gone (connection refused), rather than hung or its engine dead."""
         if not state.up:
             return
         state.up = False
-        drained = state.draining
-        if drained:  # it has finished draining and exited: expected, not a failure
+        drained = state.draining and exited
+        if state.draining:  # it has finished draining and exited (or hung doing so): not a failure
             logger.warning("instance %s (%s) has stopped after draining: %s", state.name,
                            state.launched.address, reason)
-            # It answered its streams in full before it exited, but the last of what it sent may
-            # still sit unread in this channel: the streams read it out (one the instance did not
-            # finish ends with its transport's error), and the channel closes after them.
-            self._spawn(self._read_out(state.name, set(state.streams), state.client))
-            state.streams = set()
         else:
             self.counters["num_instance_failures"] += 1
             logger.error("instance %s (%s) is down: %s", state.name, state.launched.address, reason)
+        if drained:
+            # It answered its streams in full before it exited, but the last of what it sent may
+            # still sit unread in this channel: the streams read it out (one the instance did not
+            # finish ends with its transport's error), and the channel closes after them. A hung
+            # instance's streams fail at once, as a crashed one's.
+            self._spawn(self._read_out(state.name, set(state.streams), state.client))
+            state.streams = set()
+        else:
             for stream in list(state.streams):
                 stream.fail(f"instance {state.name} failed: {reason}")
             state.streams.clear()
@@ -198,7 +202,8 @@ class InstancePool:
             health = await asyncio.wait_for(client.health(), timeout)
         except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
             if state.client is client:
-                self.mark_failed(state, f"health check failed ({_describe(e)})")
+                exited = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
+                self.mark_failed(state, f"health check failed ({_describe(e)})", exited)
             return
         if not health.healthy:
             if state.client is client:

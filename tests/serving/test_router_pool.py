@@ -24,10 +24,17 @@ NUM_MESSAGES = 20
 
 
 class _Replies(pb_grpc.InstanceServicer):
-    """Generate streams NUM_MESSAGES outputs, the last one finished, and returns."""
+    """Generate streams NUM_MESSAGES outputs, the last one finished, and returns; Health answers
+    healthy, or never (hung)."""
 
     def __init__(self) -> None:
         self.answered = asyncio.Event()
+        self.hung = False
+
+    async def Health(self, request, context):
+        if self.hung:
+            await asyncio.Event().wait()
+        return pb.HealthResponse(healthy=True)
 
     async def Generate(self, request, context):
         for i in range(NUM_MESSAGES):
@@ -65,7 +72,8 @@ async def _answered_then_stopped(draining: bool) -> tuple[InstancePool, _Stream]
     await server.stop(None)  # the process exits
     if draining:
         pool.mark_draining(state)
-    pool.mark_failed(state, "health check failed (UNAVAILABLE: connection refused)")
+    await pool._check(state)  # the real health check: connection refused
+    assert not state.up
     return pool, stream
 
 
@@ -95,11 +103,31 @@ def test_a_drained_instance_found_down_lets_its_streams_read_out_what_it_sent():
 def test_a_crashed_instance_found_down_fails_its_streams_at_once():
     async def run():
         pool, stream = await _answered_then_stopped(draining=False)
-        with pytest.raises(InstanceFailed, match="instance decode-0 failed: health check failed") as error:
+        with pytest.raises(InstanceFailed, match=r"instance decode-0 failed: health check failed \(UNAVAILABLE") as error:
             await stream.read(10)
         assert error.value.dead and error.value.current
         assert pool.counters["num_instance_failures"] == 1
         await pool.close()
+    asyncio.run(run())
+
+
+def test_a_draining_instance_that_hangs_fails_its_streams_at_once():
+    """Found by a health check that times out (a stopped process, not an exited one): its streams
+    will not finish, so they fail now (to be prefilled again elsewhere where configured)."""
+    async def run():
+        server, servicer, address = await _started()
+        pool = _pool(address)
+        state = pool.instances[0]
+        stream = _Stream(state, state.client.generate("r", [1], SamplingParams(max_tokens=NUM_MESSAGES)))
+        pool.mark_draining(state)
+        servicer.hung = True
+        await pool._check(state)  # times out
+        assert not state.up and pool.counters["num_instance_failures"] == 0  # draining: not counted
+        with pytest.raises(InstanceFailed, match=r"health check failed \(TimeoutError"):
+            await stream.read(10)
+        stream.close()
+        await pool.close()
+        await server.stop(None)
     asyncio.run(run())
 
 
