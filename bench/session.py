@@ -21,6 +21,31 @@ from bench.report import format_result_table, run_result_dict
 from bench.runner import RunSpec, check_ready, run_benchmark
 
 
+def scrape_counters(endpoint: EndpointConfig) -> dict[str, float] | None:
+    """Every counter the server's /metrics exposes ("name_total{labels}" -> value; pdserve's and vLLM's
+    alike), or None where there is none to read."""
+    if not endpoint.base_url:
+        return None
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+    try:
+        response = httpx.get(endpoint.base_url.rstrip("/") + "/metrics", headers=headers, timeout=30)
+        response.raise_for_status()
+        families = list(text_string_to_metric_families(response.text))
+    except (httpx.HTTPError, ValueError):
+        return None
+    counters = {}
+    for family in families:
+        if family.type != "counter":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                counters[sample.name + (f"{{{labels}}}" if labels else "")] = float(sample.value)
+    return counters
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     result_dir: Path = Path("results")
@@ -93,8 +118,15 @@ class BenchSession:
         spec = RunSpec(self.endpoint, self.model, load, self.slos_ms, self.percentiles, self.seed,
                        self.output.show_progress)
         count_tokens = self.synthesizer.count_tokens if self.synthesizer.tokenizer is not None else None
+        before = scrape_counters(self.endpoint)
         run = run_benchmark(spec, self.workload, count_tokens)
         result = run_result_dict(run, self.info, self.output.save_detailed)
+        after = scrape_counters(self.endpoint)
+        if before is not None and after is not None:  # what the server counted during the run
+            result["server_counters"] = {name: after[name] - before.get(name, 0.0) for name in sorted(after)
+                                         if after[name] != before.get(name, 0.0)}
+            result["num_preemptions"] = round(sum(value for name, value in result["server_counters"].items()
+                                                  if name.split("{")[0].endswith(":num_preemptions_total")))
         print(format_result_table(result, self.output.percentile_metrics), flush=True)
         return result
 

@@ -21,7 +21,8 @@ from scheduler.simulator import SimConversation, SimDeployment, SimTurn
 
 _FIELDS = (("slo_attainment", "attainment", 100.0, "%"), ("mean_ttft_ms", "mean TTFT", 1.0, "ms"),
            ("p99_ttft_ms", "p99 TTFT", 1.0, "ms"), ("mean_tpot_ms", "mean TPOT", 1.0, "ms"),
-           ("p99_tpot_ms", "p99 TPOT", 1.0, "ms"), ("request_throughput", "req/s", 1.0, ""))
+           ("p99_tpot_ms", "p99 TPOT", 1.0, "ms"), ("request_throughput", "req/s", 1.0, ""),
+           ("num_preemptions", "preemptions", 1.0, ""))  # measured: the server's counter, where it has one
 
 
 def replay_conversations(result: dict[str, Any]) -> list[SimConversation]:
@@ -106,6 +107,8 @@ def format_comparison(rows: list[dict[str, Any]]) -> str:
 
 
 def _fmt(value: Any, scale: float) -> str:
+    if isinstance(value, int):
+        return str(value)
     return "-" if value is None else f"{value * scale:.1f}" if scale != 1.0 else f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 

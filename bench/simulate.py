@@ -117,6 +117,8 @@ def sim_result_dict(result: SimResult, spec: RunSpec, info: dict[str, Any], tena
         "instances": {name: vars(stats).copy() for name, stats in result.instances.items()},
         "kv_transfer": vars(transfer).copy(),
     }
+    # as a measured run against a server counts them (bench/session.py: its /metrics, during the run)
+    out["num_preemptions"] = sum(stats.num_preemptions for stats in result.instances.values())
     return out
 
 

@@ -29,7 +29,7 @@ RUN_KEYS = {
     "request_goodput", "output_throughput", "total_token_throughput", "max_output_tokens_per_s",
     "max_concurrent_requests", "slo_attainment", "tenants", "jain_fairness_index", "input_lens",
     "output_lens", "ttfts", "tpots", "itls", "latencies", "start_times", "queue_times", "request_tenants",
-    "errors", "generated_texts",
+    "errors", "generated_texts", "server_counters", "num_preemptions",
     *(f"{stat}_{metric}_ms" for metric in METRICS for stat in ("mean", "median", "std", "p90", "p99")),
 }
 TENANT_KEYS = {"weight", "num_requests", "completed", "total_input_tokens", "total_output_tokens",
@@ -78,6 +78,11 @@ def check_result(result: dict, model_dir: str, num_requests: int, output_len: in
         assert 0 < result[f"median_{metric}_ms"] <= result[f"p90_{metric}_ms"] <= result[f"p99_{metric}_ms"]
     assert 1 <= result["max_concurrent_requests"] <= 4 and result["max_output_tokens_per_s"] >= 1
     assert result["slo_attainment"] == 1.0  # SLOs of a minute: every completed request meets them
+    # what the server counted during the run (its /metrics before and after): exactly these requests
+    counters = result["server_counters"]
+    generated = [v for name, v in counters.items() if name.startswith("pdserve:generation_tokens_total{")]
+    assert generated == [output_len * num_requests], counters
+    assert result["num_preemptions"] == 0
     assert result["request_goodput"] == pytest.approx(result["request_throughput"])
     assert set(result["tenants"]) == {"a", "b"} == set(result["request_tenants"])
     assert all(set(t) == TENANT_KEYS for t in result["tenants"].values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +149,9 @@ def test_pdserve_simulate_writes_benchs_result_and_compare_replays_it(tmp_path, 
     for row in compare["rows"]:  # replaying a simulated run through the same simulation changes nothing
         assert row["simulated"]["slo_attainment"] == pytest.approx(row["measured"]["slo_attainment"])
         assert row["simulated"]["mean_ttft_ms"] == pytest.approx(row["measured"]["mean_ttft_ms"])
+        assert row["simulated"]["num_preemptions"] == row["measured"]["num_preemptions"]  # the instances' sum
+        assert row["measured"]["num_preemptions"] == sum(i["num_preemptions"] for i in json.loads(
+            Path(row["file"]).read_text())["simulation"]["instances"].values())
     assert "largest attainment gap 0.0 pp" in capsys.readouterr().out
 
 
@@ -164,3 +168,21 @@ def test_pdserve_simulate_says_what_is_wrong(tmp_path, tiny_model_dir, capsys):
     assert "is not valid YAML" in capsys.readouterr().err
     assert simulate_main(["--config", str(tmp_path / "none.yaml"), "--latency-model", latency]) == 2
     assert "cannot read the deployment" in capsys.readouterr().err
+
+
+def test_a_simulated_run_counts_its_preemptions_as_a_served_one_does(tiny_model_dir):
+    """A pool too small for the load preempts; the result's num_preemptions (what `--compare` puts
+    beside the server's counter) is the instances' count, and each request's own preemptions add up
+    to it."""
+    from bench.config import EndpointConfig
+    from bench.runner import RunSpec
+    from bench.simulate import sim_result_dict, simulate_run
+    from scheduler.simulator import SimConversation, SimTurn
+    config = Config.from_dict({"model": tiny_model_dir, "max_model_len": 256, "num_gpu_blocks_override": 24})
+    deploy = sim_deployment(config, LatencyModelSet({(1, 1): LATENCY}))
+    conversations = [SimConversation(i, 0.01 * i, (SimTurn(100, 150),)) for i in range(8)]
+    result = simulate_run(deploy, conversations, False, "")
+    spec = RunSpec(EndpointConfig(), "tiny", LoadConfig(request_rate=100.0, arrival="trace"), {}, (99,))
+    out = sim_result_dict(result, spec, {"label": "simulated"}, {}, deploy)
+    assert out["num_preemptions"] > 0 and out["completed"] == 8
+    assert out["num_preemptions"] == sum(record.num_preemptions for record in result.records)
