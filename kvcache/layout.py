@@ -173,17 +173,27 @@ def even_partition(num_layers: int, pp_size: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
+def partition_counts(spec) -> tuple[int, ...] | None:
+    """The layer counts --pp-layer-partition names ("5,3", or a YAML list), None for the even split
+    (None, "" or "even"); ValueError where a part is not a whole number. Checked against the model by
+    `check_partition`."""
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(map(str, spec))
+    if spec is None or str(spec).strip() in ("", "even"):
+        return None
+    try:
+        return tuple(int(part) for part in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"--pp-layer-partition {spec!r}: give the layers of each pipeline stage, comma "
+                         "separated (e.g. 7,5), or even") from None
+
+
 def parse_partition(spec: str | None, num_layers: int, pp_size: int) -> tuple[int, ...]:
     """The stages' layer counts from --pp-layer-partition ("5,3": vLLM's VLLM_PP_LAYER_PARTITION;
     None, "" or "even": `even_partition`); ValueError saying what to change."""
-    if spec is None or str(spec).strip() in ("", "even"):
+    counts = partition_counts(spec)
+    if counts is None:
         return even_partition(num_layers, pp_size)
-    try:
-        counts = tuple(int(part) for part in str(spec).split(","))
-    except ValueError:
-        raise ValueError(f"--pp-layer-partition {spec!r}: give the layers of each pipeline stage, comma "
-                         f"separated (e.g. {','.join(map(str, even_partition(num_layers, pp_size)))}), or even"
-                         ) from None
     check_partition(counts, num_layers, pp_size)
     return counts
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from kvcache.config import CacheConfig, parse_bytes
+from kvcache.layout import partition_counts
 from scheduler.config import SchedulerConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -76,19 +77,14 @@ class ParallelConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
         if not self.collective_timeout_s > 0:
             raise ValueError(f"parallel.collective_timeout_s must be positive, got {self.collective_timeout_s!r}")
-        if isinstance(self.pp_layer_partition, (list, tuple)):  # YAML: [7, 5]
-            object.__setattr__(self, "pp_layer_partition", ",".join(map(str, self.pp_layer_partition)))
-        if self.pp_layer_partition is not None and str(self.pp_layer_partition).strip() == "even":
-            object.__setattr__(self, "pp_layer_partition", None)  # the default, named
-        if self.pp_layer_partition is not None:
-            try:
-                counts = [int(part) for part in str(self.pp_layer_partition).split(",")]
-            except ValueError:
-                counts = []
-            if len(counts) != self.pipeline_parallel_size or min(counts) < 1:
-                raise ValueError(f"--pp-layer-partition {self.pp_layer_partition!r}: give the layers of each of "
-                                 f"the {self.pipeline_parallel_size} pipeline stages (--pipeline-parallel-size), "
-                                 "comma separated, each at least 1 (e.g. 7,5 for a 12-layer model over 2)")
+        # normalized to "7,5" (a YAML list too) or None (the even split, "even" naming it); its sum is
+        # checked against the model at load (kvcache/layout.py: check_partition)
+        counts = partition_counts(self.pp_layer_partition)
+        object.__setattr__(self, "pp_layer_partition", None if counts is None else ",".join(map(str, counts)))
+        if counts is not None and (len(counts) != self.pipeline_parallel_size or min(counts) < 1):
+            raise ValueError(f"--pp-layer-partition {self.pp_layer_partition!r}: give the layers of each of "
+                             f"the {self.pipeline_parallel_size} pipeline stages (--pipeline-parallel-size), "
+                             "comma separated, each at least 1 (e.g. 7,5 for a 12-layer model over 2)")
 
     @property
     def world_size(self) -> int:
