@@ -8,7 +8,10 @@ the router detokenizes.
 
 Stopping drains: new Generate calls are refused (UNAVAILABLE, `wire.draining_details`: the router
 sends them elsewhere), running ones go on until the engine holds nothing — on a prefill instance that
-includes KV leased until the decode side acknowledged it — for at most --shutdown-timeout.
+includes KV leased until the decode side acknowledged it — for at most --shutdown-timeout. Health
+answers `draining` meanwhile, and an instance that had streams running stays up after its drain until
+a health check has heard that (at most `_linger_s`): the router must know it drained, not crashed,
+when it finds it gone, or it would fail streams whose last messages it has not read yet.
 
 A dead engine process fails the instance's streams at once (UNAVAILABLE, with the pid and the
 signal) and Health answers unhealthy with the same reason: the router marks the instance failed and
@@ -46,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 _GRACE_S = 2.0
 _DRAIN_POLL_S = 0.05
+_MIN_LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class InstanceServicer(pb_grpc.InstanceServicer):
         self.core = core
         self.auth = auth
         self.draining = False  # set once: new Generate calls are refused
+        self.draining_heard = asyncio.Event()  # a health check has been answered `draining`
         self.num_generating = 0  # Generate calls being answered
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateOutput]:
@@ -119,7 +124,10 @@ class InstanceServicer(pb_grpc.InstanceServicer):
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
         healthy = self.core.is_healthy()
-        return pb.HealthResponse(healthy=healthy, reason="" if healthy else self.core.dead_reason or "the engine died")
+        if self.draining:
+            self.draining_heard.set()
+        return pb.HealthResponse(healthy=healthy, reason="" if healthy else self.core.dead_reason or "the engine died",
+                                 draining=self.draining)
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InstanceInfo:
         return instance_info(self.spec, self.core.info)
@@ -185,11 +193,13 @@ class InstanceAddress:
 async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Event) -> None:
     """Refuse new Generate calls, then wait until the running ones are answered and the engine holds
     nothing (waiting, running, waiting for KV, KV leased until the peer acknowledges it), at most
-    timeout_s or until `force` is set."""
+    timeout_s or until `force` is set. If streams were running, then wait until a health check has
+    heard that this instance is draining (at most `_linger_s`)."""
     servicer.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     name = servicer.spec.name
+    had_streams = servicer.num_generating > 0
     logger.info("instance %s draining: no new requests; waiting up to %gs for %d running", name,
                 timeout_s, servicer.num_generating)
     while servicer.num_generating or await _engine_holds_requests(servicer.core):
@@ -199,6 +209,30 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
             return
         await asyncio.sleep(_DRAIN_POLL_S)
     logger.info("instance %s drained", name)
+    if had_streams and not servicer.draining_heard.is_set():
+        # The router may not have read its streams' last messages yet: were it to find this instance
+        # gone without knowing it drained, it would take it for a crash and fail those streams.
+        linger_s = _linger_s(servicer.spec.config)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_first(servicer.draining_heard.wait(), force.wait()), linger_s)
+        if not servicer.draining_heard.is_set():
+            logger.warning("instance %s: no health check heard it drain within %gs; stopping anyway", name,
+                           linger_s)
+
+
+def _linger_s(config: Config) -> float:
+    """How long a drained instance waits for the router's next health check."""
+    return max(_MIN_LINGER_S, 3 * config.deploy.health_check_interval_s)
+
+
+async def _first(*aws) -> None:
+    """Wait until the first of the awaitables is done; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _has_unfinished(engine: Engine) -> bool:

@@ -109,8 +109,8 @@ class InstancePool:
 
     # ---- failures ----
     def mark_draining(self, state: InstanceState) -> None:
-        """The instance refused a request because it is shutting down: route nothing more to it, and
-        leave its streams alone (they finish there). Health checks go on: once it has exited it is
+        """The instance is shutting down (it refused a request, or said so to a health check): route
+        nothing more to it, and leave its streams alone (they finish there). Health checks go on: once it has exited it is
         found dead, and restarted like any other."""
         if state.up and not state.draining:
             state.draining = True
@@ -119,22 +119,22 @@ class InstancePool:
 
     def mark_failed(self, state: InstanceState, reason: str, exited: bool = False) -> None:
         """The instance is dead or unreachable: stop routing to it, fail its streams, restart it.
-        exited: its process is gone (connection refused), rather than hung or its engine dead."""
+        exited: its process is gone (connection refused), rather than hung or its engine dead; its
+        streams then read out what it sent before they fail."""
         if not state.up:
             return
         state.up = False
-        drained = state.draining and exited
         if state.draining:  # it has finished draining and exited (or hung doing so): not a failure
             logger.warning("instance %s (%s) has stopped after draining: %s", state.name,
                            state.launched.address, reason)
         else:
             self.counters["num_instance_failures"] += 1
             logger.error("instance %s (%s) is down: %s", state.name, state.launched.address, reason)
-        if drained:
-            # It answered its streams in full before it exited, but the last of what it sent may
-            # still sit unread in this channel: the streams read it out (one the instance did not
-            # finish ends with its transport's error), and the channel closes after them. A hung
-            # instance's streams fail at once, as a crashed one's.
+        if exited:
+            # Its process is gone, but the last of what it sent (all of it, for a drained instance)
+            # may still sit unread in this channel: the streams read it out (one the instance did not
+            # finish ends with its own transport error), and the channel closes after them. A hung
+            # instance's streams fail at once.
             self._spawn(self._read_out(state.name, set(state.streams), state.client))
             state.streams = set()
         else:
@@ -143,10 +143,10 @@ class InstancePool:
             state.streams.clear()
         state.num_queued_prefill_tokens = 0
         if self.deploy.restart_failed_instances:
-            self._spawn(self._restart(state, close_old_client=not drained))
+            self._spawn(self._restart(state, close_old_client=not exited))
 
     async def _read_out(self, name: str, streams: set, client: InstanceClient) -> None:
-        """Close a drained instance's channel once its streams are read out (at most
+        """Close an exited instance's channel once its streams are read out (at most
         --instance-timeout-s; a stream still open then fails)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deploy.instance_timeout_s
@@ -155,7 +155,7 @@ class InstancePool:
                 await asyncio.sleep(_READ_OUT_POLL_S)
             for stream in streams:
                 if not stream.closed:
-                    stream.fail(f"instance {name} stopped after draining with this stream unfinished")
+                    stream.fail(f"instance {name} exited with this stream unfinished")
         finally:
             await client.close()
 
@@ -209,6 +209,8 @@ class InstancePool:
             if state.client is client:
                 self.mark_failed(state, health.reason)
             return
+        if health.draining and state.client is client:
+            self.mark_draining(state)
         await self._poll_stats(state, timeout)
 
     async def _poll_stats(self, state: InstanceState, timeout_s: float) -> None:

@@ -282,7 +282,8 @@ def _kill_decode_mid_stream(loop, client, cases, num_tokens_before_kill=3):
         tasks = [asyncio.ensure_future(stream(c)) for c in cases]
         deadline = time.monotonic() + 120
         while min(progress.values()) < num_tokens_before_kill:
-            assert time.monotonic() < deadline and not any(t.done() for t in tasks)
+            done = [t.exception() or "finished" for t in tasks if t.done()]
+            assert time.monotonic() < deadline and not done, (progress, done)
             await asyncio.sleep(0.005)
         holders = _state(client, "decode-0").num_active
         os.kill(_state(client, "decode-0").launched.info.pid, signal.SIGKILL)

@@ -1,8 +1,8 @@
 """The router's pool against a real gRPC Instance service (in process, localhost) that streams a
 reply in full and then stops, as a drained instance does before it exits.
 
-What the instance sent before it stopped can still sit unread in the router's channel: a drained
-instance found down must let its streams read it out, where a crashed one fails them at once.
+What the instance sent before it stopped can still sit unread in the router's channel: an instance
+found exited (drained or not) must let its streams read it out, where a hung one fails them at once.
 """
 from __future__ import annotations
 
@@ -24,24 +24,29 @@ NUM_MESSAGES = 20
 
 
 class _Replies(pb_grpc.InstanceServicer):
-    """Generate streams NUM_MESSAGES outputs, the last one finished, and returns; Health answers
-    healthy, or never (hung)."""
+    """Generate streams NUM_MESSAGES outputs, the last one finished, and returns (or, `unfinished`,
+    stops sending after the first half and waits); Health answers healthy (`draining` as set), or
+    never (hung)."""
 
     def __init__(self) -> None:
         self.answered = asyncio.Event()
         self.hung = False
+        self.draining = False
+        self.unfinished = False
 
     async def Health(self, request, context):
         if self.hung:
             await asyncio.Event().wait()
-        return pb.HealthResponse(healthy=True)
+        return pb.HealthResponse(healthy=True, draining=self.draining)
 
     async def Generate(self, request, context):
-        for i in range(NUM_MESSAGES):
+        for i in range(NUM_MESSAGES // 2 if self.unfinished else NUM_MESSAGES):
             last = i == NUM_MESSAGES - 1
             yield pb.GenerateOutput(request_id=request.request_id, new_token_ids=[i], finished=last,
                                     finish_reason="length" if last else "")
         self.answered.set()
+        if self.unfinished:
+            await asyncio.Event().wait()
 
 
 async def _started() -> tuple[grpc.aio.Server, _Replies, str]:
@@ -61,10 +66,11 @@ def _pool(address: str) -> InstancePool:
                         counters={"num_instance_failures": 0, "num_instance_restarts": 0})
 
 
-async def _answered_then_stopped(draining: bool) -> tuple[InstancePool, _Stream]:
-    """A stream whose reply the instance sent in full, nothing of it read; the instance then stops
-    and is found down."""
+async def _answered_then_stopped(draining: bool, unfinished: bool = False) -> tuple[InstancePool, _Stream]:
+    """A stream whose reply the instance sent in full (or half of it, `unfinished`), nothing of it
+    read; the instance then stops and is found down."""
     server, servicer, address = await _started()
+    servicer.unfinished = unfinished
     pool = _pool(address)
     state = pool.instances[0]
     stream = _Stream(state, state.client.generate("r", [1, 2, 3], SamplingParams(max_tokens=NUM_MESSAGES)))
@@ -100,13 +106,53 @@ def test_a_drained_instance_found_down_lets_its_streams_read_out_what_it_sent():
     asyncio.run(run())
 
 
-def test_a_crashed_instance_found_down_fails_its_streams_at_once():
+async def _read_all(stream: _Stream) -> list[int]:
+    tokens = []
+    while True:
+        message = await stream.read(10)
+        tokens += list(message.new_token_ids)
+        if message.finished:
+            return tokens
+
+
+def test_an_instance_that_exited_without_draining_is_a_failure_but_what_it_sent_is_read():
+    """A stream the instance answered in full before it died is served in full; the exit counts as a
+    failure (the router was not told it would stop)."""
     async def run():
         pool, stream = await _answered_then_stopped(draining=False)
-        with pytest.raises(InstanceFailed, match=r"instance decode-0 failed: health check failed \(UNAVAILABLE") as error:
-            await stream.read(10)
-        assert error.value.dead and error.value.current
+        assert await _read_all(stream) == list(range(NUM_MESSAGES))
         assert pool.counters["num_instance_failures"] == 1
+        stream.close()
+        await pool.close()
+    asyncio.run(run())
+
+
+def test_a_stream_an_exited_instance_did_not_finish_fails_with_its_own_error_after_what_it_sent():
+    async def run():
+        pool, stream = await _answered_then_stopped(draining=False, unfinished=True)
+        with pytest.raises(InstanceFailed) as error:
+            await _read_all(stream)
+        assert error.value.dead and error.value.current
+        stream.close()
+        await pool.close()
+    asyncio.run(run())
+
+
+def test_a_health_check_that_hears_draining_marks_the_instance_draining():
+    """The instance says so itself, so that the router knows it drained (not crashed) even when no
+    request was refused there before it exited."""
+    async def run():
+        server, servicer, address = await _started()
+        pool = _pool(address)
+        state = pool.instances[0]
+        await pool._check(state)
+        assert state.up and not state.draining
+        servicer.draining = True
+        await pool._check(state)
+        assert state.up and state.draining
+        await server.stop(None)
+        await pool._check(state)  # exited after draining: not a failure
+        assert not state.up and pool.counters["num_instance_failures"] == 0
         await pool.close()
     asyncio.run(run())
 

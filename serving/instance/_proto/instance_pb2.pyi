@@ -133,12 +133,14 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("healthy", "reason")
+    __slots__ = ("healthy", "reason", "draining")
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     healthy: bool
     reason: str
-    def __init__(self, healthy: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    draining: bool
+    def __init__(self, healthy: _Optional[bool] = ..., reason: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
