@@ -16,7 +16,9 @@ have (`--threads`: an instance of a disaggregated deployment gets num_cpus_per_i
 --from-trace fits the model from the steps a *serving* engine took instead (`pdserve serve
 --step-trace-dir DIR` writes them; scheduler/step_trace.py): the step cost in place, with the API
 server, the router, KV transfer and the neighbours it really has. For 1P1D give both instances'
-files: the prefill instance's steps fit prefill, the decode instance's decode.
+files: the prefill instance's steps fit prefill, the decode instance's decode. A pipelined engine's
+trace (`--pipeline-parallel-size N` with it) fits the lone plan's latency and the busiest stage's hold
+(`meta.stage`) from the plans it ran (scheduler/step_trace.py: fit_pipelined).
 
 Otherwise it drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
 forward pass plus sampling, exactly what a serving step costs. The fitted model (scheduler/latency_model.py)
@@ -148,13 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tensor_parallel_size < 1 or args.pipeline_parallel_size < 1:
         parser.error("--tensor-parallel-size and --pipeline-parallel-size must be at least 1")
-    if args.from_trace and args.pipeline_parallel_size > 1:
-        parser.error("--from-trace does not take --pipeline-parallel-size: a pipelined engine's traced steps "
-                     "include waits for the other plans in flight; profile the plan instead (without --from-trace)")
     if args.pp_layer_partition and args.pipeline_parallel_size == 1:
         parser.error("--pp-layer-partition splits pipeline stages: give --pipeline-parallel-size too")
     if args.from_trace:
-        return fit_from_trace(args.from_trace, args.out, args.tensor_parallel_size)
+        return fit_from_trace(args.from_trace, args.out, args.tensor_parallel_size, args.pipeline_parallel_size)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
 
@@ -221,15 +220,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def fit_from_trace(paths: list[str], out: str, tp: int = 1) -> int:
+def fit_from_trace(paths: list[str], out: str, tp: int = 1, pp: int = 1) -> int:
     from scheduler import step_trace
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         print(f"pdserve profile: no such trace: {', '.join(missing)}", file=sys.stderr)
         return 2
     steps = step_trace.read(paths)
+    meta = {"traces": [os.path.abspath(p) for p in paths], "tp": tp, "pp": pp}
     try:
-        model = step_trace.fit(steps, meta={"traces": [os.path.abspath(p) for p in paths], "tp": tp, "pp": 1})
+        if pp > 1:
+            model = step_trace.fit_pipelined(steps, meta=meta)
+        elif step_trace.is_pipelined(steps):
+            raise ValueError("these traces are a pipelined engine's: give --pipeline-parallel-size (its stages)")
+        else:
+            model = step_trace.fit(steps, meta=meta)
     except ValueError as e:
         print(f"pdserve profile: {e}", file=sys.stderr)
         return 2
@@ -242,6 +247,12 @@ def fit_from_trace(paths: list[str], out: str, tp: int = 1) -> int:
           f"mixed, {model.meta['num_decode_steps']} decode only)")
     print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
     print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
+    if pp > 1:
+        stage = model.stage_model()
+        print(f"{model.meta['num_alone_plans']} plans alone in the pipeline (latency), {model.meta['num_held_plans']} "
+              "with a stage hold; the busiest stage holds a plan:")
+        print(f"  prefill(s) = {stage.prefill.a:.3e} + {stage.prefill.b:.3e}*sum(len) + {stage.prefill.c:.3e}*sum(len^2)")
+        print(f"  decode(s)  = {stage.decode.a:.3e} + {stage.decode.b:.3e}*sum(ctx) + {stage.decode.c:.3e}*batch")
     print(f"wrote {out}")
     return 0
 

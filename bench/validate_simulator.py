@@ -38,8 +38,8 @@ SYSTEMS = {
     # or scales from a tp=1 one)
     "colocated-tp2": {"deploy": {"mode": "colocated"}, "parallel": {"tensor_parallel_size": 2},
                       "cache": {"kv_cache_memory_bytes": "1GiB"}},
-    # two pipeline stages with plans in flight (priced from a pp=2 profile of a lone plan, or scaled);
-    # no in-place fit: a pipelined engine's traced steps include waits for the other plans in flight
+    # two pipeline stages with plans in flight (priced from a pp=2 profile of a lone plan, or scaled; in
+    # place, from the plans the engine ran: the lone ones' latency and every plan's stage hold)
     "colocated-pp2": {"deploy": {"mode": "colocated"}, "parallel": {"pipeline_parallel_size": 2},
                       "cache": {"kv_cache_memory_bytes": "1GiB"}},
     # a KV pool too small for the load, preempting by swap (priced from the profile's swap cost; run it
@@ -83,11 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         parser.error(f"systems {unknown}: each must be one of {', '.join(SYSTEMS)}")
-    unpriced = [s for s in systems if SYSTEMS[s].get("parallel", {}).get("pipeline_parallel_size", 1) > 1
-                and s not in latency]
-    if unpriced:
-        parser.error(f"{', '.join(unpriced)}: give --latency-model SYSTEM=FILE (a pipelined engine has no in-place "
-                     "fit; profile it with `pdserve profile --pipeline-parallel-size`)")
     out = Path(args.result_dir)
     summary = {}
     for system in systems:
@@ -152,7 +147,7 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
             goodput["profile"] = compared["goodput"]["text"]
     parallel = SYSTEMS[system].get("parallel", {})
     tp, pp = parallel.get("tensor_parallel_size", 1), parallel.get("pipeline_parallel_size", 1)
-    in_place_runs = measured if pp == 1 else []  # no in-place fit of a pipelined engine (see SYSTEMS)
+    in_place_runs = measured
     swap = LatencyModel.load(latency).meta.get("swap") if latency else None  # the copies' cost is no step's
     # in place: each rate priced by the steps of the other rates' runs
     windows = {}
@@ -164,10 +159,10 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
         others = [step for other, (start, end) in windows.items() if other != path
                   for step in step_trace.read([trace_dir], since=start, until=end)]
         name = Path(path).stem
-        meta = {"system": system, "left_out": name, "tp": tp, "pp": 1}
+        meta = {"system": system, "left_out": name, "tp": tp, "pp": pp}
         if swap:  # the profile's
             meta["swap"] = swap
-        model = step_trace.fit(others, meta=meta)
+        model = (step_trace.fit_pipelined if pp > 1 else step_trace.fit)(others, meta=meta)
         model_path = out / f"latency-in-place-without-{name}.json"
         model.save(str(model_path))
         compared = simulate(str(model_path), [path], f"compare-in-place-{name}.json")

@@ -58,6 +58,16 @@ class EngineCoreOutput:
     kv_transfer: str | None = None  # on the last output of a remote prefill: "transferred" or "recomputed: why"
 
 
+@dataclass
+class _TracedPlan:
+    """A pipelined plan's trace entry until its result is in (scheduler/step_trace.py)."""
+    chunks: list[int]
+    contexts: list[int]
+    started: float  # wall clock at submit
+    alone: bool  # no other plan with tokens was in flight when it was submitted: its latency is its own
+    engine_seconds: float | None = None  # the engine's own time for it, known once the next plan is submitted
+
+
 class EngineCore:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock | None = None,
                  trace: StepTrace | None = None) -> None:
@@ -71,8 +81,13 @@ class EngineCore:
         self.num_failed_steps = 0
         self.pipeline_depth = getattr(executor, "pipeline_depth", 1)
         scheduler.pipeline_depth = self.pipeline_depth
-        self._in_flight: collections.deque[tuple[StepPlan, tuple | None]] = collections.deque()
+        self._in_flight: collections.deque[tuple[StepPlan, _TracedPlan | None]] = collections.deque()
         self.num_overlapped_plans = 0  # plans submitted while an earlier one (with tokens) was in flight
+        # a traced pipeline's own time per plan: the latest submit (perf_counter, its trace entry), and
+        # the seconds since then spent waiting for results or idle (not the engine's own work)
+        self._last_submit: tuple[float, _TracedPlan | None] | None = None
+        self._waited = 0.0
+        self._idled = False
 
     # ---- requests ----
     def add_request(self, request: Request) -> None:
@@ -119,23 +134,40 @@ class EngineCore:
         while len(self._in_flight) < self.pipeline_depth:
             plan = self.scheduler.schedule()
             self.num_steps += 1
+            overlapped = not plan.is_empty and any(not p.is_empty for p, _ in self._in_flight)
             traced = None
-            if self.trace is not None and not plan.is_empty:
-                traced = (*classify(plan, self.scheduler.requests), time.time())
+            if self.trace is not None:
+                traced = _TracedPlan(*classify(plan, self.scheduler.requests), time.time(), alone=not overlapped)
+                self._note_submit(traced if not plan.is_empty else None)
             self.executor.submit(plan)
-            if not plan.is_empty and any(not p.is_empty for p, _ in self._in_flight):
-                self.num_overlapped_plans += 1
-            self._in_flight.append((plan, traced))
+            self.num_overlapped_plans += overlapped
+            self._in_flight.append((plan, traced if not plan.is_empty else None))
             if plan.is_empty:
                 break
         plan, traced = self._in_flight.popleft()
         # nothing computed and nothing computing (an empty plan may stay in flight: the next fill takes it)
         self.last_step_idle = plan.is_empty and all(p.is_empty for p, _ in self._in_flight)
+        waiting = time.perf_counter()
         result = self.executor.collect()
+        self._waited += time.perf_counter() - waiting
+        self._idled |= self.last_step_idle  # the engine loop may now wait for requests
         if traced is not None:
-            chunks, contexts, started = traced
-            self.trace.record(started, result.step_seconds, chunks, contexts)
+            hold = None  # the busiest stage's: the engine's own (stage 0's) or a later stage's compute
+            if traced.engine_seconds is not None:
+                hold = max([traced.engine_seconds, *(result.stage_seconds or [])[1:]])
+            self.trace.record(traced.started, result.step_seconds, traced.chunks, traced.contexts, hold=hold,
+                              alone=traced.alone)
         return self._apply(plan, result)
+
+    def _note_submit(self, traced: "_TracedPlan | None") -> None:
+        """A plan is submitted: the one submitted before it held the engine (stage 0) from its own submit
+        until now, less the waits for results in between (unknown if the engine went idle meanwhile)."""
+        now = time.perf_counter()
+        if self._last_submit is not None:
+            submitted, previous = self._last_submit
+            if previous is not None and not self._idled:
+                previous.engine_seconds = now - submitted - self._waited
+        self._last_submit, self._waited, self._idled = (now, traced), 0.0, False
 
     def _apply(self, plan: StepPlan, result: StepResult) -> list[EngineCoreOutput]:
         self.clock.advance(result.step_seconds)

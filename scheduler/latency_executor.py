@@ -16,11 +16,13 @@ stage group is (serving/runner/tensor_parallel.py): `submit` / `collect`, up to 
 latency model then gives a plan's latency through all the stages alone (what `pdserve profile
 --pipeline-parallel-size` measures), and its `stage_model()` (profiled beside it) how long the plan
 holds its busiest stage; every stage is taken to hold it that long (without a stage model: an equal
-share of the latency), and the rest of the latency (hand-offs, the engine's own work) passes between
-stages without holding one. A stage takes the next plan as soon as it is done with the last, and a
-plan's result (its sampled tokens and the moves' reports) comes back when its last stage ends. So a
-lone plan costs the whole latency, and a full pipeline delivers a plan per stage time, each with the
-share of the running requests the scheduler gives it.
+share of the latency). The plan moves on through the stages at an equal share of its latency each,
+and a stage takes the next plan once it is done with the last: a hold shorter than the share leaves
+the stage free while the plan is handed on; a longer one (an engine whose own work per plan, on stage
+0, outlasts the plan's compute: an in-place fit sees that, `step_trace.fit_pipelined`) keeps the next
+plan waiting without delaying this one. A plan's result (its sampled tokens and the moves' reports)
+comes back when it leaves its last stage. So a lone plan costs the whole latency, and a full pipeline
+delivers a plan per stage hold, each with the share of the running requests the scheduler gives it.
 
 Swaps (preemption by swapping) cost time when the latency model has a swap cost (`pdserve profile`
 times the engine's swap worker) and the executor knows the bytes of one block on one rank: a plan's
@@ -117,19 +119,19 @@ class LatencyModelExecutor:
         return result
 
     def submit(self, plan: StepPlan) -> None:
-        """The plan enters each stage when it has left the stage before it (and the hop between them has
-        passed) and that stage is done with the plans before it."""
+        """The plan enters each stage when it has passed the stage before it (a share of its latency
+        after entering it) and that stage is done with the plans before it (their holds)."""
         chunks, contexts = [], []
         result = self._compute(plan, chunks, contexts)
-        depth, latency = self.pipeline_depth, result.step_seconds
-        stage_seconds = (min(self._seconds(chunks, contexts, self._stage_latency), latency / depth)
-                         if self._stage_latency is not None and (chunks or contexts) else latency / depth)
-        hop = latency / depth - stage_seconds  # before each stage, holding none
+        share = result.step_seconds / self.pipeline_depth
+        hold = (self._seconds(chunks, contexts, self._stage_latency)
+                if self._stage_latency is not None and (chunks or contexts) else share)
         start = end = self._now()
         for stage, free in enumerate(self._stage_free):
-            end = max(end + hop, free) + stage_seconds
-            self._stage_free[stage] = end
-        self.busy_seconds += stage_seconds
+            entered = max(end, free)
+            self._stage_free[stage] = entered + hold
+            end = entered + share
+        self.busy_seconds += hold
         for move in plan.kv_moves:  # a send streams out while the stages compute the plan
             self.moves.start(move, start, end - start)
         self._in_flight.append((result, end))

@@ -8,6 +8,18 @@ it, `prefill` the length of each prefill chunk in the step, `decode` the context
 row, classified as the simulator's latency-model executor classifies them (scheduler/latency_executor.py),
 so a trace prices the same features the simulator charges for.
 
+A pipelined engine (pipeline parallelism: plans in flight) adds two keys per plan:
+
+    {..., "hold": 0.0213, "alone": false}
+
+`s` is then the plan's latency from its submit to its result, which includes waiting behind the plans
+ahead of it unless it was `alone` (no other plan with tokens in flight when it was submitted). `hold` is
+how long it held the busiest stage: the engine's own time for it (stage 0 is the engine's thread: it
+computes the plan's first layers, schedules, hands the plan on, applies results, between one submit and
+the next, waits for results not counted) or a later stage's compute, whichever is longer; absent where
+the engine went idle before the next submit. `fit_pipelined` fits the latency on the lone plans and the
+stage hold on every plan, the two things the simulator's pipelined executor prices.
+
 A profile (`pdserve profile`) times one runner alone on an idle machine; a served instance shares its
 cores, memory bandwidth and process with the API server, the router, KV transfer and its neighbours,
 and on a CPU box that costs 20-50% per step (docs/benchmarks.md, "Simulated against measured"). An
@@ -20,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -38,6 +50,8 @@ class TracedStep:
     seconds: float
     prefill: tuple[int, ...]       # chunk lengths
     decode: tuple[int, ...]        # context lengths (the new token included)
+    hold: float | None = None      # a pipelined engine's: the busiest stage's hold
+    alone: bool | None = None      # a pipelined engine's: no other plan in flight at its submit
 
 
 def classify(plan: StepPlan, requests: dict) -> tuple[list[int], list[int]]:
@@ -75,12 +89,17 @@ class StepTrace:
     def in_dir(cls, directory: str | os.PathLike, role: str) -> "StepTrace":
         return cls(Path(directory) / f"{role}-{os.getpid()}.jsonl")
 
-    def record(self, started: float, seconds: float, chunks: list[int], contexts: list[int]) -> None:
+    def record(self, started: float, seconds: float, chunks: list[int], contexts: list[int],
+               hold: float | None = None, alone: bool | None = None) -> None:
         if self._file is None or not (chunks or contexts):
             return
+        row = {"t": round(started, 6), "s": round(seconds, 7), "prefill": chunks, "decode": contexts}
+        if hold is not None:
+            row["hold"] = round(hold, 7)
+        if alone is not None:
+            row["alone"] = alone
         try:
-            self._file.write(json.dumps({"t": round(started, 6), "s": round(seconds, 7), "prefill": chunks,
-                                         "decode": contexts}, separators=(",", ":")) + "\n")
+            self._file.write(json.dumps(row, separators=(",", ":")) + "\n")
             self.num_steps += 1
         except (OSError, ValueError) as e:
             self.error = f"step trace {self.path} stopped: {e}"
@@ -111,8 +130,10 @@ def read(paths: Iterable[str | os.PathLike], since: float | None = None, until: 
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
+                hold, alone = row.get("hold"), row.get("alone")
                 step = TracedStep(float(row["t"]), float(row["s"]), tuple(int(n) for n in row["prefill"]),
-                                  tuple(int(n) for n in row["decode"]))
+                                  tuple(int(n) for n in row["decode"]), None if hold is None else float(hold),
+                                  None if alone is None else bool(alone))
             except (ValueError, KeyError, TypeError) as e:
                 if number == len(lines):
                     continue  # torn last line
@@ -160,6 +181,36 @@ def fit(steps: list[TracedStep], meta: dict | None = None, min_steps: int = 8) -
             "num_mixed_steps": sum(1 for s in steps if s.prefill and s.decode)}
     return LatencyModel(prefill, decode, {**info, **(meta or {})})
 
+
+
+def is_pipelined(steps: list[TracedStep]) -> bool:
+    """Whether the steps were traced by a pipelined engine (they say whether each plan was alone)."""
+    return any(step.alone is not None for step in steps)
+
+
+def fit_pipelined(steps: list[TracedStep], meta: dict | None = None, min_steps: int = 8) -> LatencyModel:
+    """A pipelined engine's latency model from its traced plans: the latency through every stage
+    (`fit` on the plans that were alone in the pipeline, whose latency is their own) and, as
+    `meta["stage"]`, the busiest stage's hold (`fit` on every plan's `hold`). Raises ValueError when
+    the trace is not a pipelined engine's or either fit has too few plans, saying which."""
+    if not is_pipelined(steps):
+        raise ValueError("these steps were not traced by a pipelined engine (no plan says whether it was alone "
+                         "in the pipeline): fit them with `fit` (pdserve profile --from-trace without "
+                         "--pipeline-parallel-size)")
+    alone = [s for s in steps if s.alone]
+    try:
+        latency = fit(alone, min_steps=min_steps)
+    except ValueError as e:
+        raise ValueError(f"of the plans that were alone in the pipeline (their latency is their own): {e}; "
+                         "trace runs at a low rate too") from None
+    held = [TracedStep(s.started, s.hold, s.prefill, s.decode) for s in steps if s.hold is not None]
+    try:
+        stage = fit(held, min_steps=min_steps)
+    except ValueError as e:
+        raise ValueError(f"of the plans with a stage hold: {e}") from None
+    info = {**latency.meta, "num_alone_plans": len(alone), "num_held_plans": len(held),
+            "stage": {"prefill": asdict(stage.prefill), "decode": asdict(stage.decode)}}
+    return LatencyModel(latency.prefill, latency.decode, {**info, **(meta or {})})
 
 
 def _relative_error(rows: list[list[float]], seconds: list[float], fit: PhaseCoefficients) -> float:

@@ -137,6 +137,8 @@ class ModelRunner:
         # preparation, sampling or KV moves): what benchmarks call the step's compute
         self.forward_seconds = 0.0
         self.forward_cpu_seconds = 0.0
+        # a later pipeline stage's: cumulative wall time waiting for the stage before's activations
+        self.pipe_wait_seconds = 0.0
         # decode steps of 1-8 rows in one native call per segment (serving/models/native_decoder.py);
         # --enforce-eager keeps every step on the model's Python path
         self.enforce_eager = enforce_eager
@@ -236,7 +238,11 @@ class ModelRunner:
         swapping = _has_swaps(plan)
         attn = PagedAttentionBackend(self.kv_cache, inputs.attn, self.scale, stage.first_layer,
                                      wait_layers=self.connector.wait_layers if swapping else None)
-        hidden, residual = (None, None) if stage.is_first else self.pipe.recv(inputs.input_ids.shape[0])
+        hidden, residual = None, None
+        if not stage.is_first:
+            waiting = time.perf_counter()
+            hidden, residual = self.pipe.recv(inputs.input_ids.shape[0])
+            self.pipe_wait_seconds += time.perf_counter() - waiting
         layers = self._native_layers_for(inputs)
         for start, end in zip(bounds, bounds[1:]):  # layer groups: each handed to a KV send as it ends
             if swapping and layers is not None:  # one native call runs the range: its copies first

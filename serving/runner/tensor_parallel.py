@@ -127,8 +127,10 @@ def _first_layer(model) -> int:
 def _worker_main(conn) -> None:
     """A worker rank: read its spec, say it started, join the group, load the shard, then wait for the
     KV cache size and execute every plan it is sent until the connection closes. Each plan is answered
-    with (result, busy seconds): the result is the StepResult on the last pipeline stage's first rank
-    (which samples for the group), else None; or with the error's text, after which the rank stops."""
+    with (result, busy seconds, held seconds): the result is the StepResult on the last pipeline stage's
+    first rank (which samples for the group), else None; busy its forward passes; held the whole step
+    less the wait for the stage before's activations (how long the plan kept this rank); or with the
+    error's text, after which the rank stops."""
     from torch.distributed import TCPStore
     try:
         spec: RankSpec = conn.recv()
@@ -170,13 +172,14 @@ def _worker_main(conn) -> None:
             return
         if plan is None:
             return
-        busy = runner.forward_seconds
+        busy, waited, started = runner.forward_seconds, runner.pipe_wait_seconds, time.perf_counter()
         try:
             result = runner.execute(plan)
         except BaseException as e:  # noqa: BLE001 - the group is out of step now: report and stop
             conn.send(f"{type(e).__name__}: {e}")
             return
-        conn.send((result if reports_result else None, runner.forward_seconds - busy))
+        held = time.perf_counter() - started - (runner.pipe_wait_seconds - waited)
+        conn.send((result if reports_result else None, runner.forward_seconds - busy, held))
 
 
 def _timedelta(seconds: float):
@@ -286,11 +289,11 @@ class TensorParallelWorkers:
             except (BrokenPipeError, OSError) as e:
                 raise ExecutorDeadError(self._death(rank, e)) from e
 
-    def collect(self) -> tuple[StepResult | None, list[float]]:
+    def collect(self) -> tuple[StepResult | None, list[float], list[float]]:
         """Each worker's answer to the oldest step it was sent: (the step's result from the last pipeline
-        stage's first rank, or None without a pipeline; every worker's busy seconds, rank order).
-        ExecutorDeadError for a worker that failed or died."""
-        result, busy = None, []
+        stage's first rank, or None without a pipeline; every worker's busy seconds, and its held
+        seconds, rank order). ExecutorDeadError for a worker that failed or died."""
+        result, busy, held = None, [], []
         for rank, conn in enumerate(self.conns, start=1):
             try:
                 self._wait_answer(rank, conn)
@@ -300,10 +303,11 @@ class TensorParallelWorkers:
             if isinstance(answer, str):
                 raise ExecutorDeadError(f"tensor-parallel rank {rank} failed a step ({answer}); the group is out "
                                         "of step and the engine must restart")
-            rank_result, seconds = answer
+            rank_result, seconds, rank_held = answer
             result = rank_result if rank_result is not None else result
             busy.append(seconds)
-        return result, busy
+            held.append(rank_held)
+        return result, busy, held
 
     def _wait_answer(self, rank: int, conn: Connection) -> None:
         if conn.poll(0.05):
@@ -388,7 +392,7 @@ class TensorParallelRunner(ModelRunner):
         self.workers = workers
         if self.enforce_eager != workers.enforce_eager:
             raise ValueError("rank 0 and the other ranks must agree on enforce_eager")
-        self._in_flight: collections.deque = collections.deque()  # (plan, rank 0's result, start time)
+        self._in_flight: collections.deque = collections.deque()  # (plan, rank 0's result, start, its compute)
         self._sampled: dict[str, list[int]] = {}  # tokens the last stage sampled, not yet sent to earlier stages
         # seconds each stage's first rank spent in forward passes (rank 0's own, then the workers'):
         # against the wall time, the pipeline's bubble
@@ -421,22 +425,24 @@ class TensorParallelRunner(ModelRunner):
             self.workers.kill()  # a hung or stopped rank would outlive the group otherwise
             raise
         self.stage_busy_seconds[0] += self.forward_seconds - busy
-        self._in_flight.append((plan, own, started))
+        self._in_flight.append((plan, own, started, self.forward_seconds - busy))
 
     def collect(self) -> StepResult:
-        plan, own, started = self._in_flight.popleft()
+        plan, own, started, own_seconds = self._in_flight.popleft()
         try:
-            last, busy = self.workers.collect()
+            last, busy, held = self.workers.collect()
         except ExecutorDeadError:
             self.workers.kill()
             raise
         if self.workers.pp == 1:
             return own
-        for stage in range(1, self.workers.pp):
-            self.stage_busy_seconds[stage] += busy[stage * self.workers.tp - 1]
+        first_ranks = [stage * self.workers.tp - 1 for stage in range(1, self.workers.pp)]  # among the workers
+        for stage, rank in enumerate(first_ranks, start=1):
+            self.stage_busy_seconds[stage] += busy[rank]
         result = last if last is not None else StepResult()
         result.moves = own.moves
         result.step_seconds = time.perf_counter() - started
+        result.stage_seconds = [own_seconds] + [held[rank] for rank in first_ranks]
         # The later stages' KV of this plan is in their caches (mapped here, where KV moves) now. Only the
         # sends this plan began take it: a request's earlier prompt chunk, in an earlier plan, finishes
         # while its last chunk may still be in flight, and its KV is not whole before that one is done.

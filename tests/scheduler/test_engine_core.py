@@ -156,6 +156,28 @@ def test_a_profiled_stage_time_sets_the_pipelines_pace():
     assert LatencyModel(model.prefill, model.decode).stage_model() is None
 
 
+def test_a_stage_hold_longer_than_its_share_paces_the_pipeline_without_delaying_a_lone_plan():
+    """An engine whose own work per plan outlasts a stage's share of the plan's latency (an in-place
+    fit of a pipelined engine sees this): plans in flight follow each other by that hold, and a lone
+    plan still takes its latency."""
+    stage = {"prefill": {"a": 0.009, "b": 0.0, "c": 0.0}, "decode": {"a": 0.009, "b": 0.0, "c": 0.0}}
+    model = LatencyModel(PhaseCoefficients(0.010, 0.0, 0.0), PhaseCoefficients(0.010, 0.0, 0.0),
+                         meta={"pp": 2, "stage": stage})  # a 10 ms plan, 5 ms a stage, held 9 ms
+    clock = VirtualClock()
+    executor = LatencyModelExecutor(model, clock=clock, pipeline_depth=2)
+    for i in range(3):
+        executor.submit(StepPlan(
+            new_requests=[NewRequestData(f"r{i}", [5] * 100, 100, SamplingParams(max_tokens=4), [i], 0)],
+            num_scheduled_tokens={f"r{i}": 100}))
+    first = executor.collect()
+    assert first.step_seconds == pytest.approx(0.010)  # alone in the pipeline: its latency
+    clock.advance(first.step_seconds)
+    assert executor.collect().step_seconds == pytest.approx(0.009)  # entered stage 0 at 9 ms, out at 19
+    clock.advance(0.009)
+    assert executor.collect().step_seconds == pytest.approx(0.009)  # at 18 ms, out at 28
+    assert executor.busy_seconds == pytest.approx(0.027)
+
+
 def test_a_plans_swaps_are_priced_beside_its_compute():
     """Copies run beside the forward pass, each layer's before that layer: a plan with swaps costs
     max(compute, copies + compute / layers); without a swap cost (or block size) they are free."""

@@ -80,8 +80,12 @@ def test_profile_command_profiles_tensor_and_pipeline_parallel_plans_into_a_set(
         assert math.isfinite(plan.prefill_time([256])) and math.isfinite(plan.decode_time([64, 64]))
 
 
-def test_a_pipelined_engines_trace_is_not_fitted(tmp_path, capsys):
+def test_a_serial_engines_trace_is_not_fitted_as_a_pipelines(tmp_path, capsys):
     from bench.profile import main
-    with pytest.raises(SystemExit):
-        main(["--from-trace", str(tmp_path), "--pipeline-parallel-size", "2", "--out", f"{tmp_path}/x.json"])
-    assert "profile the plan instead" in capsys.readouterr().err
+    from scheduler.step_trace import StepTrace
+    trace = StepTrace(tmp_path / "colocated-1.jsonl")
+    for i in range(20):
+        trace.record(float(i), 0.01, [16 * (i + 1)] if i % 2 else [], [] if i % 2 else [100, 50])
+    trace.close()
+    assert main(["--from-trace", str(tmp_path), "--pipeline-parallel-size", "2", "--out", f"{tmp_path}/x.json"]) == 2
+    assert "not traced by a pipelined engine" in capsys.readouterr().err

@@ -89,6 +89,82 @@ def test_fitting_says_which_phase_has_too_few_steps(tmp_path):
         step_trace.fit(only_decode)
 
 
+# a pipelined engine: the lone plan's latency, and the busiest stage's hold (the engine's own work on
+# stage 0 can outlast its share of the latency)
+LATENCY = MODELS[0]
+HOLD = LatencyModel(PhaseCoefficients(0.006, 1.1e-5, 6e-10), PhaseCoefficients(0.018, 5e-7, 3e-4))
+
+
+def _pipelined_steps(num_plans=300, seed=0, lone_every=4):
+    """Plans as a pipelined engine traces them: pure prefill, pure decode and mixed; every lone_every-th
+    alone (its latency is its own), the others waiting behind earlier plans (their `s` longer); every
+    tenth without a hold (the engine went idle before the next submit)."""
+    rng = random.Random(seed)
+    steps = []
+    for i in range(num_plans):
+        kind = i % 3
+        prefill = tuple(rng.randrange(8, 400) for _ in range(rng.randrange(1, 3))) if kind != 1 else ()
+        decode = tuple(rng.randrange(20, 900) for _ in range(rng.randrange(1, 8))) if kind != 0 else ()
+        def seconds(model):
+            t = (model.prefill_time(list(prefill)) if prefill else 0.0) + (model.decode_time(list(decode)) if decode else 0.0)
+            return t - (min(model.prefill.a, model.decode.a) if prefill and decode else 0.0)
+        alone = i % lone_every == 0
+        latency = seconds(LATENCY) + (0.0 if alone else rng.uniform(0.001, 0.05))
+        steps.append(step_trace.TracedStep(float(i), latency, prefill, decode,
+                                           None if i % 10 == 9 else seconds(HOLD), alone))
+    return steps
+
+
+def test_a_pipelined_trace_fits_the_lone_latency_and_the_stage_hold(tmp_path):
+    path = tmp_path / "colocated-1.jsonl"
+    trace = step_trace.StepTrace(path)
+    for step in _pipelined_steps():  # written and read back as the engine writes them
+        trace.record(step.started, step.seconds, list(step.prefill), list(step.decode), step.hold, step.alone)
+    trace.close()
+    steps = step_trace.read([path])
+    want = _pipelined_steps()
+    assert [(s.prefill, s.decode, s.alone, s.hold is None) for s in steps] == \
+        [(s.prefill, s.decode, s.alone, s.hold is None) for s in want]
+    for field in ("seconds", "hold"):  # written to the 0.1 µs
+        assert [getattr(s, field) or 0.0 for s in steps] == pytest.approx([getattr(s, field) or 0.0 for s in want],
+                                                                          abs=1e-7)
+    assert step_trace.is_pipelined(steps)
+    fitted = step_trace.fit_pipelined(steps, meta={"pp": 2})
+    stage = fitted.stage_model()
+    for want, got in ((LATENCY, fitted), (HOLD, stage)):
+        for phase in ("prefill", "decode"):
+            w, g = getattr(want, phase), getattr(got, phase)
+            assert (g.a, g.b, g.c) == pytest.approx((w.a, w.b, w.c), rel=1e-3, abs=1e-9), phase
+    assert fitted.meta["pp"] == 2 and fitted.meta["num_alone_plans"] == 75 and fitted.meta["num_held_plans"] == 270
+    # the plans that waited behind others are not in the latency fit: fitted on every plan, it would be off
+    every = step_trace.fit(steps)
+    assert every.decode.a > LATENCY.decode.a * 1.2
+
+
+def test_a_pipelined_fit_says_what_is_missing():
+    serial = [step_trace.TracedStep(s.started, s.seconds, s.prefill, s.decode) for s in _pipelined_steps()]
+    with pytest.raises(ValueError, match="not traced by a pipelined engine"):
+        step_trace.fit_pipelined(serial)
+    with pytest.raises(ValueError, match="alone in the pipeline.*trace runs at a low rate too"):
+        step_trace.fit_pipelined(_pipelined_steps(num_plans=60, lone_every=30))
+
+
+def test_profile_fits_a_pipelined_trace_only_when_told_its_stages(tmp_path, capsys):
+    from bench.profile import main as profile_main
+    path = tmp_path / "colocated-1.jsonl"
+    trace = step_trace.StepTrace(path)
+    for step in _pipelined_steps():
+        trace.record(step.started, step.seconds, list(step.prefill), list(step.decode), step.hold, step.alone)
+    trace.close()
+    out = tmp_path / "lat.json"
+    assert profile_main(["--from-trace", str(path), "--out", str(out)]) == 2
+    assert "give --pipeline-parallel-size" in capsys.readouterr().err
+    assert profile_main(["--from-trace", str(path), "--pipeline-parallel-size", "2", "--out", str(out)]) == 0
+    fitted = LatencyModel.load(str(out))
+    assert fitted.meta["pp"] == 2 and fitted.stage_model().decode.a == pytest.approx(HOLD.decode.a, rel=1e-3)
+    assert "the busiest stage holds a plan" in capsys.readouterr().out
+
+
 def test_a_trace_that_cannot_be_written_turns_itself_off(tmp_path):
     trace = step_trace.StepTrace(tmp_path / "t.jsonl")
     trace._file.close()  # what a vanished disk looks like to the writer: every write fails

@@ -82,6 +82,32 @@ def test_stages_overlap_plans_and_each_holds_only_its_layers(tiny_model_dir):
         llm.engine.close()
 
 
+def test_a_pipelined_engine_traces_each_plans_latency_and_stage_hold(tiny_model_dir, tmp_path):
+    """With --step-trace-dir every plan says whether it was alone in the pipeline and how long it held
+    the busiest stage (the engine's own time on stage 0, or stage 1's compute); its chunks and rows
+    cover every prompt token and every decoded token, as a serial engine's steps do."""
+    import random
+
+    from scheduler import step_trace
+    llm = LLM(tiny_model_dir, pipeline_parallel_size=2, step_trace_dir=str(tmp_path / "trace"),
+              max_num_batched_tokens=64, enable_prefix_caching=False)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, 500) for _ in range(rng.randrange(3, 150))] for _ in range(16)]
+    try:
+        llm.generate(prompts[:1], greedy(6))  # alone: one request, one plan at a time
+        llm.generate(prompts[1:], greedy(6))  # two plans in flight
+    finally:
+        llm.engine.close()
+    steps = step_trace.read([tmp_path / "trace"])
+    assert sum(sum(s.prefill) for s in steps) == sum(len(p) for p in prompts)
+    assert sum(len(s.decode) for s in steps) == len(prompts) * (6 - 1)
+    assert step_trace.is_pipelined(steps)
+    assert {s.alone for s in steps} == {True, False}
+    held = [s.hold for s in steps if s.hold is not None]
+    assert len(held) >= len(steps) - 3 and all(h > 0 for h in held)  # unknown only before the engine idled
+    assert all(s.seconds > 0 for s in steps)
+
+
 def test_a_killed_stage_fails_the_offline_engine_with_a_clear_error(tiny_model_dir):
     llm = LLM(tiny_model_dir, pipeline_parallel_size=2)
     try:
