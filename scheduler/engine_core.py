@@ -152,11 +152,13 @@ class EngineCore:
         self._waited += time.perf_counter() - waiting
         self._idled |= self.last_step_idle  # the engine loop may now wait for requests
         if traced is not None:
-            hold = None  # the busiest stage's: the engine's own (stage 0's) or a later stage's compute
+            hold = None  # the busiest stage's: the engine's own (stage 0's) or a later stage's step
             if traced.engine_seconds is not None:
                 hold = max([traced.engine_seconds, *(result.stage_seconds or [])[1:]])
+            # the plan's own way through the stages, without waiting behind other plans
+            work = sum(result.stage_seconds) if result.stage_seconds else None
             self.trace.record(traced.started, result.step_seconds, traced.chunks, traced.contexts, hold=hold,
-                              alone=traced.alone)
+                              alone=traced.alone, work=work)
         return self._apply(plan, result)
 
     def _note_submit(self, traced: "_TracedPlan | None") -> None:

@@ -95,7 +95,7 @@ class StepResult:
     moves: list[MoveResult] = field(default_factory=list)
     # how long the step took (measured by a runner, modelled by the latency-model executor)
     step_seconds: float = 0.0
-    # a pipelined runner's, stage order, or None: rank 0's compute of the plan (the engine measures the
-    # rest of its own time), then how long each later stage's first rank held it (its step, less the
-    # wait for the activations)
+    # a pipelined runner's, stage order, or None: rank 0's time submitting the plan (handing it on and
+    # stage 0's step; the engine measures the rest of its own time), then how long each later stage's
+    # first rank held it (its step, less the wait for the activations)
     stage_seconds: list[float] | None = None

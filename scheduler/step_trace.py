@@ -8,17 +8,20 @@ it, `prefill` the length of each prefill chunk in the step, `decode` the context
 row, classified as the simulator's latency-model executor classifies them (scheduler/latency_executor.py),
 so a trace prices the same features the simulator charges for.
 
-A pipelined engine (pipeline parallelism: plans in flight) adds two keys per plan:
+A pipelined engine (pipeline parallelism: plans in flight) adds three keys per plan:
 
-    {..., "hold": 0.0213, "alone": false}
+    {..., "hold": 0.0213, "work": 0.0302, "alone": false}
 
 `s` is then the plan's latency from its submit to its result, which includes waiting behind the plans
-ahead of it unless it was `alone` (no other plan with tokens in flight when it was submitted). `hold` is
-how long it held the busiest stage: the engine's own time for it (stage 0 is the engine's thread: it
-computes the plan's first layers, schedules, hands the plan on, applies results, between one submit and
-the next, waits for results not counted) or a later stage's compute, whichever is longer; absent where
-the engine went idle before the next submit. `fit_pipelined` fits the latency on the lone plans and the
-stage hold on every plan, the two things the simulator's pipelined executor prices.
+ahead of it unless it was `alone` (no other plan with tokens in flight when it was submitted). `work` is
+its own way through the stages without that wait: rank 0's submit (the hand-over and stage 0's step)
+plus each later stage's step less its wait for activations. `hold` is how long it held the busiest
+stage: the engine's own time for it (stage 0 is the engine's thread: it computes the plan's first
+layers, schedules, hands the plan on, applies results between one submit and the next; waits for
+results not counted) or a later stage's step, whichever is longer; absent where the engine went idle
+before the next submit. `fit_pipelined` fits the latency on every plan's work (plus the hand-offs
+between stages, the mean of `s - work` over the lone plans) and the stage hold on every plan's hold:
+the two things the simulator's pipelined executor prices.
 
 A profile (`pdserve profile`) times one runner alone on an idle machine; a served instance shares its
 cores, memory bandwidth and process with the API server, the router, KV transfer and its neighbours,
@@ -52,6 +55,7 @@ class TracedStep:
     decode: tuple[int, ...]        # context lengths (the new token included)
     hold: float | None = None      # a pipelined engine's: the busiest stage's hold
     alone: bool | None = None      # a pipelined engine's: no other plan in flight at its submit
+    work: float | None = None      # a pipelined engine's: its way through the stages, no waits
 
 
 def classify(plan: StepPlan, requests: dict) -> tuple[list[int], list[int]]:
@@ -90,12 +94,14 @@ class StepTrace:
         return cls(Path(directory) / f"{role}-{os.getpid()}.jsonl")
 
     def record(self, started: float, seconds: float, chunks: list[int], contexts: list[int],
-               hold: float | None = None, alone: bool | None = None) -> None:
+               hold: float | None = None, alone: bool | None = None, work: float | None = None) -> None:
         if self._file is None or not (chunks or contexts):
             return
         row = {"t": round(started, 6), "s": round(seconds, 7), "prefill": chunks, "decode": contexts}
         if hold is not None:
             row["hold"] = round(hold, 7)
+        if work is not None:
+            row["work"] = round(work, 7)
         if alone is not None:
             row["alone"] = alone
         try:
@@ -130,10 +136,10 @@ def read(paths: Iterable[str | os.PathLike], since: float | None = None, until: 
         for number, line in enumerate(lines, 1):
             try:
                 row = json.loads(line)
-                hold, alone = row.get("hold"), row.get("alone")
+                hold, alone, work = row.get("hold"), row.get("alone"), row.get("work")
                 step = TracedStep(float(row["t"]), float(row["s"]), tuple(int(n) for n in row["prefill"]),
                                   tuple(int(n) for n in row["decode"]), None if hold is None else float(hold),
-                                  None if alone is None else bool(alone))
+                                  None if alone is None else bool(alone), None if work is None else float(work))
             except (ValueError, KeyError, TypeError) as e:
                 if number == len(lines):
                     continue  # torn last line
@@ -190,27 +196,33 @@ def is_pipelined(steps: list[TracedStep]) -> bool:
 
 def fit_pipelined(steps: list[TracedStep], meta: dict | None = None, min_steps: int = 8) -> LatencyModel:
     """A pipelined engine's latency model from its traced plans: the latency through every stage
-    (`fit` on the plans that were alone in the pipeline, whose latency is their own) and, as
-    `meta["stage"]`, the busiest stage's hold (`fit` on every plan's `hold`). Raises ValueError when
-    the trace is not a pipelined engine's or either fit has too few plans, saying which."""
+    (`fit` on every plan's `work`, its intercepts raised by the hand-offs: the mean of `s - work`
+    over the plans that were alone in the pipeline, whose `s` is their own) and, as `meta["stage"]`,
+    the busiest stage's hold (`fit` on every plan's `hold`). Fitting the lone plans' `s` alone would
+    not do: they are mostly one-row decodes, which cannot tell a step's fixed cost from its cost per
+    row. Raises ValueError when the trace is not a pipelined engine's or either fit has too few
+    plans, saying which."""
     if not is_pipelined(steps):
         raise ValueError("these steps were not traced by a pipelined engine (no plan says whether it was alone "
                          "in the pipeline): fit them with `fit` (pdserve profile --from-trace without "
                          "--pipeline-parallel-size)")
-    alone = [s for s in steps if s.alone]
-    try:
-        latency = fit(alone, min_steps=min_steps)
-    except ValueError as e:
-        raise ValueError(f"of the plans that were alone in the pipeline (their latency is their own): {e}; "
-                         "trace runs at a low rate too") from None
-    held = [TracedStep(s.started, s.hold, s.prefill, s.decode) for s in steps if s.hold is not None]
-    try:
-        stage = fit(held, min_steps=min_steps)
-    except ValueError as e:
-        raise ValueError(f"of the plans with a stage hold: {e}") from None
-    info = {**latency.meta, "num_alone_plans": len(alone), "num_held_plans": len(held),
+    fits = {}
+    for key in ("work", "hold"):
+        plans = [TracedStep(s.started, getattr(s, key), s.prefill, s.decode) for s in steps
+                 if getattr(s, key) is not None]
+        try:
+            fits[key] = fit(plans, min_steps=min_steps)
+        except ValueError as e:
+            raise ValueError(f"of the plans with a traced {key}: {e}") from None
+    alone = [s for s in steps if s.alone and s.work is not None]
+    hand_offs = max(0.0, float(np.mean([s.seconds - s.work for s in alone]))) if alone else 0.0
+    work, stage = fits["work"], fits["hold"]
+    prefill = PhaseCoefficients(work.prefill.a + hand_offs, work.prefill.b, work.prefill.c, work.prefill.r2)
+    decode = PhaseCoefficients(work.decode.a + hand_offs, work.decode.b, work.decode.c, work.decode.r2)
+    info = {**work.meta, "num_alone_plans": len(alone), "hand_off_seconds": hand_offs,
+            "num_held_plans": fits["hold"].meta["num_decode_steps"] + fits["hold"].meta["num_prefill_steps"],
             "stage": {"prefill": asdict(stage.prefill), "decode": asdict(stage.decode)}}
-    return LatencyModel(latency.prefill, latency.decode, {**info, **(meta or {})})
+    return LatencyModel(prefill, decode, {**info, **(meta or {})})
 
 
 def _relative_error(rows: list[list[float]], seconds: list[float], fit: PhaseCoefficients) -> float:

@@ -392,7 +392,7 @@ class TensorParallelRunner(ModelRunner):
         self.workers = workers
         if self.enforce_eager != workers.enforce_eager:
             raise ValueError("rank 0 and the other ranks must agree on enforce_eager")
-        self._in_flight: collections.deque = collections.deque()  # (plan, rank 0's result, start, its compute)
+        self._in_flight: collections.deque = collections.deque()  # (plan, rank 0's result, start, its seconds)
         self._sampled: dict[str, list[int]] = {}  # tokens the last stage sampled, not yet sent to earlier stages
         # seconds each stage's first rank spent in forward passes (rank 0's own, then the workers'):
         # against the wall time, the pipeline's bubble
@@ -425,7 +425,7 @@ class TensorParallelRunner(ModelRunner):
             self.workers.kill()  # a hung or stopped rank would outlive the group otherwise
             raise
         self.stage_busy_seconds[0] += self.forward_seconds - busy
-        self._in_flight.append((plan, own, started, self.forward_seconds - busy))
+        self._in_flight.append((plan, own, started, time.perf_counter() - started))
 
     def collect(self) -> StepResult:
         plan, own, started, own_seconds = self._in_flight.popleft()

@@ -105,6 +105,10 @@ def test_a_pipelined_engine_traces_each_plans_latency_and_stage_hold(tiny_model_
     assert {s.alone for s in steps} == {True, False}
     held = [s.hold for s in steps if s.hold is not None]
     assert len(held) >= len(steps) - 3 and all(h > 0 for h in held)  # unknown only before the engine idled
+    # its own way through the stages; a plan behind others waited for them besides
+    assert all(s.work > 0 for s in steps)
+    behind = [s for s in steps if not s.alone]
+    assert sum(s.seconds for s in behind) > sum(s.work for s in behind)
     assert all(s.seconds > 0 for s in steps)
 
 
