@@ -1,5 +1,5 @@
 """bench/swap.py and bench/swap_tail.py: the throughput bench runs the real swap worker on a small
-shape (and checks every swap bit for bit); the tail bench's summary reads what bench and /metrics give."""
+shape (and checks every swap bit for bit); the tail bench's summary reads what bench serve recorded (its records and the server's counters)."""
 import json
 
 from bench import swap, swap_tail
@@ -17,10 +17,12 @@ def test_swap_throughput_bench_counts_fewer_copies_with_groups(tmp_path):
 
 def test_swap_tail_summary_reads_percentiles_and_server_counters():
     result = {"errors": ["", "", "boom"], "ttfts": [0.1, 0.3, None], "itls": [[0.02, 0.04], [0.03], []],
-              "latencies": [1.0, 2.0, 0.0]}
-    metrics = ("pdserve:kv_swap_preemptions_swap_total{model_name=\"m\"} 7.0\n"
-               "pdserve:num_preemptions_total{model_name=\"m\"} 9.0\n")
-    summary = swap_tail.summarize(result, metrics)
+              "latencies": [1.0, 2.0, 0.0],
+              "server_counters": {'pdserve:kv_swap_preemptions_swap_total{model_name="m"}': 7.0,
+                                  'pdserve:num_preemptions_total{model_name="m"}': 5.0,
+                                  'pdserve:num_preemptions_total{model_name="n"}': 4.0,
+                                  'pdserve:num_preemptions_total_other': 100.0}}
+    summary = swap_tail.summarize(result)
     assert summary["requests"] == 3 and summary["failed"] == 1
     assert summary["p50_ttft_ms"] == 200.0 and summary["preemptions_swap"] == 7 and summary["num_preemptions"] == 9
     assert summary["p99_tbt_ms"] > summary["p50_tbt_ms"] == 30.0 and summary["mean_e2el_ms"] == 1500.0
