@@ -110,8 +110,8 @@ class InstancePool:
     # ---- failures ----
     def mark_draining(self, state: InstanceState) -> None:
         """The instance is shutting down (it refused a request, or said so to a health check): route
-        nothing more to it, and leave its streams alone (they finish there). Health checks go on: once it has exited it is
-        found dead, and restarted like any other."""
+        nothing more to it, and leave its streams alone (they finish there). Health checks go on: once
+        it has exited it is found dead, and restarted like any other."""
         if state.up and not state.draining:
             state.draining = True
             logger.warning("instance %s (%s) is draining: no new requests go to it", state.name,

@@ -1,5 +1,6 @@
 """bench/swap.py and bench/swap_tail.py: the throughput bench runs the real swap worker on a small
-shape (and checks every swap bit for bit); the tail bench's summary reads what bench serve recorded (its records and the server's counters)."""
+shape (and checks every swap bit for bit); the tail bench's summary reads what bench serve recorded
+(its records and the server's counters)."""
 import json
 
 from bench import swap, swap_tail

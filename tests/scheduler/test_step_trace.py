@@ -107,7 +107,8 @@ def _pipelined_steps(num_plans=300, seed=0, lone_every=4):
         prefill = tuple(rng.randrange(8, 400) for _ in range(rng.randrange(1, 3))) if kind != 1 else ()
         decode = tuple(rng.randrange(20, 900) for _ in range(rng.randrange(1, 8))) if kind != 0 else ()
         def seconds(model):
-            t = (model.prefill_time(list(prefill)) if prefill else 0.0) + (model.decode_time(list(decode)) if decode else 0.0)
+            t = model.prefill_time(list(prefill)) if prefill else 0.0
+            t += model.decode_time(list(decode)) if decode else 0.0
             return t - (min(model.prefill.a, model.decode.a) if prefill and decode else 0.0)
         alone = i % lone_every == 0
         latency = seconds(LATENCY) + (0.0 if alone else rng.uniform(0.001, 0.05))
