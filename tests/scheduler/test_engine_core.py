@@ -135,6 +135,17 @@ def test_a_pipelined_core_with_nothing_to_compute_says_it_is_idle():
     assert core.last_step_idle
 
 
+def _prompts_in_a_pipeline(model, num_plans: int):
+    """A two-stage executor given num_plans plans of one 100-token prompt each, at time 0."""
+    clock = VirtualClock()
+    executor = LatencyModelExecutor(model, clock=clock, pipeline_depth=2)
+    for i in range(num_plans):
+        executor.submit(StepPlan(
+            new_requests=[NewRequestData(f"r{i}", [5] * 100, 100, SamplingParams(max_tokens=4), [i], 0)],
+            num_scheduled_tokens={f"r{i}": 100}))
+    return clock, executor
+
+
 def test_a_profiled_stage_time_sets_the_pipelines_pace():
     """With the busiest stage's time profiled beside a lone plan's latency, plans in flight follow each
     other by the stage time; the rest of the latency passes between stages without holding one."""
@@ -142,12 +153,7 @@ def test_a_profiled_stage_time_sets_the_pipelines_pace():
     model = LatencyModel(PhaseCoefficients(0.010, 2e-5, 0.0), PhaseCoefficients(0.008, 0.0, 0.0),
                          meta={"pp": 2, "stage": stage})
     assert model.stage_model().prefill_time([100]) == pytest.approx(0.0025)
-    clock = VirtualClock()
-    executor = LatencyModelExecutor(model, clock=clock, pipeline_depth=2)
-    for i in range(2):
-        executor.submit(StepPlan(
-            new_requests=[NewRequestData(f"r{i}", [5] * 100, 100, SamplingParams(max_tokens=4), [i], 0)],
-            num_scheduled_tokens={f"r{i}": 100}))
+    clock, executor = _prompts_in_a_pipeline(model, 2)
     latency = model.prefill_time([100])  # 12 ms alone: two 2.5 ms stage holds and 3.5 ms before each
     first = executor.collect()
     assert first.step_seconds == pytest.approx(latency)
@@ -163,12 +169,7 @@ def test_a_stage_hold_longer_than_its_share_paces_the_pipeline_without_delaying_
     stage = {"prefill": {"a": 0.009, "b": 0.0, "c": 0.0}, "decode": {"a": 0.009, "b": 0.0, "c": 0.0}}
     model = LatencyModel(PhaseCoefficients(0.010, 0.0, 0.0), PhaseCoefficients(0.010, 0.0, 0.0),
                          meta={"pp": 2, "stage": stage})  # a 10 ms plan, 5 ms a stage, held 9 ms
-    clock = VirtualClock()
-    executor = LatencyModelExecutor(model, clock=clock, pipeline_depth=2)
-    for i in range(3):
-        executor.submit(StepPlan(
-            new_requests=[NewRequestData(f"r{i}", [5] * 100, 100, SamplingParams(max_tokens=4), [i], 0)],
-            num_scheduled_tokens={f"r{i}": 100}))
+    clock, executor = _prompts_in_a_pipeline(model, 3)
     first = executor.collect()
     assert first.step_seconds == pytest.approx(0.010)  # alone in the pipeline: its latency
     clock.advance(first.step_seconds)
