@@ -16,9 +16,10 @@ from scheduler.sampling_params import SamplingParams
 from serving.launchers import make_specs
 from serving.router.engine_client import build_disaggregated_client
 from serving.engine.protocol import EngineDeadError, RequestRejectedError
-from tests.serving.test_disagg_support import (Case, LoopThread, assert_no_leaks, collect, collect_all,
-                                               comparable, greedy, instance_children, make_cases, make_prompts,
-                                               reference_outputs, tiny_config, token_ids, wait_until_drained)
+from tests.serving.test_disagg_support import (Case, LoopThread, assert_no_leaks, assert_none_ended, collect,
+                                               collect_all, comparable, greedy, instance_children, make_cases,
+                                               make_prompts, reference_outputs, tiny_config, token_ids,
+                                               wait_until_drained)
 
 pytestmark = pytest.mark.slow
 
@@ -248,7 +249,7 @@ class TestTwoToOne:
             tasks = [asyncio.ensure_future(collect(two_one, c)) for c in cases]
             deadline = time.monotonic() + 60
             while prefill0.num_queued_prefill_tokens < 2 * 300:  # two or more waiting on prefill-0
-                assert time.monotonic() < deadline and not any(t.done() for t in tasks)
+                assert_none_ended(tasks, deadline)
                 await asyncio.sleep(0.001)
             os.kill(prefill0.launched.info.pid, signal.SIGKILL)
             return await asyncio.gather(*tasks, return_exceptions=True)
@@ -282,8 +283,7 @@ def _kill_decode_mid_stream(loop, client, cases, num_tokens_before_kill=3):
         tasks = [asyncio.ensure_future(stream(c)) for c in cases]
         deadline = time.monotonic() + 120
         while min(progress.values()) < num_tokens_before_kill:
-            done = [t.exception() or "finished" for t in tasks if t.done()]
-            assert time.monotonic() < deadline and not done, (progress, done)
+            assert_none_ended(tasks, deadline)
             await asyncio.sleep(0.005)
         holders = _state(client, "decode-0").num_active
         os.kill(_state(client, "decode-0").launched.info.pid, signal.SIGKILL)

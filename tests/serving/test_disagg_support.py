@@ -88,6 +88,14 @@ def reference_outputs(config: Config, cases: list[Case]) -> dict[str, list[Reque
     return outputs
 
 
+def assert_none_ended(tasks: list[asyncio.Task], deadline: float) -> None:
+    """While waiting for a moment in the middle of the streams: none of them has ended yet (saying which
+    ended, and how), and the deadline (time.monotonic) has not passed."""
+    ended = [task.exception() or "finished" for task in tasks if task.done()]
+    assert not ended, f"{len(ended)} stream(s) ended too early: {ended}"
+    assert time.monotonic() < deadline, "timed out waiting for the streams to get there"
+
+
 async def collect(client, case: Case) -> list[RequestOutput]:
     return [o async for o in client.generate(case.request_id, case.prompt_token_ids, case.params)]
 

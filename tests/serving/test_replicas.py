@@ -16,7 +16,7 @@ from serving.engine.protocol import EngineDeadError
 from serving.launch import build_engine_client
 from serving.launchers import make_specs
 from serving.router.engine_client import build_disaggregated_client
-from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, collect_all, make_cases,
+from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, assert_none_ended, collect_all, make_cases,
                                                reference_outputs, tiny_config, token_ids, wait_until_drained)
 
 CHUNK = 64
@@ -112,7 +112,7 @@ def _kill_replica_mid_stream(loop, client, cases, num_tokens_before_kill=3):
         tasks = [asyncio.ensure_future(stream(c)) for c in cases]
         deadline = time.monotonic() + 120
         while min(progress.values()) < num_tokens_before_kill:
-            assert time.monotonic() < deadline and not any(t.done() for t in tasks)
+            assert_none_ended(tasks, deadline)
             await asyncio.sleep(0.005)
         victim = _state(client, "replica-0")
         holders = victim.num_active
