@@ -17,8 +17,9 @@ have (`--threads`: an instance of a disaggregated deployment gets num_cpus_per_i
 --step-trace-dir DIR` writes them; scheduler/step_trace.py): the step cost in place, with the API
 server, the router, KV transfer and the neighbours it really has. For 1P1D give both instances'
 files: the prefill instance's steps fit prefill, the decode instance's decode. A pipelined engine's
-trace (`--pipeline-parallel-size N` with it) fits the lone plan's latency and the busiest stage's hold
-(`meta.stage`) from the plans it ran (scheduler/step_trace.py: fit_pipelined).
+trace (`--pipeline-parallel-size N` with it) fits a plan's latency (its own work through the stages
+plus the hand-offs) and the busiest stage's hold (`meta.stage`) from the plans it ran
+(scheduler/step_trace.py: fit_pipelined).
 
 Otherwise it drives the model runner directly with synthetic StepPlans (no scheduler, no HTTP), so each sample is one
 forward pass plus sampling, exactly what a serving step costs. The fitted model (scheduler/latency_model.py)
@@ -248,11 +249,12 @@ def fit_from_trace(paths: list[str], out: str, tp: int = 1, pp: int = 1) -> int:
     print(f"prefill(s) = {p.a:.3e} + {p.b:.3e}*sum(len) + {p.c:.3e}*sum(len^2)   R^2={p.r2:.3f}")
     print(f"decode(s)  = {d.a:.3e} + {d.b:.3e}*sum(ctx) + {d.c:.3e}*batch        R^2={d.r2:.3f}")
     if pp > 1:
-        stage = model.stage_model()
-        print(f"{model.meta['num_alone_plans']} plans alone in the pipeline (latency), {model.meta['num_held_plans']} "
-              "with a stage hold; the busiest stage holds a plan:")
-        print(f"  prefill(s) = {stage.prefill.a:.3e} + {stage.prefill.b:.3e}*sum(len) + {stage.prefill.c:.3e}*sum(len^2)")
-        print(f"  decode(s)  = {stage.decode.a:.3e} + {stage.decode.b:.3e}*sum(ctx) + {stage.decode.c:.3e}*batch")
+        s = model.stage_model()
+        print(f"hand-offs between stages {model.meta['hand_off_seconds'] * 1e3:.2f} ms a plan (from "
+              f"{model.meta['num_alone_plans']} plans alone in the pipeline); the busiest stage holds a plan "
+              f"({model.meta['num_held_plans']} plans with a hold):")
+        print(f"  prefill(s) = {s.prefill.a:.3e} + {s.prefill.b:.3e}*sum(len) + {s.prefill.c:.3e}*sum(len^2)")
+        print(f"  decode(s)  = {s.decode.a:.3e} + {s.decode.b:.3e}*sum(ctx) + {s.decode.c:.3e}*batch")
     print(f"wrote {out}")
     return 0
 

@@ -46,6 +46,11 @@ def scrape_counters(endpoint: EndpointConfig) -> dict[str, float] | None:
     return counters
 
 
+def counter_total(counters: dict[str, float], name: str) -> float:
+    """A counter of `scrape_counters` (or its run's change), summed over its label sets."""
+    return sum(value for key, value in counters.items() if key == name or key.startswith(name + "{"))
+
+
 @dataclass(frozen=True)
 class OutputOptions:
     result_dir: Path = Path("results")
@@ -125,8 +130,8 @@ class BenchSession:
         if before is not None and after is not None:  # what the server counted during the run
             result["server_counters"] = {name: after[name] - before.get(name, 0.0) for name in sorted(after)
                                          if after[name] != before.get(name, 0.0)}
-            result["num_preemptions"] = round(sum(value for name, value in result["server_counters"].items()
-                                                  if name.split("{")[0].endswith(":num_preemptions_total")))
+            result["num_preemptions"] = round(counter_total(result["server_counters"], "pdserve:num_preemptions_total")
+                                              + counter_total(result["server_counters"], "vllm:num_preemptions_total"))
         print(format_result_table(result, self.output.percentile_metrics), flush=True)
         return result
 

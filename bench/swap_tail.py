@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.session import counter_total
+
 MODES = {"recompute": ("--preemption-mode", "recompute"),
          "swap-groups": ("--preemption-mode", "swap", "--block-allocation", "groups"),
          "swap-blocks": ("--preemption-mode", "swap", "--block-allocation", "lru")}
@@ -73,11 +75,6 @@ def run_mode(mode: str, args: argparse.Namespace, result_dir: Path) -> dict[str,
     return summarize(result)
 
 
-def _counter(counters: dict[str, float], name: str) -> float:
-    """A counter's change during the run, summed over its label sets."""
-    return sum(value for key, value in counters.items() if key == name or key.startswith(name + "{"))
-
-
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Percentiles from the run's records; preemptions and swaps from the server's counters that
     `pdserve bench serve` recorded over the run (`server_counters`)."""
@@ -93,8 +90,8 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out["mean_e2el_ms"] = float(e2els.mean()) if len(e2els) else 0.0
     for key in ("preemptions_swap", "preemptions_recompute", "swap_out_bytes", "swap_out_copies", "swap_in_moves",
                 "host_prefix_hit_tokens"):
-        out[key] = _counter(counters, f"pdserve:kv_swap_{key}_total")
-    out["num_preemptions"] = _counter(counters, "pdserve:num_preemptions_total")
+        out[key] = counter_total(counters, f"pdserve:kv_swap_{key}_total")
+    out["num_preemptions"] = counter_total(counters, "pdserve:num_preemptions_total")
     return out
 
 

@@ -39,7 +39,7 @@ SYSTEMS = {
     "colocated-tp2": {"deploy": {"mode": "colocated"}, "parallel": {"tensor_parallel_size": 2},
                       "cache": {"kv_cache_memory_bytes": "1GiB"}},
     # two pipeline stages with plans in flight (priced from a pp=2 profile of a lone plan, or scaled; in
-    # place, from the plans the engine ran: the lone ones' latency and every plan's stage hold)
+    # place, from the plans the engine ran: their own work through the stages and their stage holds)
     "colocated-pp2": {"deploy": {"mode": "colocated"}, "parallel": {"pipeline_parallel_size": 2},
                       "cache": {"kv_cache_memory_bytes": "1GiB"}},
     # a KV pool too small for the load, preempting by swap (priced from the profile's swap cost; run it
@@ -147,15 +147,14 @@ def validate(system: str, args: argparse.Namespace, bench_args: list[str], laten
             goodput["profile"] = compared["goodput"]["text"]
     parallel = SYSTEMS[system].get("parallel", {})
     tp, pp = parallel.get("tensor_parallel_size", 1), parallel.get("pipeline_parallel_size", 1)
-    in_place_runs = measured
     swap = LatencyModel.load(latency).meta.get("swap") if latency else None  # the copies' cost is no step's
     # in place: each rate priced by the steps of the other rates' runs
     windows = {}
-    for path in in_place_runs:
+    for path in measured:
         result = json.loads(Path(path).read_text())
         windows[path] = (result["started_at"], result["started_at"] + result["duration"])
     in_place_rows = []
-    for path in in_place_runs:
+    for path in measured:
         others = [step for other, (start, end) in windows.items() if other != path
                   for step in step_trace.read([trace_dir], since=start, until=end)]
         name = Path(path).stem

@@ -206,12 +206,12 @@ def fit_pipelined(steps: list[TracedStep], meta: dict | None = None, min_steps: 
         raise ValueError("these steps were not traced by a pipelined engine (no plan says whether it was alone "
                          "in the pipeline): fit them with `fit` (pdserve profile --from-trace without "
                          "--pipeline-parallel-size)")
-    fits = {}
+    fits, num_plans = {}, {}
     for key in ("work", "hold"):
         plans = [TracedStep(s.started, getattr(s, key), s.prefill, s.decode) for s in steps
                  if getattr(s, key) is not None]
         try:
-            fits[key] = fit(plans, min_steps=min_steps)
+            fits[key], num_plans[key] = fit(plans, min_steps=min_steps), len(plans)
         except ValueError as e:
             raise ValueError(f"of the plans with a traced {key}: {e}") from None
     alone = [s for s in steps if s.alone and s.work is not None]
@@ -220,7 +220,7 @@ def fit_pipelined(steps: list[TracedStep], meta: dict | None = None, min_steps: 
     prefill = PhaseCoefficients(work.prefill.a + hand_offs, work.prefill.b, work.prefill.c, work.prefill.r2)
     decode = PhaseCoefficients(work.decode.a + hand_offs, work.decode.b, work.decode.c, work.decode.r2)
     info = {**work.meta, "num_alone_plans": len(alone), "hand_off_seconds": hand_offs,
-            "num_held_plans": fits["hold"].meta["num_decode_steps"] + fits["hold"].meta["num_prefill_steps"],
+            "num_held_plans": num_plans["hold"],
             "stage": {"prefill": asdict(stage.prefill), "decode": asdict(stage.decode)}}
     return LatencyModel(prefill, decode, {**info, **(meta or {})})
 

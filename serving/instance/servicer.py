@@ -213,8 +213,10 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
         # The router may not have read its streams' last messages yet: were it to find this instance
         # gone without knowing it drained, it would take it for a crash and fail those streams.
         linger_s = _linger_s(servicer.spec.config)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(_first(servicer.draining_heard.wait(), force.wait()), linger_s)
+        waits = [asyncio.ensure_future(servicer.draining_heard.wait()), asyncio.ensure_future(force.wait())]
+        await asyncio.wait(waits, timeout=linger_s, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
         if not servicer.draining_heard.is_set():
             logger.warning("instance %s: no health check heard it drain within %gs; stopping anyway", name,
                            linger_s)
@@ -223,16 +225,6 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
 def _linger_s(config: Config) -> float:
     """How long a drained instance waits for the router's next health check."""
     return max(_MIN_LINGER_S, 3 * config.deploy.health_check_interval_s)
-
-
-async def _first(*aws) -> None:
-    """Wait until the first of the awaitables is done; cancel the others."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _has_unfinished(engine: Engine) -> bool:
