@@ -7,9 +7,9 @@ the pool as soon as it plans their `SwapOut`, and a resumed request computes in 
     a plan's swap copies of layer l end before that plan's forward pass touches layer l.
 
 `start` queues the plan's swaps as one job; the thread copies it layer by layer (every move of the job
-for layer 0, then layer 1, ...), publishing how far it got; the runner calls `wait_layers(start, end)`
-before its forward pass reads or writes those layers (per layer on the Python path, per layer range
-before a native decode call). So copies of later layers overlap the forward pass of earlier ones, and
+for layer 0, then layer 1, ...), publishing how far it got and waking the runner once a layer it waits
+for is copied; the runner calls `wait_layers(start, end)` before its forward pass reads or writes those
+layers (per layer on the Python path, per layer range before a native decode call). So copies of later layers overlap the forward pass of earlier ones, and
 the scheduler never waits for a copy at all. Jobs run in order, so a job's layer l also follows every
 earlier job's copies. `wait_layers(0, num_layers)` at the end of a step (the runner's) makes every
 swap of the step end in it: its result comes back with the step, and its blocks are settled before the
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 SWAP_KINDS = ("swap_out", "swap_in")
 _IDLE_WAIT_S = 1.0  # how long the swap thread holds its worker while waiting for a job
+_NOBODY = 1 << 30  # no waiter wants a layer of the current job
 
 
 @dataclass
@@ -90,6 +91,7 @@ class SwapWorker:
         self._issued = 0  # jobs queued so far
         self._done = 0  # jobs finished (in order)
         self._layers = 0  # layers finished of job _done + 1
+        self._wanted = _NOBODY  # the fewest layers a waiter waits for (of job _done + 1)
         self._results: list[MoveResult] = []
         self._closed = False
         self.counts = {"swap_out": 0, "swap_in": 0}  # moves finished, by kind
@@ -126,14 +128,16 @@ class SwapWorker:
         cond = self._cond
         layer_end -= self.first_layer
         with cond:
-            if self._done >= self._issued:
-                return
-
-            def ready() -> bool:
-                return self._done >= self._issued or (self._done == self._issued - 1 and self._layers >= layer_end)
-            if not cond.wait_for(ready, self.timeout_s):
-                raise RuntimeError(f"KV swap copies did not finish within {self.timeout_s:g}s (swap thread "
-                                   f"{'alive' if self._thread.is_alive() else 'dead'})")
+            deadline = None
+            while not (self._done >= self._issued or (self._done == self._issued - 1 and self._layers >= layer_end)):
+                # the thread wakes waiters only once a layer one of them wants is copied (a wake-up per layer
+                # would take the GIL from the copies a dozen times a job)
+                if self._done == self._issued - 1:  # waiting for an earlier job: its end wakes everyone
+                    self._wanted = min(self._wanted, layer_end)
+                deadline = deadline or time.monotonic() + self.timeout_s
+                if not cond.wait(deadline - time.monotonic()) and time.monotonic() >= deadline:
+                    raise RuntimeError(f"KV swap copies did not finish within {self.timeout_s:g}s (swap thread "
+                                       f"{'alive' if self._thread.is_alive() else 'dead'})")
 
     def layers_done(self, request_ids: list[str], layer_start: int, layer_end: int) -> None:
         pass
@@ -193,7 +197,9 @@ class SwapWorker:
                 self._stream.synchronize()
             with self._cond:
                 self._layers = layer + 1
-                self._cond.notify_all()
+                if self._layers >= self._wanted:
+                    self._wanted = _NOBODY  # woken waiters still short of their layer say so again
+                    self._cond.notify_all()
         for copy in copies:
             reason = failed.get(copy.request_id)
             results.append(MoveResult(copy.request_id, copy.kind, FAILED if reason else FINISHED, reason or ""))
@@ -208,6 +214,7 @@ class SwapWorker:
             self._results += results
             self._done += 1
             self._layers = 0
+            self._wanted = _NOBODY
             self._cond.notify_all()
         return True
 

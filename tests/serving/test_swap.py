@@ -1,6 +1,8 @@
 """Preemption by swapping (--preemption-mode swap): the victim's KV goes to the host tier and comes back,
 bit for bit, so greedy and seeded outputs equal those of an engine that never preempts; a failed copy
 recomputes; nothing leaks in either tier."""
+import threading
+
 import pytest
 import torch
 
@@ -148,6 +150,39 @@ def test_the_swap_worker_copies_blocks_bit_for_bit_by_runs():
         counters = worker.counters()
         assert counters["swap_out_copies"] == 2 * 3 and counters["swap_in_copies"] == 2 * 3  # two runs per layer
         assert counters["swap_out_bytes"] == 4 * 3 * 2 * 4 * 2 * 8 * 4
+    finally:
+        worker.close()
+
+
+def test_a_waiter_wakes_at_its_layer_not_at_the_end_of_the_job(monkeypatch):
+    """The thread wakes a waiter once the layer it waits for is copied (the runner's per-layer wait),
+    across jobs queued behind each other, and not before."""
+    gates = {layer: threading.Event() for layer in range(4)}
+    copied = []
+    real_run = swap_module._Copy.run
+
+    def gated_run(self, layer):
+        gates[layer].wait(30)
+        real_run(self, layer)
+        copied.append(layer)
+    monkeypatch.setattr(swap_module._Copy, "run", gated_run)
+    kv, host = torch.randn(4, 2, 8, 4, 2, 8), torch.zeros(4, 2, 8, 4, 2, 8)
+    worker = SwapWorker(kv, host, timeout_s=30)
+    try:
+        worker.start([SwapOut("a", [0, 1], [0, 1])])
+        for layer in (0, 1):
+            gates[layer].set()
+        worker.wait_layers(0, 2)  # layers 0 and 1: its last two still held back
+        assert copied == [0, 1]
+        worker.start([SwapOut("b", [2], [2])])  # queued behind the first
+        for layer in (2, 3):
+            gates[layer].set()
+        worker.wait_layers(1, 2)  # the second job's layer 1, so every layer of the first
+        assert copied[:6] == [0, 1, 2, 3, 0, 1]
+        worker.wait_layers(0, 4)
+        assert copied == [0, 1, 2, 3, 0, 1, 2, 3]
+        assert torch.equal(host[:, :, :3], kv[:, :, :3])
+        assert [r.state for r in worker.poll()] == [FINISHED, FINISHED]
     finally:
         worker.close()
 
