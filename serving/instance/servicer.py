@@ -10,7 +10,7 @@ Stopping drains: new Generate calls are refused (UNAVAILABLE, `wire.draining_det
 sends them elsewhere), running ones go on until the engine holds nothing — on a prefill instance that
 includes KV leased until the decode side acknowledged it — for at most --shutdown-timeout. Health
 answers `draining` meanwhile, and an instance that had streams running stays up after its drain until
-a health check has heard that (at most `_linger_s`): the router must know it drained, not crashed,
+a health check has heard that (at most `linger_s`): the router must know it drained, not crashed,
 when it finds it gone, or it would fail streams whose last messages it has not read yet.
 
 A dead engine process fails the instance's streams at once (UNAVAILABLE, with the pid and the
@@ -194,7 +194,7 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
     """Refuse new Generate calls, then wait until the running ones are answered and the engine holds
     nothing (waiting, running, waiting for KV, KV leased until the peer acknowledges it), at most
     timeout_s or until `force` is set. If streams were running, then wait until a health check has
-    heard that this instance is draining (at most `_linger_s`)."""
+    heard that this instance is draining (at most `linger_s`)."""
     servicer.draining = True
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -212,17 +212,17 @@ async def drain(servicer: InstanceServicer, timeout_s: float, force: asyncio.Eve
     if had_streams and not servicer.draining_heard.is_set():
         # The router may not have read its streams' last messages yet: were it to find this instance
         # gone without knowing it drained, it would take it for a crash and fail those streams.
-        linger_s = _linger_s(servicer.spec.config)
+        linger = linger_s(servicer.spec.config)
         waits = [asyncio.ensure_future(servicer.draining_heard.wait()), asyncio.ensure_future(force.wait())]
-        await asyncio.wait(waits, timeout=linger_s, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, timeout=linger, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:
             wait.cancel()
         if not servicer.draining_heard.is_set():
             logger.warning("instance %s: no health check heard it drain within %gs; stopping anyway", name,
-                           linger_s)
+                           linger)
 
 
-def _linger_s(config: Config) -> float:
+def linger_s(config: Config) -> float:
     """How long a drained instance waits for the router's next health check."""
     return max(_MIN_LINGER_S, 3 * config.deploy.health_check_interval_s)
 

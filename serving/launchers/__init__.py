@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from serving.config import Config
-from serving.launchers.base import LaunchedInstance, Launcher, make_specs
+from serving.launchers.base import LaunchedInstance, Launcher, make_specs, stop_budget_s
 from serving.launchers.local import LocalLauncher
 
 __all__ = ["LaunchedInstance", "Launcher", "LocalLauncher", "make_specs", "make_launcher"]
@@ -11,6 +11,5 @@ __all__ = ["LaunchedInstance", "Launcher", "LocalLauncher", "make_specs", "make_
 def make_launcher(config: Config) -> Launcher:
     if config.deploy.launcher == "ray":
         from serving.launchers.ray import RayLauncher
-        return RayLauncher(config.deploy)
-    return LocalLauncher(config.deploy.instance_start_timeout_s,
-                         drain_timeout_s=config.server.shutdown_timeout_s)
+        return RayLauncher(config.deploy, stop_budget_s=stop_budget_s(config))
+    return LocalLauncher(config.deploy.instance_start_timeout_s, stop_budget_s=stop_budget_s(config))

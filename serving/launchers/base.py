@@ -10,7 +10,16 @@ from typing import Protocol
 
 from serving.config import Config
 from serving.instance._proto import instance_pb2 as pb
-from serving.instance.servicer import InstanceSpec
+from serving.instance.servicer import InstanceSpec, linger_s
+
+# how long a stopped instance may take beyond its own drain before it is killed
+STOP_GRACE_S = 10.0
+
+
+def stop_budget_s(config: Config) -> float:
+    """How long a launcher lets a stopped instance take before it kills it: its drain (--shutdown-timeout),
+    its wait for the router to hear that it drained (servicer.linger_s) and a grace for the rest."""
+    return config.server.shutdown_timeout_s + linger_s(config) + STOP_GRACE_S
 
 
 @dataclass(frozen=True)

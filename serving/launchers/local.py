@@ -14,12 +14,9 @@ from concurrent.futures import Future
 
 from serving.instance.main import decode_ready, encode_start
 from serving.instance.servicer import InstanceAddress, InstanceSpec
-from serving.launchers.base import LaunchedInstance
+from serving.launchers.base import STOP_GRACE_S, LaunchedInstance
 
 logger = logging.getLogger(__name__)
-
-# how long a stopped instance may take beyond its own drain (--shutdown-timeout) before it is killed
-_STOP_GRACE_S = 10.0
 
 
 def process_tree(pid: int) -> list[int]:
@@ -83,7 +80,7 @@ class _Process:
             raise RuntimeError(f"instance {self.spec.name} did not start within {timeout_s:.0f}s "
                                "(--instance-start-timeout-s)") from None
 
-    def stop(self, grace_s: float = _STOP_GRACE_S) -> None:
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """SIGTERM (the instance drains), then SIGKILL after grace_s — to the instance and its engine
         process: a frozen instance (SIGSTOP, a hung host) froze its engine process too, and a stopped
         process cannot see that its parent is gone."""
@@ -101,10 +98,9 @@ class _Process:
 
 
 class LocalLauncher:
-    def __init__(self, start_timeout_s: float, drain_timeout_s: float = 0.0) -> None:
+    def __init__(self, start_timeout_s: float, stop_budget_s: float = STOP_GRACE_S) -> None:
         self.start_timeout_s = start_timeout_s
-        # an instance stopped by shutdown() may drain for drain_timeout_s: it is not killed before that
-        self.stop_grace_s = drain_timeout_s + _STOP_GRACE_S
+        self.stop_grace_s = stop_budget_s  # an instance stopped by shutdown() is not killed before that (base.py)
         self._processes: dict[str, _Process] = {}
         self._lock = threading.Lock()
         self._closed = False

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from serving.config import DeployConfig
 from serving.instance._proto import instance_pb2 as pb
 from serving.instance.servicer import InstanceAddress, InstanceSpec, serve_instance
-from serving.launchers.base import LaunchedInstance
+from serving.launchers.base import STOP_GRACE_S, LaunchedInstance
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,6 @@ _LOCAL_START_ATTEMPTS = 2  # starts of a local Ray cluster before its error is r
 
 _MAX_RAY_RESTARTS = 5
 _MAX_TASK_RETRIES = 3
-_STOP_TIMEOUT_S = 15.0
 
 
 class InstanceActor:
@@ -59,17 +58,18 @@ class InstanceActor:
     def pid(self) -> int:
         return os.getpid()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(_STOP_TIMEOUT_S)
+        self._thread.join(timeout_s)
 
 
 class RayLauncher:
-    def __init__(self, deploy: DeployConfig) -> None:
+    def __init__(self, deploy: DeployConfig, stop_budget_s: float = STOP_GRACE_S) -> None:
         import ray  # only this launcher needs Ray
         self._ray = ray
         self.deploy = deploy
+        self.stop_budget_s = stop_budget_s  # how long a stopped instance may take (base.py: stop_budget_s)
         self._connected_here = False  # ray.init was ours: ray.shutdown at the end (stops a local cluster)
         self._actors: dict[str, object] = {}
         self._addresses: dict[str, str] = {}
@@ -203,9 +203,9 @@ class RayLauncher:
         if not ray.is_initialized():
             return
         actors, self._actors = list(self._actors.values()), {}
-        stops = [actor.stop.remote() for actor in actors]
+        stops = [actor.stop.remote(self.stop_budget_s) for actor in actors]
         try:
-            ray.wait(stops, num_returns=len(stops), timeout=_STOP_TIMEOUT_S + 5.0)
+            ray.wait(stops, num_returns=len(stops), timeout=self.stop_budget_s + 5.0)
         finally:
             for actor in actors:
                 ray.kill(actor, no_restart=True)

@@ -4,11 +4,13 @@ never takes a drained instance for a crashed one."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 
 from scheduler.sampling_params import SamplingParams
-from serving.instance.servicer import InstanceSpec, serve_instance
+from serving.instance.servicer import InstanceSpec, linger_s, serve_instance
+from serving.launchers import LocalLauncher, make_launcher
 from serving.router.instance_client import InstanceClient
 from tests.serving.test_disagg_support import tiny_config
 
@@ -77,3 +79,16 @@ def test_an_instance_with_no_streams_stops_at_once(tiny_model_dir):
         await asyncio.wait_for(task, DEADLINE_S / 2)  # far less than the 180 s it would wait
 
     asyncio.run(run())
+
+
+def test_the_launchers_let_a_stopped_instance_drain_and_wait_for_its_health_check(tiny_model_dir):
+    """Neither launcher kills a stopped instance before its drain (--shutdown-timeout) and its wait for a
+    health check (3 health intervals) could have ended: with a 10 s interval that wait is 30 s, past
+    a flat stop timeout."""
+    config = tiny_config(tiny_model_dir, health_check_interval_s=10.0, shutdown_timeout_s=20.0)
+    assert linger_s(config) == 30.0
+    local = make_launcher(config)
+    assert isinstance(local, LocalLauncher) and local.stop_grace_s >= 20.0 + 30.0
+    ray_config = dataclasses.replace(config, deploy=dataclasses.replace(config.deploy, launcher="ray"))
+    ray_launcher = make_launcher(ray_config)
+    assert type(ray_launcher).__name__ == "RayLauncher" and ray_launcher.stop_budget_s == local.stop_grace_s
