@@ -139,7 +139,9 @@ class EngineCore:
             if self.trace is not None:
                 traced = _TracedPlan(*classify(plan, self.scheduler.requests), time.time(), alone=not overlapped)
                 self._note_submit(traced if not plan.is_empty else None)
-            self.executor.submit(plan)
+            spent = self.executor.submit(plan)  # stage 0 is computed on this thread: the submit takes that long
+            if spent:
+                self.clock.advance(spent)  # a real clock has seen it pass; a virtual one moves here
             self.num_overlapped_plans += overlapped
             self._in_flight.append((plan, traced if not plan.is_empty else None))
             if plan.is_empty:

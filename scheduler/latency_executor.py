@@ -23,6 +23,11 @@ the stage free while the plan is handed on; a longer one (an engine whose own wo
 plan waiting without delaying this one. A plan's result (its sampled tokens and the moves' reports)
 comes back when it leaves its last stage. So a lone plan costs the whole latency, and a full pipeline
 delivers a plan per stage hold, each with the share of the running requests the scheduler gives it.
+As in the runtime, whose engine thread computes stage 0 inside `submit`, a submit keeps the engine
+until its plan has passed stage 0 (EngineCore advances its clock by that): the engine makes its next
+plan then, with what arrived meanwhile, not at once. (Planning at once, ahead of the real engine, the
+simulated one put fewer requests in each plan and stalled its pipeline behind big prefills: decode
+43% too slow at 2 req/s on PP = 2, docs/benchmarks.md.)
 
 Swaps (preemption by swapping) cost time when the latency model has a swap cost (`pdserve profile`
 times the engine's swap worker) and the executor knows the bytes of one block on one rank: a plan's
@@ -118,23 +123,29 @@ class LatencyModelExecutor:
         result.moves = self.moves.due(now + result.step_seconds)
         return result
 
-    def submit(self, plan: StepPlan) -> None:
+    def submit(self, plan: StepPlan) -> float:
         """The plan enters each stage when it has passed the stage before it (a share of its latency
-        after entering it) and that stage is done with the plans before it (their holds)."""
+        after entering it) and that stage is done with the plans before it (their holds). Returns how
+        long the submit keeps its caller: until the plan has passed stage 0, which the engine's own
+        thread computes in the runtime (serving/runner/tensor_parallel.py), so the engine makes its
+        next plan only then; 0 for a plan with nothing to compute."""
         chunks, contexts = [], []
         result = self._compute(plan, chunks, contexts)
         share = result.step_seconds / self.pipeline_depth
         hold = (self._seconds(chunks, contexts, self._stage_latency)
                 if self._stage_latency is not None and (chunks or contexts) else share)
         start = end = self._now()
+        past_stage_0 = None
         for stage, free in enumerate(self._stage_free):
             entered = max(end, free)
             self._stage_free[stage] = entered + hold
             end = entered + share
+            past_stage_0 = end if past_stage_0 is None else past_stage_0
         self.busy_seconds += hold
         for move in plan.kv_moves:  # a send streams out while the stages compute the plan
             self.moves.start(move, start, end - start)
         self._in_flight.append((result, end))
+        return past_stage_0 - start if (chunks or contexts) else 0.0
 
     def collect(self) -> StepResult:
         """The oldest plan's result; step_seconds is how long after now its last stage ends."""

@@ -407,7 +407,9 @@ class TensorParallelRunner(ModelRunner):
         self.submit(plan)
         return self.collect()
 
-    def submit(self, plan: StepPlan) -> None:
+    def submit(self, plan: StepPlan) -> float:
+        """Send the plan to the other ranks and compute rank 0's part of it here (stage 0 of a pipeline):
+        returns the seconds that took."""
         started, busy = time.perf_counter(), self.forward_seconds
         try:
             earlier = self._with_sampled_tokens(plan) if self.workers.pp > 1 else None
@@ -425,7 +427,9 @@ class TensorParallelRunner(ModelRunner):
             self.workers.kill()  # a hung or stopped rank would outlive the group otherwise
             raise
         self.stage_busy_seconds[0] += self.forward_seconds - busy
-        self._in_flight.append((plan, own, started, time.perf_counter() - started))
+        own_seconds = time.perf_counter() - started
+        self._in_flight.append((plan, own, started, own_seconds))
+        return own_seconds
 
     def collect(self) -> StepResult:
         plan, own, started, own_seconds = self._in_flight.popleft()

@@ -135,6 +135,41 @@ def test_a_pipelined_core_with_nothing_to_compute_says_it_is_idle():
     assert core.last_step_idle
 
 
+def test_a_submit_keeps_the_engine_until_its_plan_has_passed_stage_0():
+    """The runtime's engine thread computes stage 0 inside submit: the next plan is made once the one
+    before it has left stage 0, and a result is taken once the engine is done with the plans it
+    submitted meanwhile (a decode's token waits for the stage 0 of a big prefill behind it)."""
+    submitted = []
+
+    class Recording(LatencyModelExecutor):
+        def submit(self, plan):
+            submitted.append((self.clock.now(), sum(plan.num_scheduled_tokens.values())))
+            return super().submit(plan)
+    clock = VirtualClock()
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=100),
+                          KVCacheManager(BlockPool(400), 16), 4096, clock=clock)
+    core = EngineCore(scheduler, Recording(MODEL, token_id=3, clock=clock, pipeline_depth=2), clock)
+    for i in range(2):
+        core.add_request(Request(f"r{i}", [5] * 100, SamplingParams(max_tokens=2, ignore_eos=True),
+                                 arrival_time=0.0))
+    core.step()
+    share = MODEL.prefill_time([100]) / 2
+    assert submitted == [(0.0, 100), (pytest.approx(share), 100)]  # one prompt a plan, the second after
+    assert clock.now() == pytest.approx(2 * share)  # r0's result: out of stage 1 as r1 leaves stage 0
+
+    executor = LatencyModelExecutor(MODEL, clock=VirtualClock(), pipeline_depth=2)
+    decode = StepPlan(new_requests=[NewRequestData("d", [5] * 10, 9, SamplingParams(max_tokens=4), [0], 9)],
+                      num_scheduled_tokens={"d": 1})  # the token after 9 computed: a decode row
+    prompt = StepPlan(new_requests=[NewRequestData("p", [5] * 500, 500, SamplingParams(max_tokens=4), [1], 0)],
+                      num_scheduled_tokens={"p": 500})
+    executor.clock.advance(executor.submit(decode))
+    assert executor.clock.now() == pytest.approx(MODEL.decode_time([10]) / 2)
+    executor.clock.advance(executor.submit(prompt))
+    assert executor.clock.now() == pytest.approx(MODEL.decode_time([10]) / 2 + MODEL.prefill_time([500]) / 2)
+    assert executor.collect().step_seconds == 0.0  # its token came back while the engine computed stage 0
+    assert executor.submit(StepPlan()) == 0.0  # nothing to compute keeps nobody
+
+
 def _prompts_in_a_pipeline(model, num_plans: int):
     """A two-stage executor given num_plans plans of one 100-token prompt each, at time 0."""
     clock = VirtualClock()
