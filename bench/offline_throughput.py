@@ -1,7 +1,8 @@
 """Offline throughput and per-step overhead of pdserve's engine against transformers' batched generate.
 
     python -m bench.offline_throughput --model DIR [--batch-sizes 1,8,32,64] [--input-len 128]
-                                       [--output-len 128] [--threads N [--cores 0,1]] [--json out.json]
+                                       [--output-len 128] [--temperature 0] [--threads N [--cores 0,1]]
+                                       [--json out.json]
 
 Both systems get the same token-id prompts (lengths spread +-25% around --input-len, so batching must
 cope with ragged prompts). With --output-len-dist fixed every request produces exactly --output-len tokens
@@ -40,9 +41,9 @@ def make_output_lens(batch: int, output_len: int, dist: str, seed: int) -> list[
     return [rng.randint(1, 2 * output_len - 1) for _ in range(batch)]
 
 
-def run_pdserve(llm, prompts, output_lens: list[int]) -> dict:
+def run_pdserve(llm, prompts, output_lens: list[int], temperature: float = 0.0) -> dict:
     from scheduler import SamplingParams
-    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in output_lens]
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in output_lens]
     runner = llm.engine.runner
     forward_before, forward_cpu_before = runner.forward_seconds, runner.forward_cpu_seconds
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -55,7 +56,7 @@ def run_pdserve(llm, prompts, output_lens: list[int]) -> dict:
             "overhead_share": max(0.0, 1 - forward / elapsed), "overhead_cpu_share": max(0.0, 1 - forward_cpu / cpu)}
 
 
-def run_transformers(model, prompts, output_lens: list[int], pad_id: int) -> dict:
+def run_transformers(model, prompts, output_lens: list[int], pad_id: int, temperature: float = 0.0) -> dict:
     longest = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -67,8 +68,10 @@ def run_transformers(model, prompts, output_lens: list[int], pad_id: int) -> dic
     with torch.no_grad():
         # one static batch runs until its longest request is done
         longest_out = max(output_lens)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+            else {"do_sample": False}
         out = model.generate(ids, attention_mask=mask, max_new_tokens=longest_out, min_new_tokens=longest_out,
-                             do_sample=False, pad_token_id=pad_id)
+                             pad_token_id=pad_id, **sampling)
     if out.is_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="every request --output-len tokens, or uniform in [1, 2*output_len-1]")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0: greedy (the default); above 0 random sampling, as a server's requests get by "
+                             "default (OpenAI's temperature is 1)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="both systems' weights and KV (auto: float32 on CPU, bfloat16 on CUDA)")
@@ -117,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     for batch in tqdm(batch_sizes, desc="batch sizes"):
         prompts = make_prompts(vocab, batch, args.input_len, args.seed + batch)
         output_lens = make_output_lens(batch, args.output_len, args.output_len_dist, args.seed + batch)
-        row = {"batch": batch, "pdserve": run_pdserve(llm, prompts, output_lens)}
+        row = {"batch": batch, "pdserve": run_pdserve(llm, prompts, output_lens, args.temperature)}
         if hf is not None:
-            row["transformers"] = run_transformers(hf, prompts, output_lens, pad_id=0)
+            row["transformers"] = run_transformers(hf, prompts, output_lens, pad_id=0, temperature=args.temperature)
             row["ratio"] = row["pdserve"]["tok_per_s"] / row["transformers"]["tok_per_s"]
         rows.append(row)
     print(f"\nmodel={args.model} input_len~{args.input_len} output_len={args.output_len} "
-          f"({args.output_len_dist}) device={runner.device} dtype={str(dtype).removeprefix('torch.')} "
+          f"({args.output_len_dist}) temperature={args.temperature:g} device={runner.device} "
+          f"dtype={str(dtype).removeprefix('torch.')} "
           f"threads={torch.get_num_threads()} load(1 min)={os.getloadavg()[0]:.2f}")
     print(f"{'batch':>5} {'pdserve tok/s':>14} {'overhead':>9} {'cpu overhead':>13} {'transformers tok/s':>19} "
           f"{'ratio':>6}")

@@ -167,6 +167,32 @@ def test_same_seed_same_tokens_whatever_the_batch():
     assert other_seed != alone
 
 
+def test_a_generator_advanced_past_n_tokens_samples_what_an_uninterrupted_run_samples_next():
+    """A seeded request resumed elsewhere (a decode instance after a remote prefill, or after a
+    preemption) makes its generator with num_sampled: its next tokens are the uninterrupted run's."""
+    logits = torch.randn(1, 300, generator=make_generator(13))
+    params = SamplingParams(temperature=1.0, seed=42)
+    uninterrupted = run_seeded_steps([(logits[0], params)], num_steps=12)[0]
+    for num_sampled in (1, 5):
+        batch = make_batch([params], generators=[make_generator(42, vocab_size=300, num_sampled=num_sampled)])
+        resumed = [Sampler()(logits, batch).token_ids.item() for _ in range(12 - num_sampled)]
+        assert resumed == uninterrupted[num_sampled:]
+
+
+def test_entries_of_probability_zero_are_never_drawn_and_a_long_tail_keeps_its_mass():
+    """Inverse-CDF sampling: zero entries at either end or between are never drawn; 998 entries of
+    1e-4 each are drawn 10% of the time together."""
+    logits = torch.full((1000,), -math.inf)
+    logits[0] = math.log(0.9)
+    logits[1:999] = math.log(0.1 / 998)  # entries 1..998 share 0.1; entry 999 has probability 0
+    token_ids = draw_many(logits, SamplingParams(temperature=1.0), num_draws=40000)
+    assert 999 not in set(token_ids.tolist())
+    tail = (token_ids > 0).float().mean().item()
+    assert abs(tail - 0.1) < 0.006  # std 0.0015
+    edges = torch.tensor([-math.inf, 0.0, -math.inf, 0.0, -math.inf])
+    assert set(draw_many(edges, SamplingParams(temperature=1.0), num_draws=4000).tolist()) == {1, 3}
+
+
 def test_default_generator_makes_unseeded_rows_reproducible():
     logits = torch.randn(8, 64, generator=make_generator(6)) * 0.5
     batch = make_batch([SamplingParams(temperature=1.0)] * 8)
