@@ -135,12 +135,11 @@ class LatencyModelExecutor:
         hold = (self._seconds(chunks, contexts, self._stage_latency)
                 if self._stage_latency is not None and (chunks or contexts) else share)
         start = end = self._now()
-        past_stage_0 = None
+        past_stage_0 = max(start, self._stage_free[0]) + share
         for stage, free in enumerate(self._stage_free):
             entered = max(end, free)
             self._stage_free[stage] = entered + hold
             end = entered + share
-            past_stage_0 = end if past_stage_0 is None else past_stage_0
         self.busy_seconds += hold
         for move in plan.kv_moves:  # a send streams out while the stages compute the plan
             self.moves.start(move, start, end - start)

@@ -32,14 +32,13 @@ from serving.engine.protocol import TokenLogprob
 _GREEDY_TEMPERATURE = 1e-5
 
 
-def make_generator(seed: int, device: torch.device | str = "cpu", vocab_size: int = 0,
-                   num_sampled: int = 0) -> torch.Generator:
+def make_generator(seed: int, device: torch.device | str = "cpu", num_sampled: int = 0) -> torch.Generator:
     """The per-request generator a runner keeps for a seeded request (one per sequence, for its life).
 
     A request that already has `num_sampled` randomly sampled tokens (resumed after preemption, or
     continued on a decode instance after a remote prefill) gets its generator advanced past the draws
     those tokens used (one uniform per token, see inverse_cdf_sample), so its later tokens are the ones
-    an uninterrupted run would sample. (`vocab_size` is not needed for that; kept for callers.)"""
+    an uninterrupted run would sample."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     for _ in range(num_sampled):
@@ -285,4 +284,4 @@ def inverse_cdf_sample(probs: Tensor, generators: list[torch.Generator | None],
     # above 0 and at most the total, and the entry found always has probability above 0.
     target = (1.0 - uniform) * cdf[:, -1:]  # [R, 1]
     token_ids = torch.searchsorted(cdf, target).squeeze(1)  # [R]
-    return token_ids.clamp_(max=probs.shape[1] - 1)  # (rounding cannot push it past the end; in case)
+    return token_ids.clamp_(max=probs.shape[1] - 1)  # only a row of NaN finds no such entry

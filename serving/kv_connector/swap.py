@@ -9,8 +9,8 @@ the pool as soon as it plans their `SwapOut`, and a resumed request computes in 
 `start` queues the plan's swaps as one job; the thread copies it layer by layer (every move of the job
 for layer 0, then layer 1, ...), publishing how far it got and waking the runner once a layer it waits
 for is copied; the runner calls `wait_layers(start, end)` before its forward pass reads or writes those
-layers (per layer on the Python path, per layer range before a native decode call). So copies of later layers overlap the forward pass of earlier ones, and
-the scheduler never waits for a copy at all. Jobs run in order, so a job's layer l also follows every
+layers (per layer on the Python path, per layer range before a native decode call). So copies of later
+layers overlap the forward pass of earlier ones, and the scheduler never waits for a copy at all. Jobs run in order, so a job's layer l also follows every
 earlier job's copies. `wait_layers(0, num_layers)` at the end of a step (the runner's) makes every
 swap of the step end in it: its result comes back with the step, and its blocks are settled before the
 next plan is made.

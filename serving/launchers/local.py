@@ -100,7 +100,7 @@ class _Process:
 class LocalLauncher:
     def __init__(self, start_timeout_s: float, stop_budget_s: float = STOP_GRACE_S) -> None:
         self.start_timeout_s = start_timeout_s
-        self.stop_grace_s = stop_budget_s  # an instance stopped by shutdown() is not killed before that (base.py)
+        self.stop_budget_s = stop_budget_s  # an instance stopped by shutdown() is not killed before that (base.py)
         self._processes: dict[str, _Process] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -133,7 +133,7 @@ class LocalLauncher:
             if process.popen.poll() is None:
                 process.popen.terminate()
         for process in processes:
-            process.stop(self.stop_grace_s)
+            process.stop(self.stop_budget_s)
 
     def _spawn(self, spec: InstanceSpec) -> _Process:
         with self._lock:  # held while starting, so that shutdown() cannot miss the new process

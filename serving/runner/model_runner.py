@@ -175,7 +175,7 @@ class ModelRunner:
         for new in plan.new_requests:
             params = new.sampling_params
             num_sampled = 0 if params.greedy else len(new.token_ids) - new.num_prompt_tokens
-            generator = (make_generator(params.seed, self.device, self.arch.vocab_size, num_sampled)
+            generator = (make_generator(params.seed, self.device, num_sampled=num_sampled)
                          if params.seed is not None else None)
             self.states[new.request_id] = RunnerRequestState(
                 new.request_id, list(new.token_ids), new.num_prompt_tokens, params, list(new.block_ids),

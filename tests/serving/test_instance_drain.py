@@ -88,7 +88,7 @@ def test_the_launchers_let_a_stopped_instance_drain_and_wait_for_its_health_chec
     config = tiny_config(tiny_model_dir, health_check_interval_s=10.0, shutdown_timeout_s=20.0)
     assert linger_s(config) == 30.0
     local = make_launcher(config)
-    assert isinstance(local, LocalLauncher) and local.stop_grace_s >= 20.0 + 30.0
+    assert isinstance(local, LocalLauncher) and local.stop_budget_s >= 20.0 + 30.0
     ray_config = dataclasses.replace(config, deploy=dataclasses.replace(config.deploy, launcher="ray"))
     ray_launcher = make_launcher(ray_config)
-    assert type(ray_launcher).__name__ == "RayLauncher" and ray_launcher.stop_budget_s == local.stop_grace_s
+    assert type(ray_launcher).__name__ == "RayLauncher" and ray_launcher.stop_budget_s == local.stop_budget_s

@@ -174,7 +174,7 @@ def test_a_generator_advanced_past_n_tokens_samples_what_an_uninterrupted_run_sa
     params = SamplingParams(temperature=1.0, seed=42)
     uninterrupted = run_seeded_steps([(logits[0], params)], num_steps=12)[0]
     for num_sampled in (1, 5):
-        batch = make_batch([params], generators=[make_generator(42, vocab_size=300, num_sampled=num_sampled)])
+        batch = make_batch([params], generators=[make_generator(42, num_sampled=num_sampled)])
         resumed = [Sampler()(logits, batch).token_ids.item() for _ in range(12 - num_sampled)]
         assert resumed == uninterrupted[num_sampled:]
 
