@@ -195,6 +195,10 @@ class SwapWorker:
                                  layer, failed[copy.request_id])
             if self._stream is not None:
                 self._stream.synchronize()
+            # the last layer is published with the job's results, below: a waiter for every layer
+            # returns only once they are there (the step that waits gets its swaps' results)
+            if layer + 1 == self.num_layers:
+                break
             with self._cond:
                 self._layers = layer + 1
                 if self._layers >= self._wanted:

@@ -2,6 +2,7 @@
 bit for bit, so greedy and seeded outputs equal those of an engine that never preempts; a failed copy
 recomputes; nothing leaks in either tier."""
 import threading
+import time
 
 import pytest
 import torch
@@ -183,6 +184,25 @@ def test_a_waiter_wakes_at_its_layer_not_at_the_end_of_the_job(monkeypatch):
         assert copied == [0, 1, 2, 3, 0, 1, 2, 3]
         assert torch.equal(host[:, :, :3], kv[:, :, :3])
         assert [r.state for r in worker.poll()] == [FINISHED, FINISHED]
+    finally:
+        worker.close()
+
+
+def test_a_wait_for_every_layer_returns_with_the_jobs_results(monkeypatch):
+    """The runner's wait for all layers at the end of a step returns once the job's results are there,
+    not as soon as its last layer is copied: the step takes its swaps' results with it."""
+    kv, host = torch.randn(2, 2, 4, 4, 2, 8), torch.zeros(2, 2, 4, 4, 2, 8)
+    worker = SwapWorker(kv, host, timeout_s=30)
+    real_observe = worker.seconds.observe
+
+    def slow_observe(seconds):  # between the last layer's copy and the results' publication
+        time.sleep(0.3)
+        real_observe(seconds)
+    monkeypatch.setattr(worker.seconds, "observe", slow_observe)
+    try:
+        worker.start([SwapOut("a", [0, 1], [2, 3])])
+        worker.wait_layers(0, 2)
+        assert [(r.request_id, r.state) for r in worker.poll()] == [("a", FINISHED)]
     finally:
         worker.close()
 
