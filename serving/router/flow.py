@@ -85,7 +85,10 @@ class _Stream:
         """The next message. Raises InstanceFailed, RequestRejectedError, _NoRoom, _Aborted or
         asyncio.TimeoutError (nothing within timeout_s)."""
         try:
-            message = await asyncio.wait_for(self.call.read(), timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns a message that arrived as the
+            # task was cancelled and drops the cancellation (the client's stream then runs to its end)
+            async with asyncio.timeout(timeout_s):
+                message = await self.call.read()
         except (asyncio.CancelledError, grpc.aio.AioRpcError) as e:
             cancelled = isinstance(e, asyncio.CancelledError)
             if cancelled and asyncio.current_task().cancelling():

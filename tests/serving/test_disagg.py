@@ -232,7 +232,8 @@ class TestOneToOne:
         assert all(n >= 2 for n in gone)
         for outputs in aborted:
             assert outputs[-1].finished and outputs[-1].finish_reason == "abort" and len(outputs) < 200
-        assert all(isinstance(r, asyncio.CancelledError) for r in cancelled)
+        assert all(isinstance(r, asyncio.CancelledError) for r in cancelled), [
+            r if isinstance(r, BaseException) else f"finished: {len(r)} outputs" for r in cancelled]
         assert_no_leaks(loop.run(wait_until_drained(one_one)))
 
 

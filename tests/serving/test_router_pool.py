@@ -201,3 +201,22 @@ def test_a_failure_of_an_incarnation_since_restarted_is_not_the_new_ones():
         await pool.close()
         await server.stop(None)
     asyncio.run(run())
+
+
+def test_a_stream_read_cancelled_as_its_message_arrives_is_cancelled():
+    """The client's task is cancelled in the same turn its message arrives: the read raises
+    CancelledError, as the cancellation asked (asyncio.wait_for on Python 3.11 returned the message and
+    dropped the cancellation, so a stream whose client had gone ran on to its end)."""
+    from types import SimpleNamespace
+
+    async def main():
+        arrived = asyncio.get_running_loop().create_future()
+        call = SimpleNamespace(read=lambda: arrived, cancel=lambda: None)
+        stream = _Stream(SimpleNamespace(streams=set(), client=None), call)
+        task = asyncio.ensure_future(stream.read(30.0))
+        await asyncio.sleep(0)  # the read now waits for its message
+        arrived.set_result("a message")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(main())
