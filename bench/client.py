@@ -159,9 +159,9 @@ class StreamingClient:
         record.start_s = time.perf_counter() - clock_origin_s
         accumulator = StreamAccumulator(self.endpoint.is_chat, record.start_s)
         try:
-            await asyncio.wait_for(self._stream(payload, record, accumulator, clock_origin_s),
-                                   timeout=self.endpoint.request_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.endpoint.request_timeout_s):
+                await self._stream(payload, record, accumulator, clock_origin_s)
+        except TimeoutError:
             accumulator.error = f"no complete reply within --request-timeout {self.endpoint.request_timeout_s} s"
         except httpx.HTTPError as exc:
             accumulator.error = f"{type(exc).__name__}: {exc}"

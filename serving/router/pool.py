@@ -103,8 +103,9 @@ class InstancePool:
         """Wait (at most timeout_s) until some instance comes (back) up."""
         self._changed.clear()
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout_s):
+                await self._changed.wait()
+        except TimeoutError:
             pass
 
     # ---- failures ----
@@ -162,8 +163,10 @@ class InstancePool:
     async def _restart(self, state: InstanceState, close_old_client: bool = True) -> None:
         for attempt in range(1, _MAX_RESTART_ATTEMPTS + 1):
             try:
-                launched = await asyncio.wait_for(self.launcher.restart(state.launched.spec),
-                                                  self.deploy.instance_start_timeout_s)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation (the pool
+                # stopping) that comes as the start completes, and the new instance would be orphaned
+                async with asyncio.timeout(self.deploy.instance_start_timeout_s):
+                    launched = await self.launcher.restart(state.launched.spec)
                 self._check_peer(launched)
             except Exception as e:  # noqa: BLE001 - a failed start is logged and tried again
                 logger.error("restarting %s failed (attempt %d of %d): %s", state.name, attempt,
@@ -199,8 +202,9 @@ class InstancePool:
         timeout = max(_MIN_HEALTH_TIMEOUT_S, 5 * self.deploy.health_check_interval_s)
         client = state.client
         try:
-            health = await asyncio.wait_for(client.health(), timeout)
-        except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
+            async with asyncio.timeout(timeout):
+                health = await client.health()
+        except (grpc.aio.AioRpcError, TimeoutError) as e:
             if state.client is client:
                 exited = isinstance(e, grpc.aio.AioRpcError) and e.code() == grpc.StatusCode.UNAVAILABLE
                 self.mark_failed(state, f"health check failed ({_describe(e)})", exited)

@@ -220,3 +220,26 @@ def test_a_stream_read_cancelled_as_its_message_arrives_is_cancelled():
         with pytest.raises(asyncio.CancelledError):
             await task
     asyncio.run(main())
+
+
+def test_a_restart_cancelled_as_the_new_instance_comes_up_is_cancelled():
+    """The pool stops (its restart task is cancelled) in the same turn the launcher's restart returns:
+    the restart raises CancelledError and takes nothing over (asyncio.wait_for on Python 3.11 returned
+    the new instance and dropped the cancellation, so it was installed as up and never stopped)."""
+    from types import SimpleNamespace
+
+    async def main():
+        pool = _pool("127.0.0.1:9")
+        state = pool.instances[0]
+        old = state.launched
+        started = asyncio.get_running_loop().create_future()
+        pool.launcher = SimpleNamespace(restart=lambda spec: started)
+        task = asyncio.ensure_future(pool._restart(state))
+        await asyncio.sleep(0)  # the restart now waits for the launcher
+        started.set_result(LaunchedInstance(old.spec, "127.0.0.1:10", old.info))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert state.launched is old and pool.counters["num_instance_restarts"] == 0
+        await pool.close()
+    asyncio.run(main())
