@@ -26,6 +26,12 @@
 namespace {
 
 constexpr int kTile = 32;  // output columns per tile: two 16-lane vectors
+// each tile's weights are requested this many k (x 128 bytes: 4 KiB) ahead of the FMAs that use them.
+// The hardware prefetcher alone let the stream fall behind once the FMAs per weight grew: one thread
+// at M = 8 streamed 7 GB/s against 12 at M = 1 on a 10 GB/s host; with this 9-12 GB/s at every M
+// (25-35% faster at M = 7-8, a few percent at M = 1-4; prefetches into L1 without L2 (NTA) were 2x
+// slower at M = 1; docs/benchmarks.md, "Software prefetch in the small-M kernel")
+constexpr int64_t kPrefetchAhead = 32;
 using namespace pdserve;
 
 // k in [k0, k1) of tiles [t, t + P) against the M rows of x; the first chunk starts the sums, the last
@@ -54,6 +60,8 @@ inline void tiles(const float* __restrict x, const float* __restrict tiled, cons
     for (int64_t k = k0; k < k1; ++k) {
         v16 w0[P], w1[P];
         for (int p = 0; p < P; ++p) {
+            __builtin_prefetch(wt[p] + (k + kPrefetchAhead) * kTile, 0, 1);  // into L2; never faults
+            __builtin_prefetch(wt[p] + (k + kPrefetchAhead) * kTile + 16, 0, 1);
             w0[p] = load16(wt[p] + k * kTile);
             w1[p] = load16(wt[p] + k * kTile + 16);
         }
