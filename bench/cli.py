@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.aiperf import AIPerfClient, check_aiperf, find_aiperf
 from bench.cli_args import add_common_args, add_compare_args, add_search_args
 from bench.config import EndpointConfig, LoadConfig, WorkloadConfig, parse_slos, parse_tenants
 from bench.datasets import build_workload
@@ -149,8 +150,16 @@ def _open_session(args: argparse.Namespace, options: _Options, base_url: str | N
         "prompt_format": options.workload.prompt_format, "ignore_eos": endpoint.ignore_eos,
         "seed": options.workload.seed, "tenant_weights": workload.tenant_weights,
     }
+    client = None
+    if args.client == "aiperf":
+        check_aiperf(options.workload, options.load.arrival, endpoint.api_key)
+        if tokenizer_id is None:
+            raise ValueError("--client aiperf needs a tokenizer: pass --model DIR or --tokenizer DIR")
+        client = AIPerfClient(find_aiperf(args.aiperf), options.workload, tokenizer_id,
+                              options.output.result_dir / "aiperf")
+        info["client"] = "aiperf"
     return BenchSession(endpoint, served or "", workload, options.load, options.slos_ms,
-                        options.percentiles, synthesizer, info, options.output, options.workload.seed)
+                        options.percentiles, synthesizer, info, options.output, options.workload.seed, client)
 
 
 def _result_path(options: _Options, info: dict[str, Any], rate: float, suffix: str, many: bool) -> Path:

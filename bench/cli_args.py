@@ -34,6 +34,12 @@ def _add_endpoint_args(parser: argparse.ArgumentParser, needs_base_url: bool) ->
                        help="ask the server to ignore EOS so every reply has max_tokens tokens")
     group.add_argument("--temperature", type=float, default=None, help="sampling temperature to send")
     group.add_argument("--extra-body", default=None, help="JSON object merged into every request body")
+    group.add_argument("--client", choices=["pdserve", "aiperf"], default="pdserve",
+                       help="the load generator: pdserve's own, or NVIDIA AIPerf as an independent cross-check "
+                            "(installed apart; random single-turn workloads; bench/aiperf.py)")
+    group.add_argument("--aiperf", default=None, metavar="PATH",
+                       help="the aiperf executable for --client aiperf (default: .venv-aiperf/bin/aiperf, "
+                            "else aiperf on PATH)")
 
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -27,15 +27,7 @@ def load_jsonl(config: WorkloadConfig, synthesizer: PromptSynthesizer,
     path = Path(config.dataset_path or "")
     conversations: list[Conversation] = []
     with _open(path) as lines:
-        for line_no, line in enumerate(lines, start=1):
-            if len(conversations) == config.num_prompts:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        for line_no, row in json_lines(lines, path):
             where = f"{path}:{line_no}"
             turn_rows = row.get("turns") if isinstance(row, dict) else None
             if not isinstance(row, dict) or (turn_rows is not None and not isinstance(turn_rows, list)):
@@ -45,9 +37,23 @@ def load_jsonl(config: WorkloadConfig, synthesizer: PromptSynthesizer,
             conversations.append(Conversation(
                 len(conversations), turns, tenant=str(row.get("tenant", DEFAULT_TENANT)),
                 timestamp_s=float(timestamp) if timestamp is not None else None))
+            if len(conversations) == config.num_prompts:
+                break
     if not conversations:
         raise ValueError(f"{path} holds no requests; write one JSON object per line")
     return conversations
+
+
+def json_lines(lines: Iterable[str], path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each non-blank line; ValueError names the line that is not JSON."""
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        yield line_no, value
 
 
 def _jsonl_turn(row: dict[str, Any], parent: dict[str, Any], config: WorkloadConfig,

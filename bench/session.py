@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bench.aiperf import AIPerfClient
 from bench.client import list_models
 from bench.config import EndpointConfig, LoadConfig
 from bench.datasets import Workload
@@ -112,6 +113,7 @@ class BenchSession:
     info: dict[str, Any] = field(default_factory=dict)
     output: OutputOptions = field(default_factory=OutputOptions)
     seed: int = 0
+    client: "AIPerfClient | None" = None  # None: pdserve's own client (bench/runner.py)
 
     def check_ready(self) -> None:
         check_ready(self.endpoint, self.model, self.workload)
@@ -124,7 +126,8 @@ class BenchSession:
                        self.output.show_progress)
         count_tokens = self.synthesizer.count_tokens if self.synthesizer.tokenizer is not None else None
         before = scrape_counters(self.endpoint)
-        run = run_benchmark(spec, self.workload, count_tokens)
+        run = (self.client.run(spec, self.info.get("label") or "run") if self.client is not None
+               else run_benchmark(spec, self.workload, count_tokens))
         result = run_result_dict(run, self.info, self.output.save_detailed)
         after = scrape_counters(self.endpoint)
         if before is not None and after is not None:  # what the server counted during the run
