@@ -38,7 +38,7 @@ from bench.runner import RunResult, RunSpec
 
 EXPORT = "profile_export.jsonl"
 SUMMARY = "profile_export_aiperf.json"
-_ARRIVALS = {"poisson": "poisson", "constant": "constant"}
+_ARRIVALS = ("poisson", "constant")  # AIPerf's --arrival-pattern names them alike
 
 
 def find_aiperf(given: str | None) -> str:
@@ -99,7 +99,7 @@ class AIPerfClient:
                 "--artifact-dir", str(artifact_dir), "--ui", "none", "--workers-max", "1",
                 "--record-processors", "1", "--no-server-metrics", "--no-auto-plot"]
         if not math.isinf(load.request_rate):
-            argv += ["--request-rate", f"{load.request_rate:g}", "--arrival-pattern", _ARRIVALS[load.arrival]]
+            argv += ["--request-rate", f"{load.request_rate:g}", "--arrival-pattern", load.arrival]
         if load.max_concurrency:
             argv += ["--concurrency", str(load.max_concurrency)]
         elif math.isinf(load.request_rate):
@@ -114,8 +114,7 @@ class AIPerfClient:
         return argv
 
     def run(self, spec: RunSpec, label: str) -> RunResult:
-        rate = "inf" if math.isinf(spec.load.request_rate) else f"{spec.load.request_rate:g}"
-        artifact_dir = self.artifact_root / f"{label}-{rate}qps"
+        artifact_dir = self.artifact_root / f"{label}-{spec.load.request_rate:g}qps"  # inf: "inf"
         if artifact_dir.exists():
             shutil.rmtree(artifact_dir)
         artifact_dir.mkdir(parents=True)

@@ -113,7 +113,7 @@ class BenchSession:
     info: dict[str, Any] = field(default_factory=dict)
     output: OutputOptions = field(default_factory=OutputOptions)
     seed: int = 0
-    client: "AIPerfClient | None" = None  # None: pdserve's own client (bench/runner.py)
+    client: AIPerfClient | None = None  # None: pdserve's own client (bench/runner.py)
 
     def check_ready(self) -> None:
         check_ready(self.endpoint, self.model, self.workload)
