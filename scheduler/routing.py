@@ -8,6 +8,11 @@
     replica  (colocated replicas, data parallel) the one with the fewest prompt tokens sent to it and
              not yet answered, then the fewest requests streaming from it: a new prompt waits behind
              queued prompts first, and shares its decode batch with the streaming ones after
+    overlap  the prefill starts while the decode instance reserves (rather than once it has accepted)
+             when that instance's estimate says the blocks are free: the reservation answers only after
+             the decode step running when it arrives and the next one (1-2 steps of TTFT saved); when
+             the estimate is short the reservation may be refused, and a prefill started for it would
+             be thrown away, so it waits
 """
 from __future__ import annotations
 
@@ -45,3 +50,8 @@ class LeastLoadedRouting:
 
     def decode_candidates(self, instances: Sequence[I]) -> list[I]:
         return sorted(self.up(instances, "decode"), key=lambda i: (-i.num_free_blocks_estimate, i.num_active))
+
+    def prefill_while_reserving(self, decode: I, num_blocks: int) -> bool:
+        """Start the prefill before `decode` has accepted a reservation of num_blocks (asked before the
+        reservation is counted in its estimate)."""
+        return decode.num_free_blocks_estimate >= num_blocks

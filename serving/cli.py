@@ -122,6 +122,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                    help="how long an instance may take to start (default 300)")
     g.add_argument("--health-check-interval-s", type=float, default=None, help="default 1")
     _bool_flag(g, "restart-failed-instances", "start a dead instance again (default on)")
+    _bool_flag(g, "prefill-while-reserving",
+               "start a request's prefill while its decode instance reserves KV blocks, when the router "
+               "estimates it has them (default on; off: once the decode instance has accepted)")
     _bool_flag(g, "reprefill-on-decode-failure",
                "a decode instance dies mid-stream: prefill its requests again elsewhere (default off: "
                "they end with an error)")

@@ -42,7 +42,7 @@ from kvcache.transfer.counters import TransferCounters
 from kvcache.transfer.layout import KVLayout
 from kvcache.transfer.pins import Pins
 from kvcache.transfer.reaper import Reaper
-from kvcache.transfer.reservation import BlockAllocator, RpcError, Reservation
+from kvcache.transfer.reservation import BlockAllocator, NotRegisteredYet, RpcError, Reservation
 from kvcache.transfer.shm import ShmAttachments, host_id
 from kvcache.transfer.writers import OneSidedWriters
 
@@ -180,7 +180,11 @@ class KVReceiver:
         restarted = self._restart(request.request_id, request.attempt, request.sender_id if request.one_sided else "")
         if restarted is not None:
             return self._reserve_response(restarted)
-        block_ids = self.allocator.reserve(request.request_id, request.num_tokens)
+        try:
+            block_ids = self.allocator.reserve(request.request_id, request.num_tokens)
+        except NotRegisteredYet:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"request {request.request_id!r} is not registered on this "
+                           "decode instance yet; ask again") from None
         if block_ids is None:
             self.counters.add(num_refused=1)
             raise RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -11,12 +11,19 @@ import torch
 from kvcache.transfer.pins import Pins
 
 
+class NotRegisteredYet(Exception):
+    """BlockAllocator.reserve: the engine has not registered this request yet, and has not ended it
+    either (the router starts the prefill while the decode instance reserves, so a sender may come
+    first). The sender is told NOT_FOUND and asks again."""
+
+
 class BlockAllocator(Protocol):
     """The engine's side of the receiver. Called from gRPC worker threads: must be thread-safe."""
 
     def reserve(self, request_id: str, num_tokens: int) -> list[int] | None:
         """Allocate ceil(num_tokens / block_size) blocks for the request; None when there is no room
-        (the sender is told RESOURCE_EXHAUSTED). Must not block."""
+        (the sender is told RESOURCE_EXHAUSTED); raises NotRegisteredYet when the request may still
+        come (the sender is told NOT_FOUND). Must not block."""
 
     def release(self, request_id: str) -> None:
         """Free the reserved blocks of a transfer that will not complete."""

@@ -3,7 +3,9 @@
     begin() ── Reserve ──► TransferHandle ── send_layers(a, b) ─► chunks ─► worker threads:
        │                                                          pin lease, pack_kv into the wire
        │                                                          buffer (or a shm slab), PushChunk
-       └─ RESOURCE_EXHAUSTED: TransferRefusedError, lease released
+       ├─ RESOURCE_EXHAUSTED: TransferRefusedError, lease released
+       └─ NOT_FOUND (the peer has not registered the request yet): Reserve again, backing off from 1 ms
+          to 20 ms, for up to rpc_timeout_s or until should_stop() (then TransferRefusedError)
     every layer submitted and every chunk acked ─► Commit (the ack) ─► lease released, result ok
     any failure ─► one retry (Reserve again, resend every submitted layer) ─► failure by policy
 
@@ -49,6 +51,9 @@ from kvcache.transfer.wire import LAYOUT_TRAILER_KEY
 from kvcache.transfer.writers import pid_namespace
 
 logger = logging.getLogger(__name__)
+
+_REGISTER_WAIT_MIN_S = 0.001  # backoff between Reserves while the peer has not registered the request
+_REGISTER_WAIT_MAX_S = 0.02
 
 
 def _ignore(result: TransferResult) -> None:
@@ -179,12 +184,14 @@ class KVSender:
     # ---- one transfer ----
     def begin(self, request_id: str, num_tokens: int, src_block_ids: list[int],
               on_done: Callable[[TransferResult], None] = _ignore,
-              with_first_token: bool = False) -> TransferHandle:
+              with_first_token: bool = False, should_stop: Callable[[], bool] = lambda: False) -> TransferHandle:
         """Lease src_block_ids and reserve blocks for num_tokens tokens on the peer (blocks for the
-        Reserve RPC). TransferRefusedError when the peer has no room, PeerUnavailableError when it
-        does not answer; in both cases the lease is already released. on_done(result) runs once, on
-        a sender thread, when the transfer ends. with_first_token: the commit waits for
-        handle.set_first_token() and carries that token to the peer."""
+        Reserve RPC; while the peer has not registered the request yet, it asks again until
+        rpc_timeout_s passes or should_stop() is true). TransferRefusedError when the peer has no
+        room (or never registered the request), PeerUnavailableError when it does not answer; in
+        both cases the lease is already released. on_done(result) runs once, on a sender thread,
+        when the transfer ends. with_first_token: the commit waits for handle.set_first_token() and
+        carries that token to the peer."""
         if not self._connected or self._closed:
             raise RuntimeError("begin() needs a connected KVSender: call connect() first, and not after close()")
         num_blocks = self.layout.num_blocks_for(num_tokens)
@@ -196,7 +203,7 @@ class KVSender:
             raise ValueError(f"block ids outside the cache's {self.kv_cache.shape[2]} blocks: {src_block_ids}")
         self._leases.grant(request_id, src_block_ids)
         try:
-            reserved = self._reserve_with_retry(request_id, num_tokens, num_blocks)
+            reserved = self._reserve_with_retry(request_id, num_tokens, num_blocks, should_stop)
             handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done,
                                     with_first_token)
             if self._one_sided is not None:
@@ -207,13 +214,29 @@ class KVSender:
         self._handles[request_id] = handle
         return handle
 
-    def _reserve_with_retry(self, request_id: str, num_tokens: int, num_blocks: int) -> pb.ReserveResponse:
+    def _reserve_with_retry(self, request_id: str, num_tokens: int, num_blocks: int,
+                            should_stop: Callable[[], bool]) -> pb.ReserveResponse:
         request = pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, num_blocks=num_blocks,
                                     one_sided=self._one_sided is not None, sender_id=self.sender_id)
-        for attempt in range(self.config.max_retries + 1):
+        give_up_at = time.monotonic() + self.config.rpc_timeout_s
+        backoff = _REGISTER_WAIT_MIN_S
+        attempt = 0
+        while True:
             try:
                 return self._peer.reserve(request, self.config.rpc_timeout_s)
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:  # the peer has not registered it yet: ask again
+                    if should_stop():
+                        raise TransferRefusedError(f"request {request_id!r} was cancelled before its decode "
+                                                   "instance registered it") from e
+                    if time.monotonic() + backoff > give_up_at:
+                        self.counters.add(num_refused=1)
+                        raise TransferRefusedError(
+                            f"the decode instance at {self._peer.address} did not register request {request_id!r} "
+                            f"within {self.config.rpc_timeout_s:g}s (--kv-transfer-rpc-timeout-s)") from e
+                    time.sleep(backoff)
+                    backoff = min(2 * backoff, _REGISTER_WAIT_MAX_S)
+                    continue
                 if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     self.counters.add(num_refused=1)
                     raise TransferRefusedError(e.details()) from e
@@ -222,7 +245,7 @@ class KVSender:
                     raise PeerUnavailableError(f"reserving KV blocks on {self._peer.address} failed: "
                                                f"{e.code().name}: {e.details()}") from e
                 self.counters.add(num_retries=1)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                attempt += 1
 
     def submit_layers(self, handle: TransferHandle, layer_start: int, layer_end: int) -> None:
         if not 0 <= layer_start < layer_end <= self.layout.num_layers:

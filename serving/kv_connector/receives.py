@@ -10,6 +10,11 @@ and reports the end of the transfer. Each step reports what happened as MoveResu
                  │                                                         failed once it let go
                  └──cancel before any Reserve ──► failed
 
+A prefill instance may ask before the engine has registered the request (the router starts the prefill
+while this instance reserves): `reserve` then raises NotRegisteredYet and the sender asks again, unless
+the request has already ended here (cancelled or received; the last _ENDED_MEMORY ids are
+remembered), which is refused at once.
+
 `cancel` runs on the engine thread and does not wait: the receive is reported failed (and only then
 does the scheduler free the blocks, which it holds meanwhile) once no copy can write them any more.
 On the one-sided path that is when the prefill process confirmed its writes stopped or exited, which
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -29,12 +35,14 @@ import torch
 from kvcache.shared_pool import SharedKVPool
 from kvcache.transfer import KVReceiver, ReceiverServer, TransferConfig, TransferCounters
 from kvcache.transfer.layout import KVLayout
+from kvcache.transfer.reservation import NotRegisteredYet
 from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, MoveResult
 
 logger = logging.getLogger(__name__)
 
 _RECORD_WAIT_S = 1.0
 _DROP_RETRY_S = 0.001
+_ENDED_MEMORY = 65536  # request ids (unique per router leg) that ended here, refused at once if asked for
 
 
 @dataclass
@@ -55,6 +63,7 @@ class KVReceives:
         self._expected: dict[str, _Expected] = {}
         self._cancelled: dict[str, _Expected] = {}  # cancelled while lent, until the receiver lets go
         self._results: list[MoveResult] = []
+        self._ended: OrderedDict[str, None] = OrderedDict()  # the latest ids expected here and ended since
         self._block_size = 1
         self._server: ReceiverServer | None = None
         self.address = ""  # of the KVTransfer service, once started
@@ -91,6 +100,7 @@ class KVReceives:
             expected = self._expected.pop(request_id, None)
             if expected is None:
                 return
+            self._note_ended(request_id)
             if not expected.lent or expected.let_go.is_set():
                 self._results.append(MoveResult(request_id, "recv", FAILED, reason))
                 return
@@ -126,8 +136,10 @@ class KVReceives:
         num_blocks = -(-num_tokens // self._block_size)
         with self._lock:
             expected = self._expected.get(request_id)
+            if expected is None and request_id not in self._ended:
+                raise NotRegisteredYet(request_id)  # the sender came before the engine registered it
             if expected is None or expected.lent or num_blocks > len(expected.block_ids):
-                return None  # unknown, cancelled or already lent: nothing to write into
+                return None  # ended, or already lent: nothing to write into
             expected.lent = True
             self._results.append(MoveResult(request_id, "recv", ACTIVE))
             return expected.block_ids[:num_blocks]
@@ -139,13 +151,21 @@ class KVReceives:
         with self._lock:
             self._let_go_locked(request_id)
             if self._expected.pop(request_id, None) is not None:
+                self._note_ended(request_id)
                 self._results.append(MoveResult(request_id, "recv", FINISHED, first_token_id=first_token_id))
 
     def on_transfer_failed(self, request_id: str, reason: str) -> None:
         with self._lock:
             self._let_go_locked(request_id)
             if self._expected.pop(request_id, None) is not None:
+                self._note_ended(request_id)
                 self._results.append(MoveResult(request_id, "recv", FAILED, reason))
+
+    def _note_ended(self, request_id: str) -> None:
+        """(Under the lock.) A sender asking for it from now on is refused, not told to wait."""
+        self._ended[request_id] = None
+        if len(self._ended) > _ENDED_MEMORY:
+            self._ended.popitem(last=False)
 
     def _let_go(self, request_id: str) -> None:
         with self._lock:

@@ -179,8 +179,10 @@ class KVSends:
             if entry.cancelled:
                 raise TransferRefusedError(entry.cancelled)
             sender = self._sender(send.peer)
+            # should_stop: cancelled (the router gave up on the request) while the decode instance has
+            # not registered it yet (the router starts the prefill while the decode instance reserves)
             handle = sender.begin(request_id, send.num_tokens, send.block_ids, on_done=self._on_done,
-                                  with_first_token=True)
+                                  with_first_token=True, should_stop=lambda: bool(entry.cancelled))
         except Exception as e:  # noqa: BLE001 - any failure fails this transfer only
             # refused: the decode side no longer expects the request (aborted, or it stopped at its
             # first token), which is routine; anything else is worth an operator's attention

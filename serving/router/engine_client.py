@@ -79,7 +79,7 @@ class DisaggregatedClient:
         # advanced by the flows and the pool; exported as extra["router"]
         self.counters = {"num_reroutes": 0, "num_decode_failures": 0, "num_reprefills": 0, "num_kv_waits": 0,
                          "num_instance_failures": 0, "num_instance_restarts": 0, "num_kv_transferred": 0,
-                         "num_kv_recomputed": 0}
+                         "num_kv_recomputed": 0, "num_early_prefills_cancelled": 0}
         self._pool: InstancePool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flows: dict[str, RequestFlow] = {}

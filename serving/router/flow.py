@@ -2,7 +2,10 @@
 or on one colocated replica (data parallel: a leg is one Generate stream, `_replica_leg`).
 
 A *leg* is one try: reserve KV blocks on a decode instance D, prefill on a prefill instance P that
-sends the KV to D, hand P's first token to the client at once and to D, then stream D's tokens. A leg
+sends the KV to D, hand P's first token to the client at once and to D, then stream D's tokens. The
+prefill starts while D reserves when the router's estimate says D has room (scheduler/routing.py:
+D answers only after a decode step; P's sender asks D again until D has registered the blocks); if D
+refuses after all, that prefill is cancelled and P is asked again once another D has accepted. A leg
 that fails before any token reached the client is tried again on other instances (fresh request ids
 on both, so nothing of the failed leg can mix in). Once tokens have been sent, a failed decode
 instance ends the request with an error, or, if configured, a new leg prefills prompt + tokens so
@@ -16,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -71,6 +74,7 @@ class _Stream:
         self.call = call
         self.interruption: Exception | None = None
         self.closed = False
+        self.num_queued_tokens = 0  # a prefill stream's prompt, counted in its instance's queue until closed
         self.client = state.client  # the incarnation the call went to
         state.streams.add(self)
 
@@ -203,10 +207,12 @@ class RequestFlow:
             async for output in self._replica_leg(leg_id, prompt, params):
                 yield output
             return
-        decode_stream = await self._reserve_decode(leg_id, prompt, params)
+        decode_stream, prefill_stream = await self._reserve_decode(leg_id, prompt, params)
         decode = decode_stream.state  # its num_active counts this leg until the finally below
         try:
-            first = await self._prefill(leg_id, prompt, params, decode)
+            if prefill_stream is None:
+                prefill_stream = await self._open_prefill(leg_id, prompt, params, decode)
+            first = await self._first_output(prefill_stream)
             if first.finish_reason != "remote_decode":  # a real stop (or an error) at the first token
                 yield self._emit(first)
                 return
@@ -229,6 +235,8 @@ class RequestFlow:
         finally:
             decode.num_active -= 1
             self._close(decode_stream)
+            if prefill_stream is not None:
+                self._close(prefill_stream)
 
     async def _replica_leg(self, leg_id: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """The whole request on one replica; its prompt counts as queued there until the first output."""
@@ -268,17 +276,30 @@ class RequestFlow:
             changes["max_tokens"] = self.params.max_tokens - num_sent
         return self.params.clone(**changes)
 
-    async def _reserve_decode(self, leg_id: str, prompt: list[int], params: SamplingParams) -> _Stream:
-        """Open the decode stream on the best instance with room; wait (bounded) for room."""
+    async def _reserve_decode(self, leg_id: str, prompt: list[int],
+                              params: SamplingParams) -> tuple[_Stream, _Stream | None]:
+        """Open the decode stream on the best instance with room; wait (bounded) for room. Returns it
+        and the prefill stream opened while it reserved (None: the prefill is not started yet)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deploy.instance_timeout_s
         backoff = _MIN_BACKOFF_S
         while True:
             candidates = self.pool.decode_candidates()
             for decode in candidates:
-                stream = await self._try_reserve(decode, leg_id, prompt, params)
+                early: list[_Stream | None] = []  # the prefill opened once the reservation is sent
+                if self.deploy.prefill_while_reserving and self.pool.routing.prefill_while_reserving(
+                        decode, self._num_blocks(decode, prompt)):
+                    def open_early(decode=decode, early=early) -> None:
+                        early.append(self._open_prefill_now(leg_id, prompt, params, decode))
+                else:
+                    open_early = None
+                stream = await self._try_reserve(decode, leg_id, prompt, params, open_early)
+                prefill = early[0] if early else None
                 if stream is not None:
-                    return stream
+                    return stream, prefill
+                if prefill is not None:  # the estimate was wrong: this prefill sends to no one
+                    self.counters["num_early_prefills_cancelled"] += 1
+                    self._close(prefill)
             if self.aborted:
                 raise _Aborted()
             remaining = deadline - loop.time()
@@ -295,10 +316,10 @@ class RequestFlow:
                 await self._wait_for_instance("decode", remaining)
 
     async def _try_reserve(self, decode: InstanceState, leg_id: str, prompt: list[int],
-                           params: SamplingParams) -> _Stream | None:
+                           params: SamplingParams, sent: Callable[[], None] | None = None) -> _Stream | None:
         """The decode stream once `decode` has reserved the blocks (counted in its load); None when
-        it has no room or is gone."""
-        num_blocks = -(-(len(prompt) + 1) // decode.launched.info.block_size)
+        it has no room or is gone. sent() runs once the reservation is on its way."""
+        num_blocks = self._num_blocks(decode, prompt)
         # counted before the answer comes, so that requests arriving together spread over instances
         decode.num_active += 1
         decode.num_blocks_reserved_since_poll += num_blocks
@@ -306,6 +327,8 @@ class RequestFlow:
                                                            client_id=self.client_id, priority=self.priority))
         accepted = False
         try:
+            if sent is not None:
+                sent()
             message = await stream.read(self.deploy.instance_timeout_s)
             if not message.accepted:
                 raise EngineDeadError(f"decode instance {decode.name} answered a reservation with an "
@@ -324,22 +347,39 @@ class RequestFlow:
                 decode.num_blocks_reserved_since_poll = max(
                     0, decode.num_blocks_reserved_since_poll - num_blocks)
 
-    async def _prefill(self, leg_id: str, prompt: list[int], params: SamplingParams,
-                       decode: InstanceState) -> EngineCoreOutput:
-        """P's only output: the first token (finish_reason remote_decode) or a real stop."""
+    @staticmethod
+    def _num_blocks(decode: InstanceState, prompt: list[int]) -> int:
+        return -(-(len(prompt) + 1) // decode.launched.info.block_size)  # the prompt and the first token
+
+    async def _open_prefill(self, leg_id: str, prompt: list[int], params: SamplingParams,
+                            decode: InstanceState) -> _Stream:
+        """The Generate stream on the prefill instance routing picks (waiting, bounded, for one to be up)."""
+        stream = self._open_prefill_now(leg_id, prompt, params, decode)
+        if stream is None:
+            await self._wait_for_instance("prefill", self.deploy.instance_start_timeout_s)
+            stream = self._open_prefill_now(leg_id, prompt, params, decode)
+            if stream is None:
+                raise EngineDeadError("no prefill instance is up")
+        return stream
+
+    def _open_prefill_now(self, leg_id: str, prompt: list[int], params: SamplingParams,
+                          decode: InstanceState) -> _Stream | None:
+        """None: no prefill instance is up. Its prompt counts as queued there until the stream is closed
+        (closing it unanswered aborts the prompt there, and its KV send)."""
         prefill = self.pool.pick_prefill()
         if prefill is None:
-            await self._wait_for_instance("prefill", self.deploy.instance_start_timeout_s)
-            prefill = self.pool.pick_prefill()
-            if prefill is None:
-                raise EngineDeadError("no prefill instance is up")
+            return None
         stream = self._open(prefill, prefill.client.generate(leg_id, prompt, params, kv_peer=decode.kv_address,
                                                              client_id=self.client_id, priority=self.priority))
+        stream.num_queued_tokens = len(prompt)
         prefill.num_queued_prefill_tokens += len(prompt)
+        return stream
+
+    async def _first_output(self, stream: _Stream) -> EngineCoreOutput:
+        """P's only output: the first token (finish_reason remote_decode) or a real stop."""
         try:
             return wire.output_from_proto(await self._read(stream))
         finally:
-            prefill.num_queued_prefill_tokens = max(0, prefill.num_queued_prefill_tokens - len(prompt))
             self._close(stream)
 
     async def _await_handoff(self, handoff: asyncio.Future, decode: InstanceState) -> None:
@@ -373,6 +413,10 @@ class RequestFlow:
 
     def _close(self, stream: _Stream) -> None:
         self._streams.discard(stream)
+        if stream.num_queued_tokens:
+            state = stream.state
+            state.num_queued_prefill_tokens = max(0, state.num_queued_prefill_tokens - stream.num_queued_tokens)
+            stream.num_queued_tokens = 0
         stream.close()
 
     def _count_kv_transfer(self, outcome: str, decode: InstanceState) -> None:

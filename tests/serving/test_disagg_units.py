@@ -8,12 +8,14 @@ import glob
 import os
 import time
 
+import grpc
 import pytest
 import torch
 
 from kvcache.transfer import TransferConfig
 from kvcache.transfer._proto import kv_transfer_pb2 as kv_pb
 from kvcache.transfer.layout import KVLayout
+from kvcache.transfer.reservation import NotRegisteredYet
 from scheduler.engine_core import EngineCoreOutput
 from scheduler.kv_moves import ACTIVE, FAILED, FINISHED, STARTED, CancelKV, RecvKV, SendKV
 from scheduler.sampling_params import SamplingParams
@@ -25,6 +27,7 @@ from serving.launchers import LaunchedInstance, make_specs
 from serving.router.pool import InstancePool
 from serving.router.engine_client import check_peers
 from serving.engine.protocol import TokenLogprob
+from serving.kv_connector import receives as receives_module
 from serving.kv_connector.receives import KVReceives
 from serving.kv_connector.transfer import TransferWorker, model_fingerprint
 
@@ -79,16 +82,151 @@ def test_the_router_sends_client_id_and_priority_to_both_instances():
             def decode(self, ids, skip_special_tokens=True):
                 return ""
         flow = RequestFlow(pool, Tokenizer(), DeployConfig(), "r", [1, 2, 3], SamplingParams(max_tokens=2),
-                           {"num_reroutes": 0, "num_decode_failures": 0, "num_reprefills": 0, "num_kv_waits": 0},
+                           {"num_reroutes": 0, "num_decode_failures": 0, "num_reprefills": 0, "num_kv_waits": 0,
+                            "num_early_prefills_cancelled": 0},
                            client_id="alice", priority=5)
         with pytest.raises(RuntimeError, match="recorded"):
             async for _ in flow.outputs():
                 pass
         with pytest.raises(RuntimeError, match="recorded"):
-            await flow._prefill("r@0", [1, 2, 3], SamplingParams(max_tokens=2), pool.instances[1])
+            await flow._open_prefill("r@0", [1, 2, 3], SamplingParams(max_tokens=2), pool.instances[1])
         await pool.close()
     asyncio.run(run())
     assert calls == [("decode", "alice", 5), ("prefill", "alice", 5)]
+
+
+class _ScriptedCall:
+    """A Generate call whose messages the test puts in; records its cancellation."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    async def read(self):
+        message = await self.messages.get()
+        if isinstance(message, BaseException):
+            raise message
+        return message
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _ScriptedInstance:
+    """An instance client that hands each Generate call to the test (role, kwargs, call)."""
+
+    def __init__(self, role: str, opened: asyncio.Queue) -> None:
+        self.role, self.opened, self.first_tokens = role, opened, []
+
+    def generate(self, request_id, prompt, params, **kwargs):
+        call = _ScriptedCall()
+        self.opened.put_nowait((self.role, kwargs, call))
+        return call
+
+    async def set_first_token(self, request_id, token_id):
+        self.first_tokens.append(token_id)
+
+    async def close(self):
+        pass
+
+
+def _output(token_ids, finished=False, finish_reason=None, accepted=False):
+    return wire.output_to_proto(EngineCoreOutput("r@0", token_ids, finished=finished, finish_reason=finish_reason,
+                                                 accepted=accepted))
+
+
+def _scripted_flow(deploy: DeployConfig, num_decode: int = 1, free_blocks: int = 100):
+    from serving.router.flow import RequestFlow
+
+    launched = [_launched("prefill-0", "prefill", 16)] + [_launched(f"decode-{i}", "decode", 16)
+                                                          for i in range(num_decode)]
+    counters = {"num_instance_failures": 0, "num_instance_restarts": 0, "num_reroutes": 0, "num_decode_failures": 0,
+                "num_reprefills": 0, "num_kv_waits": 0, "num_early_prefills_cancelled": 0,
+                "num_kv_transferred": 0, "num_kv_recomputed": 0}
+    pool = InstancePool(launched, launcher=None, deploy=deploy, check_peer=None, counters=counters)
+    opened: asyncio.Queue = asyncio.Queue()
+    for state in pool.instances:
+        state.client = _ScriptedInstance(state.role, opened)
+        state.stats.num_free_blocks = free_blocks
+        state.launched.info.kv_address = f"{state.name}-kv"
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+    flow = RequestFlow(pool, Tokenizer(), deploy, "r", list(range(40)), SamplingParams(max_tokens=2), counters)
+    return flow, pool, opened, counters
+
+
+async def _collect(flow) -> list:
+    return [output async for output in flow.outputs()]
+
+
+def test_the_prefill_starts_while_the_decode_instance_reserves():
+    """The decode instance answers its reservation only after the prefill has been asked for (it would
+    wait for ever if the router waited for the answer first)."""
+    async def run():
+        flow, pool, opened, counters = _scripted_flow(DeployConfig())
+        outputs = asyncio.ensure_future(_collect(flow))
+        role, kwargs, decode_call = await asyncio.wait_for(opened.get(), 5)
+        assert role == "decode" and kwargs["remote_prefill"]
+        role, kwargs, prefill_call = await asyncio.wait_for(opened.get(), 5)  # before any answer from decode
+        assert role == "prefill" and kwargs["kv_peer"] == pool.instances[1].kv_address
+        assert pool.instances[0].num_queued_prefill_tokens == 40
+        prefill_call.messages.put_nowait(_output([5], finished=True, finish_reason="remote_decode"))
+        await asyncio.sleep(0.05)
+        assert not outputs.done()  # the first token waits for the reservation: D must hold the blocks first
+        decode_call.messages.put_nowait(_output([], accepted=True))
+        decode_call.messages.put_nowait(_output([6], finished=True, finish_reason="length"))
+        results = await asyncio.wait_for(outputs, 5)
+        assert [t for o in results for t in o.new_token_ids] == [5, 6] and results[-1].finished
+        assert pool.instances[1].client.first_tokens == [5]
+        assert pool.instances[0].num_queued_prefill_tokens == 0 and counters["num_early_prefills_cancelled"] == 0
+        await pool.close()
+    asyncio.run(run())
+
+
+def test_a_refused_reservation_cancels_the_early_prefill_and_prefills_for_the_decode_that_accepts():
+    async def run():
+        flow, pool, opened, counters = _scripted_flow(DeployConfig(), num_decode=2)
+        outputs = asyncio.ensure_future(_collect(flow))
+        role, _, first_decode = await asyncio.wait_for(opened.get(), 5)
+        role, kwargs, early = await asyncio.wait_for(opened.get(), 5)
+        assert role == "prefill"
+        first_decode.messages.put_nowait(grpc.aio.AioRpcError(  # that decode instance has no room after all
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "no free KV blocks"))
+        role, _, second_decode = await asyncio.wait_for(opened.get(), 5)
+        assert role == "decode" and early.cancelled  # the prefill sending to the refusing instance is aborted
+        assert counters["num_early_prefills_cancelled"] == 1
+        role, kwargs2, prefill = await asyncio.wait_for(opened.get(), 5)
+        assert role == "prefill" and (kwargs["kv_peer"], kwargs2["kv_peer"]) == ("decode-0-kv", "decode-1-kv")
+        second_decode.messages.put_nowait(_output([], accepted=True))
+        prefill.messages.put_nowait(_output([5], finished=True, finish_reason="remote_decode"))
+        second_decode.messages.put_nowait(_output([6], finished=True, finish_reason="length"))
+        results = await asyncio.wait_for(outputs, 5)
+        assert [t for o in results for t in o.new_token_ids] == [5, 6] and results[-1].finished
+        assert pool.instances[0].num_queued_prefill_tokens == 0
+        await pool.close()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("deploy, free_blocks", [(DeployConfig(prefill_while_reserving=False), 100),
+                                                 (DeployConfig(), 3)])
+def test_the_prefill_waits_for_the_reservation_when_switched_off_or_short_of_blocks(deploy, free_blocks):
+    """40 prompt tokens + 1 need 3 blocks of 16: with 3 free the estimate is enough, with fewer not."""
+    async def run():
+        flow, pool, opened, counters = _scripted_flow(deploy, free_blocks=free_blocks - (free_blocks == 3))
+        outputs = asyncio.ensure_future(_collect(flow))
+        role, _, decode_call = await asyncio.wait_for(opened.get(), 5)
+        await asyncio.sleep(0.05)
+        assert role == "decode" and opened.empty()  # no prefill before the answer
+        decode_call.messages.put_nowait(_output([], accepted=True))
+        role, _, prefill_call = await asyncio.wait_for(opened.get(), 5)
+        assert role == "prefill"
+        prefill_call.messages.put_nowait(_output([5], finished=True, finish_reason="remote_decode"))
+        decode_call.messages.put_nowait(_output([6], finished=True, finish_reason="length"))
+        await asyncio.wait_for(outputs, 5)
+        await pool.close()
+    asyncio.run(run())
 
 
 def test_sampling_params_refuse_n_above_one():
@@ -216,7 +354,8 @@ def _states(results, request_id="r"):
 
 def test_receives_lend_only_expected_blocks_once():
     receives = _receives()
-    assert receives.reserve("r", 5) is None  # never expected (e.g. aborted already)
+    with pytest.raises(NotRegisteredYet):  # not registered yet: the sender asks again
+        receives.reserve("r", 5)
     receives.expect("r", [7, 3, 9])
     assert _states(receives.poll()) == [("recv", STARTED)]
     assert receives.reserve("r", 13) is None  # more blocks than the engine reserved
@@ -226,6 +365,18 @@ def test_receives_lend_only_expected_blocks_once():
     results = receives.poll()
     assert _states(results) == [("recv", ACTIVE), ("recv", FINISHED)] and results[-1].first_token_id == 42
     assert receives.poll() == []
+    assert receives.reserve("r", 5) is None  # received already: refused, not "ask again"
+
+
+def test_receives_refuse_at_once_what_ended_and_forget_only_the_oldest(monkeypatch):
+    monkeypatch.setattr(receives_module, "_ENDED_MEMORY", 2)
+    receives = _receives()
+    for request_id in ("a", "b", "c"):
+        receives.expect(request_id, [1])
+        receives.cancel(request_id, "aborted")
+    assert receives.reserve("b", 2) is None and receives.reserve("c", 2) is None
+    with pytest.raises(NotRegisteredYet):  # the oldest was forgotten: a sender would wait for it
+        receives.reserve("a", 2)
 
 
 def test_receives_report_a_dropped_transfer_as_failed():
@@ -333,6 +484,43 @@ def test_workers_move_the_prompt_kv_layer_group_by_group(tiny_model_dir):
         assert prefill.counters()["num_transfers_sent"] == 1
         num_bytes = 3 * NUM_LAYERS * 2 * BLOCK_SIZE * NUM_KV_HEADS * HEAD_DIM * 4  # 3 blocks, float32
         assert decode.counters()["num_bytes_received"] == num_bytes
+    finally:
+        prefill.close()
+        decode.close()
+
+
+def test_a_send_that_comes_before_the_receive_is_registered_waits_for_it(tiny_model_dir):
+    """The router starts the prefill while the decode instance reserves: the prefill's whole step (every
+    layer and the first token) may be done before the decode side registers its blocks."""
+    prefill, decode, prefill_cache, decode_cache, address = _workers(tiny_model_dir)
+    try:
+        src, dst = [5, 2, 11], [9, 0, 4, 13]
+        _send_step(prefill, SendKV("r", src, 40, address), first_token=77)
+        time.sleep(0.3)  # the sender is asking again meanwhile
+        assert not decode_cache.any() and not any(r.state == FAILED for r in prefill.poll())
+        decode.start([RecvKV("r", dst[:3], 40)])
+        assert _poll_until(decode, "recv", FINISHED, "r").first_token_id == 77
+        _poll_until(prefill, "send", FINISHED, "r")
+        torch.testing.assert_close(decode_cache[:, :, dst[:3]], prefill_cache[:, :, src], rtol=0, atol=0)
+        assert decode.counters()["num_refused"] == 0 and prefill.counters()["num_failed"] == 0
+    finally:
+        prefill.close()
+        decode.close()
+
+
+@pytest.mark.parametrize("how", ["cancelled", "never registered"])
+def test_a_send_waiting_for_registration_ends_when_cancelled_or_after_the_rpc_timeout(tiny_model_dir, how):
+    prefill, decode, _, decode_cache, address = _workers(tiny_model_dir, kv_transfer_rpc_timeout_s=0.5)
+    try:
+        _send_step(prefill, SendKV("r", [1, 2], 20, address))
+        if how == "cancelled":
+            time.sleep(0.1)
+            prefill.start([CancelKV("r", "the router gave up on the request")])
+        failed = _poll_until(prefill, "send", FAILED, "r")
+        expected = "was cancelled before" if how == "cancelled" else "did not register request 'r' within 0.5s"
+        assert expected in failed.reason, failed.reason
+        assert not prefill.sends.has("r")  # reported failed once its lease ended: the blocks are free
+        assert not decode_cache.any()
     finally:
         prefill.close()
         decode.close()
