@@ -152,7 +152,7 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
                          kv_transfer_lease_ttl_s=deploy.kv_transfer_lease_ttl_s,
                          kv_transfer_stall_timeout_s=deploy.kv_transfer_stall_timeout_s,
                          kv_transfer_failure_policy=deploy.kv_transfer_failure_policy,
-                         max_concurrency=max_concurrency)
+                         prefill_while_reserving=deploy.prefill_while_reserving, max_concurrency=max_concurrency)
 
 
 def _arch(config: Config):

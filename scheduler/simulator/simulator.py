@@ -17,10 +17,13 @@ Events, on one global clock (seconds after the first arrival), ordered by (time,
     move due     a KV move result falls due (transfer model: scheduler/simulator/transfer.py): wakes
                  its instance, whose next step collects it
 
-    decode D reports `accepted` (its RecvKV is registered) -> the router picks a prefill instance P
-    (fewest queued prompt tokens) -> P's step that completes the prompt plans SendKV and samples the
-    first token: at that step's end the client has its first token and the router hands it to D
-    (SetFirstToken) -> the commit (transfer done) carries it too; D decodes once both are in.
+    the router reserves on decode D and, when its estimate says D has room (prefill_while_reserving,
+    the runtime's default), picks a prefill instance P (fewest queued prompt tokens) at once; else once
+    D reports `accepted` (its RecvKV is registered, at the end of D's next step) -> P's step that
+    completes the prompt plans SendKV (whose KV leaves once D has registered the blocks) and samples the
+    first token: at that step's end, or once D has accepted if later, the client has its first token
+    and the router hands it to D (SetFirstToken) -> the commit (transfer done) carries it too; D decodes
+    once both are in.
 
 A step's outputs carry the virtual time of the step's end, which is when a client would see them.
 Every decision (batching, chunking, preemption, admission, reservation, routing) is made by the
@@ -77,6 +80,10 @@ class _Flow:
     decode: SimInstance | None = None
     request: Request | None = None  # on the replica, or on the decode instance
     prefill_request: Request | None = None
+    prefill_sent: bool = False  # the prefill is dispatched (at the reservation, or once it was accepted)
+    accepted: bool = False  # the decode instance has accepted the reservation
+    held_first: EngineCoreOutput | None = None  # the prefill's answer, held until the reservation is accepted
+    prefill_answered: bool = False
     done: bool = False
 
 
@@ -231,7 +238,12 @@ class Simulator:
         """Reserve blocks on the best decode instance with room (False: none has room)."""
         for decode in self._decodes:
             decode.num_free_blocks_estimate_at(self.now)
+        num_blocks_by = {}
         for decode in self.routing.decode_candidates(self._decodes):
+            num_blocks = num_blocks_by.setdefault(decode.spec.block_size,
+                                                  -(-(len(flow.prompt_ids) + 1) // decode.spec.block_size))
+            early = (self.deployment.prefill_while_reserving and self.deployment.phase == "both"
+                     and self.routing.prefill_while_reserving(decode, num_blocks))
             try:
                 request = self._request(flow, decode, remote_prefill=True)
                 decode.core.add_request(request)
@@ -241,9 +253,12 @@ class Simulator:
                 self._finish(flow, str(e))
                 return True
             decode.num_active += 1
-            decode.num_blocks_reserved_since_poll += -(-(len(flow.prompt_ids) + 1) // decode.spec.block_size)
+            decode.num_blocks_reserved_since_poll += num_blocks
             flow.decode, flow.request = decode, request
             self._wake(decode)
+            if early:
+                flow.prefill_sent = True
+                self._dispatch_prefill(flow, kv_peer=decode.name)
             return True
         return False
 
@@ -286,6 +301,10 @@ class Simulator:
     def _on_prefill_output(self, prefill: SimInstance, flow: _Flow, output: EngineCoreOutput) -> None:
         if not output.finished:
             return
+        flow.prefill_answered = True
+        if flow.decode is not None and not flow.accepted:  # the router reads it once D has accepted
+            flow.held_first = output
+            return
         record = flow.record
         prefill.num_queued_prefill_tokens -= len(flow.prompt_ids)
         record.prefill_scheduled_s = flow.prefill_request.first_scheduled_time
@@ -306,11 +325,16 @@ class Simulator:
         record = flow.record
         if output.accepted:
             record.reserved_s = self.now
+            flow.accepted = True
             if self.deployment.phase == "decode":  # the decode phase alone: the prompt's KV is there
                 record.token_times_s.append(self.now)
                 self.network.deliver_now(decode.moves, record.request_id, self.now)
-            else:
+            elif not flow.prefill_sent:
+                flow.prefill_sent = True
                 self._dispatch_prefill(flow, kv_peer=decode.name)
+            elif flow.held_first is not None:
+                held, flow.held_first = flow.held_first, None
+                self._on_prefill_output(flow.instance, flow, held)
             return
         if output.new_token_ids:
             if record.decode_scheduled_s is None:
@@ -336,6 +360,15 @@ class Simulator:
             decode.core.abort_requests([record.request_id])
             decode.num_active -= 1
             self._wake(decode)
+        prefill = flow.instance
+        if flow.held_first is not None:  # answered, never read: the router closes that stream
+            prefill.num_queued_prefill_tokens -= len(flow.prompt_ids)
+        if decode is not None and prefill is not None and flow.prefill_request is not None and not flow.prefill_answered:
+            # it ends before its prefill answered (started while the decode instance reserved): the
+            # router closes that stream, which aborts the prompt there
+            prefill.core.abort_requests([record.request_id])
+            prefill.num_queued_prefill_tokens -= len(flow.prompt_ids)
+            self._wake(prefill)
         record.decode_instance = flow.decode.name if flow.decode else ""
         record.instance = flow.instance.name if flow.instance else ""
         del self._flows[record.request_id]

@@ -75,6 +75,8 @@ class SimDeployment:
     kv_transfer_lease_ttl_s: float = 60.0
     kv_transfer_stall_timeout_s: float = 30.0
     kv_transfer_failure_policy: str = "recompute"
+    # the router starts the prefill while the decode instance reserves, when its estimate has room
+    prefill_while_reserving: bool = True
     max_concurrency: int | None = None  # client-side cap on requests in flight (bench --max-concurrency)
 
     def __post_init__(self) -> None:

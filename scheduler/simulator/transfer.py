@@ -13,6 +13,11 @@ layer groups (⌈L / layers_per_group⌉) and group g's KV leaves as soon as the
     done = max(s + T + x,  s + T/G + G·x,  link_free + G·x) + transfer_latency
            (last group after its compute; a link slower than compute; a link busy with earlier sends)
 
+A SendKV planned before the receiver registered its RecvKV (the router starts the prefill while the
+decode instance reserves) waits for it: its groups leave from the registration on (the runtime's sender
+asks again until then), so `first_leaves` is at least the registration time. A send whose receive was
+cancelled, or ended, fails at the step's end.
+
 bandwidth is the cluster's intra-node figure when both instances share a node, its inter-node figure
 otherwise. A link is the sender's egress and the receiver's ingress: transfers through either are
 served one after another (link_free is the later of the two). At `done` the decode side's receive
@@ -66,6 +71,7 @@ class _Transfer:
     sender: InstanceMoves | None = None
     done_s: float | None = None  # when the send ends (known once it is planned)
     cancelled: bool = False
+    waiting_send: tuple | None = None  # (sender, SendKV, step start, step seconds) planned before the receive
 
 
 @dataclass
@@ -99,8 +105,13 @@ class TransferNetwork:
 
     def start(self, moves: InstanceMoves, move: KVMove, now: float, step_seconds: float) -> None:
         if isinstance(move, RecvKV):
-            self._transfers.setdefault(move.request_id, _Transfer()).receiver = moves
+            transfer = self._transfers.setdefault(move.request_id, _Transfer())
+            transfer.receiver = moves
             moves.push(now, MoveResult(move.request_id, "recv", STARTED))
+            if transfer.waiting_send is not None:
+                sender, send, start, step_seconds = transfer.waiting_send
+                transfer.waiting_send = None
+                self._send(sender, send, start, step_seconds, registered_at=now)
         elif isinstance(move, SendKV):
             self._send(moves, move, now, step_seconds)
         elif isinstance(move, CancelKV):
@@ -114,14 +125,21 @@ class TransferNetwork:
         moves.push(now, MoveResult(request_id, "recv", FINISHED, first_token_id=self.token_id))
         self._transfers.setdefault(request_id, _Transfer()).done_s = now
 
-    def _send(self, sender: InstanceMoves, move: SendKV, start: float, step_seconds: float) -> None:
+    def _send(self, sender: InstanceMoves, move: SendKV, start: float, step_seconds: float,
+              registered_at: float = 0.0) -> None:
         step_end = start + step_seconds
         if move.peer == IDEAL_PEER:
             sender.push(step_end, MoveResult(move.request_id, "send", FINISHED))
             return
         transfer = self._transfers.get(move.request_id)
-        if transfer is None or transfer.receiver is None or transfer.cancelled:
-            # the receive was cancelled (or never registered): the send fails when it tries
+        if transfer is not None and transfer.receiver is None and not transfer.cancelled:
+            transfer.waiting_send = (sender, move, start, step_seconds)  # the receive is not registered yet
+            return
+        if transfer is None:  # planned before the receive: it waits for the registration
+            self._transfers[move.request_id] = _Transfer(waiting_send=(sender, move, start, step_seconds))
+            return
+        if transfer.receiver is None or transfer.cancelled:
+            # the receive was cancelled: the send fails when it tries
             sender.push(step_end, MoveResult(move.request_id, "send", FAILED, "the receiver is gone"))
             return
         receiver = transfer.receiver
@@ -133,7 +151,7 @@ class TransferNetwork:
         per_group_s = num_bytes / groups / (bandwidth * lanes)
         out_key, in_key = ("out", p.name), ("in", d.name)
         link_free = max(self._link_free.get(out_key, 0.0), self._link_free.get(in_key, 0.0))
-        first_leaves = max(start + step_seconds / groups, link_free)
+        first_leaves = max(start + step_seconds / groups, link_free, registered_at)
         done = max(step_end + per_group_s, first_leaves + groups * per_group_s) + self.links.transfer_latency_s
         self._link_free[out_key] = self._link_free[in_key] = done
         transfer.sender, transfer.done_s = sender, done
@@ -154,6 +172,8 @@ class TransferNetwork:
             return  # it ended already; its results are on their way
         transfer.cancelled = True
         self.stats.num_cancelled += 1
+        if transfer.waiting_send is not None:  # planned, never started: its sender was still waiting
+            transfer.sender, transfer.waiting_send = transfer.waiting_send[0], None
         for side, kind in ((transfer.receiver, "recv"), (transfer.sender, "send")):
             if side is not None:
                 side.push(now, MoveResult(request_id, kind, FAILED, f"cancelled: {reason}"))

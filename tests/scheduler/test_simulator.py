@@ -209,3 +209,27 @@ def test_swaps_cost_what_the_profile_says_they_cost():
     slow, slow_end = run_with({"bytes_per_s": 2e8, "seconds_per_copy": 1e-4})
     assert free.scheduler.preemption.num_swapped_out > 0 and free.executor.swap_seconds == 0
     assert slow.executor.swap_seconds > 0.5 and slow_end > free_end
+
+
+@pytest.mark.parametrize("decode_step_s", [0.004, 0.4])
+def test_the_prefill_starts_while_a_busy_decode_instance_reserves_as_in_the_runtime(decode_step_s):
+    """A second request arrives while the decode instance decodes the first: its reservation is accepted at
+    the end of the decode step that registers it (the one after the step running now). Started at once,
+    its prefill hides that wait: the first token comes at max(prefill end, acceptance) instead of after both."""
+    model = LatencyModel(PhaseCoefficients(0.05, 1e-4, 0.0), PhaseCoefficients(decode_step_s, 0.0, 0.0))
+    prompt = 400
+    conversations = [SimConversation(0, 0.0, (SimTurn(100, 200),)),
+                     SimConversation(1, 0.5 + decode_step_s / 3, (SimTurn(prompt, 4),))]
+    ttft, accepted = {}, {}
+    for overlap in (True, False):
+        deploy = deployment(instance("prefill-0", "prefill", model=model), instance("decode-0", "decode", model=model),
+                            prefill_while_reserving=overlap)
+        _, result = run(deploy, conversations)
+        record = next(r for r in result.records if r.conversation_id == 1)
+        assert record.success and record.num_output_tokens == 4 and record.kv_transfer == "transferred"
+        ttft[overlap] = record.token_times_s[0] - record.start_s
+        accepted[overlap] = record.reserved_s - record.start_s
+    prefill = model.prefill_time([prompt])
+    assert accepted[True] == accepted[False] > decode_step_s  # the step running at the arrival and the next
+    assert ttft[False] == pytest.approx(accepted[False] + prefill)
+    assert ttft[True] == pytest.approx(max(prefill, accepted[True]))
