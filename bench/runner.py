@@ -55,8 +55,7 @@ def run_benchmark(spec: RunSpec, workload: Workload, count_tokens: Callable[[str
     replaces the network (tests use httpx.MockTransport)."""
     rng = np.random.default_rng([spec.seed, _ARRIVAL_SEED_OFFSET])
     arrivals_s = arrival_times(spec.load, len(workload.conversations), rng, workload.trace_times_s)
-    started_at = time.time()
-    records, duration_s = asyncio.run(_run(spec, workload, arrivals_s, count_tokens, transport))
+    records, duration_s, started_at = asyncio.run(_run(spec, workload, arrivals_s, count_tokens, transport))
     metrics = compute_metrics(records, duration_s, list(spec.percentiles), spec.slos_ms,
                               workload.tenant_weights)
     return RunResult(spec, records, duration_s, metrics, started_at)
@@ -93,7 +92,9 @@ def prompt_for(endpoint: EndpointConfig, history: list[dict[str, str]],
 
 async def _run(spec: RunSpec, workload: Workload, arrivals_s: np.ndarray,
                count_tokens: Callable[[str], int] | None,
-               transport: httpx.AsyncBaseTransport | None) -> tuple[list[RequestRecord], float]:
+               transport: httpx.AsyncBaseTransport | None) -> tuple[list[RequestRecord], float, float]:
+    """The records, the run's duration and its wall-clock start (the instant the records' times count
+    from: arrival_s + started_at is an arrival's time.time(), as in step traces)."""
     records: list[RequestRecord] = []
     slots = (asyncio.Semaphore(spec.load.max_concurrency) if spec.load.max_concurrency
              else contextlib.nullcontext())
@@ -102,7 +103,7 @@ async def _run(spec: RunSpec, workload: Workload, arrivals_s: np.ndarray,
                     desc=f"rate {spec.load.request_rate:g}/s", dynamic_ncols=True)
     try:
         async with StreamingClient(spec.endpoint, count_tokens, transport) as client:
-            origin_s = time.perf_counter()
+            origin_s, started_at = time.perf_counter(), time.time()
 
             async def converse(conversation: Conversation, arrival_s: float) -> None:
                 await asyncio.sleep(max(0.0, origin_s + arrival_s - time.perf_counter()))
@@ -138,7 +139,7 @@ async def _run(spec: RunSpec, workload: Workload, arrivals_s: np.ndarray,
     finally:
         progress.close()
     records.sort(key=lambda r: (r.conversation_id, r.turn_index))
-    return records, duration_s
+    return records, duration_s, started_at
 
 
 def _skip_rest(conversation: Conversation, failed_index: int, failed: RequestRecord,
