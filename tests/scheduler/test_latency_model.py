@@ -1,6 +1,7 @@
 import math
 import random
 
+import numpy as np
 import pytest
 
 from scheduler.latency_model import LatencyModel, PhaseCoefficients, fit_decode, fit_prefill
@@ -59,6 +60,31 @@ def test_the_fit_weighs_relative_error_so_short_steps_are_not_lost_to_long_ones(
     fit = fit_decode(batches, seconds)
     one_row = fit.a + fit.b * 128 + fit.c
     assert one_row == pytest.approx(seconds[0], rel=0.05)
+
+
+def test_the_fit_prices_the_mean_step_of_right_skewed_served_steps():
+    """Served steps are now and then much slower than usual (here: lognormal noise, sigma 0.3). The fit
+    must price their mean, which sets how fast a queue grows, not their typical (median-like) value:
+    fitted on one run, it predicts the total busy time of a second run of the same steps."""
+    rng = np.random.default_rng(0)
+    true = (0.030, 2e-6, 3e-3)
+
+    def served(num):
+        batches = [[int(rng.integers(100, 600))] * int(rng.integers(1, 9)) for _ in range(num)]
+        clean = np.array([true[0] + true[1] * sum(b) + true[2] * len(b) for b in batches])
+        return batches, clean * rng.lognormal(0.0, 0.3, num)
+
+    batches, seconds = served(3000)
+    fit = fit_decode(batches, list(seconds))
+    fresh, fresh_seconds = served(3000)
+    predicted = sum(fit.a + fit.b * sum(b) + fit.c * len(b) for b in fresh)
+    assert predicted / fresh_seconds.sum() == pytest.approx(1.0, abs=0.02)
+    # relative least squares alone (what the fit starts from) is several percent low on such steps
+    features = np.array([[1.0, sum(b), len(b)] for b in batches])
+    weights = 1.0 / seconds
+    raw, *_ = np.linalg.lstsq(features * weights[:, None], seconds * weights, rcond=None)
+    raw_predicted = sum(raw[0] + raw[1] * sum(b) + raw[2] * len(b) for b in fresh)
+    assert raw_predicted / fresh_seconds.sum() < 0.95
 
 
 def test_profile_command_profiles_tensor_and_pipeline_parallel_plans_into_a_set(tiny_model_dir, tmp_path):
