@@ -71,10 +71,28 @@ def check_aiperf(workload: WorkloadConfig, arrival: str, api_key: str | None) ->
     if arrival not in _ARRIVALS:
         raise ValueError(f"--client aiperf: --arrival {arrival} is not supported; use "
                          f"{' or '.join(_ARRIVALS)}")
+    if workload.max_model_len is not None:
+        # pdserve's own client shortens a prompt that would not fit (bench/datasets.py); AIPerf cannot be told
+        longest = longest_request(workload)
+        if sum(longest) > workload.max_model_len:
+            raise ValueError(
+                f"--client aiperf cannot shorten prompts to fit --max-model-len {workload.max_model_len}: its longest "
+                f"request would be {longest[0]} prompt + {longest[1]} output tokens; lower --random-input-len, "
+                "--random-output-len or --random-range-ratio, or raise --max-model-len")
     if api_key:
         raise ValueError("--client aiperf would put the API key on AIPerf's command line, where other users "
                          "of the machine can read it; benchmark a server started without an API key, or "
                          "use the built-in client")
+
+
+def longest_request(workload: WorkloadConfig) -> tuple[int, int]:
+    """(prompt, output) tokens of the longest request AIPerf draws: the lengths times (1 + range ratio),
+    (rounded up) as AIPerf's --random-range-ratio spreads them, like vLLM's random dataset (the output's only
+    without --output-len)."""
+    output_len = workload.output_len if workload.output_len is not None else workload.random_output_len
+    output_ratio = 0.0 if workload.output_len is not None else workload.random_range_ratio
+    return (math.ceil(workload.random_input_len * (1 + workload.random_range_ratio)),
+            math.ceil(output_len * (1 + output_ratio)))
 
 
 @dataclass(frozen=True)
@@ -88,7 +106,7 @@ class AIPerfClient:
     def command(self, spec: RunSpec, artifact_dir: Path) -> list[str]:
         workload, load, endpoint = self.workload, spec.load, spec.endpoint
         output_len = workload.output_len if workload.output_len is not None else workload.random_output_len
-        output_ratio = 0.0 if workload.output_len is not None else workload.random_range_ratio
+        output_ratio = 0.0 if workload.output_len is not None else workload.random_range_ratio  # longest_request's
         argv = [self.executable, "profile", "--model", spec.model, "--url", endpoint.base_url.rstrip("/"),
                 "--endpoint-type", "chat" if endpoint.is_chat else "completions", "--streaming",
                 "--tokenizer", self.tokenizer, "--isl", str(workload.random_input_len), "--osl", str(output_len),

@@ -94,11 +94,16 @@ def test_the_command_has_the_workloads_shape(tmp_path):
     ({"prompt_format": "token_ids"}, "poisson", None, "--prompt-format"),
     ({}, "gamma", None, "--arrival gamma"),
     ({}, "poisson", "sk-secret", "API key"),
+    # 384 prompt + 48 output tokens at most: does not fit 400 (pdserve's client would shorten the prompt)
+    ({"random_input_len": 256, "random_output_len": 32, "random_range_ratio": 0.5, "max_model_len": 400},
+     "poisson", None, r"--max-model-len 400: its longest request would be 384 prompt \+ 48 output"),
 ])
 def test_what_aiperf_cannot_send_is_refused(workload, arrival, api_key, says):
     with pytest.raises(ValueError, match=says):
         check_aiperf(WorkloadConfig(**workload), arrival, api_key)
     check_aiperf(WorkloadConfig(), "poisson", None)  # the default workload is fine
+    check_aiperf(WorkloadConfig(random_input_len=256, random_output_len=32, random_range_ratio=0.5, max_model_len=432),
+                 "poisson", None)  # exactly fits
 
 
 def test_without_aiperf_the_error_says_how_to_install_it(tmp_path, monkeypatch):
