@@ -4,8 +4,7 @@
        │                                                          pin lease, pack_kv into the wire
        │                                                          buffer (or a shm slab), PushChunk
        ├─ RESOURCE_EXHAUSTED: TransferRefusedError, lease released
-       └─ NOT_FOUND (the peer has not registered the request yet): Reserve again, backing off from 1 ms
-          to 20 ms, for up to rpc_timeout_s or until should_stop() (then TransferRefusedError)
+       └─ NOT_FOUND (the peer has not registered the request yet): Reserve again (kvcache/transfer/reserve.py)
     every layer submitted and every chunk acked ─► Commit (the ack) ─► lease released, result ok
     any failure ─► one retry (Reserve again, resend every submitted layer) ─► failure by policy
 
@@ -41,19 +40,16 @@ from kvcache.transfer.layout import IncompatibleLayoutError, KVLayout
 from kvcache.transfer.lease import LeaseTable
 from kvcache.transfer.onesided import OneSidedWrites, ReservationClosedError
 from kvcache.transfer.payloads import InlinePayloads, ShmPayloads
-from kvcache.transfer.peer import (TRANSIENT_CODES, PeerClient, PeerUnavailableError, TransferRefusedError,
-                                   describe_rpc_error)
+from kvcache.transfer.peer import PeerClient, PeerUnavailableError, describe_rpc_error
 from kvcache.transfer.plans import HeadCopy, head_routes, pack_rank
 from kvcache.transfer.reaper import Reaper
+from kvcache.transfer.reserve import reserve
 from kvcache.transfer import wire
 from kvcache.transfer.shm import SlabPool, host_id
 from kvcache.transfer.wire import LAYOUT_TRAILER_KEY
 from kvcache.transfer.writers import pid_namespace
 
 logger = logging.getLogger(__name__)
-
-_REGISTER_WAIT_MIN_S = 0.001  # backoff between Reserves while the peer has not registered the request
-_REGISTER_WAIT_MAX_S = 0.02
 
 
 def _ignore(result: TransferResult) -> None:
@@ -203,7 +199,9 @@ class KVSender:
             raise ValueError(f"block ids outside the cache's {self.kv_cache.shape[2]} blocks: {src_block_ids}")
         self._leases.grant(request_id, src_block_ids)
         try:
-            reserved = self._reserve_with_retry(request_id, num_tokens, num_blocks, should_stop)
+            request = pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, num_blocks=num_blocks,
+                                        one_sided=self._one_sided is not None, sender_id=self.sender_id)
+            reserved = reserve(self._peer, request, self.config, self.counters, should_stop)
             handle = TransferHandle(self, request_id, num_tokens, block_ids, self.layout.num_layers, on_done,
                                     with_first_token)
             if self._one_sided is not None:
@@ -213,39 +211,6 @@ class KVSender:
             raise
         self._handles[request_id] = handle
         return handle
-
-    def _reserve_with_retry(self, request_id: str, num_tokens: int, num_blocks: int,
-                            should_stop: Callable[[], bool]) -> pb.ReserveResponse:
-        request = pb.ReserveRequest(request_id=request_id, num_tokens=num_tokens, num_blocks=num_blocks,
-                                    one_sided=self._one_sided is not None, sender_id=self.sender_id)
-        give_up_at = time.monotonic() + self.config.rpc_timeout_s
-        backoff = _REGISTER_WAIT_MIN_S
-        attempt = 0
-        while True:
-            try:
-                return self._peer.reserve(request, self.config.rpc_timeout_s)
-            except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.NOT_FOUND:  # the peer has not registered it yet: ask again
-                    if should_stop():
-                        raise TransferRefusedError(f"request {request_id!r} was cancelled before its decode "
-                                                   "instance registered it") from e
-                    if time.monotonic() + backoff > give_up_at:
-                        self.counters.add(num_refused=1)
-                        raise TransferRefusedError(
-                            f"the decode instance at {self._peer.address} did not register request {request_id!r} "
-                            f"within {self.config.rpc_timeout_s:g}s (--kv-transfer-rpc-timeout-s)") from e
-                    time.sleep(backoff)
-                    backoff = min(2 * backoff, _REGISTER_WAIT_MAX_S)
-                    continue
-                if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    self.counters.add(num_refused=1)
-                    raise TransferRefusedError(e.details()) from e
-                if e.code() not in TRANSIENT_CODES or attempt == self.config.max_retries:
-                    self.counters.add(num_failed=1)
-                    raise PeerUnavailableError(f"reserving KV blocks on {self._peer.address} failed: "
-                                               f"{e.code().name}: {e.details()}") from e
-                self.counters.add(num_retries=1)
-                attempt += 1
 
     def submit_layers(self, handle: TransferHandle, layer_start: int, layer_end: int) -> None:
         if not 0 <= layer_start < layer_end <= self.layout.num_layers:
