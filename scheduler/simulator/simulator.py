@@ -238,10 +238,8 @@ class Simulator:
         """Reserve blocks on the best decode instance with room (False: none has room)."""
         for decode in self._decodes:
             decode.num_free_blocks_estimate_at(self.now)
-        num_blocks_by = {}
         for decode in self.routing.decode_candidates(self._decodes):
-            num_blocks = num_blocks_by.setdefault(decode.spec.block_size,
-                                                  -(-(len(flow.prompt_ids) + 1) // decode.spec.block_size))
+            num_blocks = -(-(len(flow.prompt_ids) + 1) // decode.spec.block_size)
             early = (self.deployment.prefill_while_reserving and self.deployment.phase == "both"
                      and self.routing.prefill_while_reserving(decode, num_blocks))
             try:

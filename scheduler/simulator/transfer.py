@@ -131,15 +131,11 @@ class TransferNetwork:
         if move.peer == IDEAL_PEER:
             sender.push(step_end, MoveResult(move.request_id, "send", FINISHED))
             return
-        transfer = self._transfers.get(move.request_id)
-        if transfer is not None and transfer.receiver is None and not transfer.cancelled:
-            transfer.waiting_send = (sender, move, start, step_seconds)  # the receive is not registered yet
+        transfer = self._transfers.setdefault(move.request_id, _Transfer())
+        if transfer.receiver is None and not transfer.cancelled:  # planned before the receive: wait for it
+            transfer.waiting_send = (sender, move, start, step_seconds)
             return
-        if transfer is None:  # planned before the receive: it waits for the registration
-            self._transfers[move.request_id] = _Transfer(waiting_send=(sender, move, start, step_seconds))
-            return
-        if transfer.receiver is None or transfer.cancelled:
-            # the receive was cancelled: the send fails when it tries
+        if transfer.cancelled:  # the receive was cancelled: the send fails when it tries
             sender.push(step_end, MoveResult(move.request_id, "send", FAILED, "the receiver is gone"))
             return
         receiver = transfer.receiver

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import grpc
 
@@ -286,20 +286,11 @@ class RequestFlow:
         while True:
             candidates = self.pool.decode_candidates()
             for decode in candidates:
-                early: list[_Stream | None] = []  # the prefill opened once the reservation is sent
-                if self.deploy.prefill_while_reserving and self.pool.routing.prefill_while_reserving(
-                        decode, self._num_blocks(decode, prompt)):
-                    def open_early(decode=decode, early=early) -> None:
-                        early.append(self._open_prefill_now(leg_id, prompt, params, decode))
-                else:
-                    open_early = None
-                stream = await self._try_reserve(decode, leg_id, prompt, params, open_early)
-                prefill = early[0] if early else None
+                early = self.deploy.prefill_while_reserving and self.pool.routing.prefill_while_reserving(
+                    decode, self._num_blocks(decode, prompt))
+                stream, prefill = await self._try_reserve(decode, leg_id, prompt, params, early)
                 if stream is not None:
                     return stream, prefill
-                if prefill is not None:  # the estimate was wrong: this prefill sends to no one
-                    self.counters["num_early_prefills_cancelled"] += 1
-                    self._close(prefill)
             if self.aborted:
                 raise _Aborted()
             remaining = deadline - loop.time()
@@ -315,33 +306,36 @@ class RequestFlow:
             else:
                 await self._wait_for_instance("decode", remaining)
 
-    async def _try_reserve(self, decode: InstanceState, leg_id: str, prompt: list[int],
-                           params: SamplingParams, sent: Callable[[], None] | None = None) -> _Stream | None:
-        """The decode stream once `decode` has reserved the blocks (counted in its load); None when
-        it has no room or is gone. sent() runs once the reservation is on its way."""
+    async def _try_reserve(self, decode: InstanceState, leg_id: str, prompt: list[int], params: SamplingParams,
+                           early: bool = False) -> tuple[_Stream | None, _Stream | None]:
+        """The decode stream once `decode` has reserved the blocks (counted in its load), None when it
+        has no room or is gone; and with `early` the prefill stream opened as soon as the reservation
+        was sent (closed, and counted, when the reservation fails: it would send to no one)."""
         num_blocks = self._num_blocks(decode, prompt)
         # counted before the answer comes, so that requests arriving together spread over instances
         decode.num_active += 1
         decode.num_blocks_reserved_since_poll += num_blocks
         stream = self._open(decode, decode.client.generate(leg_id, prompt, params, remote_prefill=True,
                                                            client_id=self.client_id, priority=self.priority))
+        prefill = self._open_prefill_now(leg_id, prompt, params, decode) if early else None
         accepted = False
         try:
-            if sent is not None:
-                sent()
             message = await stream.read(self.deploy.instance_timeout_s)
             if not message.accepted:
                 raise EngineDeadError(f"decode instance {decode.name} answered a reservation with an "
                                       "output; is it running the same pdserve version?")
             accepted = True
-            return stream
+            return stream, prefill
         except (_NoRoom, asyncio.TimeoutError):
-            return None
+            return None, None
         except InstanceFailed as e:
             self._note_failure(e)
-            return None
+            return None, None
         finally:
             if not accepted:
+                if prefill is not None:
+                    self.counters["num_early_prefills_cancelled"] += 1
+                    self._close(prefill)
                 self._close(stream)
                 decode.num_active -= 1
                 decode.num_blocks_reserved_since_poll = max(
