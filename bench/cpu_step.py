@@ -7,8 +7,10 @@ A decode step must read every weight once (every linear layer and the LM head; t
 its B rows), so on CPU its floor is weight bytes / memory bandwidth. This script measures, in one
 process and with the same pinned threads:
 
-- the read bandwidth: torch's streaming reductions (sum, amax) over a buffer 16x the last-level cache,
-  the faster of the two;
+- the read bandwidth: the fastest of three streaming reads of a buffer 16x the last-level cache, torch's
+  sum and amax and pdserve's native read (kernels/cpu_native.py:read_sum, eight vector sums in flight;
+  torch's reductions read 20-30% slower on the 2-core box, which made the bound look 20-30% longer
+  than it is until 2026-12-03);
 - the model's weight bytes read per decode step;
 - decode step time at each batch size (every request with --context tokens of context), and a
   prefill step of --prefill-tokens tokens (one request), through the model runner driven directly
@@ -44,9 +46,14 @@ _LLC_BYTES = 32 * 2**20
 
 
 def read_bandwidth(buffer: torch.Tensor) -> tuple[float, str]:
-    """Bytes per second of the faster streaming read of `buffer` (one pass each), and which."""
+    """Bytes per second of the fastest streaming read of `buffer` (one pass each), and which."""
+    from kernels import cpu_native
+    readers = [("sum", torch.sum), ("amax", torch.amax)]
+    lib = cpu_native.library()
+    if lib is not None:
+        readers.append(("read_sum", lambda x: cpu_native.read_sum(lib, x)))
     best = (0.0, "")
-    for name, fn in (("sum", torch.sum), ("amax", torch.amax)):
+    for name, fn in readers:
         started = time.perf_counter()
         fn(buffer)
         rate = buffer.nbytes / (time.perf_counter() - started)
@@ -95,18 +102,20 @@ def time_step(runner, lens: list[int], num_new: list[int], step: int) -> tuple[f
 
 
 def run(runner, cases: dict[str, tuple[list[int], list[int]]], variants: dict, repeats: int,
-        buffer: torch.Tensor) -> tuple[dict, list[float], list[float]]:
-    """samples[variant][case] = [(wall, cpu), ...], bandwidth and matmul flop-rate samples, in
-    interleaved rounds."""
+        buffer: torch.Tensor) -> tuple[dict, list[float], list[float], list[str]]:
+    """samples[variant][case] = [(wall, cpu), ...], bandwidth samples, matmul flop-rate samples and
+    which read was fastest each round, in interleaved rounds."""
     samples = {v: {c: [] for c in cases} for v in variants}
     bandwidth: list[float] = []
     flops: list[float] = []
+    readers: list[str] = []
     step = 0
     for round_ in range(repeats + 1):  # round 0 warms up every shape (oneDNN builds a kernel per M)
-        rate, _ = read_bandwidth(buffer)
+        rate, reader = read_bandwidth(buffer)
         flop_rate = matmul_flops()
         if round_:
             bandwidth.append(rate)
+            readers.append(reader)
             flops.append(flop_rate)
         for variant, apply in variants.items():
             apply()
@@ -115,7 +124,7 @@ def run(runner, cases: dict[str, tuple[list[int], list[int]]], variants: dict, r
                 sample = time_step(runner, lens, num_new, step)
                 if round_:
                     samples[variant][case].append(sample)
-    return samples, bandwidth, flops
+    return samples, bandwidth, flops, readers
 
 
 def breakdown(runner, cases: dict, repeats: int) -> dict[str, dict[str, float]]:
@@ -205,14 +214,15 @@ def main(argv: list[str] | None = None) -> int:
         variants["plain"] = variant(False, True)
     buffer = torch.ones(args.buffer_mib * 2**20 // 4)
     load_before = os.getloadavg()[0]
-    samples, bandwidth, flops = run(runner, cases, variants, args.repeats, buffer)
+    samples, bandwidth, flops, readers = run(runner, cases, variants, args.repeats, buffer)
     variants["eager"]()  # the breakdown's timers wrap the Python path's parts
     bw = statistics.median(bandwidth)
     weights = weight_bytes_per_decode_step(model)
     print(f"\nmodel={args.model} threads={torch.get_num_threads()} cores={cores} context={args.context} "
           f"load(1 min)={load_before:.2f}->{os.getloadavg()[0]:.2f}")
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bandwidth)}; min {min(bandwidth) / 1e9:.1f}, "
-          f"max {max(bandwidth) / 1e9:.1f}); weights read per decode step {weights / 2**20:.0f} MiB -> "
+          f"max {max(bandwidth) / 1e9:.1f}; fastest read: "
+          f"{', '.join(f'{r} {readers.count(r)}x' for r in sorted(set(readers)))}); weights read per decode step {weights / 2**20:.0f} MiB -> "
           f"bound {weights / bw * 1e3:.1f} ms")
     peak = statistics.median(flops)
     print(f"matmul {peak / 1e9:.0f} GFLOP/s (median of {len(flops)}): the compute roof of a decode step at batch B is "
@@ -256,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{case:>14} " + " ".join(f"{share.get(p, 0.0):>9.1%}" for p in parts))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "bandwidth_bps": bandwidth, "matmul_flops": flops, "weight_bytes": weights, "rows": rows,
-                       "shares": shares, "load": [load_before, os.getloadavg()[0]]}, f, indent=2)
+            json.dump({"args": vars(args), "bandwidth_bps": bandwidth, "fastest_read": readers, "matmul_flops": flops,
+                       "weight_bytes": weights, "rows": rows, "shares": shares,
+                       "load": [load_before, os.getloadavg()[0]]}, f, indent=2)
     return 0
 
 

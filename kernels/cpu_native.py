@@ -132,6 +132,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_write_kv.restype = ctypes.c_int
     lib.pdserve_silu_and_mul.argtypes = [ptr, ptr, i64, i64, ctypes.c_int]
     lib.pdserve_silu_and_mul.restype = None
+    lib.pdserve_read_sum.argtypes = [ptr, i64, ctypes.c_int]
+    lib.pdserve_read_sum.restype = ctypes.c_double
     lib.pdserve_decode_layers_scratch.argtypes = [ptr, i64]
     lib.pdserve_decode_layers_scratch.restype = i64
     lib.pdserve_decode_layers.argtypes = ([ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int] + [ptr] * 3
@@ -331,3 +333,11 @@ def silu_and_mul(lib: ctypes.CDLL, gate_up: Tensor) -> Tensor:
     lib.pdserve_silu_and_mul(rows.data_ptr(), out.data_ptr(), rows.numel() // rows.shape[-1] if inter else 0, inter,
                              torch.get_num_threads())
     return out
+
+
+def read_sum(lib: ctypes.CDLL, x: Tensor) -> float:
+    """The sum of a contiguous float32 CPU tensor, read once front to back as fast as the cores stream
+    memory (torch.get_num_threads() threads): the probe of a benchmark's memory bound."""
+    if not (float32_cpu(x) and x.is_contiguous()):
+        raise ValueError(f"read_sum takes a contiguous float32 CPU tensor; got {tuple(x.shape)} {x.dtype}")
+    return lib.pdserve_read_sum(x.data_ptr(), x.numel(), torch.get_num_threads())

@@ -2,9 +2,13 @@
 // rotary embedding, writing K/V into the paged cache, SiLU-and-multiply. At decode sizes torch spends
 // far longer dispatching these (an RMSNorm of one 768-wide row is ~50 us through aten, six ops) than
 // computing them; here each is one call. Same math as kernels/ops.py's torch paths, in float32.
+// Also a streaming read, the memory bound benchmarks measure steps against.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "vec.h"
 
@@ -116,6 +120,33 @@ void pdserve_silu_and_mul(const float* gate_up, float* out, int64_t num_rows, in
         }
         for (; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
+}
+
+// the sum of x[0, n), read once front to back, eight vector sums in flight: a streaming read as fast as
+// a core pulls memory, the bound bench/cpu_step.py holds decode steps to (torch.sum and amax read 20-30%
+// slower on the 2-core box). Threads take contiguous thirds, halves, ... of x.
+double pdserve_read_sum(const float* x, int64_t n, int threads) {
+    constexpr int64_t kBlock = 128;  // floats per iteration: 8 vectors, 512 bytes
+    double total = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : total)
+    {
+        int64_t begin = 0, end = n;
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+        begin = n / kBlock * me / team * kBlock;
+        end = me + 1 == team ? n : n / kBlock * (me + 1) / team * kBlock;
+#endif
+        v16 acc[8] = {};
+        int64_t i = begin;
+        for (; i + kBlock <= end; i += kBlock)
+            for (int j = 0; j < 8; ++j) acc[j] += load16(x + i + 16 * j);
+        v16 sum = v16{};
+        for (int j = 0; j < 8; ++j) sum += acc[j];
+        double part = sum_lanes(sum);
+        for (; i < end; ++i) part += x[i];
+        total += part;
+    }
+    return total;
 }
 
 }

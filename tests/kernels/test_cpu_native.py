@@ -163,6 +163,24 @@ def test_write_kv_refuses_a_slot_past_the_cache_and_writes_nothing(lib):
     assert not k_cache.any() and not v_cache.any()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_sum_reads_every_element_once(lib, threads):
+    gen = torch.Generator().manual_seed(torch.seed())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (0, 1, 127, 128, 129, 1000, 3 * 128 + 5, 1 << 20):  # blocks of 128 and tails, per thread
+            x = torch.randn(n, generator=gen)
+            got = cpu_native.read_sum(lib, x)
+            assert got == pytest.approx(float(x.double().sum()), abs=1e-3 + 1e-6 * n), \
+                f"n={n} seed={gen.initial_seed()}"
+            assert cpu_native.read_sum(lib, x + 1) == pytest.approx(got + n, abs=1e-2 + 1e-5 * n)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        cpu_native.read_sum(lib, torch.ones(8, 2)[:, 0])
+
+
 def test_tiling_round_trips_bit_exactly():
     for k, n in SHAPES:
         weight = torch.randn(n, k)
