@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     weights = weight_bytes_per_decode_step(model)
     print(f"\nmodel={args.model} threads={torch.get_num_threads()} cores={cores} context={args.context} "
           f"load(1 min)={load_before:.2f}->{os.getloadavg()[0]:.2f}")
+    fastest = ", ".join(f"{reader} {readers.count(reader)}x" for reader in sorted(set(readers)))
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of {len(bandwidth)}; min {min(bandwidth) / 1e9:.1f}, "
-          f"max {max(bandwidth) / 1e9:.1f}; fastest read: "
-          f"{', '.join(f'{r} {readers.count(r)}x' for r in sorted(set(readers)))}); weights read per decode step {weights / 2**20:.0f} MiB -> "
-          f"bound {weights / bw * 1e3:.1f} ms")
+          f"max {max(bandwidth) / 1e9:.1f}; fastest read: {fastest}); weights read per decode step "
+          f"{weights / 2**20:.0f} MiB -> bound {weights / bw * 1e3:.1f} ms")
     peak = statistics.median(flops)
     print(f"matmul {peak / 1e9:.0f} GFLOP/s (median of {len(flops)}): the compute roof of a decode step at batch B is "
           f"2 * B * weights / that ({2 * weights / 4 / peak * 1e3:.1f} ms per row); 'roof' = the larger of the two")
