@@ -85,12 +85,17 @@ def check_aiperf(workload: WorkloadConfig, arrival: str, api_key: str | None) ->
                          "use the built-in client")
 
 
+def output_shape(workload: WorkloadConfig) -> tuple[int, float]:
+    """(output length, its range ratio) as AIPerf is told them: a fixed --output-len has no spread."""
+    if workload.output_len is not None:
+        return workload.output_len, 0.0
+    return workload.random_output_len, workload.random_range_ratio
+
+
 def longest_request(workload: WorkloadConfig) -> tuple[int, int]:
     """(prompt, output) tokens of the longest request AIPerf draws: the lengths times (1 + range ratio),
-    (rounded up) as AIPerf's --random-range-ratio spreads them, like vLLM's random dataset (the output's only
-    without --output-len)."""
-    output_len = workload.output_len if workload.output_len is not None else workload.random_output_len
-    output_ratio = 0.0 if workload.output_len is not None else workload.random_range_ratio
+    (rounded up) as AIPerf's --random-range-ratio spreads them, like vLLM's random dataset."""
+    output_len, output_ratio = output_shape(workload)
     return (math.ceil(workload.random_input_len * (1 + workload.random_range_ratio)),
             math.ceil(output_len * (1 + output_ratio)))
 
@@ -105,8 +110,7 @@ class AIPerfClient:
 
     def command(self, spec: RunSpec, artifact_dir: Path) -> list[str]:
         workload, load, endpoint = self.workload, spec.load, spec.endpoint
-        output_len = workload.output_len if workload.output_len is not None else workload.random_output_len
-        output_ratio = 0.0 if workload.output_len is not None else workload.random_range_ratio  # longest_request's
+        output_len, output_ratio = output_shape(workload)
         argv = [self.executable, "profile", "--model", spec.model, "--url", endpoint.base_url.rstrip("/"),
                 "--endpoint-type", "chat" if endpoint.is_chat else "completions", "--streaming",
                 "--tokenizer", self.tokenizer, "--isl", str(workload.random_input_len), "--osl", str(output_len),
