@@ -178,4 +178,5 @@ class DecodeLayers:
 
 
 def _tiled(out_features: int, in_features: int) -> tuple[int, int, int]:
-    return (-(-out_features // cpu_native.TILE), in_features, cpu_native.TILE)
+    tile = cpu_native.tile_width()
+    return (-(-out_features // tile), in_features, tile)

@@ -7,7 +7,7 @@ where a plain `sum` reads 23-27 GB/s on one core here (docs/kernels.md, "Decode-
 `kernels/csrc/cpu_small_m_linear.cpp` does: the weight laid out once in tiles of 32 output columns,
 each tile one contiguous run, every row of x multiplied by each weight as it streams by.
 
-    weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/32), K, 32]
+    weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/T), K, T]     T = 32 (AVX-512), 16 (AVX2), 8
     linear(x [M, K], tiled, bias, N) -> y [M, N]          1 <= M <= MAX_ROWS
 
 The small per-layer ops (`kernels/csrc/cpu_elementwise.cpp`: RMSNorm with the residual add fused,
@@ -50,8 +50,7 @@ _CSRC = Path(__file__).parent / "csrc"
 SOURCES = [_CSRC / name for name in ("cpu_small_m_linear.cpp", "cpu_decode_attention.cpp", "cpu_elementwise.cpp",
                                      "cpu_decode_layers.cpp", "cpu_shm_collectives.cpp")]
 HEADERS = [_CSRC / "vec.h", _CSRC / "kernels.h"]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-TILE = 32       # output columns per tile (kTile in the source)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi"]
 MAX_ROWS = 8    # the largest M the kernel serves (pdserve_max_rows)
 MAX_HEAD_DIM = 143  # the largest head_dim decode attention serves (pdserve_decode_attention_max_head_dim)
 BUILD_TIMEOUT_S = 300
@@ -147,7 +146,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_shm_all_gather.argtypes = [ptr, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ptr, i64, ptr,
                                            ctypes.c_double]
     lib.pdserve_shm_all_gather.restype = ctypes.c_int
-    if (lib.pdserve_tile_width() != TILE or lib.pdserve_max_rows() != MAX_ROWS
+    if (lib.pdserve_tile_width() not in (8, 16, 32) or lib.pdserve_max_rows() != MAX_ROWS
             or lib.pdserve_decode_attention_max_head_dim() != MAX_HEAD_DIM):
         raise RuntimeError(f"{path} does not match kernels/cpu_native.py")
     return lib
@@ -184,8 +183,17 @@ def _build_and_load() -> ctypes.CDLL | None:
         return None
 
 
-def tile_weight(weight: Tensor) -> Tensor:
-    """[N, K] float32 -> [ceil(N / 32), K, 32]: tile t holds output columns 32t..32t+31, zero-padded."""
+def tile_width() -> int:
+    """Output columns per tile of the loaded library (kTile in the source: two vector registers, 32 floats
+    with AVX-512, 16 with AVX2, 8 with NEON); 32 where no library is loaded."""
+    lib = library()
+    return int(lib.pdserve_tile_width()) if lib is not None else 32
+
+
+def tile_weight(weight: Tensor, tile: int | None = None) -> Tensor:
+    """[N, K] float32 -> [ceil(N / T), K, T], T = tile_width(): tile t holds output columns tT..tT+T-1,
+    zero-padded."""
+    TILE = tile or tile_width()
     n, k = weight.shape
     padded = torch.zeros(-(-n // TILE) * TILE, k, dtype=weight.dtype) if n % TILE else None
     if padded is not None:
@@ -196,8 +204,8 @@ def tile_weight(weight: Tensor) -> Tensor:
 
 def untile_weight(tiled: Tensor, out_features: int) -> Tensor:
     """The inverse of tile_weight: [N, K], bit-identical to the weight it came from."""
-    num_tiles, k, _ = tiled.shape
-    return tiled.transpose(1, 2).reshape(num_tiles * TILE, k)[:out_features].contiguous()
+    num_tiles, k, tile = tiled.shape
+    return tiled.transpose(1, 2).reshape(num_tiles * tile, k)[:out_features].contiguous()
 
 
 def linear(lib: ctypes.CDLL, x: Tensor, tiled: Tensor, bias: Tensor | None, out_features: int) -> Tensor:

@@ -6,11 +6,13 @@
 // One task per request (or per range of its KV heads, when there are fewer requests than threads):
 // its query heads read K and V straight from the cache blocks the table names (no gathered copy), a
 // position's rows for the task's heads being one contiguous run. Pass 1 the scores of every position
-// per query head (16 positions' dot products reduced together), pass 2 a softmax per query head, pass 3
+// per query head (a vector's width of positions' dot products reduced together), pass 2 a softmax per
+// query head, pass 3
 // the weighted sum of V for up to 4 query heads of a KV head at once; positions in chunks that stay in
 // L1 across query heads. The torch path gathers K/V
 // into a new tensor first and runs several ops per layer (kernels/cpu_attention.py). Tasks are
-// spread over OpenMP threads (torch's libgomp). Written with GCC/Clang vector extensions.
+// spread over OpenMP threads (torch's libgomp). Written with GCC/Clang vector extensions, in vec.h's vf:
+// one hardware register (kLanes floats), so the blocking follows the host's registers.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -22,9 +24,29 @@ namespace {
 
 using namespace pdserve;
 
-// lane i of the result = the sum of v[i]'s lanes, for 16 vectors: four rounds of pairwise shuffles
-// and adds (30 shuffles, 15 adds) where 16 separate horizontal sums take ~4x as many
-inline v16 transpose_sum16(const v16* v) {
+// lane i of the result = the sum of v[i]'s lanes, for as many vectors as lanes: rounds of pairwise
+// shuffles and adds (for 16: 30 shuffles, 15 adds, where 16 separate horizontal sums take ~4x as many)
+inline v4 transpose_sum(const v4* v) {
+    v4 a[2];
+    for (int j = 0; j < 2; ++j)  // a[j]: lanes 0-1 partial sums of v[2j], 2-3 of v[2j+1]
+        a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 4, 5) +
+               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 2, 3, 6, 7);
+    return __builtin_shufflevector(a[0], a[1], 0, 2, 4, 6) + __builtin_shufflevector(a[0], a[1], 1, 3, 5, 7);
+}
+
+inline v8 transpose_sum(const v8* v) {
+    v8 a[4], b[2];
+    for (int j = 0; j < 4; ++j)  // a[j]: lanes 0-3 partial sums of v[2j], 4-7 of v[2j+1]
+        a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (int j = 0; j < 2; ++j)  // b[j]: two lanes each of v[4j] .. v[4j+3]
+        b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+               __builtin_shufflevector(a[2 * j], a[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+           __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+inline v16 transpose_sum(const v16* v) {
     v16 a[8], b[4], c[2];
     for (int j = 0; j < 8; ++j)  // a[j]: lanes 0-7 partial sums of v[2j], 8-15 of v[2j+1]
         a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -62,8 +84,14 @@ inline int64_t chunk_positions(int64_t width) {
     return fit > 16 ? fit : 16;
 }
 
+// query heads at once in pass 3: NH x C accumulators and C loaded vectors in the registers (with AVX2's
+// 16 and a head of 8 registers, one: its V loads become the FMAs' memory operands)
 template <int C>
-constexpr int64_t pv_heads_max() { return C <= 4 ? 4 : C <= 6 ? 3 : 2; }
+constexpr int64_t pv_heads_max() {
+    if (kVecRegs >= 32 && kLanes == 16) return C <= 4 ? 4 : C <= 6 ? 3 : 2;
+    const int nh = C > 0 ? (kVecRegs - 1) / C - 1 : 4;
+    return nh < 1 ? 1 : nh > 4 ? 4 : nh;
+}
 
 // Pass 3 for NH query heads that share one KV head: out[h] += sum_t p[h][t] v_t over positions
 // [c0, c1), each V row loaded once for the NH heads (NH x C accumulators and C loaded vectors stay in
@@ -73,27 +101,27 @@ inline void pv_batch(const float* vh, const int64_t* rows, int64_t c0, int64_t c
                      int64_t p_stride, float* o, int64_t o_stride) {
     if constexpr (C == 0) return;
     else {
-        v16 acc[NH][C];
+        vf acc[NH][C];
         for (int h = 0; h < NH; ++h)
-            for (int c = 0; c < C; ++c) acc[h][c] = load16(o + h * o_stride + c * 16);
+            for (int c = 0; c < C; ++c) acc[h][c] = loadv(o + h * o_stride + c * kLanes);
         for (int64_t t = c0; t < c1; ++t) {
             const float* v = vh + rows[t];
-            v16 x[C];
-            for (int c = 0; c < C; ++c) x[c] = load16(v + c * 16);
+            vf x[C];
+            for (int c = 0; c < C; ++c) x[c] = loadv(v + c * kLanes);
             for (int h = 0; h < NH; ++h) {
-                const v16 w = v16{} + p[h * p_stride + t];
+                const vf w = vf{} + p[h * p_stride + t];
                 for (int c = 0; c < C; ++c) acc[h][c] += w * x[c];
             }
         }
         for (int h = 0; h < NH; ++h)
-            for (int c = 0; c < C; ++c) store16(o + h * o_stride + c * 16, acc[h][c]);
+            for (int c = 0; c < C; ++c) storev(o + h * o_stride + c * kLanes, acc[h][c]);
     }
 }
 
-// One request, KV heads [h0, h1): their G query heads each. C = D / 16 whole vectors per head row;
-// the last D % 16 elements are done one by one. q and out point at the request's head h0 * G.
-//   pass 1, per chunk of positions, per query head: scores = scale * q . k_s, 16 positions at a time
-//           (16 independent sums, reduced together by transpose_sum16; a position's C loads and
+// One request, KV heads [h0, h1): their G query heads each. C = D / kLanes whole vectors per head row;
+// the last D % kLanes elements are done one by one. q and out point at the request's head h0 * G.
+//   pass 1, per chunk of positions, per query head: scores = scale * q . k_s, kLanes positions at a
+//           time (kLanes independent sums, reduced together by transpose_sum; a position's C loads and
 //           FMAs one after the other, so only one row pointer is live: 16 of them spilled registers)
 //   pass 2, per query head: softmax of its scores
 //   pass 3, per chunk, per KV head, up to 4 of its query heads at once: out += sum_s p[s] v_s
@@ -102,7 +130,7 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
               int64_t seq_len, float* out, int64_t group, int64_t num_kv_heads, int64_t head_dim,
               int64_t block_size, int64_t h0, int64_t h1, float scale, std::vector<float>& scores,
               std::vector<int64_t>& rows) {
-    const int64_t rem_start = int64_t(C) * 16;
+    const int64_t rem_start = int64_t(C) * kLanes;
     const int64_t row_stride = num_kv_heads * head_dim;  // between positions within a block
     const int64_t width = (h1 - h0) * head_dim;          // the task's part of a position's row
     const int64_t num_heads = (h1 - h0) * group;          // query heads of the task
@@ -121,32 +149,32 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
             const float* qj = q + j * head_dim;
             const float* kh = k_cache + (j / group) * head_dim;
             float* sj = scores.data() + j * seq_len;
-            v16 qv[C > 0 ? C : 1];
-            for (int c = 0; c < C; ++c) qv[c] = load16(qj + c * 16);
-            auto tail = [&](int64_t s) {  // q . k_s over the last D % 16 elements
+            vf qv[C > 0 ? C : 1];
+            for (int c = 0; c < C; ++c) qv[c] = loadv(qj + c * kLanes);
+            auto tail = [&](int64_t s) {  // q . k_s over the last D % kLanes elements
                 const float* k = kh + rows[s];
                 float total = 0.0f;
                 for (int64_t d = rem_start; d < head_dim; ++d) total += qj[d] * k[d];
                 return total;
             };
             int64_t s0 = c0;
-            for (; s0 + 16 <= c1; s0 += 16) {
-                v16 dots[16];
-                for (int i = 0; i < 16; ++i) {
+            for (; s0 + kLanes <= c1; s0 += kLanes) {
+                vf dots[kLanes];
+                for (int i = 0; i < kLanes; ++i) {
                     const float* k = kh + rows[s0 + i];
-                    v16 d = v16{};
-                    for (int c = 0; c < C; ++c) d += qv[c] * load16(k + c * 16);
+                    vf d = vf{};
+                    for (int c = 0; c < C; ++c) d += qv[c] * loadv(k + c * kLanes);
                     dots[i] = d;
                 }
-                v16 r = transpose_sum16(dots);
+                vf r = transpose_sum(dots);
                 if (rem_start < head_dim)
-                    for (int i = 0; i < 16; ++i) r[i] += tail(s0 + i);
-                store16(sj + s0, r * scale);
+                    for (int i = 0; i < kLanes; ++i) r[i] += tail(s0 + i);
+                storev(sj + s0, r * scale);
             }
             for (; s0 < c1; ++s0) {
                 const float* k = kh + rows[s0];
-                v16 d = v16{};
-                for (int c = 0; c < C; ++c) d += qv[c] * load16(k + c * 16);
+                vf d = vf{};
+                for (int c = 0; c < C; ++c) d += qv[c] * loadv(k + c * kLanes);
                 sj[s0] = (sum_lanes(d) + tail(s0)) * scale;
             }
         }
@@ -154,27 +182,27 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
     std::vector<float> inv_sum(num_heads);
     for (int64_t j = 0; j < num_heads; ++j) {
         float* p = scores.data() + j * seq_len;
-        v16 vtop = v16{} + p[0];
+        vf vtop = vf{} + p[0];
         int64_t m = 0;
-        for (; m + 16 <= seq_len; m += 16) {
-            const v16 x = load16(p + m);
+        for (; m + kLanes <= seq_len; m += kLanes) {
+            const vf x = loadv(p + m);
             vtop = x > vtop ? x : vtop;
         }
         float top = vtop[0];
-        for (int i = 1; i < 16; ++i) top = vtop[i] > top ? vtop[i] : top;
+        for (int i = 1; i < kLanes; ++i) top = vtop[i] > top ? vtop[i] : top;
         for (; m < seq_len; ++m) top = p[m] > top ? p[m] : top;
-        v16 vsum = v16{};
+        vf vsum = vf{};
         float total = 0.0f;
         int64_t s = 0;
-        for (; s + 16 <= seq_len; s += 16) {
-            const v16 e = exp16(load16(p + s) - top);
-            store16(p + s, e);
+        for (; s + kLanes <= seq_len; s += kLanes) {
+            const vf e = expv(loadv(p + s) - top);
+            storev(p + s, e);
             vsum += e;
         }
         if (s < seq_len) {
-            float rest[16];
-            for (int i = 0; i < 16; ++i) rest[i] = s + i < seq_len ? p[s + i] - top : -100.0f;
-            const v16 e = exp16(load16(rest));
+            float rest[kLanes];
+            for (int i = 0; i < kLanes; ++i) rest[i] = s + i < seq_len ? p[s + i] - top : -100.0f;
+            const vf e = expv(loadv(rest));
             for (int64_t i = 0; s + i < seq_len; ++i) {
                 p[s + i] = e[i];
                 total += e[i];
@@ -243,28 +271,42 @@ void run(const float* q, const float* k_cache, const float* v_cache, const int32
     }
 }
 
+constexpr int64_t kMaxHeadDim = 16 * 8 + 15;
+
+// run<C> for C = head_dim / kLanes, one instance per whole number of vectors up to kMaxHeadDim
+template <int C>
+int dispatch(int64_t c, const float* q, const float* k_cache, const float* v_cache, const int32_t* block_tables,
+             int64_t table_stride, const int32_t* seq_lens, float* out, int64_t num_seqs, int64_t num_q_heads,
+             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale, int threads) {
+    if (c == C) {
+        run<C>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_q_heads, num_kv_heads,
+               head_dim, block_size, scale, threads);
+        return 0;
+    }
+    if constexpr (C > 0)
+        return dispatch<C - 1>(c, q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs,
+                               num_q_heads, num_kv_heads, head_dim, block_size, scale, threads);
+    return -1;
+}
+
 }  // namespace
 
 extern "C" {
 
 // head_dim up to this is served (callers use torch's path above it)
-int pdserve_decode_attention_max_head_dim() { return 16 * 8 + 15; }
+int pdserve_decode_attention_max_head_dim() { return kMaxHeadDim; }
 
 // returns 0, or -1 for a shape it does not serve
 int pdserve_decode_attention(const float* q, const float* k_cache, const float* v_cache,
                              const int32_t* block_tables, int64_t table_stride, const int32_t* seq_lens,
                              float* out, int64_t num_seqs, int64_t num_q_heads, int64_t num_kv_heads,
                              int64_t head_dim, int64_t block_size, float scale, int threads) {
-    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || block_size <= 0) return -1;
-#define PDSERVE_CASE(C) \
-    case C: run<C>(q, k_cache, v_cache, block_tables, table_stride, seq_lens, out, num_seqs, num_q_heads, \
-                   num_kv_heads, head_dim, block_size, scale, threads); return 0;
-    switch (head_dim / 16) {
-        PDSERVE_CASE(0) PDSERVE_CASE(1) PDSERVE_CASE(2) PDSERVE_CASE(3) PDSERVE_CASE(4)
-        PDSERVE_CASE(5) PDSERVE_CASE(6) PDSERVE_CASE(7) PDSERVE_CASE(8)
-        default: return -1;
-    }
-#undef PDSERVE_CASE
+    if (num_kv_heads <= 0 || num_q_heads % num_kv_heads != 0 || block_size <= 0 || head_dim < 0
+            || head_dim > kMaxHeadDim)
+        return -1;
+    return dispatch<kMaxHeadDim / kLanes>(head_dim / kLanes, q, k_cache, v_cache, block_tables, table_stride,
+                                          seq_lens, out, num_seqs, num_q_heads, num_kv_heads, head_dim, block_size,
+                                          scale, threads);
 }
 
 }

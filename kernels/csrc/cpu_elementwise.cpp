@@ -37,10 +37,10 @@ void pdserve_rms_norm(const float* x, const float* residual, const float* weight
             for (int64_t i = 0; i < hidden; ++i) src[i] = xr[i] + rr[i];
         }
         const float* s = residual ? src : xr;
-        v16 acc = v16{};
+        vf acc = vf{};
         int64_t i = 0;
-        for (; i + 16 <= hidden; i += 16) {
-            const v16 v = load16(s + i);
+        for (; i + kLanes <= hidden; i += kLanes) {
+            const vf v = loadv(s + i);
             acc += v * v;
         }
         float total = sum_lanes(acc);
@@ -114,9 +114,9 @@ void pdserve_silu_and_mul(const float* gate_up, float* out, int64_t num_rows, in
         const float* u = g + inter;
         float* o = out + t * inter;
         int64_t i = 0;
-        for (; i + 16 <= inter; i += 16) {
-            const v16 gv = load16(g + i);
-            store16(o + i, gv / (1.0f + exp16(-gv)) * load16(u + i));
+        for (; i + kLanes <= inter; i += kLanes) {
+            const vf gv = loadv(g + i);
+            storev(o + i, gv / (1.0f + expv(-gv)) * loadv(u + i));
         }
         for (; i < inter; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
@@ -126,7 +126,7 @@ void pdserve_silu_and_mul(const float* gate_up, float* out, int64_t num_rows, in
 // a core pulls memory, the bound bench/cpu_step.py holds decode steps to (torch.sum and amax read 20-30%
 // slower on the 2-core box). Threads take contiguous thirds, halves, ... of x.
 double pdserve_read_sum(const float* x, int64_t n, int threads) {
-    constexpr int64_t kBlock = 128;  // floats per iteration: 8 vectors, 512 bytes
+    constexpr int64_t kBlock = 8 * kLanes;  // floats per iteration: 8 vectors
     double total = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(+ : total)
     {
@@ -136,11 +136,11 @@ double pdserve_read_sum(const float* x, int64_t n, int threads) {
         begin = n / kBlock * me / team * kBlock;
         end = me + 1 == team ? n : n / kBlock * (me + 1) / team * kBlock;
 #endif
-        v16 acc[8] = {};
+        vf acc[8] = {};
         int64_t i = begin;
         for (; i + kBlock <= end; i += kBlock)
-            for (int j = 0; j < 8; ++j) acc[j] += load16(x + i + 16 * j);
-        v16 sum = v16{};
+            for (int j = 0; j < 8; ++j) acc[j] += loadv(x + i + kLanes * j);
+        vf sum = vf{};
         for (int j = 0; j < 8; ++j) sum += acc[j];
         double part = sum_lanes(sum);
         for (; i < end; ++i) part += x[i];

@@ -153,10 +153,10 @@ int pdserve_shm_all_reduce(void* base, int rank, int size, uint64_t seq, float* 
     const float* parts[kMaxRanks];
     for (int r = 0; r < size; ++r) parts[r] = reinterpret_cast<const float*>(slot(base, size, slot_bytes, seq, r));
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        v16 acc = load16(parts[0] + i);
-        for (int r = 1; r < size; ++r) acc += load16(parts[r] + i);
-        store16(x + i, acc);
+    for (; i + kLanes <= n; i += kLanes) {
+        vf acc = loadv(parts[0] + i);
+        for (int r = 1; r < size; ++r) acc += loadv(parts[r] + i);
+        storev(x + i, acc);
     }
     for (; i < n; ++i) {
         float acc = parts[0][i];

@@ -24,90 +24,117 @@
 #include "vec.h"
 
 namespace {
+using namespace pdserve;
 
-constexpr int kTile = 32;  // output columns per tile: two 16-lane vectors
-// each tile's weights are requested this many k (x 128 bytes: 4 KiB) ahead of the FMAs that use them.
+// Register blocking follows the vector registers -march=native gives (vec.h: kLanes floats each,
+// kVecRegs of them). A tile is two registers wide (32 columns with AVX-512, 16 with AVX2, 8 with NEON),
+// and every row of a group keeps one accumulator per register of each tile in flight, so a group's
+// accumulators must fit the register file: with 32 registers all 8 rows at once; with AVX2's 16, at most
+// 4 rows at once (M = 5-8 as two groups of rows over the same chunk of tiles, the second reading it from
+// L2). Until 2026-12-03 the kernel was written for AVX-512 alone (16-float vectors, tiles of 32): on an
+// AVX2 host GCC kept those vectors on the stack and the kernel ran at 0.3-0.6x torch's F.linear.
+constexpr int kTileVecs = 2;
+constexpr int kMaxGroupRows = kVecRegs >= 32 ? 8 : 4;
+constexpr int kTile = kLanes * kTileVecs;  // output columns per tile
+// each tile's weights are requested this many k (x kTile floats: 2-4 KiB) ahead of the FMAs that use them.
 // The hardware prefetcher alone let the stream fall behind once the FMAs per weight grew: one thread
 // at M = 8 streamed 7 GB/s against 12 at M = 1 on a 10 GB/s host; with this 9-12 GB/s at every M
 // (25-35% faster at M = 7-8, a few percent at M = 1-4; prefetches into L1 without L2 (NTA) were 2x
 // slower at M = 1; docs/benchmarks.md, "Software prefetch in the small-M kernel")
 constexpr int64_t kPrefetchAhead = 32;
-using namespace pdserve;
 
 // k in [k0, k1) of tiles [t, t + P) against the M rows of x; the first chunk starts the sums, the last
 // adds the bias, the others add to what y holds
 template <int M, int P>
 inline void tiles(const float* __restrict x, const float* __restrict tiled, const float* __restrict bias,
                   float* __restrict y, int64_t K, int64_t N, int64_t t, int64_t k0, int64_t k1) {
-    v16 acc[M][P][2];
+    constexpr int V = kTileVecs;
+    vf acc[M][P][V];
     float staged[M][P][kTile];  // y's values for a partial last tile, or a chunk's partial sums
     for (int p = 0; p < P; ++p) {
         const int64_t n0 = (t + p) * kTile;
         const int64_t width = N - n0 < kTile ? N - n0 : kTile;  // the last tile may be partly padding
         for (int m = 0; m < M; ++m) {
             if (k0 == 0) {
-                acc[m][p][0] = acc[m][p][1] = v16{};
+                for (int v = 0; v < V; ++v) acc[m][p][v] = vf{};
             } else {
                 std::memset(staged[m][p], 0, sizeof(staged[m][p]));
                 std::memcpy(staged[m][p], y + m * N + n0, width * sizeof(float));
-                acc[m][p][0] = load16(staged[m][p]);
-                acc[m][p][1] = load16(staged[m][p] + 16);
+                for (int v = 0; v < V; ++v) acc[m][p][v] = loadv(staged[m][p] + kLanes * v);
             }
         }
     }
     const float* wt[P];
     for (int p = 0; p < P; ++p) wt[p] = tiled + (t + p) * K * kTile;
     for (int64_t k = k0; k < k1; ++k) {
-        v16 w0[P], w1[P];
+        vf w[P][V];
         for (int p = 0; p < P; ++p) {
-            __builtin_prefetch(wt[p] + (k + kPrefetchAhead) * kTile, 0, 1);  // into L2; never faults
-            __builtin_prefetch(wt[p] + (k + kPrefetchAhead) * kTile + 16, 0, 1);
-            w0[p] = load16(wt[p] + k * kTile);
-            w1[p] = load16(wt[p] + k * kTile + 16);
+            for (int v = 0; v < V; ++v) {
+                if (kLanes * v % 16 == 0)  // once per 64-byte line, into L2; never faults
+                    __builtin_prefetch(wt[p] + (k + kPrefetchAhead) * kTile + kLanes * v, 0, 1);
+                w[p][v] = loadv(wt[p] + k * kTile + kLanes * v);
+            }
         }
         for (int m = 0; m < M; ++m) {
             const float xv = x[m * K + k];
-            for (int p = 0; p < P; ++p) {
-                acc[m][p][0] += xv * w0[p];
-                acc[m][p][1] += xv * w1[p];
-            }
+            for (int p = 0; p < P; ++p)
+                for (int v = 0; v < V; ++v) acc[m][p][v] += xv * w[p][v];
         }
     }
     for (int p = 0; p < P; ++p) {
         const int64_t n0 = (t + p) * kTile;
         const int64_t width = N - n0 < kTile ? N - n0 : kTile;
-        v16 b0 = v16{}, b1 = v16{};
+        vf b[V];
+        for (int v = 0; v < V; ++v) b[v] = vf{};
         if (bias && k1 == K) {
-            float b[kTile] = {};
-            std::memcpy(b, bias + n0, width * sizeof(float));
-            b0 = load16(b);
-            b1 = load16(b + 16);
+            float padded[kTile] = {};
+            std::memcpy(padded, bias + n0, width * sizeof(float));
+            for (int v = 0; v < V; ++v) b[v] = loadv(padded + kLanes * v);
         }
         for (int m = 0; m < M; ++m) {
             if (width == kTile) {
-                store16(y + m * N + n0, acc[m][p][0] + b0);
-                store16(y + m * N + n0 + 16, acc[m][p][1] + b1);
+                for (int v = 0; v < V; ++v) storev(y + m * N + n0 + kLanes * v, acc[m][p][v] + b[v]);
             } else {
-                store16(staged[m][p], acc[m][p][0] + b0);
-                store16(staged[m][p] + 16, acc[m][p][1] + b1);
+                for (int v = 0; v < V; ++v) storev(staged[m][p] + kLanes * v, acc[m][p][v] + b[v]);
                 std::memcpy(y + m * N + n0, staged[m][p], width * sizeof(float));
             }
         }
     }
 }
 
-// tiles read at once: 8-24 independent accumulators (of 32 vector registers; the compiler takes the
-// weight as the FMAs' memory operand, so the rest hold the broadcast x). More tiles in flight kept
-// M = 3-6 nearer the memory bound (9-20% faster than 2 tiles at M = 3-4 and 1 at M = 5-6, one core).
-template <int M> constexpr int tiles_at_once() { return M <= 3 ? 4 : M == 4 ? 3 : M <= 6 ? 2 : 1; }
+// tiles read at once by a group of R rows. AVX-512: 8-24 independent accumulators (of 32 vector
+// registers; the compiler takes the weight as the FMAs' memory operand, so the rest hold the broadcast
+// x); more tiles in flight kept M = 3-6 nearer the memory bound (9-20% faster than 2 tiles at M = 3-4
+// and 1 at M = 5-6, one core). AVX2's 16: 8 accumulators at 1-2 rows, 6-8 at 3-4.
+template <int R> constexpr int tiles_at_once() {
+    if (kVecRegs >= 32) return R <= 3 ? 4 : R == 4 ? 3 : R <= 6 ? 2 : 1;
+    return R == 1 ? 4 : R == 2 ? 2 : 1;
+}
 
 // k is walked in chunks whose slice of x (M rows) fits in 24 of a 32 KiB L1 cache, so every tile
-// reads x from L1; a chunk's run of a tile is still contiguous (chunk * 128 bytes)
+// reads x from L1; a chunk's run of a tile is still contiguous (chunk * kTile * 4 bytes)
 constexpr int64_t kChunkFloats = 6144;
+
+// rows [r0, r0 + R) of x against tile groups [first, last) (P tiles each) for k in [k0, k1)
+template <int R, int P>
+inline void row_group(const float* x, const float* tiled, const float* bias, float* y, int64_t K, int64_t N,
+                      int64_t r0, int64_t first, int64_t last, int64_t k0, int64_t k1) {
+    const int64_t num_tiles = (N + kTile - 1) / kTile;
+    for (int64_t g = first; g < last; ++g) {
+        if ((g + 1) * P <= num_tiles) {
+            tiles<R, P>(x + r0 * K, tiled, bias, y + r0 * N, K, N, g * P, k0, k1);
+        } else {
+            for (int64_t t = g * P; t < num_tiles; ++t) tiles<R, 1>(x + r0 * K, tiled, bias, y + r0 * N, K, N, t, k0, k1);
+        }
+    }
+}
 
 template <int M>
 void run(const float* x, const float* tiled, const float* bias, float* y, int64_t K, int64_t N, int threads) {
-    constexpr int P = tiles_at_once<M>();
+    // M rows as one group, or as two (the first the larger) where one would not fit the registers; both
+    // groups' tiles are grouped alike, so a thread's share of the weight is the same for each
+    constexpr int R0 = M <= kMaxGroupRows ? M : (M + 1) / 2, R1 = M - R0;
+    constexpr int P = tiles_at_once<R0>();
     const int64_t num_tiles = (N + kTile - 1) / kTile;
     const int64_t num_groups = (num_tiles + P - 1) / P;
     const int64_t chunk = kChunkFloats / M;
@@ -121,11 +148,12 @@ void run(const float* x, const float* tiled, const float* bias, float* y, int64_
 #endif
         for (int64_t k0 = 0; k0 < K; k0 += chunk) {
             const int64_t k1 = K - k0 < chunk ? K : k0 + chunk;
-            for (int64_t g = first; g < last; ++g) {
-                if ((g + 1) * P <= num_tiles) {
-                    tiles<M, P>(x, tiled, bias, y, K, N, g * P, k0, k1);
-                } else {
-                    for (int64_t t = g * P; t < num_tiles; ++t) tiles<M, 1>(x, tiled, bias, y, K, N, t, k0, k1);
+            if constexpr (R1 == 0) {
+                row_group<R0, P>(x, tiled, bias, y, K, N, 0, first, last, k0, k1);
+            } else {  // tile group by tile group, so the second group of rows finds the tiles in L2
+                for (int64_t g = first; g < last; ++g) {
+                    row_group<R0, P>(x, tiled, bias, y, K, N, 0, g, g + 1, k0, k1);
+                    row_group<R1, P>(x, tiled, bias, y, K, N, R0, g, g + 1, k0, k1);
                 }
             }
         }

@@ -33,7 +33,7 @@ def test_matches_the_float64_reference(lib, k, n, threads):
     weight = torch.randn(n, k, generator=gen) / k ** 0.5
     bias = torch.randn(n, generator=gen)
     tiled = cpu_native.tile_weight(weight)
-    assert tiled.shape == (-(-n // cpu_native.TILE), k, cpu_native.TILE)
+    assert tiled.shape == (-(-n // cpu_native.tile_width()), k, cpu_native.tile_width())
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -169,7 +169,7 @@ def test_read_sum_reads_every_element_once(lib, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n in (0, 1, 127, 128, 129, 1000, 3 * 128 + 5, 1 << 20):  # blocks of 128 and tails, per thread
+        for n in (0, 1, 127, 128, 129, 1000, 3 * 128 + 5, 1 << 20):  # blocks of 8 vectors (32-128 floats) and tails, per thread
             x = torch.randn(n, generator=gen)
             got = cpu_native.read_sum(lib, x)
             assert got == pytest.approx(float(x.double().sum()), abs=1e-3 + 1e-6 * n), \
@@ -181,12 +181,32 @@ def test_read_sum_reads_every_element_once(lib, threads):
         cpu_native.read_sum(lib, torch.ones(8, 2)[:, 0])
 
 
+@pytest.mark.parametrize("lanes, registers", [(16, 32), (8, 16), (4, 32), (4, 16)])
+def test_every_vector_targets_blocking_computes_the_same(lanes, registers, tmp_path, monkeypatch):
+    """The kernels' blocking follows the target's vector width and register count (vec.h: AVX-512's 16
+    floats x 32 registers, AVX2's 8 x 16, NEON's 4 x 32, SSE's 4 x 16). Each target's, built for this
+    host whichever it is, runs this file's checks of every kernel on fresh inputs."""
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_native, "FLAGS", [*cpu_native.FLAGS, f"-DPDSERVE_LANES={lanes}",
+                                              f"-DPDSERVE_VEC_REGS={registers}"])
+    monkeypatch.setattr(cpu_native, "_state", {})
+    target = cpu_native.library()
+    assert target is not None and cpu_native.tile_width() == 2 * lanes
+    for k, n in [(768, 1280), (33, 17), (1100, 5)]:
+        test_matches_the_float64_reference(target, k, n, threads=1)
+    for shape in ATTENTION_SHAPES:
+        test_decode_attention_matches_the_reference(target, shape, threads=2)
+    test_decode_attention_softmax_holds_extreme_scores(target)
+    test_rms_norm_rotary_and_silu_on_fresh_inputs(target)
+    test_read_sum_reads_every_element_once(target, threads=2)
+
+
 def test_tiling_round_trips_bit_exactly():
     for k, n in SHAPES:
         weight = torch.randn(n, k)
         tiled = cpu_native.tile_weight(weight)
         assert torch.equal(cpu_native.untile_weight(tiled, n), weight)
-        assert not tiled.view(-1, k, cpu_native.TILE)[-1, :, n % cpu_native.TILE or cpu_native.TILE:].any()
+        assert not tiled.view(-1, k, cpu_native.tile_width())[-1, :, n % cpu_native.tile_width() or cpu_native.tile_width():].any()
 
 
 def test_sizes_it_does_not_serve_are_refused(lib):
