@@ -207,7 +207,7 @@ class RequestFlow:
             async for output in self._replica_leg(leg_id, prompt, params):
                 yield output
             return
-        decode_stream, prefill_stream = await self._reserve_decode(leg_id, prompt, params)
+        decode_stream, prefill_stream, leg_id = await self._reserve_decode(leg_id, prompt, params)
         decode = decode_stream.state  # its num_active counts this leg until the finally below
         try:
             if prefill_stream is None:
@@ -277,20 +277,27 @@ class RequestFlow:
         return self.params.clone(**changes)
 
     async def _reserve_decode(self, leg_id: str, prompt: list[int],
-                              params: SamplingParams) -> tuple[_Stream, _Stream | None]:
-        """Open the decode stream on the best instance with room; wait (bounded) for room. Returns it
-        and the prefill stream opened while it reserved (None: the prefill is not started yet)."""
+                              params: SamplingParams) -> tuple[_Stream, _Stream | None, str]:
+        """Open the decode stream on the best instance with room; wait (bounded) for room. Returns it,
+        the prefill stream opened while it reserved (None: the prefill is not started yet) and the id
+        the leg goes on under: every reservation attempt has its own (leg_id, then leg_id.1, .2, ...).
+        A refused attempt's streams are closed, but the instances drop its request asynchronously: a
+        retry under the same id was refused as a duplicate by whichever still held it (the client got
+        a 400 for a request that only had to wait for KV room)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deploy.instance_timeout_s
         backoff = _MIN_BACKOFF_S
+        attempt = 0
         while True:
             candidates = self.pool.decode_candidates()
             for decode in candidates:
                 early = self.deploy.prefill_while_reserving and self.pool.routing.prefill_while_reserving(
                     decode, self._num_blocks(decode, prompt))
-                stream, prefill = await self._try_reserve(decode, leg_id, prompt, params, early)
+                attempt_id = leg_id if attempt == 0 else f"{leg_id}.{attempt}"
+                attempt += 1
+                stream, prefill = await self._try_reserve(decode, attempt_id, prompt, params, early)
                 if stream is not None:
-                    return stream, prefill
+                    return stream, prefill, attempt_id
             if self.aborted:
                 raise _Aborted()
             remaining = deadline - loop.time()

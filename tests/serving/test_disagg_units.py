@@ -117,14 +117,17 @@ class _ScriptedInstance:
 
     def __init__(self, role: str, opened: asyncio.Queue) -> None:
         self.role, self.opened, self.first_tokens = role, opened, []
+        self.request_ids, self.first_token_ids = [], []  # the ids Generate and the first token came with
 
     def generate(self, request_id, prompt, params, **kwargs):
         call = _ScriptedCall()
+        self.request_ids.append(request_id)
         self.opened.put_nowait((self.role, kwargs, call))
         return call
 
     async def set_first_token(self, request_id, token_id):
         self.first_tokens.append(token_id)
+        self.first_token_ids.append(request_id)
 
     async def close(self):
         pass
@@ -205,6 +208,39 @@ def test_a_refused_reservation_cancels_the_early_prefill_and_prefills_for_the_de
         results = await asyncio.wait_for(outputs, 5)
         assert [t for o in results for t in o.new_token_ids] == [5, 6] and results[-1].finished
         assert pool.instances[0].num_queued_prefill_tokens == 0
+        # the second attempt under an id of its own: the prefill instance may still hold the first
+        assert pool.instances[0].client.request_ids == ["r@0", "r@0.1"]
+        assert pool.instances[1].client.request_ids == ["r@0"]
+        assert pool.instances[2].client.request_ids == pool.instances[2].client.first_token_ids == ["r@0.1"]
+        await pool.close()
+    asyncio.run(run())
+
+
+def test_a_reservation_retried_after_waiting_for_room_has_a_fresh_id():
+    """One decode instance, out of room at first: the retry after the backoff must not reuse the id the
+    refused attempt gave both instances (they drop it asynchronously; a duplicate id is refused, and the
+    client got a 400 for a request that only had to wait)."""
+    async def run():
+        flow, pool, opened, counters = _scripted_flow(DeployConfig())
+        outputs = asyncio.ensure_future(_collect(flow))
+        for attempt in range(2):
+            role, _, decode_call = await asyncio.wait_for(opened.get(), 5)
+            assert role == "decode"
+            role, _, early = await asyncio.wait_for(opened.get(), 5)
+            assert role == "prefill"
+            decode_call.messages.put_nowait(grpc.aio.AioRpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "no free KV blocks"))
+        role, _, decode_call = await asyncio.wait_for(opened.get(), 5)
+        role, _, prefill = await asyncio.wait_for(opened.get(), 5)
+        decode_call.messages.put_nowait(_output([], accepted=True))
+        prefill.messages.put_nowait(_output([5], finished=True, finish_reason="remote_decode"))
+        decode_call.messages.put_nowait(_output([6], finished=True, finish_reason="length"))
+        results = await asyncio.wait_for(outputs, 5)
+        assert [t for o in results for t in o.new_token_ids] == [5, 6]
+        ids = ["r@0", "r@0.1", "r@0.2"]
+        assert pool.instances[0].client.request_ids == pool.instances[1].client.request_ids == ids
+        assert pool.instances[1].client.first_token_ids == ["r@0.2"]
+        assert counters["num_kv_waits"] == 2 and counters["num_early_prefills_cancelled"] == 2
         await pool.close()
     asyncio.run(run())
 
