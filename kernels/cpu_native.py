@@ -22,7 +22,7 @@ and runs several ops per layer (kernels/cpu_attention.py).
                      int32, seq_lens [B] int32, scale) -> [B, Hq, D]      D <= MAX_HEAD_DIM
 
 The library (both sources) is compiled with the machine's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++`;
-`-O3 -march=native -fopenmp`, about two seconds) into `$PDSERVE_CACHE_DIR/kernels` (default
+`-O3 -march=native -fopenmp`, 5-12 seconds) into `$PDSERVE_CACHE_DIR/kernels` (default
 `~/.cache/pdserve/kernels`), keyed by the source, the flags, the compiler and the CPU's features, and
 loaded with ctypes (no torch headers; the call releases the GIL; its OpenMP threads are torch's, the
 one libgomp of the process). Where it cannot be built (no compiler, no OpenMP) `library()` returns

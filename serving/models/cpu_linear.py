@@ -7,11 +7,13 @@ each weight once into the layout oneDNN's matmul kernel wants (`csrc/cpu/dnnl_he
 `any` chosen for M = 128) and reuses it; torch exposes the same primitive as
 `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`. That is what prefill-sized calls
 run here. Decode-sized calls (1-8 rows) run pdserve's own kernel (kernels/cpu_native.py) on the
-weight laid out in tiles of 32 columns, which streams it at 20-28 GB/s where oneDNN reads 11-18.
+weight laid out in tiles two vector registers wide (32 columns with AVX-512, 16 with AVX2), which
+streams it at 20-28 GB/s where oneDNN reads 11-18 (AVX-512 host; 1.3-1.7x the best of torch's paths
+at 2-8 rows on an AVX2 one: docs/kernels.md).
 `pack_linears(model)` swaps each `nn.Linear` for a `PackedLinear`: the model code stays plain.
 
     nn.Linear.weight [N, K] --once--> oneDNN blocked weight   (M > 8 rows, or no kernel library)
-                            --once--> tiled [N/32, K, 32]     (1-8 rows)
+                            --once--> tiled [N/T, K, T]       (1-8 rows; T = cpu_native.tile_width())
     the plain weight is then dropped unless another module shares it (a tied LM head): two copies
     of each weight, as before; `.weight` rebuilds it (bit-identical) for whoever asks
 
