@@ -4,8 +4,9 @@ decode attention over the paged KV cache.
 torch ships no matmul that streams a weight from memory at full speed for a few rows: MKL's sgemm
 re-packs the weight on every call, oneDNN's kernel for a packed weight reads 11-18 GB/s at 1-8 rows
 where a plain `sum` reads 23-27 GB/s on one core here (docs/kernels.md, "Decode-size linear layers").
-`kernels/csrc/cpu_small_m_linear.cpp` does: the weight laid out once in tiles of 32 output columns,
-each tile one contiguous run, every row of x multiplied by each weight as it streams by.
+`kernels/csrc/cpu_small_m_linear.cpp` does: the weight laid out once in tiles two vector registers wide
+(32 output columns with AVX-512, 16 with AVX2), each tile one contiguous run, every row of x multiplied
+by each weight as it streams by.
 
     weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/T), K, T]     T = 32 (AVX-512), 16 (AVX2), 8
     linear(x [M, K], tiled, bias, N) -> y [M, N]          1 <= M <= MAX_ROWS

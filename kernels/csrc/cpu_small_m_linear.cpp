@@ -1,17 +1,17 @@
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias[N]) for a few rows of x (decode): float32, CPU.
 //
 // A decode step's linear layers are bound by reading each weight once from memory: 2*M flops per
-// weight element. The weight is re-laid once, at load, into tiles of 32 output columns:
+// weight element. The weight is re-laid once, at load, into tiles of T output columns (two vector
+// registers: T = 32 with AVX-512, 16 with AVX2, 8 with NEON):
 //
-//     w [N, K] (row-major)  ->  tiled [ceil(N / 32)][K][32]      (zero-padded to whole tiles)
+//     w [N, K] (row-major)  ->  tiled [ceil(N / T)][K][T]      (zero-padded to whole tiles)
 //
-// so a tile is one contiguous run of K * 128 bytes that the kernel reads front to back (what the
-// hardware prefetcher streams best), and for each k the 32 weights of the tile multiply the broadcast
-// x[m, k] of every row m: M x 32 accumulators stay in registers, no horizontal sums. Several tiles
+// so a tile is one contiguous run of K * T * 4 bytes that the kernel reads front to back (what the
+// hardware prefetcher streams best), and for each k the T weights of the tile multiply the broadcast
+// x[m, k] of every row m: M x T accumulators stay in registers, no horizontal sums. Several tiles
 // are read at once when M is small, so there are enough independent accumulators to hide the FMA
-// latency. Written with GCC/Clang vector extensions: -march=native lowers a 16-lane vector to one
-// AVX-512 register, two AVX2 ones or four NEON ones. Threads: OpenMP over tiles (the process's
-// libgomp, which is torch's).
+// latency. Written with GCC/Clang vector extensions in vec.h's vf (one hardware register). Threads:
+// OpenMP over tiles (the process's libgomp, which is torch's).
 //
 // Built and loaded by kernels/cpu_native.py (ctypes; no torch headers, compiles in seconds), which
 // also lays the weight out (tile_weight).
@@ -32,7 +32,7 @@ using namespace pdserve;
 // accumulators must fit the register file: with 32 registers all 8 rows at once; with AVX2's 16, at most
 // 4 rows at once (M = 5-8 as two groups of rows over the same chunk of tiles, the second reading it from
 // L2). Until 2026-12-03 the kernel was written for AVX-512 alone (16-float vectors, tiles of 32): on an
-// AVX2 host GCC kept those vectors on the stack and the kernel ran at 0.3-0.6x torch's F.linear.
+// AVX2 host GCC kept those vectors on the stack and the kernel ran at 0.15-0.73x torch's F.linear.
 constexpr int kTileVecs = 2;
 constexpr int kMaxGroupRows = kVecRegs >= 32 ? 8 : 4;
 constexpr int kTile = kLanes * kTileVecs;  // output columns per tile
@@ -124,7 +124,8 @@ inline void row_group(const float* x, const float* tiled, const float* bias, flo
         if ((g + 1) * P <= num_tiles) {
             tiles<R, P>(x + r0 * K, tiled, bias, y + r0 * N, K, N, g * P, k0, k1);
         } else {
-            for (int64_t t = g * P; t < num_tiles; ++t) tiles<R, 1>(x + r0 * K, tiled, bias, y + r0 * N, K, N, t, k0, k1);
+            for (int64_t t = g * P; t < num_tiles; ++t)
+                tiles<R, 1>(x + r0 * K, tiled, bias, y + r0 * N, K, N, t, k0, k1);
         }
     }
 }

@@ -11,7 +11,7 @@ import torch
 
 from kernels import cpu_native
 
-# (K, N): the small model's layers, N not a multiple of the 32-column tile, K not a multiple of 16
+# (K, N): the small model's layers, N not a multiple of the 16/32-column tile, K not a multiple of 16
 # (the vector width), tiny and odd sizes.
 SHAPES = [(768, 1280), (2048, 768), (768, 4096), (33, 17), (1100, 5), (5, 100), (16, 32), (1, 1)]
 
@@ -169,7 +169,8 @@ def test_read_sum_reads_every_element_once(lib, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for n in (0, 1, 127, 128, 129, 1000, 3 * 128 + 5, 1 << 20):  # blocks of 8 vectors (32-128 floats) and tails, per thread
+        # blocks of 8 vectors (32-128 floats) and tails, per thread
+        for n in (0, 1, 127, 128, 129, 1000, 3 * 128 + 5, 1 << 20):
             x = torch.randn(n, generator=gen)
             got = cpu_native.read_sum(lib, x)
             assert got == pytest.approx(float(x.double().sum()), abs=1e-3 + 1e-6 * n), \
@@ -206,7 +207,8 @@ def test_tiling_round_trips_bit_exactly():
         weight = torch.randn(n, k)
         tiled = cpu_native.tile_weight(weight)
         assert torch.equal(cpu_native.untile_weight(tiled, n), weight)
-        assert not tiled.view(-1, k, cpu_native.tile_width())[-1, :, n % cpu_native.tile_width() or cpu_native.tile_width():].any()
+        tile = cpu_native.tile_width()
+        assert not tiled.view(-1, k, tile)[-1, :, n % tile or tile:].any()
 
 
 def test_sizes_it_does_not_serve_are_refused(lib):
