@@ -191,16 +191,16 @@ def tile_width() -> int:
     return int(lib.pdserve_tile_width()) if lib is not None else 32
 
 
-def tile_weight(weight: Tensor, tile: int | None = None) -> Tensor:
+def tile_weight(weight: Tensor) -> Tensor:
     """[N, K] float32 -> [ceil(N / T), K, T], T = tile_width(): tile t holds output columns tT..tT+T-1,
     zero-padded."""
-    TILE = tile or tile_width()
+    tile = tile_width()
     n, k = weight.shape
-    padded = torch.zeros(-(-n // TILE) * TILE, k, dtype=weight.dtype) if n % TILE else None
+    padded = torch.zeros(-(-n // tile) * tile, k, dtype=weight.dtype) if n % tile else None
     if padded is not None:
         padded[:n] = weight
     source = weight if padded is None else padded
-    return source.view(-1, TILE, k).transpose(1, 2).contiguous()
+    return source.view(-1, tile, k).transpose(1, 2).contiguous()
 
 
 def untile_weight(tiled: Tensor, out_features: int) -> Tensor:

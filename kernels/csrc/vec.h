@@ -10,12 +10,11 @@ namespace pdserve {
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
 
 // One hardware vector register of floats, as -march=native has them, and how many such registers there
 // are. Kernels compute in vf: a generic vector wider than the hardware's (v16 without AVX-512) is kept
-// on the stack by GCC in loops that hold several of them, which made the small-M linear kernel 3-10x and
-// decode attention ~5x slower on an AVX2 host than with vf (docs/kernels.md, "AVX2 hosts").
+// on the stack by GCC in loops that hold several of them, which made the small-M linear kernel 1.7-14.7x
+// and decode attention 2.3-2.6x slower on an AVX2 host than with vf (docs/kernels.md, "AVX2 hosts").
 #if defined(PDSERVE_LANES)  // another target's blocking, built for this host (tests: same results, slower)
 constexpr int kLanes = PDSERVE_LANES, kVecRegs = PDSERVE_VEC_REGS;
 #elif defined(__AVX512F__)
@@ -32,19 +31,11 @@ typedef int32_t vif __attribute__((vector_size(4 * kLanes)));
 
 inline vf loadv(const float* p) {
     vf v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline v16 load16(const float* p) {
-    v16 v;
     std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
     return v;
 }
 
-inline void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline float sum_lanes(v4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
