@@ -20,13 +20,13 @@ install: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e .
-	$(PY) -m kernels  # compile the CPU kernels now rather than at the first request
+	$(PY) -m pdkernels  # compile the CPU kernels now rather than at the first request
 
 install-test: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[test]"
-	$(PY) -m kernels
+	$(PY) -m pdkernels
 
 serve: install
 	$(VENV)/bin/pdserve serve $(SERVE_ARGS)
@@ -46,8 +46,8 @@ GPU_MODEL ?= build/models/small
 gpu-check: install-test
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device and a CUDA build of torch (TORCH_SPEC)')"
 	mkdir -p $(GPU_RESULTS)
-	set -o pipefail; $(PY) -m pytest -q -rs tests/kernels 2>&1 | tee $(GPU_RESULTS)/kernel_tests.txt
-	set -o pipefail; $(PY) -m pytest -q -rs -m gpu tests --ignore=tests/kernels 2>&1 | tee $(GPU_RESULTS)/gpu_tests.txt
+	set -o pipefail; $(PY) -m pytest -q -rs tests/pdkernels 2>&1 | tee $(GPU_RESULTS)/kernel_tests.txt
+	set -o pipefail; $(PY) -m pytest -q -rs -m gpu tests --ignore=tests/pdkernels 2>&1 | tee $(GPU_RESULTS)/gpu_tests.txt
 	$(PY) -m bench.kernels --out $(GPU_RESULTS)/kernels.json | tee $(GPU_RESULTS)/kernels.txt
 	test -f $(GPU_MODEL)/config.json || $(VENV)/bin/pdserve make-model --size small --out $(GPU_MODEL)
 	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \

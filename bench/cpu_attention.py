@@ -4,8 +4,8 @@ the same K/V bytes once.
     python -m bench.cpu_attention [--baseline-rev HEAD~1 | --baseline-tree DIR] [--batches 1,4,8] [--contexts 256,1024]
                                   [--layers 12] [--rounds 5] [--json out.json]
 
-Each side's `kernels/csrc/cpu_decode_attention.cpp` (the baseline's from `git show REV:...`) is compiled
-alone, with the flags kernels/cpu_native.py uses, into a temporary library and called through ctypes on
+Each side's `pdkernels/csrc/cpu_decode_attention.cpp` (the baseline's from `git show REV:...`) is compiled
+alone, with the flags pdkernels/cpu_native.py uses, into a temporary library and called through ctypes on
 one thread (pin the process, e.g. `taskset -c 0`). The shapes are the small model's (12 query / 4 KV
 heads, head_dim 64, block 16); every layer has its own K/V, so a call streams them from memory as a
 decode step does. `read` is torch summing the same K and V tensors: what streaming the bytes once costs.
@@ -26,11 +26,23 @@ from pathlib import Path
 
 import torch
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 
-SOURCE = "kernels/csrc/cpu_decode_attention.cpp"
-HEADERS = ["kernels/csrc/vec.h", "kernels/csrc/kernels.h"]
+SOURCE = "pdkernels/csrc/cpu_decode_attention.cpp"
+HEADERS = ["pdkernels/csrc/vec.h", "pdkernels/csrc/kernels.h"]
 Q_HEADS, KV_HEADS, HEAD_DIM, BLOCK = 12, 4, 64, 16
+
+
+def _source(root: Path, tree: Path, rev: str | None, name: str) -> str:
+    """`name` in the source tree, or at git revision `rev` (before 2026-12-03 the package was `kernels/`)."""
+    if rev is None:
+        path = tree / name
+        return (path if path.exists() else tree / name.removeprefix("pd")).read_text()
+    for path in (name, name.removeprefix("pd")):
+        shown = subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout
+    raise SystemExit(f"{name} is not in revision {rev}: {shown.stderr.strip()}")
 
 
 def compile_revision(rev: str | None, out_dir: Path, tree: Path | None = None, label: str = "tree") -> ctypes.CDLL:
@@ -39,11 +51,9 @@ def compile_revision(rev: str | None, out_dir: Path, tree: Path | None = None, l
     root = Path(__file__).resolve().parent.parent
     tree = tree or root
     src_dir = out_dir / label
-    (src_dir / "kernels" / "csrc").mkdir(parents=True, exist_ok=True)
+    (src_dir / "pdkernels" / "csrc").mkdir(parents=True, exist_ok=True)
     for name in [SOURCE, *HEADERS]:
-        text = (tree / name).read_text() if rev is None else subprocess.run(
-            ["git", "-C", str(root), "show", f"{rev}:{name}"], capture_output=True, text=True, check=True).stdout
-        (src_dir / name).write_text(text)
+        (src_dir / name).write_text(_source(root, tree, rev, name))
     lib_path = src_dir / "attention.so"
     cxx = cpu_native.compiler()
     if cxx is None:

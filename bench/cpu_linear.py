@@ -19,7 +19,7 @@ Shapes are the small model's (`pdserve make-model --size small`): qkv 768->1280,
                   "w@xT pad2", the row repeated to M = 2
     x@wT          torch.mm(x, wT) on a copy of the weight stored transposed, [K, N]: at M = 1 MKL's
                   gemv over rows of wT (axpy form) instead of dot products over rows of w
-    tiled         pdserve's small-M kernel (kernels/cpu_native.py) on the weight tiled once into runs
+    tiled         pdserve's small-M kernel (pdkernels/cpu_native.py) on the weight tiled once into runs
                   of 32 columns, M <= 8 (what PackedLinear runs for 1-8 rows)
 
 By default each method cycles through enough copies of the weight to exceed the last-level cache
@@ -69,7 +69,7 @@ def _methods(weights: list[torch.Tensor], m: int, hints: list[int], with_mkl: bo
         methods["mkl[M]"] = (packed, lambda x, w, orig: torch.ops.mkl._mkl_linear(x, w, orig, None, m))
     methods["w@xT"] = (weights, lambda x, w, orig: torch.mm(w, x.t()).t())
     methods["x@wT"] = ([w.t().contiguous() for w in weights], lambda x, wt, orig: torch.mm(x, wt))
-    from kernels import cpu_native
+    from pdkernels import cpu_native
     lib = cpu_native.library()
     if lib is not None and m <= cpu_native.MAX_ROWS:
         methods["tiled"] = ([cpu_native.tile_weight(w) for w in weights],

@@ -8,7 +8,7 @@ its B rows), so on CPU its floor is weight bytes / memory bandwidth. This script
 process and with the same pinned threads:
 
 - the read bandwidth: the fastest of three streaming reads of a buffer 16x the last-level cache, torch's
-  sum and amax and pdserve's native read (kernels/cpu_native.py:read_sum, eight vector sums in flight;
+  sum and amax and pdserve's native read (pdkernels/cpu_native.py:read_sum, eight vector sums in flight;
   torch's reductions read 20-30% slower on the 2-core box, which made the bound look 20-30% longer
   than it is until 2026-12-03);
 - the model's weight bytes read per decode step;
@@ -47,7 +47,7 @@ _LLC_BYTES = 32 * 2**20
 
 def read_bandwidth(buffer: torch.Tensor) -> tuple[float, str]:
     """Bytes per second of the fastest streaming read of `buffer` (one pass each), and which."""
-    from kernels import cpu_native
+    from pdkernels import cpu_native
     readers = [("sum", torch.sum), ("amax", torch.amax)]
     lib = cpu_native.library()
     if lib is not None:

@@ -1,4 +1,4 @@
-"""Kernel micro-benchmark: each kernels.ops entry point against the device's own copy bandwidth and
+"""Kernel micro-benchmark: each pdkernels.ops entry point against the device's own copy bandwidth and
 matmul rate (measured in the same run) and against a plain torch baseline.
 
     python -m bench.kernels                          # CUDA, bfloat16, the target sizes of docs/kernels.md
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kernels import ops
-from kernels.rotary import compute_cos_sin_cache
+from pdkernels import ops
+from pdkernels.rotary import compute_cos_sin_cache
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ import grpc
 import torch
 from tqdm import tqdm
 
-from kernels.ops import pack_kv, unpack_kv, write_kv
+from pdkernels.ops import pack_kv, unpack_kv, write_kv
 from kvcache.transfer import KVLayout, KVReceiver, KVSender, ReceiverServer, TransferConfig, wire
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 

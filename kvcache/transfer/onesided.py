@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from kernels.ops import pack_kv, unpack_kv
+from pdkernels.ops import pack_kv, unpack_kv
 from kvcache.shared_memory import check_name, map_region
 from kvcache.transfer._proto import kv_transfer_pb2 as pb
 from kvcache.transfer.chunking import ChunkRange

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.ops import pack_kv
+from pdkernels.ops import pack_kv
 from kvcache.transfer.layout import KVLayout
 
 

@@ -33,7 +33,7 @@ from typing import Callable
 import grpc
 import torch
 
-from kernels.ops import unpack_kv
+from pdkernels.ops import unpack_kv
 from kvcache.shared_pool import SharedKVPool
 from kvcache.transfer import wire
 from kvcache.transfer._proto import kv_transfer_pb2 as pb

@@ -16,8 +16,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from kernels.ops import rms_norm, rotary_embedding, silu_and_mul
-from kernels.rotary import compute_cos_sin_cache
+from pdkernels.ops import rms_norm, rotary_embedding, silu_and_mul
+from pdkernels.rotary import compute_cos_sin_cache
 from serving.models.config import ModelArchConfig
 
 

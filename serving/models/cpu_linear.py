@@ -6,7 +6,7 @@ once (bench/cpu_linear.py: 2-4x slower per call than at batch 1). vLLM's CPU bac
 each weight once into the layout oneDNN's matmul kernel wants (`csrc/cpu/dnnl_helper.cpp`: format
 `any` chosen for M = 128) and reuses it; torch exposes the same primitive as
 `torch.ops.mkldnn._reorder_linear_weight` / `_linear_pointwise`. That is what prefill-sized calls
-run here. Decode-sized calls (1-8 rows) run pdserve's own kernel (kernels/cpu_native.py) on the
+run here. Decode-sized calls (1-8 rows) run pdserve's own kernel (pdkernels/cpu_native.py) on the
 weight laid out in tiles two vector registers wide (32 columns with AVX-512, 16 with AVX2), which
 streams it at 20-28 GB/s where oneDNN reads 11-18 (AVX-512 host; 1.3-1.7x the best of torch's paths
 at 2-8 rows on an AVX2 one: docs/kernels.md).
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 
 # The M oneDNN chooses the weight's blocked layout for (vLLM's kProbeM). Every hint from 2 up gives the
 # same layout here (AB16b64a on AVX-512); hint 1 keeps the plain one.

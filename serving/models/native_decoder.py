@@ -1,9 +1,9 @@
 """Decode steps of a packed float32 CausalLM on CPU, each range of layers in one native call.
 
-The model's Python path (serving/models/causal_lm.py over kernels/ops.py) already runs pdserve's
+The model's Python path (serving/models/causal_lm.py over pdkernels/ops.py) already runs pdserve's
 compiled kernels; at 1-8 rows what is left is the ~200 module and wrapper calls a step makes
 (~3 ms of a ~20 ms batch-1 step on the small model). `NativeDecoder` binds each layer's tensors once
-(kernels/cpu_decode_layers.py) and runs the same kernels in the same order from one C call per
+(pdkernels/cpu_decode_layers.py) and runs the same kernels in the same order from one C call per
 chain segment: a bit-identical result, without the calls. It is what a CUDA graph is to a GPU
 decode step, and `--enforce-eager` turns it off, as it turns graphs off in vLLM.
 
@@ -21,8 +21,8 @@ import logging
 
 from torch import Tensor, nn
 
-from kernels import cpu_native
-from kernels.cpu_decode_layers import DecodeLayers, DecodeShape, LayerTensors
+from pdkernels import cpu_native
+from pdkernels.cpu_decode_layers import DecodeLayers, DecodeShape, LayerTensors
 from serving.models.causal_lm import CausalLM, HeadRMSNorm
 from serving.models.cpu_linear import PackedLinear
 from serving.models.tensor_parallel import RowParallelLinear

@@ -40,7 +40,7 @@ class CollectiveError(RuntimeError):
 
 class ShmCollectives:
     """All-reduce and all-gather of float32 CPU tensors through a shared-memory region the group's ranks
-    map (kernels/csrc/cpu_shm_collectives.cpp): a copy in, one barrier, a sum or copy out. Gloo over
+    map (pdkernels/csrc/cpu_shm_collectives.cpp): a copy in, one barrier, a sum or copy out. Gloo over
     loopback costs 1-2 ms per collective on the 2-core box; this costs microseconds. Tensors larger than
     a slot go through the process group instead (every rank decides alike: the same shapes)."""
 
@@ -79,8 +79,8 @@ class ShmCollectives:
         return out
 
     def native(self):
-        """The same group as the native decode step calls it (kernels/cpu_decode_layers.py)."""
-        from kernels.cpu_decode_layers import NativeCollective
+        """The same group as the native decode step calls it (pdkernels/cpu_decode_layers.py)."""
+        from pdkernels.cpu_decode_layers import NativeCollective
         return NativeCollective(self._base.data_ptr(), self.rank, self.size, self._seq, self.timeout_s)
 
     def _check(self, status: int) -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from kernels.ops import paged_attention, write_kv
+from pdkernels.ops import paged_attention, write_kv
 from kvcache.config import CacheConfig
 from kvcache.layout import KVCacheLayout
 from scheduler.step import Segment, StepPlan, StepResult

@@ -57,7 +57,7 @@ class SharedRankCaches:
 
 def attach_collectives_region(name: str, tp_rank: int, tp: int, slot_bytes: int, timeout_s: float) -> ShmCollectives:
     """A worker rank's view of its TP group's collectives region, which rank 0 created."""
-    from kernels import cpu_native
+    from pdkernels import cpu_native
     from kvcache.shared_memory import map_region
     lib = cpu_native.library()
     if lib is None:
@@ -71,7 +71,7 @@ def create_collectives_region(device: torch.device, size: int, timeout_s: float)
     kernel library, or where /dev/shm cannot hold the region (then gloo carries every collective)."""
     if device.type != "cpu":
         return None, None
-    from kernels import cpu_native
+    from pdkernels import cpu_native
     from kvcache.shared_memory import SharedFile, map_own
     lib = cpu_native.library()
     if lib is None:

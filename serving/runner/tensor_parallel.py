@@ -20,7 +20,7 @@ different collectives. Either way the step raises ExecutorDeadError, which ends 
 than failing one step's requests and carrying on (vLLM's engine dies the same way on a worker's error):
 the engine process is restarted, or the instance replaced, as for any dead engine. Workers exit when
 rank 0's process goes away (end of file on their connection). On CPU the float32 collectives go
-through shared memory (kernels/csrc/cpu_shm_collectives.cpp) rather than gloo where they fit a slot.
+through shared memory (pdkernels/csrc/cpu_shm_collectives.cpp) rather than gloo where they fit a slot.
 
 With pipeline stages (serving/models/pipeline.py), rank r is stage r // tp and TP rank r % tp; each
 stage's ranks form a TP group of their own, and the hidden state goes stage to stage over the world

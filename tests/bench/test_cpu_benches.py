@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 from serving.models.cpu_linear import packing_supported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))

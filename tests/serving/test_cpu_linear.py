@@ -7,7 +7,7 @@ from torch import nn
 
 from scheduler import SamplingParams
 from serving.models import load_model
-from kernels import cpu_native
+from pdkernels import cpu_native
 from serving.models.cpu_linear import PackedLinear, pack_linears, packing_supported, unpack_linears
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32),

@@ -3,7 +3,7 @@ for every supported architecture, batch size and layer split, and only where it 
 import pytest
 import torch
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 from kvcache.config import CacheConfig
 from scheduler import CachedRequestData, NewRequestData, SamplingParams, Segment, StepPlan
 from serving.models.cpu_linear import pack_linears, unpack_linears

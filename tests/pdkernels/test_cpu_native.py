@@ -1,4 +1,4 @@
-"""pdserve's CPU kernels (kernels/cpu_native.py, kernels/csrc/): the small-M linear kernel against a
+"""pdserve's CPU kernels (pdkernels/cpu_native.py, pdkernels/csrc/): the small-M linear kernel against a
 float64 torch reference and decode attention against the loop reference, on fresh random inputs; the
 linear kernel's weight layout; the build, and what a machine that cannot build it gets."""
 import logging
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 
 # (K, N): the small model's layers, N not a multiple of the 16/32-column tile, K not a multiple of 16
 # (the vector width), tiny and odd sizes.
@@ -67,8 +67,8 @@ ATTENTION_SHAPES = [(12, 4, 64, 16), (4, 4, 128, 16), (6, 2, 8, 4), (8, 2, 24, 5
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_attention_matches_the_reference(lib, shape, threads):
-    from kernels import reference
-    from tests.kernels.helpers import make_paged_batch
+    from pdkernels import reference
+    from tests.pdkernels.helpers import make_paged_batch
     num_q_heads, num_kv_heads, head_dim, block_size = shape
     gen = torch.Generator().manual_seed(torch.seed())
     seed = gen.initial_seed()
@@ -91,8 +91,8 @@ def test_decode_attention_matches_the_reference(lib, shape, threads):
 
 def test_decode_attention_softmax_holds_extreme_scores(lib):
     """Scores hundreds apart (exp underflows for all but the top one) and a long context."""
-    from kernels import reference
-    from tests.kernels.helpers import make_paged_batch
+    from pdkernels import reference
+    from tests.pdkernels.helpers import make_paged_batch
     gen = torch.Generator().manual_seed(torch.seed())
     batch = make_paged_batch([1, 1], [2049, 40], 4, 2, 32, 16, torch.float32, gen)
     batch["q"] *= 60.0
@@ -117,8 +117,8 @@ def test_decode_attention_refuses_what_it_does_not_serve(lib):
 
 def test_rms_norm_rotary_and_silu_on_fresh_inputs(lib):
     import torch.nn.functional as F
-    from kernels import reference
-    from kernels.rotary import compute_cos_sin_cache
+    from pdkernels import reference
+    from pdkernels.rotary import compute_cos_sin_cache
     gen = torch.Generator().manual_seed(torch.seed())
     seed = gen.initial_seed()
     for tokens in (1, 3, 300):
@@ -149,7 +149,7 @@ def test_rms_norm_rotary_and_silu_on_fresh_inputs(lib):
 
 
 def test_rotary_refuses_a_position_outside_the_table(lib):
-    from kernels.rotary import compute_cos_sin_cache
+    from pdkernels.rotary import compute_cos_sin_cache
     q, k = torch.randn(2, 4, 16), torch.randn(2, 2, 16)
     with pytest.raises(ValueError, match="outside the rotary table's 100 positions"):
         cpu_native.rotary_embedding(lib, torch.tensor([3, 100]), q, k, compute_cos_sin_cache(16, 100, 10000.0))
@@ -223,7 +223,7 @@ def test_a_failed_build_says_why_and_leaves_torch_paths(tmp_path, monkeypatch, c
     monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu_native, "FLAGS", [*cpu_native.FLAGS, "-fno-such-flag-at-all"])
     monkeypatch.setattr(cpu_native, "_state", {})
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_native"):
+    with caplog.at_level(logging.WARNING, logger="pdkernels.cpu_native"):
         assert cpu_native.library() is None
     assert "could not be built" in caplog.text and "no-such-flag-at-all" in caplog.text
     assert not list((tmp_path / "kernels").glob("*.so*"))  # no half-written library left behind
@@ -232,7 +232,7 @@ def test_a_failed_build_says_why_and_leaves_torch_paths(tmp_path, monkeypatch, c
 def test_no_compiler_and_the_switch_off_give_none(monkeypatch, caplog):
     monkeypatch.setattr(cpu_native, "_state", {})
     monkeypatch.setattr(cpu_native, "compiler", lambda: None)
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_native"):
+    with caplog.at_level(logging.WARNING, logger="pdkernels.cpu_native"):
         assert cpu_native.library() is None
     assert "no C++ compiler found (set CXX, or install g++)" in caplog.text
     monkeypatch.setattr(cpu_native, "_state", {})
@@ -244,7 +244,7 @@ def test_a_fresh_cache_builds_and_a_second_process_reuses_it(tmp_path):
     env = {**os.environ, "PDSERVE_CACHE_DIR": str(tmp_path)}
     compiled = []
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-m", "kernels"], env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-m", "pdkernels"], env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0 and "ready" in done.stdout, done.stderr
         compiled.append("compiling pdserve's CPU kernels" in done.stderr)

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.triton_attention_prefill import paged_attention  # noqa: F401  (re-exported)
-from kernels.triton_attention_prefill import attention_block_dims, dot_precision
+from pdkernels.triton_attention_prefill import paged_attention  # noqa: F401  (re-exported)
+from pdkernels.triton_attention_prefill import attention_block_dims, dot_precision
 
 _DECODE_BLOCK_N = 64        # context tokens per inner iteration
 _TARGET_PROGRAMS = 528      # about 4 programs per SM on an H100 (132 SMs)
@@ -121,7 +121,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int
 def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                            seq_lens: Tensor, scale: float, max_seq_len: int | None = None,
                            num_splits: int | None = None) -> Tensor:
-    """Same contract as kernels.ops.paged_decode_attention; q [B, Hq, D] -> [B, Hq, D]."""
+    """Same contract as pdkernels.ops.paged_decode_attention; q [B, Hq, D] -> [B, Hq, D]."""
     num_seqs, num_q_heads, head_dim = q.shape
     group, group_pad, block_d = attention_block_dims(q, k_cache, v_cache)
     block_g = max(16, group_pad)         # the group is the whole M side of the decode dots

@@ -39,7 +39,7 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_
 
 
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-    """Same contract as kernels.ops.write_kv. Each cache slot row [Hkv, D] must be contiguous."""
+    """Same contract as pdkernels.ops.write_kv. Each cache slot row [Hkv, D] must be contiguous."""
     num_tokens, num_kv_heads, head_dim = key.shape
     row = num_kv_heads * head_dim
     for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -82,7 +82,7 @@ def _check_block_layout(kv_cache: Tensor) -> int:
 
 def pack_kv(kv_cache: Tensor, block_ids: Tensor, layer_start: int, layer_end: int,
             out: Tensor | None = None) -> Tensor:
-    """Same contract as kernels.ops.pack_kv (layer_end already resolved)."""
+    """Same contract as pdkernels.ops.pack_kv (layer_end already resolved)."""
     num_layers = layer_end - layer_start
     shape = (num_layers, 2, block_ids.shape[0], *kv_cache.shape[3:])
     if out is None:
@@ -95,7 +95,7 @@ def pack_kv(kv_cache: Tensor, block_ids: Tensor, layer_start: int, layer_end: in
 
 
 def unpack_kv(buffer: Tensor, kv_cache: Tensor, block_ids: Tensor, layer_start: int) -> None:
-    """Same contract as kernels.ops.unpack_kv."""
+    """Same contract as pdkernels.ops.unpack_kv."""
     if not buffer.is_contiguous() or buffer.dtype != kv_cache.dtype:
         raise ValueError(f"unpack_kv needs a contiguous {kv_cache.dtype} buffer, got {buffer.dtype}")
     _launch_copy(kv_cache, buffer, block_ids, layer_start, buffer.shape[0], to_buffer=False)

@@ -1,7 +1,7 @@
 // The small per-layer ops of a float32 CPU step, one pass each: RMSNorm (with the residual add fused),
 // rotary embedding, writing K/V into the paged cache, SiLU-and-multiply. At decode sizes torch spends
 // far longer dispatching these (an RMSNorm of one 768-wide row is ~50 us through aten, six ops) than
-// computing them; here each is one call. Same math as kernels/ops.py's torch paths, in float32.
+// computing them; here each is one call. Same math as pdkernels/ops.py's torch paths, in float32.
 // Also a streaming read, the memory bound benchmarks measure steps against.
 #include <cmath>
 #include <cstdint>

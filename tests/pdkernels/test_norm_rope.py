@@ -1,25 +1,25 @@
-"""Fused RMSNorm and rotary embedding (torch CPU path and Triton) against kernels.reference, and the
+"""Fused RMSNorm and rotary embedding (torch CPU path and Triton) against pdkernels.reference, and the
 cos/sin cache against transformers' own rotary embedding."""
 
 import pytest
 import torch
 
-from kernels import ops, reference
-from kernels.rotary import compute_cos_sin_cache
-from tests.kernels.helpers import TRITON_DEVICE, assert_close, compiled_path, torch_path
+from pdkernels import ops, reference
+from pdkernels.rotary import compute_cos_sin_cache
+from tests.pdkernels.helpers import TRITON_DEVICE, assert_close, compiled_path, torch_path
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _rms_norm_impls():
-    from kernels import triton_norm
+    from pdkernels import triton_norm
     return [pytest.param(torch_path(ops.rms_norm), "cpu", id="torch"),
             pytest.param(compiled_path(ops.rms_norm), "cpu", id="compiled"),
             pytest.param(triton_norm.rms_norm, TRITON_DEVICE, id="triton")]
 
 
 def _rotary_impls():
-    from kernels import triton_norm
+    from pdkernels import triton_norm
     return [pytest.param(torch_path(ops.rotary_embedding), "cpu", id="torch"),
             pytest.param(compiled_path(ops.rotary_embedding), "cpu", id="compiled"),
             pytest.param(triton_norm.rotary_embedding, TRITON_DEVICE, id="triton")]

@@ -1,4 +1,4 @@
-"""The shared-memory collectives (kernels/csrc/cpu_shm_collectives.cpp) against their definition: ranks are
+"""The shared-memory collectives (pdkernels/csrc/cpu_shm_collectives.cpp) against their definition: ranks are
 threads here, over one region in ordinary memory (ctypes releases the GIL, so they run at once); the
 rank processes of tests/serving/test_tensor_parallel.py use them across processes."""
 import subprocess
@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 
 pytestmark = pytest.mark.skipif(cpu_native.library() is None, reason="pdserve's CPU kernels are not built here")
 

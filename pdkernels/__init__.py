@@ -3,7 +3,7 @@
 Imports nothing from the rest of the project.
 """
 
-from kernels.ops import (
+from pdkernels.ops import (
     pack_kv,
     paged_attention,
     paged_decode_attention,
@@ -13,7 +13,7 @@ from kernels.ops import (
     unpack_kv,
     write_kv,
 )
-from kernels.rotary import compute_cos_sin_cache
+from pdkernels.rotary import compute_cos_sin_cache
 
 __all__ = [
     "compute_cos_sin_cache",

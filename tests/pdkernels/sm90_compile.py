@@ -7,7 +7,7 @@ local memory (spills). This catches what the CPU interpreter cannot: type errors
 tl.dot shape rules, shared-memory overflows and register spills.
 
 Run in a fresh process without TRITON_INTERPRET (the interpreter replaces JITFunctions):
-    python -m tests.kernels.sm90_compile [--json]
+    python -m tests.pdkernels.sm90_compile [--json]
 Exit status 1 when any kernel fails to compile.
 """
 
@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from kernels import triton_attention, triton_attention_prefill, triton_cache, triton_norm
+from pdkernels import triton_attention, triton_attention_prefill, triton_cache, triton_norm
 
 _KERNELS = [(triton_norm, "_rms_norm_kernel"), (triton_norm, "_rotary_kernel"),
             (triton_cache, "_write_kv_kernel"), (triton_cache, "_copy_blocks_kernel"),

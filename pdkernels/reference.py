@@ -1,5 +1,5 @@
 """Obviously-correct torch definitions of every kernel: loops over requests, tokens and heads, float64
-math. They define what the Triton kernels and the torch paths in `kernels.ops` compute; the tests
+math. They define what the Triton kernels and the torch paths in `pdkernels.ops` compute; the tests
 compare both against these. Never used for serving.
 """
 

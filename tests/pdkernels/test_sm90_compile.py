@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_all_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.sm90_compile", "--json"], cwd=REPO_ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "tests.pdkernels.sm90_compile", "--json"], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip(), f"no report from sm90_compile:\n{proc.stderr[-4000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 
 
 def context_blocks(block_tables: Tensor, seq_lens: Tensor, block_size: int, max_seq_len: int
@@ -45,7 +45,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: 
                      seq_lens: Tensor, scale: float, max_seq_len: int | None = None) -> Tensor:
     """One query token per request, the whole padded batch at once. q [B, Hq, D] -> [B, Hq, D].
 
-    float32 runs pdserve's compiled kernel (kernels/cpu_native.py) where it is built. Otherwise two
+    float32 runs pdserve's compiled kernel (pdkernels/cpu_native.py) where it is built. Otherwise two
     equivalent torch paths: float32 batches of BMM_MIN_SEQS or more requests gather K/V heads-first and
     run two batched matmuls (`_decode_bmm`); the rest gather whole blocks for one SDPA call, with the
     batch axes ordered (Hkv, B) rather than (B, Hkv) so the G query heads of one KV head share its K/V

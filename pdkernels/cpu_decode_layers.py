@@ -1,8 +1,8 @@
-"""A decode step's decoder layers in one native call (kernels/csrc/cpu_decode_layers.cpp): float32, CPU,
+"""A decode step's decoder layers in one native call (pdkernels/csrc/cpu_decode_layers.cpp): float32, CPU,
 1-8 rows of one new token each.
 
-The driver chains the same compiled kernels the model's Python path dispatches to (kernels/ops.py ->
-kernels/cpu_native.py), in the same order on the same inputs, so its output is bit-identical; what it
+The driver chains the same compiled kernels the model's Python path dispatches to (pdkernels/ops.py ->
+pdkernels/cpu_native.py), in the same order on the same inputs, so its output is bit-identical; what it
 removes is the ~200 Python-level calls per step (modules, wrappers, their checks), ~3 ms of a ~20 ms
 batch-1 step on the small model.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-from kernels import cpu_native
+from pdkernels import cpu_native
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class _Shape(ctypes.Structure):  # PdserveDecodeShape
 @dataclass(frozen=True)
 class NativeCollective:
     """A tensor-parallel rank's shared-memory collectives as the native layers call them: after o and
-    down the rank's partial output is summed over the group (kernels/csrc/cpu_shm_collectives.cpp), then
+    down the rank's partial output is summed over the group (pdkernels/csrc/cpu_shm_collectives.cpp), then
     the bias added. `seq` is the group's collective counter, shared with whoever else makes collectives
     on the group, so every call, native or not, takes the next number."""
     base: int  # address of the group's mapped region

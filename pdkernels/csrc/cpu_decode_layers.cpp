@@ -3,7 +3,7 @@
 // At batch 1 a decode step of a 12-layer model makes ~200 Python-level calls (modules, kernel
 // wrappers, their checks) that together cost ~3 ms of a ~20 ms step: more than attention. This
 // driver runs the same kernels in the same order on the same inputs (so its output is bit-identical to
-// serving/models/causal_lm.py over kernels/ops.py), one call per range of layers. Per layer, with
+// serving/models/causal_lm.py over pdkernels/ops.py), one call per range of layers. Per layer, with
 // Q = Hq * D, KV = Hkv * D:
 //
 //   hidden, residual [M, H]  --rms_norm(+residual)-->  normed [M, H]
@@ -12,7 +12,7 @@
 //   attn --linear(o)--> o [M, H] --rms_norm(+residual)--> normed --linear(gate_up)--> [M, 2I]
 //        --silu_and_mul--> [M, I] --linear(down)--> hidden [M, H]
 //
-// The caller (kernels/cpu_native.py: decode_layers) owns every buffer: the weights (laid out by
+// The caller (pdkernels/cpu_native.py: decode_layers) owns every buffer: the weights (laid out by
 // tile_weight), the KV cache, and a scratch area of pdserve_decode_layers_scratch floats.
 #include <cstdint>
 #include <cstring>
@@ -21,7 +21,7 @@
 
 extern "C" {
 
-// One decoder layer's tensors (kernels/cpu_native.py: Layer mirrors it field for field). Linear
+// One decoder layer's tensors (pdkernels/cpu_native.py: Layer mirrors it field for field). Linear
 // weights are tiled; a bias, q_norm or k_norm may be null.
 struct PdserveLayer {
     const float* input_norm;   // [H]
@@ -40,7 +40,7 @@ struct PdserveLayer {
     float* v_cache;            // [num_slots, Hkv, D]
 };
 
-// A tensor-parallel rank's row-parallel sums (kernels/csrc/cpu_shm_collectives.cpp): after o and down
+// A tensor-parallel rank's row-parallel sums (pdkernels/csrc/cpu_shm_collectives.cpp): after o and down
 // the rank's partial output is all-reduced over the group, then the bias added once; null: one rank.
 struct PdserveCollective {
     void* base;      // the group's shared-memory region

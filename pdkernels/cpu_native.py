@@ -4,20 +4,20 @@ decode attention over the paged KV cache.
 torch ships no matmul that streams a weight from memory at full speed for a few rows: MKL's sgemm
 re-packs the weight on every call, oneDNN's kernel for a packed weight reads 11-18 GB/s at 1-8 rows
 where a plain `sum` reads 23-27 GB/s on one core here (docs/kernels.md, "Decode-size linear layers").
-`kernels/csrc/cpu_small_m_linear.cpp` does: the weight laid out once in tiles two vector registers wide
+`pdkernels/csrc/cpu_small_m_linear.cpp` does: the weight laid out once in tiles two vector registers wide
 (32 output columns with AVX-512, 16 with AVX2), each tile one contiguous run, every row of x multiplied
 by each weight as it streams by.
 
     weight [N, K] --tile_weight (once, at load)--> tiled [ceil(N/T), K, T]     T = 32 (AVX-512), 16 (AVX2), 8
     linear(x [M, K], tiled, bias, N) -> y [M, N]          1 <= M <= MAX_ROWS
 
-The small per-layer ops (`kernels/csrc/cpu_elementwise.cpp`: RMSNorm with the residual add fused,
+The small per-layer ops (`pdkernels/csrc/cpu_elementwise.cpp`: RMSNorm with the residual add fused,
 rotary embedding, K/V into the paged cache, SiLU-and-multiply) are one call each where torch
 dispatches several ops (an RMSNorm of one row costs ~50 us through aten).
 
-Decode attention (`kernels/csrc/cpu_decode_attention.cpp`) reads each request's K and V straight from
+Decode attention (`pdkernels/csrc/cpu_decode_attention.cpp`) reads each request's K and V straight from
 its cache blocks, once, per (request, KV head) task, where the torch path gathers them into new tensors
-and runs several ops per layer (kernels/cpu_attention.py).
+and runs several ops per layer (pdkernels/cpu_attention.py).
 
     decode_attention(q [B, Hq, D], k_cache, v_cache [blocks, block_size, Hkv, D], block_tables [B, *]
                      int32, seq_lens [B] int32, scale) -> [B, Hq, D]      D <= MAX_HEAD_DIM
@@ -28,7 +28,7 @@ The library (both sources) is compiled with the machine's C++ compiler (`$CXX`, 
 loaded with ctypes (no torch headers; the call releases the GIL; its OpenMP threads are torch's, the
 one libgomp of the process). Where it cannot be built (no compiler, no OpenMP) `library()` returns
 None once with a warning and callers keep torch's paths; `PDSERVE_CPU_KERNELS=0` turns it off.
-`python -m kernels` builds it ahead of time (make install does).
+`python -m pdkernels` builds it ahead of time (make install does).
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.pdserve_shm_all_gather.restype = ctypes.c_int
     if (lib.pdserve_tile_width() not in (8, 16, 32) or lib.pdserve_max_rows() != MAX_ROWS
             or lib.pdserve_decode_attention_max_head_dim() != MAX_HEAD_DIM):
-        raise RuntimeError(f"{path} does not match kernels/cpu_native.py")
+        raise RuntimeError(f"{path} does not match pdkernels/cpu_native.py")
     return lib
 
 
@@ -259,13 +259,13 @@ def decode_attention(lib: ctypes.CDLL, q: Tensor, k_cache: Tensor, v_cache: Tens
 
 
 def float32_cpu(*tensors: Tensor) -> bool:
-    """Every tensor float32 on the CPU: what these kernels take (kernels/ops.py dispatches on it)."""
+    """Every tensor float32 on the CPU: what these kernels take (pdkernels/ops.py dispatches on it)."""
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
 
 def rms_norm(lib: ctypes.CDLL, x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
              ) -> Tensor | tuple[Tensor, Tensor]:
-    """kernels.ops.rms_norm for float32 [T, H] on CPU: rms_norm(x (+ residual)) * weight, and with a
+    """pdkernels.ops.rms_norm for float32 [T, H] on CPU: rms_norm(x (+ residual)) * weight, and with a
     residual also the sum. Inputs are not modified."""
     rows = x.contiguous()
     hidden = rows.shape[-1]
@@ -293,7 +293,7 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
 
 def rotary_embedding(lib: ctypes.CDLL, positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
                      is_neox: bool = True) -> tuple[Tensor, Tensor]:
-    """kernels.ops.rotary_embedding for float32 on CPU: new rotated q [T, Hq, D] and k [T, Hkv, D]."""
+    """pdkernels.ops.rotary_embedding for float32 on CPU: new rotated q [T, Hq, D] and k [T, Hkv, D]."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, rot_dim = k.shape[1], cos_sin_cache.shape[1]
     table = cos_sin_cache.contiguous()
@@ -315,7 +315,7 @@ def rotary_embedding(lib: ctypes.CDLL, positions: Tensor, q: Tensor, k: Tensor, 
 
 def write_kv(lib: ctypes.CDLL, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
-    """kernels.ops.write_kv for float32 on CPU: key/value [T, Hkv, D] into slot_mapping [T] of the
+    """pdkernels.ops.write_kv for float32 on CPU: key/value [T, Hkv, D] into slot_mapping [T] of the
     contiguous caches [blocks, block_size, Hkv, D]; slot < 0 skips; a slot past the cache is an error
     and writes nothing."""
     if not (float32_cpu(key, value, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()

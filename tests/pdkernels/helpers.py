@@ -50,7 +50,7 @@ def torch_path(fn):
     import functools
     from unittest import mock
 
-    from kernels import cpu_native
+    from pdkernels import cpu_native
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
@@ -63,7 +63,7 @@ def compiled_path(fn):
     """fn with pdserve's compiled CPU kernels required (float32 on CPU runs them)."""
     import functools
 
-    from kernels import cpu_native
+    from pdkernels import cpu_native
 
     @functools.wraps(fn)
     def run(*args, **kwargs):

@@ -1,4 +1,4 @@
-"""Rotary-embedding tables: the cos/sin cache that `kernels.ops.rotary_embedding` reads.
+"""Rotary-embedding tables: the cos/sin cache that `pdkernels.ops.rotary_embedding` reads.
 
 The inverse frequencies follow transformers' rope init (`transformers.modeling_rope_utils`) operation for
 operation, so a model run with this cache matches the HF model numerically.

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.checks import check_attention_inputs
+from pdkernels.checks import check_attention_inputs
 
 _PREFILL_BLOCK_M = 128      # query rows (tokens x heads of one group) per program
 _PREFILL_BLOCK_N = 64       # context tokens per inner iteration
@@ -124,7 +124,7 @@ def _varlen_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, s
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
                     query_start_loc: Tensor, scale: float, max_query_len: int | None = None,
                     max_seq_len: int | None = None) -> Tensor:
-    """Same contract as kernels.ops.paged_attention (any mix of q_lens, decode rows included)."""
+    """Same contract as pdkernels.ops.paged_attention (any mix of q_lens, decode rows included)."""
     num_tokens, num_q_heads, head_dim = q.shape
     group, block_g, block_d = attention_block_dims(q, k_cache, v_cache)
     out = torch.empty_like(q)

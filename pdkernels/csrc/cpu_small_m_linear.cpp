@@ -13,7 +13,7 @@
 // latency. Written with GCC/Clang vector extensions in vec.h's vf (one hardware register). Threads:
 // OpenMP over tiles (the process's libgomp, which is torch's).
 //
-// Built and loaded by kernels/cpu_native.py (ctypes; no torch headers, compiles in seconds), which
+// Built and loaded by pdkernels/cpu_native.py (ctypes; no torch headers, compiles in seconds), which
 // also lays the weight out (tile_weight).
 #include <cstdint>
 #include <cstring>

@@ -1,8 +1,8 @@
 """Dispatching entry points of the kernels package.
 
 Each op runs its Triton kernel when the tensors live on CUDA, pdserve's compiled CPU kernel for float32
-on CPU where it is built (kernels/cpu_native.py), and a torch path otherwise; all are tested against
-the loop definitions in `kernels.reference`. The Triton modules are imported only on the CUDA
+on CPU where it is built (pdkernels/cpu_native.py), and a torch path otherwise; all are tested against
+the loop definitions in `pdkernels.reference`. The Triton modules are imported only on the CUDA
 branch, so CPU serving never loads (or JIT-compiles) the Triton kernels.
 
 KV cache layout used throughout: kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D]; the per-layer
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import cpu_attention, cpu_native
-from kernels.checks import check_attention_inputs
+from pdkernels import cpu_attention, cpu_native
+from pdkernels.checks import check_attention_inputs
 
 
 def _native(*tensors: Tensor):
@@ -42,7 +42,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     (rms_norm(s) * weight, s), vLLM's fused_add_rms_norm. Inputs are not modified.
     """
     if x.is_cuda:
-        from kernels import triton_norm
+        from pdkernels import triton_norm
         return triton_norm.rms_norm(x, weight, eps, residual)
     lib = _native(x, weight, *([residual] if residual is not None else []))
     if lib is not None:
@@ -66,12 +66,12 @@ def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Ten
                      is_neox: bool = True) -> tuple[Tensor, Tensor]:
     """Rotate q [T, Hq, D] and k [T, Hkv, D] by the angles of positions [T] int64; new tensors back.
 
-    cos_sin_cache [max_pos, rot_dim] float32 (see kernels.rotary); rot_dim <= D, and only the first
+    cos_sin_cache [max_pos, rot_dim] float32 (see pdkernels.rotary); rot_dim <= D, and only the first
     rot_dim dims are rotated (partial rotary). Neox style rotates halves; GPT-J style (is_neox=False)
     rotates interleaved pairs.
     """
     if q.is_cuda:
-        from kernels import triton_norm
+        from pdkernels import triton_norm
         return triton_norm.rotary_embedding(positions, q, k, cos_sin_cache, is_neox)
     lib = _native(q, k, cos_sin_cache)
     if lib is not None and q.dim() == k.dim() == 3:
@@ -99,7 +99,7 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, is_neox: bool) -> Tensor:
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """Store key/value [T, Hkv, D] at slot_mapping [T] of k_cache/v_cache in place; slot < 0 skips."""
     if key.is_cuda:
-        from kernels import triton_cache
+        from pdkernels import triton_cache
         triton_cache.write_kv(key, value, k_cache, v_cache, slot_mapping)
         return
     lib = _native(key, value, k_cache, v_cache)
@@ -133,7 +133,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     if max_query_len == 1 and q.shape[0] == num_seqs:
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
     if q.is_cuda:
-        from kernels import triton_attention
+        from pdkernels import triton_attention
         return triton_attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                                 query_start_loc, scale, max_query_len, max_seq_len)
     return cpu_attention.varlen_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
@@ -149,7 +149,7 @@ def paged_decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ta
     partial softmax results are reduced by a second kernel; the CPU path ignores num_splits.
     """
     if q.is_cuda:
-        from kernels import triton_attention
+        from pdkernels import triton_attention
         return triton_attention.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                                        max_seq_len, num_splits)
     return cpu_attention.decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
@@ -167,7 +167,7 @@ def pack_kv(kv_cache: Tensor, block_ids: Tensor, layer_start: int = 0, layer_end
         raise ValueError(f"layer range [{layer_start}, {layer_end}) is outside the cache's "
                          f"{kv_cache.shape[0]} layers")
     if kv_cache.is_cuda:
-        from kernels import triton_cache
+        from pdkernels import triton_cache
         return triton_cache.pack_kv(kv_cache, block_ids, layer_start, layer_end, out)
     layers = kv_cache[layer_start:layer_end]
     if out is None:
@@ -182,7 +182,7 @@ def unpack_kv(buffer: Tensor, kv_cache: Tensor, block_ids: Tensor, layer_start: 
         raise ValueError(f"buffer of {buffer.shape[0]} layers at layer_start {layer_start} does not fit "
                          f"the cache's {kv_cache.shape[0]} layers")
     if kv_cache.is_cuda:
-        from kernels import triton_cache
+        from pdkernels import triton_cache
         triton_cache.unpack_kv(buffer, kv_cache, block_ids, layer_start)
         return
     kv_cache[layer_start:layer_end].index_copy_(2, block_ids.long(), buffer.to(kv_cache.dtype))

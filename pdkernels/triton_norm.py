@@ -31,7 +31,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, summed_ptr, hidde
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
              ) -> Tensor | tuple[Tensor, Tensor]:
-    """Same contract as kernels.ops.rms_norm; x [T, H] with unit stride along H."""
+    """Same contract as pdkernels.ops.rms_norm; x [T, H] with unit stride along H."""
     num_tokens, hidden_size = x.shape
     if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("rms_norm needs x and residual contiguous along the hidden dim; call .contiguous()")
@@ -78,7 +78,7 @@ def _rotary_kernel(positions_ptr, x_ptr, cos_sin_ptr, num_heads, stride_token, s
 
 def rotary_embedding(positions: Tensor, q: Tensor, k: Tensor, cos_sin_cache: Tensor,
                      is_neox: bool = True) -> tuple[Tensor, Tensor]:
-    """Same contract as kernels.ops.rotary_embedding; returns new (q, k)."""
+    """Same contract as pdkernels.ops.rotary_embedding; returns new (q, k)."""
     rot_dim = cos_sin_cache.shape[1]
     if rot_dim > q.shape[-1] or rot_dim % 2 != 0:
         raise ValueError(f"cos_sin_cache rot_dim {rot_dim} must be even and <= head_dim {q.shape[-1]}")

@@ -1,17 +1,17 @@
 """KV write from a slot mapping and KV pack / unpack (torch CPU path and Triton) against
-kernels.reference. These ops only move data, so results must be bit-exact."""
+pdkernels.reference. These ops only move data, so results must be bit-exact."""
 
 import pytest
 import torch
 
-from kernels import ops, reference
-from tests.kernels.helpers import TRITON_DEVICE, compiled_path, torch_path
+from pdkernels import ops, reference
+from tests.pdkernels.helpers import TRITON_DEVICE, compiled_path, torch_path
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _impls(name: str):
-    from kernels import triton_cache
+    from pdkernels import triton_cache
     torch_fn = getattr(ops, name)
     if name == "pack_kv":
         def triton_fn(kv_cache, block_ids, layer_start=0, layer_end=None, out=None):

@@ -10,7 +10,7 @@
 // query head, pass 3
 // the weighted sum of V for up to 4 query heads of a KV head at once; positions in chunks that stay in
 // L1 across query heads. The torch path gathers K/V
-// into a new tensor first and runs several ops per layer (kernels/cpu_attention.py). Tasks are
+// into a new tensor first and runs several ops per layer (pdkernels/cpu_attention.py). Tasks are
 // spread over OpenMP threads (torch's libgomp). Written with GCC/Clang vector extensions, in vec.h's vf:
 // one hardware register (kLanes floats), so the blocking follows the host's registers.
 #include <cmath>

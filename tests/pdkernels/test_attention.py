@@ -1,11 +1,11 @@
 """Paged attention (varlen prefill / chunked prefill / mixed, and split-K decode) against the loop
-reference in kernels.reference, for the torch CPU path (kernels.ops) and the Triton kernels."""
+reference in pdkernels.reference, for the torch CPU path (pdkernels.ops) and the Triton kernels."""
 
 import pytest
 import torch
 
-from kernels import ops, reference
-from tests.kernels.helpers import TRITON_DEVICE, assert_close, make_paged_batch, to_device
+from pdkernels import ops, reference
+from tests.pdkernels.helpers import TRITON_DEVICE, assert_close, make_paged_batch, to_device
 
 needs_gpu_for_bf16_dot = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -55,7 +55,7 @@ def test_cpu_varlen_attention_matches_reference(q_lens, seq_lens, shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("q_lens, seq_lens", VARLEN_CASES)
 def test_triton_varlen_attention_matches_reference(q_lens, seq_lens, shape, dtype):
-    from kernels import triton_attention
+    from pdkernels import triton_attention
     _run_varlen(triton_attention.paged_attention, TRITON_DEVICE, q_lens, seq_lens, shape, dtype, seed=2)
 
 
@@ -76,7 +76,7 @@ def _run_decode(decode_fn, device: str, seq_lens, shape, dtype, seed: int, **kwa
 def cpu_path(request, monkeypatch):
     """float32 CPU decode runs pdserve's compiled kernel where it is built; "torch" is what a machine
     without a compiler runs (both must match the reference)."""
-    from kernels import cpu_native
+    from pdkernels import cpu_native
     if request.param == "compiled" and cpu_native.library() is None:
         pytest.fail("pdserve's CPU kernels did not build here (g++ is part of the setup)")
     if request.param == "torch":
@@ -97,14 +97,14 @@ def test_cpu_decode_attention_matches_reference(seq_lens, shape, dtype, cpu_path
 @pytest.mark.parametrize("seq_lens", DECODE_SEQ_LENS[::2])
 def test_triton_decode_attention_matches_reference(seq_lens, shape, num_splits, dtype):
     """num_splits 3 splits every context longer than 32 tokens and leaves some splits empty."""
-    from kernels import triton_attention
+    from pdkernels import triton_attention
     _run_decode(triton_attention.paged_decode_attention, TRITON_DEVICE, seq_lens, shape, dtype, seed=4,
                 num_splits=num_splits)
 
 
 def test_triton_decode_many_splits_of_one_long_context():
     """More splits than fit the short requests: the reduction must ignore empty splits."""
-    from kernels import triton_attention
+    from pdkernels import triton_attention
     _run_decode(triton_attention.paged_decode_attention, TRITON_DEVICE, [2, 300, 33], (4, 2, 16, 16),
                 torch.float32, seed=5, num_splits=16)
 
