@@ -1,5 +1,6 @@
 """The engine against transformers on the same weights, and its bookkeeping under churn."""
 import asyncio
+import inspect
 import random
 
 import pytest
@@ -31,8 +32,16 @@ def hf_greedy(hf_model, prompt_ids: list[int], max_tokens: int) -> list[int]:
         for _ in range(max_tokens):
             token = int(out.logits[0, -1].argmax())
             tokens.append(token)
-            out = hf_model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = hf_model(torch.tensor([[token]]), use_cache=True, **_cache_of(hf_model, out))
     return tokens
+
+
+def _cache_of(hf_model, out) -> dict:
+    """The next call's KV-cache argument: transformers 5.25 renamed past_key_values (argument and output) to
+    cache, and warns that the old name goes in 5.40."""
+    if "cache" in inspect.signature(hf_model.forward).parameters:
+        return {"cache": out["cache"]}
+    return {"past_key_values": out.past_key_values}
 
 
 def greedy(max_tokens=MAX_TOKENS, **kw):
