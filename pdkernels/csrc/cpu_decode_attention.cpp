@@ -24,44 +24,68 @@ namespace {
 
 using namespace pdserve;
 
-// lane i of the result = the sum of v[i]'s lanes, for as many vectors as lanes: rounds of pairwise
-// shuffles and adds (for 16: 30 shuffles, 15 adds, where 16 separate horizontal sums take ~4x as many)
-inline v4 transpose_sum(const v4* v) {
-    v4 a[2];
-    for (int j = 0; j < 2; ++j)  // a[j]: lanes 0-1 partial sums of v[2j], 2-3 of v[2j+1]
-        a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 4, 5) +
-               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 2, 3, 6, 7);
-    return __builtin_shufflevector(a[0], a[1], 0, 2, 4, 6) + __builtin_shufflevector(a[0], a[1], 1, 3, 5, 7);
+// transpose_sum(dot): lane i of the result = the sum of dot(i)'s lanes, for as many vectors as lanes,
+// by rounds of pairwise shuffles and adds (for 16: 30 shuffles and 15 adds, where 16 separate horizontal
+// sums take ~4x as many). Depth first: dot(i) is called in order and each pair reduced as soon as both
+// are there, so ~log2(lanes) partial sums are live beside the caller's registers, not a whole vector's
+// width of dot products (with AVX2's 16 registers, 8 of them held q at D = 64: the 8 dots spilled).
+template <class Dot>
+inline v4 transpose_sum4(Dot dot) {
+    auto pair = [&](int i) {  // lanes 0-1: partial sums of dot(i), 2-3: of dot(i + 1)
+        const v4 x = dot(i), y = dot(i + 1);
+        return __builtin_shufflevector(x, y, 0, 1, 4, 5) + __builtin_shufflevector(x, y, 2, 3, 6, 7);
+    };
+    const v4 a0 = pair(0), a1 = pair(2);
+    return __builtin_shufflevector(a0, a1, 0, 2, 4, 6) + __builtin_shufflevector(a0, a1, 1, 3, 5, 7);
 }
 
-inline v8 transpose_sum(const v8* v) {
-    v8 a[4], b[2];
-    for (int j = 0; j < 4; ++j)  // a[j]: lanes 0-3 partial sums of v[2j], 4-7 of v[2j+1]
-        a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
-               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-    for (int j = 0; j < 2; ++j)  // b[j]: two lanes each of v[4j] .. v[4j+3]
-        b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
-               __builtin_shufflevector(a[2 * j], a[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
-    return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
-           __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+// AVX2: the two rounds inside each 128-bit half first (vshufps, cheap), one round across the halves
+// last (vperm2f128: 8 micro-ops on Zen 1; the round order that crosses first took 8 of them per call)
+template <class Dot>
+inline v8 transpose_sum8(Dot dot) {
+    auto pair = [&](int i) {  // per half: [x0+x2, x1+x3, y0+y2, y1+y3] of x = dot(i), y = dot(i + 1)
+        const v8 x = dot(i), y = dot(i + 1);
+        return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    };
+    auto quad = [&](int i) {  // per half: the half's sum of dot(i) .. dot(i + 3)
+        const v8 a = pair(i), b = pair(i + 2);
+        return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+               __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    };
+    const v8 b0 = quad(0), b1 = quad(4);
+    return __builtin_shufflevector(b0, b1, 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(b0, b1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-inline v16 transpose_sum(const v16* v) {
-    v16 a[8], b[4], c[2];
-    for (int j = 0; j < 8; ++j)  // a[j]: lanes 0-7 partial sums of v[2j], 8-15 of v[2j+1]
-        a[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                       30, 31);
-    for (int j = 0; j < 4; ++j)  // b[j]: four lanes each of v[4j] .. v[4j+3]
-        b[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               __builtin_shufflevector(a[2 * j], a[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                       31);
-    for (int j = 0; j < 2; ++j)  // c[j]: two lanes each of v[8j] .. v[8j+7]
-        c[j] = __builtin_shufflevector(b[2 * j], b[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               __builtin_shufflevector(b[2 * j], b[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                       31);
-    return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+// AVX-512: the rounds and their order as before depth first (the same sums, bit for bit)
+template <class Dot>
+inline v16 transpose_sum16(Dot dot) {
+    auto pair = [&](int i) {  // lanes 0-7: partial sums of dot(i), 8-15 of dot(i + 1)
+        const v16 x = dot(i), y = dot(i + 1);
+        return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    };
+    auto quad = [&](int i) {  // four lanes each of dot(i) .. dot(i + 3)
+        const v16 a = pair(i), b = pair(i + 2);
+        return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    };
+    auto oct = [&](int i) {  // two lanes each of dot(i) .. dot(i + 7)
+        const v16 a = quad(i), b = quad(i + 4);
+        return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    };
+    const v16 c0 = oct(0), c1 = oct(8);
+    return __builtin_shufflevector(c0, c1, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           __builtin_shufflevector(c0, c1, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+template <class Dot>
+inline vf transpose_sum(Dot dot) {
+    if constexpr (kLanes == 16) return transpose_sum16(dot);
+    else if constexpr (kLanes == 8) return transpose_sum8(dot);
+    else return transpose_sum4(dot);
 }
 
 // A task's rows of K (and V) for its heads are contiguous within a position; positions jump through
@@ -159,14 +183,12 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
             };
             int64_t s0 = c0;
             for (; s0 + kLanes <= c1; s0 += kLanes) {
-                vf dots[kLanes];
-                for (int i = 0; i < kLanes; ++i) {
+                vf r = transpose_sum([&](int i) {
                     const float* k = kh + rows[s0 + i];
                     vf d = vf{};
                     for (int c = 0; c < C; ++c) d += qv[c] * loadv(k + c * kLanes);
-                    dots[i] = d;
-                }
-                vf r = transpose_sum(dots);
+                    return d;
+                });
                 if (rem_start < head_dim)
                     for (int i = 0; i < kLanes; ++i) r[i] += tail(s0 + i);
                 storev(sj + s0, r * scale);
