@@ -92,12 +92,15 @@ inline vf transpose_sum(Dot dot) {
 // the block table, so the task asks for the chunk kAhead chunks on itself while it computes this one:
 // every cache line (not every other one, leaving the rest to the adjacent-line prefetcher), into L2
 // (more misses in flight than L1 allows). Measured on 12 layers' K/V at 8 x 256 positions, one thread:
-// one chunk ahead every other line 6.0-7.5 ms, two ahead every line 5.0-5.5 ms.
+// one chunk ahead every other line 6.0-7.5 ms, two ahead every line 5.0-5.5 ms. The chunk's prefetches
+// are spread over its query heads' work (part j of `parts`: every parts-th position), not issued at once:
+// a chunk is ~256 lines and a core tracks ~20 misses, so a burst of prefetches stalls the core until most
+// have landed and the reads stop overlapping the math (on Zen 1 spreading them made the kernel 1.3-1.4x).
 constexpr int64_t kAhead = 2;
 inline void prefetch_rows(const float* cache, const int64_t* rows, int64_t first, int64_t seq_len, int64_t chunk,
-                          int64_t width) {
+                          int64_t width, int64_t part = 0, int64_t parts = 1) {
     const int64_t last = first + chunk < seq_len ? first + chunk : seq_len;
-    for (int64_t s = first; s < last; ++s)
+    for (int64_t s = first + part; s < last; s += parts)
         for (int64_t d = 0; d < width; d += 16) __builtin_prefetch(cache + rows[s] + d, 0, 2);
 }
 
@@ -168,8 +171,8 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
     const int64_t chunk = chunk_positions(width);
     for (int64_t c0 = 0; c0 < seq_len; c0 += chunk) {
         const int64_t c1 = c0 + chunk < seq_len ? c0 + chunk : seq_len;
-        prefetch_rows(k_cache, rows.data(), c0 + kAhead * chunk, seq_len, chunk, width);
         for (int64_t j = 0; j < num_heads; ++j) {  // query head j reads KV head h0 + j / group
+            prefetch_rows(k_cache, rows.data(), c0 + kAhead * chunk, seq_len, chunk, width, j, num_heads);
             const float* qj = q + j * head_dim;
             const float* kh = k_cache + (j / group) * head_dim;
             float* sj = scores.data() + j * seq_len;
@@ -235,7 +238,6 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
     for (int64_t i = 0; i < num_heads * head_dim; ++i) out[i] = 0.0f;
     for (int64_t c0 = 0; c0 < seq_len; c0 += chunk) {
         const int64_t c1 = c0 + chunk < seq_len ? c0 + chunk : seq_len;
-        prefetch_rows(v_cache, rows.data(), c0 + kAhead * chunk, seq_len, chunk, width);
         for (int64_t kv = 0; kv < h1 - h0; ++kv) {
             const float* vh = v_cache + kv * head_dim;
             for (int64_t g0 = 0; g0 < group;) {
@@ -243,6 +245,8 @@ void one_task(const float* q, const float* k_cache, const float* v_cache, const 
                 const float* p = scores.data() + j * seq_len;
                 float* o = out + j * head_dim;
                 const int64_t nb = group - g0 < pv_heads_max<C>() ? group - g0 : pv_heads_max<C>();
+                for (int64_t part = j; part < j + nb; ++part)
+                    prefetch_rows(v_cache, rows.data(), c0 + kAhead * chunk, seq_len, chunk, width, part, num_heads);
                 switch (nb) {
                     case 1: pv_batch<C, 1>(vh, rows.data(), c0, c1, p, seq_len, o, head_dim); break;
                     case 2: pv_batch<C, 2>(vh, rows.data(), c0, c1, p, seq_len, o, head_dim); break;
