@@ -34,8 +34,8 @@ serve: install
 # the versions a fresh install resolved (the unpinned ones move under us: transformers 5.25 did)
 VERSIONS := torch transformers kernels tokenizers triton ray grpcio fastapi openai
 test: install-test
-	@$(PY) -c "import importlib.metadata as m; print('versions:', *(f'{p}=={m.version(p)}' for p in '$(VERSIONS)'.split() \
-		if any(d.metadata['Name'].lower() == p for d in m.distributions())))"
+	@$(PY) -c "import importlib.metadata as m; print('versions:', *sorted(f'{d.name}=={d.version}' \
+		for d in m.distributions() if d.name.lower() in '$(VERSIONS)'.split()))"
 	$(PY) -m pytest -q -rs --durations=15 $(PYTEST_ARGS)
 
 # the default suite without the slow (multi-process / Ray) tests
