@@ -44,7 +44,8 @@ test-fast: install-test
 
 # On a CUDA machine (with a CUDA build of torch, e.g. `make TORCH_SPEC=torch gpu-check`): the kernel tests
 # compiled for the GPU and every gpu-marked test, the kernel benchmark, and the offline benchmark in
-# bfloat16 on the small model. About 5 minutes on an H100; figures under docs/results/gpu/.
+# bfloat16 on the small model, with CUDA graphs (the default) and with --enforce-eager. About 5 minutes
+# on an H100; figures under docs/results/gpu/.
 GPU_RESULTS ?= docs/results/gpu
 GPU_MODEL ?= build/models/small
 gpu-check: install-test
@@ -56,6 +57,9 @@ gpu-check: install-test
 	test -f $(GPU_MODEL)/config.json || $(VENV)/bin/pdserve make-model --size small --out $(GPU_MODEL)
 	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \
 		--input-len 128 --output-len 64 --json $(GPU_RESULTS)/offline_bf16.json | tee $(GPU_RESULTS)/offline_bf16.txt
+	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \
+		--input-len 128 --output-len 64 --skip-transformers --enforce-eager \
+		--json $(GPU_RESULTS)/offline_bf16_eager.json | tee $(GPU_RESULTS)/offline_bf16_eager.txt
 
 -include proto/Makefile.inc
 

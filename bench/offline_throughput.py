@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="compute threads, pinned one per core (default: torch's default, unpinned)")
     parser.add_argument("--cores", default=None, help="cores for --threads (default: the first allowed ones)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="pdserve without its native CPU decode step / CUDA graphs (the A/B of those)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     llm = LLM(args.model, max_num_seqs=max(batch_sizes), max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False, kv_cache_memory_bytes="2GiB", dtype=args.dtype)
+              enable_prefix_caching=False, kv_cache_memory_bytes="2GiB", dtype=args.dtype,
+              enforce_eager=args.enforce_eager)
     runner = llm.engine.runner
     dtype = runner.kv_cache.dtype
     hf = None if args.skip_transformers else AutoModelForCausalLM.from_pretrained(

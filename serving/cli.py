@@ -30,7 +30,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length (prompt + output)")
     g.add_argument("--seed", type=int, default=None)
     _bool_flag(g, "enforce-eager", "run every step through the model's Python modules (off: decode steps of "
-               "1-8 rows on CPU run each layer range in one native call; same outputs, less overhead)")
+               "1-8 rows on CPU run each layer range in one native call, on CUDA replay captured CUDA graphs; "
+               "less overhead)")
+    g.add_argument("--cuda-graph-sizes", default=None, metavar="N[,N..]",
+                   help="decode batch sizes captured as CUDA graphs (GPU only): one N for 1, 2, 4 and every 8 up to "
+                   "N, several for exactly those, 0 for none (default: up to --max-num-seqs, at most 512)")
     g = parser.add_argument_group("KV cache and scheduler")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,

@@ -34,8 +34,14 @@ class ModelConfig:
     # run every step through the model's Python modules: no native decode step on CPU
     # (serving/models/native_decoder.py), as vLLM's flag turns off CUDA graphs
     enforce_eager: bool = False
+    # CUDA graphs of decode steps (serving/runner/cuda_graphs.py), vLLM's --cuda-graph-sizes: None, 1, 2,
+    # 4 and every 8 up to max_num_seqs (at most 512); one value N, the same up to N; several, those sizes
+    # ("1,2,4,16" or a YAML list); 0, none. CPU ignores it
+    cuda_graph_sizes: str | None = None
 
     def __post_init__(self) -> None:
+        from serving.runner.cuda_graphs import normalize_sizes
+        object.__setattr__(self, "cuda_graph_sizes", normalize_sizes(self.cuda_graph_sizes))
         if self.dtype not in _DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -37,6 +37,7 @@ from serving.kv_connector.base import KVConnectorWorker
 from serving.kv_connector.swap import ComposedWorker, SwapWorker
 from serving.kv_connector.transfer import make_worker, model_fingerprint, wants_shared_pool
 from serving.models import ModelArchConfig, load_model
+from serving.runner.cuda_graphs import capture_sizes
 from serving.runner.model_runner import (ModelRunner, model_kv_layout, num_kv_blocks, pool_layout, resolve_device,
                                          resolve_dtype)
 
@@ -288,6 +289,9 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     else:
         runner = ModelRunner(model, kv_cache, layout, device, config.model.seed, connector,
                              config.model.enforce_eager)
+        if device.type == "cuda" and role != "prefill":  # a prefill instance never decodes; --enforce-eager
+            runner.capture_decode_graphs(capture_sizes(config.model.cuda_graph_sizes, config.scheduler.max_num_seqs),
+                                         max_model_len, progress=True)
     clock = clock or MonotonicClock()
     pool = BlockPool(num_blocks, config.cache.enable_prefix_caching, _allocation(config))
     kv = KVCacheManager(pool, config.cache.block_size)

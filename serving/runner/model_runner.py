@@ -28,6 +28,7 @@ from serving.kv_connector.base import KVConnectorWorker, NullWorker
 from serving.models import CausalLM, load_model
 from serving.models.native_decoder import NativeDecoder
 from serving.runner.cpu_malloc import keep_step_memory
+from serving.runner.cuda_graphs import DecodeGraphs
 from serving.runner.input_batch import AttentionMetadata, RunnerRequestState, StepInputs, build_step_inputs
 from serving.sampler import Sampler, SamplingBatch, make_generator
 from serving.runner.stage_pipe import StagePipe
@@ -143,6 +144,8 @@ class ModelRunner:
         # --enforce-eager keeps every step on the model's Python path
         self.enforce_eager = enforce_eager
         self.native_decoder: NativeDecoder | None = None
+        # pure decode steps replayed from CUDA graphs (serving/runner/cuda_graphs.py); capture_decode_graphs
+        self.decode_graphs: DecodeGraphs | None = None
         # a pipeline stage runs its layers of every plan and passes the hidden state on; the last samples
         self.stage = getattr(model, "pipeline_stage", None)
         self.pipe = pipe
@@ -155,6 +158,24 @@ class ModelRunner:
         model's layers (pack_linears / unpack_linears). Until then decode steps take the Python path."""
         self.native_decoder = (NativeDecoder.build(self.model, self.kv_cache)
                                if self.device.type == "cpu" and not self.enforce_eager else None)
+
+    def capture_decode_graphs(self, sizes: tuple[int, ...], max_model_len: int, capture: bool = True,
+                              progress: bool = False) -> DecodeGraphs | None:
+        """Capture the decode pass for each batch size in `sizes` (serving/runner/cuda_graphs.py); later
+        pure decode steps of up to max(sizes) rows replay them. capture=False runs the model eagerly on
+        the graphs' buffers instead (the CPU tests of that path). None where graphs do not apply: no
+        sizes, --enforce-eager, or a pipeline stage or tensor-parallel rank (those run eagerly)."""
+        if not sizes or self.enforce_eager or self.stage is not None \
+                or getattr(self.model, "tensor_parallel", None) is not None:
+            return None
+
+        def attention(meta: AttentionMetadata) -> PagedAttentionBackend:
+            return PagedAttentionBackend(self.kv_cache, meta, self.scale)
+
+        graphs = DecodeGraphs(self.model, attention, sizes, max_model_len, self.block_size, self.device, capture)
+        graphs.capture_all(progress)
+        self.decode_graphs = graphs
+        return graphs
 
     @classmethod
     def load(cls, model_dir: str, cache_config: CacheConfig, device: torch.device, dtype: torch.dtype,
@@ -295,6 +316,16 @@ class ModelRunner:
         if chain[0].layer_start > 0 and hidden is None:
             raise RuntimeError(f"segment of {rows} resumes at layer {chain[0].layer_start} but no hidden "
                                "state was carried for these rows")
+        graphs = self._graphs_for(chain, inputs)
+        if graphs is not None:
+            if swapping:
+                self.connector.wait_layers(0, num_layers)
+            with self._forward_timer():
+                hidden = graphs.run(inputs)                                                 # [B, H]
+            self.connector.layers_done(rows, 0, num_layers)
+            for state, n in zip(states, num_tokens):
+                state.num_computed_tokens += n
+            return rows, hidden, inputs
         layers = self._native_layers_for(inputs)
         for segment in chain:
             end = num_layers if segment.layer_end is None else segment.layer_end
@@ -313,6 +344,14 @@ class ModelRunner:
         for state, n in zip(states, num_tokens):
             state.num_computed_tokens += n
         return rows, hidden, inputs
+
+    def _graphs_for(self, chain: list[Segment], inputs: StepInputs) -> DecodeGraphs | None:
+        """The decode graphs for a chain they serve: one pass over every layer of a pure decode batch."""
+        graphs = self.decode_graphs
+        if graphs is None or len(chain) != 1 or chain[0].layer_start != 0 \
+                or chain[0].layer_end not in (None, self.arch.num_layers):
+            return None
+        return graphs if graphs.serves(inputs) else None
 
     def _native_layers_for(self, inputs: StepInputs) -> NativeDecoder | None:
         """The native decoder for a decode step it serves (the model's layers run it), else None."""
