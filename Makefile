@@ -43,7 +43,7 @@ test-fast: install-test
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
 # On a CUDA machine (with a CUDA build of torch, e.g. `make TORCH_SPEC=torch gpu-check`): the kernel tests
-# compiled for the GPU and every gpu-marked test, the kernel benchmark, and the offline benchmark in
+# compiled for the GPU and every gpu-marked test, the kernel and swap benchmarks, and the offline benchmark in
 # bfloat16 on the small model, with CUDA graphs (the default) and with --enforce-eager. About 5 minutes
 # on an H100; figures under docs/results/gpu/.
 GPU_RESULTS ?= docs/results/gpu
@@ -54,6 +54,7 @@ gpu-check: install-test
 	set -o pipefail; $(PY) -m pytest -q -rs tests/pdkernels 2>&1 | tee $(GPU_RESULTS)/kernel_tests.txt
 	set -o pipefail; $(PY) -m pytest -q -rs -m gpu tests --ignore=tests/pdkernels 2>&1 | tee $(GPU_RESULTS)/gpu_tests.txt
 	$(PY) -m bench.kernels --out $(GPU_RESULTS)/kernels.json | tee $(GPU_RESULTS)/kernels.txt
+	$(PY) -m bench.swap --device cuda --json $(GPU_RESULTS)/swap_groups.json | tee $(GPU_RESULTS)/swap_groups.txt
 	test -f $(GPU_MODEL)/config.json || $(VENV)/bin/pdserve make-model --size small --out $(GPU_MODEL)
 	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \
 		--input-len 128 --output-len 64 --json $(GPU_RESULTS)/offline_bf16.json | tee $(GPU_RESULTS)/offline_bf16.txt

@@ -1,7 +1,7 @@
 """Swap throughput: block groups against single blocks (FastSwitch's point), through the real swap worker.
 
     python -m bench.swap [--model-dir /tmp/small] [--block-size 16] [--requests 8] [--context 512]
-                         [--repeats 5] [--json F]
+                         [--repeats 5] [--device cpu|cuda] [--json F]
 
 A KV pool of the model's layout (its layers, KV heads and head size, float32) is first churned (requests
 of random lengths allocated and freed, so the free list is in the order a serving pool's is), then
@@ -13,6 +13,8 @@ layer copied. Reported per strategy: blocks per request, span copies per swap (p
 half counted once: a span covers both), medians of swap-out and swap-in time and bandwidth, and the
 groups/lru ratios (goal: >= 5x in copies per swap and in bytes/s). The host tier's blocks come from
 the same strategy, as the engine's do. Each repetition is bit-checked: what comes back equals what left.
+With `--device cuda` the pool is on the GPU and the host tier pinned, as the engine has them, and the
+copies go over PCIe on the worker's stream (`make gpu-check` runs it).
 """
 from __future__ import annotations
 
@@ -89,8 +91,9 @@ def measure(arch: KVShape | ModelArchConfig, strategy: str, args) -> dict:
     for r in range(args.requests):
         host.allocate(f"r{r}", args.context)
         host_tables.append(list(host.block_ids(f"r{r}")))
-    cache = torch.randn(layout.shape(num_blocks))
-    host_cache = torch.empty(layout.shape(num_blocks))
+    device = torch.device(args.device)
+    cache = torch.randn(layout.shape(num_blocks), device=device)
+    host_cache = torch.empty(layout.shape(num_blocks), pin_memory=device.type == "cuda")
     worker = SwapWorker(cache, host_cache)
     bytes_per_request = per_request * layout.bytes_per_block
     out_s, in_s, copies = [], [], []
@@ -123,8 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the engine's copies share them)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where the KV pool is (cuda: the host tier pinned, as the engine keeps it)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
     torch.set_num_threads(args.threads)
     arch = ModelArchConfig.from_model_dir(args.model_dir) if args.model_dir else SMALL
     rows = [measure(arch, strategy, args) for strategy in ("lru", "groups")]
@@ -133,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
               "swap_out_bandwidth": groups["swap_out_gb_s"] / lru["swap_out_gb_s"],
               "swap_in_bandwidth": groups["swap_in_gb_s"] / lru["swap_in_gb_s"]}
     print(f"layers={arch.num_layers} kv_heads={arch.num_kv_heads} head_dim={arch.head_dim} block_size="
-          f"{args.block_size} requests={args.requests} context={args.context} threads={args.threads}")
+          f"{args.block_size} requests={args.requests} context={args.context} threads={args.threads} "
+          f"device={args.device}")
     print(f"{'allocation':>10} {'blocks':>6} {'MiB':>6} {'copies/layer':>12} {'out ms':>8} {'in ms':>8} "
           f"{'out GB/s':>8} {'in GB/s':>8}")
     for row in rows:

@@ -66,6 +66,14 @@ class _Copy:
 
     def run(self, layer: int) -> None:
         src, dst = self.src[layer], self.dst[layer]
+        if src.device != dst.device:
+            # between a GPU and pinned host memory, K's run and V's run are each contiguous: one
+            # cudaMemcpyAsync apiece on the swap stream. A view of both ([2, n, ...]) is strided, and torch
+            # copies a strided view across devices through a contiguous temporary, not asynchronously
+            for first_src, first_dst, n in self.runs:
+                for half in (0, 1):
+                    dst[half, first_dst:first_dst + n].copy_(src[half, first_src:first_src + n], non_blocking=True)
+            return
         for first_src, first_dst, n in self.runs:
             dst[:, first_dst:first_dst + n].copy_(src[:, first_src:first_src + n], non_blocking=True)
 
@@ -87,7 +95,8 @@ class SwapWorker:
         self.timeout_s = timeout_s
         self._stream = torch.cuda.Stream(kv_cache.device) if kv_cache.is_cuda else None
         self._cond = threading.Condition()
-        self._jobs: deque[tuple[list[_Copy], list[MoveResult]]] = deque()
+        # (copies, failed moves' results, the compute stream's event at start: CUDA only)
+        self._jobs: deque[tuple[list[_Copy], list[MoveResult], object]] = deque()
         self._issued = 0  # jobs queued so far
         self._done = 0  # jobs finished (in order)
         self._layers = 0  # layers finished of job _done + 1
@@ -117,9 +126,12 @@ class SwapWorker:
                 failed.append(MoveResult(move.request_id, move.kind, FAILED, str(e)))
         if not copies and not failed:
             return
+        # on CUDA the swap stream starts once the compute stream's work so far is done (a swap-out reads
+        # blocks that earlier kernels wrote)
+        ready = torch.cuda.current_stream(self.kv_cache.device).record_event() if self._stream is not None else None
         with self._cond:
             self._issued += 1
-            self._jobs.append((copies, failed))
+            self._jobs.append((copies, failed, ready))
             self._cond.notify_all()
 
     def wait_layers(self, layer_start: int, layer_end: int) -> None:
@@ -176,8 +188,10 @@ class SwapWorker:
             self._cond.wait_for(lambda: self._jobs or self._closed, _IDLE_WAIT_S)
             if not self._jobs:
                 return not self._closed
-            copies, results = self._jobs[0]
+            copies, results, ready = self._jobs[0]
         started = time.perf_counter()
+        if ready is not None:
+            self._stream.wait_event(ready)
         failed: dict[str, str] = {}
         for layer in range(self.num_layers):
             for copy in copies:

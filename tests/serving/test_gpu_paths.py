@@ -1,0 +1,76 @@
+"""The CUDA paths of swapping and of disaggregated serving, which the CPU suite cannot run: the swap
+worker's stream and pinned host tier, and prefill/decode instance processes on one GPU moving KV over
+gRPC. Skipped without a CUDA device; `make gpu-check` runs them. Each compares against what the CPU
+tests compare against (transformers, a colocated engine) on the same device."""
+import pytest
+import torch
+
+from scheduler.kv_moves import FINISHED, SwapIn, SwapOut
+from scheduler.sampling_params import SamplingParams
+from serving.kv_connector.swap import SwapWorker
+from serving.llm import LLM
+from tests.serving.test_engine import PROMPTS
+from tests.serving.test_swap import TIGHT, _check_nothing_held
+
+pytestmark = pytest.mark.gpu
+
+
+def test_the_swap_worker_copies_runs_over_pcie_bit_for_bit():
+    torch.manual_seed(0)
+    kv = torch.randn(3, 2, 16, 4, 2, 8, device="cuda")
+    host = torch.zeros(3, 2, 8, 4, 2, 8, pin_memory=True)
+    worker = SwapWorker(kv, host)
+    try:
+        device_blocks, host_blocks = [3, 4, 5, 9], [0, 1, 2, 7]
+        kv[:, :, device_blocks] += 1.0  # written on the compute stream just before: the swap stream waits for it
+        original = kv[:, :, device_blocks].clone()
+        worker.start([SwapOut("a", device_blocks, host_blocks)])
+        worker.wait_layers(0, 3)
+        assert torch.equal(host[:, :, host_blocks], original.cpu())
+        kv[:, :, device_blocks] = 0.0
+        back = [10, 11, 12, 1]
+        worker.start([SwapIn("a", host_blocks, back)])
+        worker.wait_layers(0, 3)
+        assert torch.equal(kv[:, :, back], original)
+        assert [(r.kind, r.state) for r in worker.poll()] == [("swap_out", FINISHED), ("swap_in", FINISHED)]
+    finally:
+        worker.close()
+
+
+def test_greedy_on_cuda_with_heavy_swapping_matches_transformers(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model_dir = tiny_model_dir
+    llm = LLM(model_dir, **TIGHT, device="cuda", dtype="float32", preemption_mode="swap", swap_space=0.01)
+    swap = llm.engine.connector.swap
+    assert swap.kv_cache.is_cuda and swap.host_cache.is_pinned() and swap._stream is not None
+    results = llm.generate(PROMPTS + [p[::-1] for p in PROMPTS],
+                           SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    assert llm.engine.scheduler.preemption.counters()["preemptions_swap"] >= 10
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    for result in results:
+        out = result.outputs[0].token_ids
+        ids = torch.tensor([result.prompt_token_ids], device="cuda")
+        expected = hf.generate(ids, max_new_tokens=len(out), min_new_tokens=len(out), do_sample=False)
+        assert out == expected[0, ids.shape[1]:].tolist()
+    _check_nothing_held(llm)
+
+
+def test_disaggregated_on_one_gpu_equals_colocated(tiny_model_dir):
+    from tests.serving.test_disagg import deployment
+    from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, collect_all, comparable,
+                                                   make_cases, reference_outputs, tiny_config, wait_until_drained)
+    cases = make_cases("gpu", 3, [1, 15, 17, 100, 250], [1, 8, 24])
+    on_gpu = dict(device="cuda", dtype="float32", max_num_batched_tokens=64)
+    expected = reference_outputs(tiny_config(tiny_model_dir, **on_gpu), cases)
+    loop = LoopThread()
+    try:
+        with deployment(loop, tiny_config(tiny_model_dir, mode="disaggregated", **on_gpu)) as client:
+            got = loop.run(collect_all(client, cases))
+            for case in cases:
+                assert not isinstance(got[case.request_id], BaseException), got[case.request_id]
+                assert comparable(got[case.request_id]) == comparable(expected[case.request_id]), case.request_id
+                if case.params.max_tokens > 1:
+                    assert got[case.request_id][-1].kv_transfer == "transferred", case.request_id
+            assert_no_leaks(loop.run(wait_until_drained(client)))
+    finally:
+        loop.close()
