@@ -134,12 +134,13 @@ class KVCacheLayout:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
         return torch.zeros(self.shape(num_blocks), dtype=getattr(torch, self.dtype), device=device)
 
-    def allocate_shared(self, num_blocks: int):
-        """A zeroed cache of this layout in POSIX shared memory (host memory), with the control area
-        that one-sided KV writers use: a `kvcache.shared_pool.SharedKVPool`, whose `tensor` is the
-        cache. OSError when /dev/shm cannot hold it (the caller falls back to allocate())."""
+    def allocate_shared(self, num_blocks: int, device="cpu"):
+        """A zeroed cache of this layout that same-host one-sided KV writers can write: in POSIX shared
+        memory (host memory), or on a GPU (CUDA IPC), with the control area in shared memory: a
+        `kvcache.shared_pool.SharedKVPool`, whose `tensor` is the cache. OSError when /dev/shm cannot
+        hold it (the caller falls back to allocate())."""
         from kvcache.shared_pool import SharedKVPool
-        return SharedKVPool(self, num_blocks)
+        return SharedKVPool(self, num_blocks, device=device)
 
     def check(self, kv_cache) -> None:
         """Raise ValueError unless kv_cache is a contiguous tensor of this layout."""

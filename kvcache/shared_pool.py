@@ -4,6 +4,8 @@ write the blocks it was granted directly (one-sided writes; see docs/kv_transfer
 One file per instance, each region page-aligned so that a peer can map each with its own protection:
 
     offset 0                kv_cache [num_layers, 2, num_blocks, block_size, Hkv, D]   peer: read-write
+                            (on a GPU the cache is device memory, not in the file: a peer opens it
+                            with the CUDA IPC handle the receiver sends, kvcache/cuda_ipc.py)
     tickets_offset          int64[num_slots]  ticket of the reservation open in each slot, 0 = closed
                                               written by the owner (the receiver)      peer: read-only
     progress_offset         int64[num_slots]  chunks written into the slot's reservation so far
@@ -54,18 +56,24 @@ class SharedKVPool:
     """Owns the file: close() removes its name (the memory stays mapped for this process and its
     peers until they unmap it). `tensor` is the kv_cache the model runner uses."""
 
-    def __init__(self, layout: KVCacheLayout, num_blocks: int, num_slots: int | None = None) -> None:
+    def __init__(self, layout: KVCacheLayout, num_blocks: int, num_slots: int | None = None,
+                 device: torch.device | str = "cpu") -> None:
         if num_blocks < 1:
             raise ValueError(f"a KV cache needs at least one block, got {num_blocks}")
         self.layout = layout
         self.num_blocks = num_blocks
-        kv_bytes = num_blocks * layout.bytes_per_block
-        self.regions = PoolRegions.for_pool(kv_bytes, num_slots or num_blocks)
+        self.kv_bytes = num_blocks * layout.bytes_per_block
+        on_gpu = torch.device(device).type == "cuda"
+        # on a GPU the file holds only the control regions
+        self.regions = PoolRegions.for_pool(0 if on_gpu else self.kv_bytes, num_slots or num_blocks)
         self.file = SharedFile(POOL_PREFIX, self.regions.file_bytes)  # zero-filled, every page reserved
         self._mapping = map_own(self.file)
         dtype = getattr(torch, layout.dtype)
-        self.tensor = torch.frombuffer(self._mapping, dtype=dtype, count=kv_bytes // layout.itemsize
-                                       ).view(layout.shape(num_blocks))       # [L, 2, num_blocks, bs, Hkv, D]
+        if on_gpu:
+            self.tensor = torch.zeros(layout.shape(num_blocks), dtype=dtype, device=device)
+        else:
+            self.tensor = torch.frombuffer(self._mapping, dtype=dtype, count=self.kv_bytes // layout.itemsize
+                                           ).view(layout.shape(num_blocks))   # [L, 2, num_blocks, bs, Hkv, D]
         whole = memoryview(self._mapping)
         slots = self.regions.num_slots
         self.tickets = whole[self.regions.tickets_offset:self.regions.tickets_offset + 8 * slots].cast("q")

@@ -18,6 +18,7 @@ import logging
 import mmap
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -54,13 +55,46 @@ class OneSidedTarget:
     written: list[ChunkRange] = field(default_factory=list)   # chunks written in the current attempt
 
 
+@dataclass
+class _Staging:
+    """One write's buffers: the gathered chunk on the source's device and, where the pool is on another
+    device, the chunk landed there before the scatter; on a GPU, a stream of its own per device."""
+    src: torch.Tensor
+    dst: torch.Tensor | None
+    src_stream: object | None
+    dst_stream: object | None
+
+    @classmethod
+    def make(cls, num_bytes: int, src_device: torch.device, dst_device: torch.device) -> _Staging:
+        def buffer(device):  # whole 8-byte words: viewable as any KV dtype
+            return torch.empty(-(-num_bytes // 8) * 8, dtype=torch.uint8, device=device)
+
+        def stream(device):
+            return torch.cuda.Stream(device) if device.type == "cuda" else None
+        same = src_device == dst_device
+        return cls(buffer(src_device), None if same else buffer(dst_device), stream(src_device),
+                   None if same else stream(dst_device))
+
+
+@contextmanager
+def _on(device: torch.device, stream):
+    """Run on `stream` of `device` (a GPU); nothing to set in host memory."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        yield
+
+
 class PoolWriter:
     """A peer's pool mapped into this process: kv_cache and progress read-write, tickets read-only.
+    The kv_cache is host shared memory, or the peer's GPU memory opened by CUDA IPC (kvcache/cuda_ipc.py).
     Thread-safe; at most `num_staging` writes run at once (each needs a staging buffer)."""
 
     def __init__(self, pool: pb.SharedPool, layout: KVLayout, staging_bytes: int, num_staging: int,
-                 timeout_s: float) -> None:
-        """ValueError / OSError when the pool cannot be mapped or does not match the layout."""
+                 timeout_s: float, src_device: torch.device | str = "cpu") -> None:
+        """ValueError / OSError / RuntimeError (a GPU pool) when the pool cannot be mapped or does not
+        match the layout."""
         check_name(pool.name)
         cache = layout.cache_layout
         if pool.num_blocks < 1 or pool.kv_bytes != pool.num_blocks * cache.bytes_per_block:
@@ -71,17 +105,23 @@ class PoolWriter:
         self.name = pool.name
         self.num_blocks = pool.num_blocks
         self._timeout_s = timeout_s
-        self._maps: list[mmap.mmap] = [map_region(pool.name, 0, pool.kv_bytes, writable=True),
-                                       map_region(pool.name, pool.tickets_offset, pool.control_bytes, writable=False),
-                                       map_region(pool.name, pool.progress_offset, pool.control_bytes, writable=True)]
-        kv_map, tickets_map, progress_map = self._maps
-        self.kv_cache = torch.frombuffer(kv_map, dtype=layout.torch_dtype, count=pool.kv_bytes // cache.itemsize
-                                         ).view(cache.shape(pool.num_blocks))   # [L, 2, num_blocks, bs, Hkv, D]
+        self._maps: list[mmap.mmap] = []
+        if pool.HasField("cuda"):  # the peer's GPU memory; the file holds the control regions only
+            from kvcache import cuda_ipc
+            self.kv_cache = cuda_ipc.open_tensor(pool.cuda, cache.shape(pool.num_blocks), layout.torch_dtype)
+        else:
+            kv_map = map_region(pool.name, 0, pool.kv_bytes, writable=True)
+            self._maps.append(kv_map)
+            self.kv_cache = torch.frombuffer(kv_map, dtype=layout.torch_dtype, count=pool.kv_bytes // cache.itemsize
+                                             ).view(cache.shape(pool.num_blocks))   # [L, 2, num_blocks, bs, Hkv, D]
+        tickets_map = map_region(pool.name, pool.tickets_offset, pool.control_bytes, writable=False)
+        progress_map = map_region(pool.name, pool.progress_offset, pool.control_bytes, writable=True)
+        self._maps += [tickets_map, progress_map]
         self._tickets = memoryview(tickets_map)[:8 * pool.num_slots].cast("q")
         self._progress = memoryview(progress_map)[:8 * pool.num_slots].cast("q")
-        self._staging: queue.Queue[torch.Tensor] = queue.Queue()
-        for _ in range(num_staging):  # whole 8-byte words: viewable as any KV dtype
-            self._staging.put(torch.empty(-(-staging_bytes // 8) * 8, dtype=torch.uint8))
+        self._staging: queue.Queue[_Staging] = queue.Queue()
+        for _ in range(num_staging):
+            self._staging.put(_Staging.make(staging_bytes, torch.device(src_device), self.kv_cache.device))
 
     def is_open(self, slot: int, ticket: int) -> bool:
         """The receiver still holds the reservation open (one aligned 8-byte load)."""
@@ -103,13 +143,25 @@ class PoolWriter:
             raise TimeoutError(f"no free staging buffer within {self._timeout_s:g} s") from None
         try:
             num_blocks = len(src_block_ids)
-            num_elements = (layer_end - layer_start) * 2 * num_blocks * self.kv_cache[0, 0, 0].numel()
-            packed = staging.view(src_cache.dtype)[:num_elements].view(
-                layer_end - layer_start, 2, num_blocks, *self.kv_cache.shape[3:])   # [L', 2, n, bs, Hkv, D]
-            pack_kv(src_cache, src_block_ids, layer_start, layer_end, out=packed)
+            shape = (layer_end - layer_start, 2, num_blocks, *self.kv_cache.shape[3:])   # [L', 2, n, bs, Hkv, D]
+            num_elements = shape[0] * 2 * num_blocks * self.kv_cache[0, 0, 0].numel()
+            src_device, dst_device = src_cache.device, self.kv_cache.device
+            packed = staging.src.view(src_cache.dtype)[:num_elements].view(shape)
+            with _on(src_device, staging.src_stream):
+                pack_kv(src_cache, src_block_ids.to(src_device), layer_start, layer_end, out=packed)
+            if staging.src_stream is not None:
+                staging.src_stream.synchronize()
             if not self.is_open(slot, ticket):  # closed during the gather: do not write at all
                 raise ReservationClosedError("the decode side closed the reservation")
-            unpack_kv(packed, self.kv_cache, dst_block_ids, layer_start)
+            with _on(dst_device, staging.dst_stream if staging.dst is not None else staging.src_stream):
+                landed = packed
+                if staging.dst is not None:  # another device (a peer copy over NVLink or PCIe)
+                    landed = staging.dst.view(src_cache.dtype)[:num_elements].view(shape)
+                    landed.copy_(packed, non_blocking=True)
+                unpack_kv(landed, self.kv_cache, dst_block_ids.to(dst_device), layer_start)
+            for stream in (staging.dst_stream, staging.src_stream):
+                if stream is not None:  # landed before progress (and so before the Commit) says so
+                    stream.synchronize()
             self._progress[slot] += 1  # liveness for the receiver's stall timer; a lost increment is harmless
         finally:
             self._staging.put(staging)
@@ -148,8 +200,8 @@ class OneSidedWrites:
         """Map the peer's pool; None (logged) when that fails: the sender then sends payloads."""
         try:
             writer = PoolWriter(pool, sender.layout, sender.max_chunk_bytes, sender.config.num_streams,
-                                sender.config.rpc_timeout_s)
-        except (OSError, ValueError) as e:
+                                sender.config.rpc_timeout_s, sender.kv_cache.device)
+        except (OSError, ValueError, RuntimeError) as e:
             logger.warning("cannot map the KV pool of %s for one-sided writes (%s); sending payloads",
                            peer.address, e)
             return None

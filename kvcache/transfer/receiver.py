@@ -134,7 +134,12 @@ class KVReceiver:
         response = pb.HandshakeResponse(layout=self.layout.to_proto(), host_id=self.host_id, shm_ok=shm_ok,
                                         max_chunk_bytes=self.config.max_chunk_bytes)
         if self._admit_writer(request):
-            response.pool.CopyFrom(self._writers.pool_message())
+            try:
+                response.pool.CopyFrom(self._writers.pool_message())
+            except RuntimeError as e:  # a GPU pool the driver would not export: the sender sends payloads
+                logger.warning("cannot export the KV pool to sender %s for one-sided writes (%s)",
+                               request.sender_id, e)
+                self._writers.forget(request.sender_id)
         return response
 
     def _admit_writer(self, request: pb.HandshakeRequest) -> bool:

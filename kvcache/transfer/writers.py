@@ -121,10 +121,16 @@ class OneSidedWriters:
         return self.pool.progress[slot]
 
     def pool_message(self) -> pb.SharedPool:
+        """What a sender maps; with a GPU pool, a CUDA IPC handle of its own (RuntimeError where the
+        driver will not export it)."""
         regions = self.pool.regions
-        return pb.SharedPool(name=self.pool.name, kv_bytes=regions.kv_bytes, num_blocks=self.pool.num_blocks,
-                             tickets_offset=regions.tickets_offset, progress_offset=regions.progress_offset,
-                             num_slots=regions.num_slots, control_bytes=regions.control_bytes)
+        message = pb.SharedPool(name=self.pool.name, kv_bytes=self.pool.kv_bytes, num_blocks=self.pool.num_blocks,
+                                tickets_offset=regions.tickets_offset, progress_offset=regions.progress_offset,
+                                num_slots=regions.num_slots, control_bytes=regions.control_bytes)
+        if self.pool.tensor.is_cuda:
+            from kvcache import cuda_ipc
+            message.cuda.CopyFrom(cuda_ipc.export(self.pool.tensor))
+        return message
 
     def close(self) -> None:
         with self._lock:

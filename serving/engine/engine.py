@@ -182,10 +182,11 @@ class Engine:
             self.core.trace.close()
 
 
-def _allocate_shared(layout, num_blocks: int):
-    """The KV pool in shared memory, or None (logged) when /dev/shm cannot hold it."""
+def _allocate_shared(layout, num_blocks: int, device):
+    """The KV pool one-sided writers can write (shared memory, or a GPU's with its control words in shared
+    memory), or None (logged) when /dev/shm cannot hold it."""
     try:
-        return layout.allocate_shared(num_blocks)
+        return layout.allocate_shared(num_blocks, device)
     except OSError as e:
         logger.warning("KV pool not in shared memory (%s): same-host prefill instances will send it payloads "
                        "instead of writing it themselves; enlarge /dev/shm to enable one-sided writes", e)
@@ -267,11 +268,11 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     num_blocks = num_kv_blocks(pool_layout(layout, stage), config.cache)  # every rank's cache within the budget
     check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
     num_host_blocks = _num_host_blocks(config, layout, stage)
-    pool = _allocate_shared(layout, num_blocks) if wants_shared_pool(role, config, device) else None
+    pool = _allocate_shared(layout, num_blocks, device) if wants_shared_pool(role, config, device) else None
     kv_cache = pool.tensor if pool is not None else layout.allocate(num_blocks, device)
     logger.info("KV cache: %d blocks of %d tokens (%.1f MiB%s%s)", num_blocks, layout.block_size,
                 num_blocks * layout.bytes_per_block / 2**20, f" per rank, {layout.tp_size} ranks" if workers else "",
-                f", shared memory {pool.name}" if pool else "")
+                f", shared with one-sided writers ({pool.name})" if pool else "")
     kv_caches = [kv_cache]
     if workers is not None:  # an instance that moves KV maps every rank's cache: its transfer endpoint is here
         workers.ready(num_blocks, layout.block_size, share_caches_of=layout if role != "colocated" else None,

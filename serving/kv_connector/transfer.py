@@ -154,9 +154,8 @@ def make_worker(role: str, config: Config, kv_caches: list[torch.Tensor], layout
 
 
 def wants_shared_pool(role: str, config: Config, device) -> bool:
-    """A decode instance of one rank in host memory keeps its KV pool in shared memory, so that
-    prefill instances of one rank on its host write into it themselves (one-sided). On CUDA that
-    would take CUDA IPC: not done yet, such a pool is private and same-host peers use shared-memory
-    slabs; so do tensor-parallel instances (each chunk then carries one rank's heads)."""
-    return (role == "decode" and config.deploy.kv_transfer_enable_shm and str(device).startswith("cpu")
-            and config.parallel.world_size == 1)
+    """A decode instance of one rank keeps its KV pool where prefill instances of one rank on its host
+    write into it themselves (one-sided): in shared memory, or on a GPU, opened by CUDA IPC
+    (kvcache/cuda_ipc.py), with the control words in shared memory. Tensor-parallel instances use
+    shared-memory slabs (each chunk then carries one rank's heads)."""
+    return role == "decode" and config.deploy.kv_transfer_enable_shm and config.parallel.world_size == 1

@@ -38,9 +38,9 @@ def layout_of(dtype: torch.dtype) -> KVCacheLayout:
 
 
 # ---- the decode side: a receiver process with its pool in shared memory ----
-def _receiver_main(conn, dtype: torch.dtype, config: TransferConfig) -> None:
+def _receiver_main(conn, dtype: torch.dtype, config: TransferConfig, device: str = "cpu") -> None:
     torch.set_num_threads(1)
-    pool = layout_of(dtype).allocate_shared(NUM_POOL_BLOCKS)
+    pool = layout_of(dtype).allocate_shared(NUM_POOL_BLOCKS, device)
     allocator = RecordingAllocator(NUM_POOL_BLOCKS)
     receiver = KVReceiver(pool.tensor, KVLayout.from_kv_cache(pool.tensor, "test-model"), allocator, config,
                           pool=pool)
@@ -55,11 +55,11 @@ def _receiver_main(conn, dtype: torch.dtype, config: TransferConfig) -> None:
                 conn.send(receiver.drop(command[1], "cancelled by the test", routine=True))
                 continue
             if command[0] == "blocks":  # by block id, whoever owns them now
-                conn.send(pool.tensor[:, :, command[1]].clone())
+                conn.send(pool.tensor[:, :, command[1]].cpu())
                 continue
             with allocator.lock:
                 owned = {rid: list(allocator.owned[rid]) for rid in command[1] if rid in allocator.owned}
-                conn.send({"owned": owned, "blocks": {rid: pool.tensor[:, :, ids].clone() for rid, ids in owned.items()},
+                conn.send({"owned": owned, "blocks": {rid: pool.tensor[:, :, ids].cpu() for rid, ids in owned.items()},
                            "events": list(allocator.events), "num_free": len(allocator.free),
                            "num_open": receiver.num_open, "num_quarantined": receiver.num_quarantined_blocks,
                            "counters": receiver.counters.snapshot()})
@@ -69,11 +69,11 @@ def _receiver_main(conn, dtype: torch.dtype, config: TransferConfig) -> None:
 
 
 class PoolReceiver:
-    def __init__(self, dtype: torch.dtype = torch.float32, **config) -> None:
+    def __init__(self, dtype: torch.dtype = torch.float32, device: str = "cpu", **config) -> None:
         context = mp.get_context("spawn")
         self.conn, child_conn = context.Pipe()
         self.process = context.Process(target=_receiver_main, daemon=True,
-                                       args=(child_conn, dtype, TransferConfig(**config)))
+                                       args=(child_conn, dtype, TransferConfig(**config), device))
         self.process.start()
         assert self.conn.poll(PIPE_TIMEOUT_S), "the receiver process did not start"
         self.address, self.pool_name = self.conn.recv()
@@ -122,11 +122,16 @@ REQUESTS = [("r-odd", 37, [40, 3, 17]),
             ("r-long", 250, [1, 5, 9, 44, 13, 21, 2, 30, 31, 32, 6, 7, 46, 11, 25, 38])]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_one_sided_transfers_are_bit_exact(dtype):
-    receiver = PoolReceiver(dtype)
+@pytest.mark.parametrize("dtype, device", [
+    (torch.float32, "cpu"), (torch.bfloat16, "cpu"),
+    # the decode pool in GPU memory, opened by the writer through CUDA IPC (make gpu-check)
+    pytest.param(torch.float32, "cuda", marks=pytest.mark.gpu),
+    pytest.param(torch.bfloat16, "cuda", marks=pytest.mark.gpu),
+], ids=["fp32", "bf16", "fp32-cuda", "bf16-cuda"])
+def test_one_sided_transfers_are_bit_exact(dtype, device):
+    receiver = PoolReceiver(dtype, device)
     try:
-        src = make_src(1, dtype)
+        src = make_src(1, dtype).to(device)
         sender = make_sender(receiver.address, src)
         try:
             assert sender.one_sided and not sender.uses_shm  # no slabs: the pool itself is written
@@ -137,7 +142,7 @@ def test_one_sided_transfers_are_bit_exact(dtype):
         state = receiver.state([rid for rid, _, _ in REQUESTS])
         for rid, _, block_ids in REQUESTS:
             assert state["blocks"][rid].dtype == dtype
-            assert torch.equal(state["blocks"][rid], src[:, :, block_ids]), rid
+            assert torch.equal(state["blocks"][rid], src[:, :, block_ids].cpu()), rid
             assert ("complete", rid) in state["events"]
         num_bytes = sum(len(ids) for _, _, ids in REQUESTS) * NUM_LAYERS * layout_of(dtype).bytes_per_layer_block
         counters = state["counters"]

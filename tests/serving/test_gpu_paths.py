@@ -1,7 +1,8 @@
 """The CUDA paths of swapping and of disaggregated serving, which the CPU suite cannot run: the swap
-worker's stream and pinned host tier, and prefill/decode instance processes on one GPU moving KV over
-gRPC. Skipped without a CUDA device; `make gpu-check` runs them. Each compares against what the CPU
-tests compare against (transformers, a colocated engine) on the same device."""
+worker's stream and pinned host tier, and prefill/decode instance processes on one GPU, the prefill
+instance writing into the decode instance's GPU pool (CUDA IPC). Skipped without a CUDA device; `make
+gpu-check` runs them. Each compares against what the CPU tests compare against (transformers, a
+colocated engine) on the same device."""
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_greedy_on_cuda_with_heavy_swapping_matches_transformers(tiny_model_dir)
 
 
 def test_disaggregated_on_one_gpu_equals_colocated(tiny_model_dir):
-    from tests.serving.test_disagg import deployment
+    from tests.serving.test_disagg import deployment, wait_for_stats
     from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, collect_all, comparable,
                                                    make_cases, reference_outputs, tiny_config, wait_until_drained)
     cases = make_cases("gpu", 3, [1, 15, 17, 100, 250], [1, 8, 24])
@@ -72,5 +73,13 @@ def test_disaggregated_on_one_gpu_equals_colocated(tiny_model_dir):
                 if case.params.max_tokens > 1:
                     assert got[case.request_id][-1].kv_transfer == "transferred", case.request_id
             assert_no_leaks(loop.run(wait_until_drained(client)))
+            num_decoded = sum(1 for c in cases if c.params.max_tokens > 1)
+            stats = loop.run(wait_for_stats(client, lambda s: s.extra["kv_transfer"]["num_transfers_received"]
+                                            >= num_decoded))
+            # one host: the prefill instance wrote every prompt's KV into the decode instance's GPU pool
+            # itself (CUDA IPC), none by payloads or recompute
+            transfer = stats.extra["kv_transfer"]
+            assert transfer["num_one_sided_received"] == transfer["num_transfers_received"] >= num_decoded
+            assert transfer["num_recompute_fallbacks"] == 0
     finally:
         loop.close()

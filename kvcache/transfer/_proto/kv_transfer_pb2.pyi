@@ -51,7 +51,7 @@ class HandshakeRequest(_message.Message):
     def __init__(self, layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host_id: _Optional[str] = ..., sender_id: _Optional[str] = ..., want_shm: _Optional[bool] = ..., want_one_sided: _Optional[bool] = ..., pid: _Optional[int] = ..., pid_namespace: _Optional[str] = ...) -> None: ...
 
 class SharedPool(_message.Message):
-    __slots__ = ("name", "kv_bytes", "num_blocks", "tickets_offset", "progress_offset", "num_slots", "control_bytes")
+    __slots__ = ("name", "kv_bytes", "num_blocks", "tickets_offset", "progress_offset", "num_slots", "control_bytes", "cuda")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class SharedPool(_message.Message):
     PROGRESS_OFFSET_FIELD_NUMBER: _ClassVar[int]
     NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_FIELD_NUMBER: _ClassVar[int]
     name: str
     kv_bytes: int
     num_blocks: int
@@ -66,7 +67,30 @@ class SharedPool(_message.Message):
     progress_offset: int
     num_slots: int
     control_bytes: int
-    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., tickets_offset: _Optional[int] = ..., progress_offset: _Optional[int] = ..., num_slots: _Optional[int] = ..., control_bytes: _Optional[int] = ...) -> None: ...
+    cuda: CudaIpcHandle
+    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., num_blocks: _Optional[int] = ..., tickets_offset: _Optional[int] = ..., progress_offset: _Optional[int] = ..., num_slots: _Optional[int] = ..., control_bytes: _Optional[int] = ..., cuda: _Optional[_Union[CudaIpcHandle, _Mapping]] = ...) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("device_uuid", "handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "tensor_offset")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    tensor_offset: int
+    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., tensor_offset: _Optional[int] = ...) -> None: ...
 
 class HandshakeResponse(_message.Message):
     __slots__ = ("layout", "host_id", "shm_ok", "max_chunk_bytes", "pool")
