@@ -160,7 +160,9 @@ def pack_kv(kv_cache: Tensor, block_ids: Tensor, layer_start: int = 0, layer_end
     """Gather blocks block_ids [n] of layers [layer_start, layer_end) into one contiguous buffer.
 
     Returns (or fills) out [layer_end - layer_start, 2, n, block_size, Hkv, D]: the unit that KV transfer
-    and swapping move. block_ids may be in any order.
+    and swapping move. block_ids may be in any order. With a GPU cache, out may be in host memory (a
+    wire payload, a shared-memory slab): the blocks are gathered on the GPU and copied there, and out is
+    filled when this returns.
     """
     layer_end = kv_cache.shape[0] if layer_end is None else layer_end
     if not 0 <= layer_start < layer_end <= kv_cache.shape[0]:
@@ -168,7 +170,11 @@ def pack_kv(kv_cache: Tensor, block_ids: Tensor, layer_start: int = 0, layer_end
                          f"{kv_cache.shape[0]} layers")
     if kv_cache.is_cuda:
         from pdkernels import triton_cache
-        return triton_cache.pack_kv(kv_cache, block_ids, layer_start, layer_end, out)
+        with torch.cuda.device(kv_cache.device):  # the cache's GPU, whichever is current
+            block_ids = block_ids.to(kv_cache.device)
+            if out is None or out.device == kv_cache.device:
+                return triton_cache.pack_kv(kv_cache, block_ids, layer_start, layer_end, out)
+            return out.copy_(triton_cache.pack_kv(kv_cache, block_ids, layer_start, layer_end))
     layers = kv_cache[layer_start:layer_end]
     if out is None:
         return layers.index_select(2, block_ids.long())
@@ -176,13 +182,16 @@ def pack_kv(kv_cache: Tensor, block_ids: Tensor, layer_start: int = 0, layer_end
 
 
 def unpack_kv(buffer: Tensor, kv_cache: Tensor, block_ids: Tensor, layer_start: int = 0) -> None:
-    """Inverse of pack_kv: scatter buffer [L', 2, n, block_size, Hkv, D] into kv_cache in place."""
+    """Inverse of pack_kv: scatter buffer [L', 2, n, block_size, Hkv, D] into kv_cache in place. With a GPU
+    cache, buffer may be in host memory: it is copied to the GPU first (before this returns, so the
+    caller may reuse it)."""
     layer_end = layer_start + buffer.shape[0]
     if not 0 <= layer_start < layer_end <= kv_cache.shape[0]:
         raise ValueError(f"buffer of {buffer.shape[0]} layers at layer_start {layer_start} does not fit "
                          f"the cache's {kv_cache.shape[0]} layers")
     if kv_cache.is_cuda:
         from pdkernels import triton_cache
-        triton_cache.unpack_kv(buffer, kv_cache, block_ids, layer_start)
+        with torch.cuda.device(kv_cache.device):
+            triton_cache.unpack_kv(buffer.to(kv_cache.device), kv_cache, block_ids.to(kv_cache.device), layer_start)
         return
     kv_cache[layer_start:layer_end].index_copy_(2, block_ids.long(), buffer.to(kv_cache.dtype))

@@ -64,10 +64,10 @@ class RecordingAllocator:
             self.events.append(("failed", request_id, reason))
 
 
-def _receiver_main(conn, num_blocks: int, dtype: torch.dtype, config: TransferConfig) -> None:
+def _receiver_main(conn, num_blocks: int, dtype: torch.dtype, config: TransferConfig, device: str = "cpu") -> None:
     """Serve a KVReceiver on 127.0.0.1:0 and answer ("state", request_ids) / ("stop",) on conn."""
     torch.set_num_threads(1)
-    kv_cache = make_kv_cache(num_blocks, dtype)
+    kv_cache = make_kv_cache(num_blocks, dtype).to(device)
     layout = KVLayout.from_kv_cache(kv_cache, "test-model")
     allocator = RecordingAllocator(num_blocks)
     server = ReceiverServer(KVReceiver(kv_cache, layout, allocator, config)).start()
@@ -78,7 +78,7 @@ def _receiver_main(conn, num_blocks: int, dtype: torch.dtype, config: TransferCo
             if command[0] == "stop":
                 break
             with allocator.lock:
-                blocks = {rid: kv_cache[:, :, allocator.owned[rid]].clone()
+                blocks = {rid: kv_cache[:, :, allocator.owned[rid]].cpu()
                           for rid in command[1] if rid in allocator.owned}
                 conn.send({"blocks": blocks, "events": list(allocator.events), "num_free": len(allocator.free),
                            "num_open": server.receiver.num_open, "counters": server.receiver.counters.snapshot()})
@@ -89,10 +89,10 @@ def _receiver_main(conn, num_blocks: int, dtype: torch.dtype, config: TransferCo
 
 class ReceiverProcess:
     def __init__(self, num_blocks: int = 64, dtype: torch.dtype = torch.float32,
-                 config: TransferConfig = TransferConfig()) -> None:
+                 config: TransferConfig = TransferConfig(), device: str = "cpu") -> None:
         context = mp.get_context("spawn")
         self.conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_receiver_main, args=(child_conn, num_blocks, dtype, config),
+        self.process = context.Process(target=_receiver_main, args=(child_conn, num_blocks, dtype, config, device),
                                        daemon=True)
         self.process.start()
         assert self.conn.poll(PIPE_TIMEOUT_S), "the receiver process did not start"
@@ -175,6 +175,32 @@ def test_layerwise_transfer_writes_bit_exact_blocks(receiver, enable_shm):
     assert sender.counters.num_bytes_sent == num_bytes
     assert sender.counters.num_transfers_sent == 3 and sender.counters.num_failed == 0
     assert shm_names(sender.sender_id) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("enable_shm", [False, True], ids=["grpc", "shm"])
+def test_gpu_caches_transfer_bit_exact_through_payloads_and_slabs(enable_shm):
+    """Both caches on the GPU, the chunks through host memory (gRPC payloads or shared-memory slabs):
+    gathered on the GPU into the host buffer, scattered from it on the other side."""
+    receiver = ReceiverProcess(num_blocks=64, device="cuda", config=TransferConfig(one_sided=False))
+    try:
+        src = torch.randn(NUM_LAYERS, 2, NUM_SRC_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device="cuda")
+        released = []
+        sender = make_sender(receiver.address, src, released, enable_shm=enable_shm, max_chunk_bytes=4096)
+        try:
+            assert sender.uses_shm == enable_shm and not sender.one_sided
+            handles = [sender.begin(rid, num_tokens, block_ids) for rid, num_tokens, block_ids in REQUESTS]
+            for layer_start, layer_end in LAYER_GROUPS:
+                for handle in handles:
+                    handle.send_layers(layer_start, layer_end)
+            assert [handle.finish(timeout_s=60.0).ok for handle in handles] == [True] * 3
+        finally:
+            sender.close()
+        state = receiver.state([rid for rid, _, _ in REQUESTS])
+        for rid, _, block_ids in REQUESTS:
+            assert torch.equal(state["blocks"][rid], src[:, :, block_ids].cpu()), rid
+    finally:
+        receiver.stop()
 
 
 def test_bfloat16_transfer_is_bit_exact():

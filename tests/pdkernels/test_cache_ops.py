@@ -103,6 +103,20 @@ def test_pack_then_unpack_moves_blocks_between_caches():
     assert torch.count_nonzero(dst[:, :, untouched]) == 0
 
 
+@pytest.mark.gpu
+def test_a_gpu_cache_packs_into_and_unpacks_from_host_buffers():
+    """KV transfer's payloads and slabs are host memory, its caches GPU memory; block ids come as host
+    tensors: the ops take them as they are."""
+    gen = torch.Generator().manual_seed(4)
+    src = _random_cache(4, 10, 4, 2, 16, torch.float32, gen).cuda()
+    dst = torch.zeros_like(src)
+    src_ids, dst_ids = torch.tensor([2, 3, 8]), torch.tensor([0, 9, 5])
+    host = torch.empty(4, 2, 3, 4, 2, 16)
+    assert ops.pack_kv(src, src_ids, out=host) is host and torch.equal(host, src[:, :, src_ids.cuda()].cpu())
+    ops.unpack_kv(host, dst, dst_ids)
+    assert torch.equal(dst[:, :, dst_ids.cuda()], src[:, :, src_ids.cuda()])
+
+
 def test_pack_kv_rejects_layer_range_outside_cache():
     kv_cache = torch.zeros(2, 2, 4, 4, 1, 16)
     with pytest.raises(ValueError, match="layer range"):
