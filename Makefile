@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install install-test serve test test-fast gpu-check proto clean
+.PHONY: install install-test serve test test-fast gpu-check gpu-wheels proto clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,25 +42,22 @@ test: install-test
 test-fast: install-test
 	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
 
-# On a CUDA machine (with a CUDA build of torch, e.g. `make TORCH_SPEC=torch gpu-check`): the kernel tests
-# compiled for the GPU and every gpu-marked test, the kernel and swap benchmarks, and the offline benchmark in
-# bfloat16 on the small model, with CUDA graphs (the default) and with --enforce-eager. About 5 minutes
-# on an H100; figures under docs/results/gpu/.
+# On a CUDA machine (with a CUDA build of torch, e.g. `make TORCH_SPEC=torch gpu-check`): every check
+# that needs a GPU (bench/gpu_check.py: the gpu-marked tests, the kernel tests compiled, the swap,
+# offline and kernel benchmarks), about 10 minutes on an H100; logs and summary under docs/results/gpu/.
 GPU_RESULTS ?= docs/results/gpu
-GPU_MODEL ?= build/models/small
 gpu-check: install-test
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make gpu-check needs a CUDA device and a CUDA build of torch (TORCH_SPEC)')"
-	mkdir -p $(GPU_RESULTS)
-	set -o pipefail; $(PY) -m pytest -q -rs tests/pdkernels 2>&1 | tee $(GPU_RESULTS)/kernel_tests.txt
-	set -o pipefail; $(PY) -m pytest -q -rs -m gpu tests --ignore=tests/pdkernels 2>&1 | tee $(GPU_RESULTS)/gpu_tests.txt
-	$(PY) -m bench.kernels --out $(GPU_RESULTS)/kernels.json | tee $(GPU_RESULTS)/kernels.txt
-	$(PY) -m bench.swap --device cuda --json $(GPU_RESULTS)/swap_groups.json | tee $(GPU_RESULTS)/swap_groups.txt
-	test -f $(GPU_MODEL)/config.json || $(VENV)/bin/pdserve make-model --size small --out $(GPU_MODEL)
-	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \
-		--input-len 128 --output-len 64 --json $(GPU_RESULTS)/offline_bf16.json | tee $(GPU_RESULTS)/offline_bf16.txt
-	$(PY) -m bench.offline_throughput --model $(GPU_MODEL) --dtype bfloat16 --batch-sizes 1,8,32,64 \
-		--input-len 128 --output-len 64 --skip-transformers --enforce-eager \
-		--json $(GPU_RESULTS)/offline_bf16_eager.json | tee $(GPU_RESULTS)/offline_bf16_eager.txt
+	$(PY) -m bench.gpu_check --out $(GPU_RESULTS)
+
+# For a GPU machine that cannot install packages (no network; its python3 3.12 holds torch and most of
+# the rest): the wheels its image lacks or holds too old, into .whl/ (bench/gpu_check.py says how to use them)
+gpu-wheels: install-test
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$$($(PY) -c "import grpc, google.protobuf as p, zmq; print(f'grpcio=={grpc.__version__} protobuf=={p.__version__} pyzmq=={zmq.pyzmq_version()}')")
+	ls -la .whl
 
 -include proto/Makefile.inc
 
