@@ -44,6 +44,13 @@ def test_steps_past_the_budget_are_not_run(tmp_path, monkeypatch):
     assert not (tmp_path / "second.txt").exists()
 
 
+def test_the_gpu_tests_step_names_every_file_with_gpu_marked_tests():
+    files = gpu_check.gpu_test_files()
+    assert "tests/serving/test_gpu_paths.py" in files and "tests/serving/test_cuda_graphs.py" in files
+    assert "tests/kvcache/test_transfer_one_sided.py" in files and not any("pdkernels" in f for f in files)
+    assert "tests/bench/test_gpu_check.py" not in files  # this file only talks about the marker
+
+
 def test_the_real_steps_name_existing_tests_and_modules():
     for step in gpu_check.steps("python", gpu_check.Path("/tmp"), "/tmp/small"):
         assert step.timeout_s > 0
