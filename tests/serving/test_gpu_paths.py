@@ -1,41 +1,17 @@
-"""The CUDA paths of swapping and of disaggregated serving, which the CPU suite cannot run: the swap
-worker's stream and pinned host tier, and prefill/decode instance processes on one GPU, the prefill
-instance writing into the decode instance's GPU pool (CUDA IPC). Skipped without a CUDA device; `make
-gpu-check` runs them. Each compares against what the CPU tests compare against (transformers, a
-colocated engine) on the same device."""
+"""The CUDA paths of swapping and of disaggregated serving, which the CPU suite cannot run: greedy
+output with the swap worker's stream and pinned host tier (its copies alone: tests/serving/test_swap.py),
+and prefill/decode instance processes on one GPU, the prefill instance writing into the decode
+instance's GPU pool (CUDA IPC). Skipped without a CUDA device; `make gpu-check` runs them. Each compares
+against what the CPU tests compare against (transformers, a colocated engine) on the same device."""
 import pytest
 import torch
 
-from scheduler.kv_moves import FINISHED, SwapIn, SwapOut
 from scheduler.sampling_params import SamplingParams
-from serving.kv_connector.swap import SwapWorker
 from serving.llm import LLM
 from tests.serving.test_engine import PROMPTS
 from tests.serving.test_swap import TIGHT, _check_nothing_held
 
 pytestmark = pytest.mark.gpu
-
-
-def test_the_swap_worker_copies_runs_over_pcie_bit_for_bit():
-    torch.manual_seed(0)
-    kv = torch.randn(3, 2, 16, 4, 2, 8, device="cuda")
-    host = torch.zeros(3, 2, 8, 4, 2, 8, pin_memory=True)
-    worker = SwapWorker(kv, host)
-    try:
-        device_blocks, host_blocks = [3, 4, 5, 9], [0, 1, 2, 7]
-        kv[:, :, device_blocks] += 1.0  # written on the compute stream just before: the swap stream waits for it
-        original = kv[:, :, device_blocks].clone()
-        worker.start([SwapOut("a", device_blocks, host_blocks)])
-        worker.wait_layers(0, 3)
-        assert torch.equal(host[:, :, host_blocks], original.cpu())
-        kv[:, :, device_blocks] = 0.0
-        back = [10, 11, 12, 1]
-        worker.start([SwapIn("a", host_blocks, back)])
-        worker.wait_layers(0, 3)
-        assert torch.equal(kv[:, :, back], original)
-        assert [(r.kind, r.state) for r in worker.poll()] == [("swap_out", FINISHED), ("swap_in", FINISHED)]
-    finally:
-        worker.close()
 
 
 def test_greedy_on_cuda_with_heavy_swapping_matches_transformers(tiny_model_dir):

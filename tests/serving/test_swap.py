@@ -132,16 +132,21 @@ def test_aborts_of_swapped_and_running_requests_free_both_tiers(tiny_model_dir):
     _check_nothing_held(llm)
 
 
-def test_the_swap_worker_copies_blocks_bit_for_bit_by_runs():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_swap_worker_copies_blocks_bit_for_bit_by_runs(device):
+    """On CUDA over PCIe, into pinned memory, on the worker's stream: it waits for what the compute stream
+    wrote just before."""
     torch.manual_seed(0)
-    kv = torch.randn(3, 2, 16, 4, 2, 8)
-    host = torch.zeros(3, 2, 8, 4, 2, 8)
+    kv = torch.randn(3, 2, 16, 4, 2, 8, device=device)
+    host = torch.zeros(3, 2, 8, 4, 2, 8, pin_memory=device == "cuda")
     worker = SwapWorker(kv, host)
     try:
         device_blocks, host_blocks = [3, 4, 5, 9], [0, 1, 2, 7]
+        kv[:, :, device_blocks] += 1.0
         original = kv[:, :, device_blocks].clone()
         worker.start([SwapOut("a", device_blocks, host_blocks)])
         worker.wait_layers(0, 3)
+        assert torch.equal(host[:, :, host_blocks], original.cpu())
         kv[:, :, device_blocks] = 0.0
         back = [10, 11, 12, 1]
         worker.start([SwapIn("a", host_blocks, back)])
