@@ -4,8 +4,9 @@ pickle (a peer's bytes are never unpickled).
 
     owner:   export(kv_cache)  -> CudaIpcHandle  (cudaIpcGetMemHandle of the allocation, torch's
                                                    reference counter and event, the device's UUID)
-    peer:    open(handle, shape, dtype) -> a tensor over the owner's memory, on the peer's index of
-                                           the same GPU (CUDA_VISIBLE_DEVICES may number it otherwise)
+    peer:    open_tensor(handle, shape, dtype) -> a tensor over the owner's memory, on the peer's
+                                           index of the same GPU (CUDA_VISIBLE_DEVICES may number it
+                                           otherwise)
 
 The owner keeps its tensor for as long as peers may write (a decode instance's KV pool lives as long as
 the instance). A peer that cannot see the GPU, or a driver that refuses the handle, gets a RuntimeError
@@ -33,7 +34,8 @@ def local_index(uuid: str) -> int | None:
 
 
 def export(tensor: torch.Tensor) -> pb.CudaIpcHandle:
-    """A handle a peer process opens with `open` (one per peer: each carries its own reference count)."""
+    """A handle a peer process opens with `open_tensor` (one per peer: each carries its own reference
+    count)."""
     if not tensor.is_cuda or not tensor.is_contiguous():
         raise ValueError("only a contiguous CUDA tensor can be exported")
     (device, handle, storage_size, storage_offset, ref_counter_handle, ref_counter_offset, event_handle,

@@ -45,8 +45,8 @@ def capture_sizes(spec, max_num_seqs: int) -> tuple[int, ...]:
     """The batch sizes to capture, as vLLM's --cuda-graph-sizes reads them: None (default) or one value N
     is 1, 2, 4 and every multiple of 8 up to N (None: N = min(max_num_seqs, 512)); several values are the
     sizes themselves ("1,2,4,16" or a YAML list); "0" or an empty list captures none. Sizes above
-    max_num_seqs are dropped (no decode batch is larger), and max_num_seqs itself is added where the
-    pattern stops short of it."""
+    max_num_seqs are dropped (no decode batch is larger); the pattern's top (N, or max_num_seqs) is
+    captured too where the multiples of 8 stop short of it."""
     values = _parse(spec)
     if values == (0,) or values == ():
         return ()
