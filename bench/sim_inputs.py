@@ -109,7 +109,9 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
                    max_concurrency: int | None = None) -> SimDeployment:
     """The deployment `pdserve serve --config` would start, as the simulator wants it: the same
     instances, each with the KV pool the runtime would size (kv_cache_memory_bytes or
-    num_gpu_blocks_override over the layout's bytes per block), the step latency of its TP x PP plan,
+    num_gpu_blocks_override over the layout's bytes per block; unset, the CPU default of 512 MiB: a GPU
+    deployment's pool follows from free memory at start, so its YAML should name one, as the planner's
+    does), the step latency of its TP x PP plan,
     and a node (packed first-fit on the cluster; default: this machine)."""
     from serving.engine.engine import resolve_max_model_len
     from serving.engine.validation import check_kv_pool_fits
@@ -131,7 +133,7 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
         # the pools as the engine sizes them: the budget is per rank, the device pool and the host tier
         # in blocks of a rank's heads and the largest stage's layers (serving/engine/engine.py)
         rank = _pool_layout(layout, role_config.parallel)
-        num_blocks = cache.num_blocks_override or rank.num_blocks_for_bytes(cache.kv_cache_memory_bytes)
+        num_blocks = cache.num_blocks_override or rank.num_blocks_for_bytes(cache.kv_bytes)
         max_model_len = resolve_max_model_len(role_config.model.max_model_len, _arch(role_config))
         check_kv_pool_fits(num_blocks, block_size, max_model_len)
         comm = CommModel(shape.num_layers, shape.hidden_size, dtype_bytes(dtype), cluster.intra_node_bytes_per_s,

@@ -19,11 +19,18 @@ def parse_bytes(value: int | str) -> int:
     return int(float(num) * _UNITS[unit])
 
 
+DEFAULT_KV_CACHE_BYTES = 512 * 1024**2  # the KV pool's budget on CPU when none is given
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
-    # Memory for the KV pool (all layers, K and V). The number of blocks follows from it.
-    kv_cache_memory_bytes: int = 512 * 1024**2
+    # Memory for the KV pool (all layers, K and V; per rank). The number of blocks follows from it.
+    # None: 512 MiB on CPU; on CUDA what --gpu-memory-utilization leaves (serving/runner/gpu_memory.py)
+    kv_cache_memory_bytes: int | None = None
+    # CUDA, when kv_cache_memory_bytes is not given: the share of the GPU's memory the instance may
+    # take in all, its KV pool sized to fill it (vLLM's flag and default)
+    gpu_memory_utilization: float = 0.9
     # Fix the number of blocks instead (tests, reproducing a run); overrides the budget when set.
     num_blocks_override: int | None = None
     enable_prefix_caching: bool = True
@@ -33,6 +40,11 @@ class CacheConfig:
     # (runs of consecutive blocks: a swap copies one span per run), "auto" (groups when swapping)
     block_allocation: str = "auto"
 
+    @property
+    def kv_bytes(self) -> int:
+        """The budget given, or the CPU default (on CUDA the engine sizes an unset one from the GPU)."""
+        return DEFAULT_KV_CACHE_BYTES if self.kv_cache_memory_bytes is None else self.kv_cache_memory_bytes
+
     def __post_init__(self) -> None:
         if not self.swap_space > 0:
             raise ValueError(f"--swap-space must be a positive number of GiB, got {self.swap_space}")
@@ -40,7 +52,9 @@ class CacheConfig:
             raise ValueError(f"--block-allocation must be one of auto, lru, groups, got {self.block_allocation!r}")
         if self.block_size not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"--block-size must be a power of two in [1, 128], got {self.block_size}")
-        if self.kv_cache_memory_bytes <= 0:
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError("--kv-cache-memory-bytes must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_blocks_override is not None and self.num_blocks_override < 1:
             raise ValueError("--num-gpu-blocks-override must be at least 1")

@@ -38,7 +38,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("KV cache and scheduler")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     g.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None,
-                   help="KV pool memory budget, e.g. 512MiB or 4GiB (default 512MiB)")
+                   help="KV pool memory budget (per rank), e.g. 512MiB or 4GiB (default: 512MiB on CPU; on CUDA "
+                   "what --gpu-memory-utilization leaves)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="CUDA, without --kv-cache-memory-bytes: the share of the GPU's memory the instance takes "
+                   "in all, the KV pool sized to fill it (default 0.9)")
     g.add_argument("--num-gpu-blocks-override", type=int, default=None,
                    help="fix the number of KV blocks instead of deriving it from the budget")
     _bool_flag(g, "enable-prefix-caching", "reuse KV of shared prompt prefixes (default on)")

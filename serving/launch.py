@@ -60,10 +60,14 @@ def check_instance_kv_pool(config: Config) -> None:
     max_model_len = resolve_max_model_len(config.model.max_model_len, arch)
     block_size = config.cache.block_size
     num_blocks = config.cache.num_blocks_override
+    on_gpu_by_utilization = config.cache.kv_cache_memory_bytes is None and (
+        resolve_device(config.model.device).type == "cuda" if local else config.model.device != "cpu")
+    if num_blocks is None and on_gpu_by_utilization:
+        return  # sized from the GPU's free memory at start (serving/runner/gpu_memory.py), checked there
     if num_blocks is None:
         device = (resolve_device(config.model.device) if local
                   else torch.device("cpu" if config.model.device == "cpu" else "cuda"))
         dtype = resolve_dtype(config.model.dtype, device)
         layout = KVCacheLayout.for_model(arch.num_layers, arch.num_kv_heads, arch.head_dim, block_size, dtype)
-        num_blocks = layout.num_blocks_for_bytes(config.cache.kv_cache_memory_bytes)
+        num_blocks = layout.num_blocks_for_bytes(config.cache.kv_bytes)
     check_kv_pool_fits(num_blocks, block_size, max_model_len)

@@ -38,6 +38,7 @@ from serving.kv_connector.swap import ComposedWorker, SwapWorker
 from serving.kv_connector.transfer import make_worker, model_fingerprint, wants_shared_pool
 from serving.models import ModelArchConfig, load_model
 from serving.runner.cuda_graphs import capture_sizes
+from serving.runner.gpu_memory import gpu_kv_budget
 from serving.runner.model_runner import (ModelRunner, model_kv_layout, num_kv_blocks, pool_layout, resolve_device,
                                          resolve_dtype)
 
@@ -265,7 +266,12 @@ def _build_engine_on(model, workers, config: Config, role: str, model_dir: str, 
     max_model_len = resolve_max_model_len(config.model.max_model_len, arch)
     layout = model_kv_layout(model, config.cache.block_size)
     stage = getattr(model, "pipeline_stage", None)  # this rank's (stage 0's) layers: the layout declares the model's
-    num_blocks = num_kv_blocks(pool_layout(layout, stage), config.cache)  # every rank's cache within the budget
+    budget = None
+    if device.type == "cuda" and config.cache.kv_cache_memory_bytes is None and not config.cache.num_blocks_override:
+        budget = gpu_kv_budget(getattr(model, "full_config", arch), device, config.cache.gpu_memory_utilization,
+                               config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
+                               next(model.parameters()).dtype, layout.tp_size)
+    num_blocks = num_kv_blocks(pool_layout(layout, stage), config.cache, budget)  # every rank's within the budget
     check_kv_pool_fits(num_blocks, config.cache.block_size, max_model_len)
     num_host_blocks = _num_host_blocks(config, layout, stage)
     pool = _allocate_shared(layout, num_blocks, device) if wants_shared_pool(role, config, device) else None

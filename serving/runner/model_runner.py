@@ -78,13 +78,15 @@ def pool_layout(layout: KVCacheLayout, stage) -> KVCacheLayout:
     return layout if stage is None else layout.largest_stage(stage.partition)
 
 
-def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig) -> int:
-    """The pool size: fixed by --num-gpu-blocks-override, else what the memory budget holds."""
+def num_kv_blocks(layout: KVCacheLayout, cache_config: CacheConfig, budget_bytes: int | None = None) -> int:
+    """The pool size: fixed by --num-gpu-blocks-override, else what the memory budget holds (budget_bytes:
+    one the engine worked out, serving/runner/gpu_memory.py; else the configured or default one)."""
     if cache_config.num_blocks_override:
         return cache_config.num_blocks_override
-    num_blocks = layout.num_blocks_for_bytes(cache_config.kv_cache_memory_bytes)
+    budget = cache_config.kv_bytes if budget_bytes is None else budget_bytes
+    num_blocks = layout.num_blocks_for_bytes(budget)
     if num_blocks < 1:
-        raise ValueError(f"the KV memory budget ({cache_config.kv_cache_memory_bytes} bytes) holds no block of "
+        raise ValueError(f"the KV memory budget ({budget} bytes) holds no block of "
                          f"{layout.bytes_per_block} bytes: raise --kv-cache-memory-bytes")
     return num_blocks
 
