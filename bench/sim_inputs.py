@@ -93,6 +93,27 @@ def _pool_layout(layout: KVCacheLayout, parallel) -> KVCacheLayout:
     return rank if pp == 1 else rank.largest_stage(layer_partition(layout.num_layers, pp, parallel.pp_layer_partition))
 
 
+def _num_blocks(role_config: Config, rank: KVCacheLayout, shape: ModelShape, dtype: str, cluster: ClusterSpec) -> int:
+    """The instance's KV blocks as the engine sizes them: --num-gpu-blocks-override, else the budget
+    given, else on a GPU cluster what --gpu-memory-utilization of a device leaves after the rank's share
+    of the weights and a step's activations (serving/runner/gpu_memory.py; the CUDA context's few hundred
+    MiB are not counted), else the CPU default of 512 MiB."""
+    cache = role_config.cache
+    if cache.num_blocks_override:
+        return cache.num_blocks_override
+    if cache.kv_cache_memory_bytes is not None or cluster.device != "gpu" or role_config.model.device == "cpu":
+        return rank.num_blocks_for_bytes(cache.kv_bytes)
+    from serving.runner.gpu_memory import activation_bytes, kv_budget_from_utilization
+    parallel, scheduler = role_config.parallel, role_config.scheduler
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    total = cluster.device_memory_bytes
+    weights = shape.weight_bytes(dtype) // (tp * pp)
+    activations = activation_bytes(_arch(role_config), scheduler.max_num_batched_tokens, scheduler.max_num_seqs,
+                                   dtype_bytes(dtype), tp)
+    return rank.num_blocks_for_bytes(kv_budget_from_utilization(total, total - weights, activations,
+                                                                cache.gpu_memory_utilization))
+
+
 def _check_profiled_split(name: str, step_latency, num_layers: int, parallel) -> None:
     """Warn where a pipelined instance splits its layers otherwise than the profile it is priced by."""
     profiled = getattr(step_latency, "meta", {}).get("pp_partition")
@@ -108,11 +129,9 @@ def _check_profiled_split(name: str, step_latency, num_layers: int, parallel) ->
 def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpec | None = None,
                    max_concurrency: int | None = None) -> SimDeployment:
     """The deployment `pdserve serve --config` would start, as the simulator wants it: the same
-    instances, each with the KV pool the runtime would size (kv_cache_memory_bytes or
-    num_gpu_blocks_override over the layout's bytes per block; unset, the CPU default of 512 MiB: a GPU
-    deployment's pool follows from free memory at start, so its YAML should name one, as the planner's
-    does), the step latency of its TP x PP plan,
-    and a node (packed first-fit on the cluster; default: this machine)."""
+    instances, each with the KV pool the runtime would size (`_num_blocks`: on a GPU cluster without a
+    budget, from the cluster's device memory), the step latency of its TP x PP plan, and a node (packed
+    first-fit on the cluster; default: this machine)."""
     from serving.engine.engine import resolve_max_model_len
     from serving.engine.validation import check_kv_pool_fits
 
@@ -133,7 +152,7 @@ def sim_deployment(config: Config, latency: LatencyModelSet, cluster: ClusterSpe
         # the pools as the engine sizes them: the budget is per rank, the device pool and the host tier
         # in blocks of a rank's heads and the largest stage's layers (serving/engine/engine.py)
         rank = _pool_layout(layout, role_config.parallel)
-        num_blocks = cache.num_blocks_override or rank.num_blocks_for_bytes(cache.kv_bytes)
+        num_blocks = _num_blocks(role_config, rank, shape, dtype, cluster)
         max_model_len = resolve_max_model_len(role_config.model.max_model_len, _arch(role_config))
         check_kv_pool_fits(num_blocks, block_size, max_model_len)
         comm = CommModel(shape.num_layers, shape.hidden_size, dtype_bytes(dtype), cluster.intra_node_bytes_per_s,

@@ -101,6 +101,39 @@ def test_simulated_pools_are_sized_per_rank_as_the_engine_sizes_them(tiny_model_
     assert instance.kv_bytes_per_token == KVCacheLayout.for_model(4, 2, 32, 16, "float32").bytes_per_block // 16
 
 
+def test_a_gpu_deployment_without_a_kv_budget_is_sized_from_the_clusters_device_memory(tiny_model_dir):
+    """As the engine sizes it on CUDA: --gpu-memory-utilization of a device, less the rank's share of the
+    weights and a step's activations; a CPU deployment, or a named budget, keeps its own."""
+    from bench.sim_inputs import LOCAL_CLUSTER
+    from scheduler.planner.cluster import ClusterSpec
+    from scheduler.planner.sizing import ModelShape
+    from serving.models.config import ModelArchConfig
+    from serving.runner.gpu_memory import activation_bytes
+    gpus = ClusterSpec(nodes=1, devices_per_node=8, device_memory_gib=0.5, intra_node_bandwidth_gbps=100,
+                       inter_node_bandwidth_gbps=10)
+    latency = LatencyModelSet({(1, 1): LATENCY, (2, 1): LATENCY})
+    arch = ModelArchConfig.from_model_dir(tiny_model_dir)
+    shape = ModelShape("tiny", arch.num_layers, arch.hidden_size, arch.intermediate_size, arch.num_heads,
+                       arch.num_kv_heads, arch.head_dim, arch.vocab_size, arch.max_position_embeddings,
+                       arch.tie_word_embeddings)
+    for tp in (1, 2):
+        config = Config.from_dict({"model": tiny_model_dir, "device": "cuda", "dtype": "float32",
+                                   "gpu_memory_utilization": 0.8, "parallel": {"tensor_parallel_size": tp}})
+        instance = sim_deployment(config, latency, gpus).instances[0]
+        budget = (int(0.8 * 2**29) - shape.weight_bytes("float32") // tp
+                  - activation_bytes(arch, config.scheduler.max_num_batched_tokens, config.scheduler.max_num_seqs,
+                                     4, tp))
+        rank = KVCacheLayout.for_model(4, 2 // tp, 32, 16, "float32")
+        assert instance.num_blocks == budget // rank.bytes_per_block
+        assert instance.num_blocks * rank.bytes_per_block != 512 * 2**20
+        # on this machine (a CPU cluster), or with a budget named, the runtime's own sizes
+        assert sim_deployment(config, latency, LOCAL_CLUSTER).instances[0].num_blocks == 2**29 // rank.bytes_per_block
+        named = config.replace(kv_cache_memory_bytes=2**24)
+        assert sim_deployment(named, latency, gpus).instances[0].num_blocks == 2**24 // rank.bytes_per_block
+    with pytest.raises(ValueError, match="--gpu-memory-utilization 0.01 .* leaves no room for the KV cache"):
+        sim_deployment(config.replace(gpu_memory_utilization=0.01), latency, gpus)
+
+
 def test_a_partitioned_pipeline_is_sized_by_its_largest_stage_and_warned_of_a_profile_of_another(
         tiny_model_dir, caplog):
     config = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": 64 * 2**20,
