@@ -50,18 +50,18 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-DISAGG_TP_CUDA_NOT_SUPPORTED = (
-    "not supported yet on CUDA: a prefill or decode instance of several ranks moves every rank's KV through "
-    "its rank 0, which maps the other ranks' caches; in host memory that is shared memory, on GPUs it takes "
-    "CUDA IPC, not built yet. Run prefill and decode instances with one rank on CUDA (colocated serving runs "
-    "any plan there), or on CPU")
+DISAGG_TP_RAY_CUDA_NOT_SUPPORTED = (
+    "not supported yet on CUDA with the Ray launcher: rank 0 of a prefill or decode instance maps every rank's "
+    "KV cache (CUDA IPC), and a Ray actor sees only its own GPU. Run that instance with --launcher local (its "
+    "ranks are processes of one host that see every GPU), or with one rank (colocated serving runs any plan "
+    "on Ray)")
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     """How one instance splits the model over devices: tensor-parallel ranks times pipeline stages, in
     every instance (serving/runner/tensor_parallel.py); KV moves between prefill and decode instances
-    of any two plans (kvcache/transfer/plans.py; host memory only for now)."""
+    of any two plans (kvcache/transfer/plans.py)."""
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # layers of each pipeline stage, comma separated ("7,5"; vLLM's VLLM_PP_LAYER_PARTITION), or a list
@@ -97,11 +97,12 @@ class ParallelConfig:
         """Ranks (processes) of one instance: tensor-parallel ranks times pipeline stages."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
-    def check_supported(self, where: str = "", role: str = "colocated", device: str = "cpu") -> None:
+    def check_supported(self, where: str = "", role: str = "colocated", device: str = "cpu",
+                        launcher: str = "local") -> None:
         """ValueError for a plan the runtime cannot run yet (device: the resolved one, cpu or cuda)."""
         plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
-        if self.world_size > 1 and role in ("prefill", "decode") and device == "cuda":
-            raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_CUDA_NOT_SUPPORTED}")
+        if self.world_size > 1 and role in ("prefill", "decode") and device == "cuda" and launcher == "ray":
+            raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_RAY_CUDA_NOT_SUPPORTED}")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ def build_engine_client(config: Config) -> EngineClient:
     from serving.router.engine_client import build_disaggregated_client
     specs = make_specs(config)
     for spec in specs:  # every plan first: what cannot run at all is said before any sizing question
-        spec.config.parallel.check_supported(f"{spec.name}: ", spec.role, _device_type(spec.config.model.device))
+        spec.config.parallel.check_supported(f"{spec.name}: ", spec.role, _device_type(spec.config.model.device),
+                                             spec.config.deploy.launcher)
     for spec in specs:
         check_instance_kv_pool(spec.config)
     return build_disaggregated_client(config)

@@ -270,7 +270,10 @@ class KVReceiver:
                                "does not match its CRC-32: nothing was written")
             dst_block_ids = reservation.block_ids[header.block_start:header.block_end]     # [n]
             first_layer = self.layout.rank_layers(header.dst_rank)[0]  # the rank's cache starts at its stage
-            unpack_kv(buffer, self.kv_caches[header.dst_rank], dst_block_ids, header.layer_start - first_layer)
+            cache = self.kv_caches[header.dst_rank]
+            unpack_kv(buffer, cache, dst_block_ids, header.layer_start - first_layer)
+            if header.dst_rank and cache.is_cuda:  # another rank's process reads it: written before it counts
+                torch.cuda.synchronize(cache.device)
             with self._lock:
                 if reservation.attempt == header.attempt:
                     reservation.written[header.dst_rank, header.layer_start:header.layer_end,

@@ -142,6 +142,9 @@ class ModelRunner:
         self.forward_cpu_seconds = 0.0
         # a later pipeline stage's: cumulative wall time waiting for the stage before's activations
         self.pipe_wait_seconds = 0.0
+        # on CUDA, wait for the device before every layers_done, not only between layer groups: other
+        # processes read the KV this step writes (set for rank 0 of a group whose caches it maps)
+        self.sync_before_layers_done = False
         # decode steps of 1-8 rows in one native call per segment (serving/models/native_decoder.py);
         # --enforce-eager keeps every step on the model's Python path
         self.enforce_eager = enforce_eager
@@ -336,7 +339,7 @@ class ModelRunner:
             with self._forward_timer():
                 hidden, residual = self.model(inputs.input_ids, inputs.positions, attn, segment.layer_start, end,
                                               hidden, residual, layers)                   # [T, H]
-            if len(chain) > 1 and self.device.type == "cuda":
+            if (len(chain) > 1 or self.sync_before_layers_done) and self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()  # a sender reads the cache
             self.connector.layers_done(rows, segment.layer_start, end)
         last = chain[-1].layer_end

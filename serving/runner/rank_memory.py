@@ -1,6 +1,11 @@
 """The shared memory of a group of ranks on one host: each TP group's collectives region (rank 0 creates
-it, every rank maps it), and, in an instance that moves KV, ranks 1..'s KV caches (rank 0 creates and
-maps them too: the instance's KV transfer endpoint is rank 0).
+it, every rank maps it), and, in an instance that moves KV, ranks 1..'s KV caches, which rank 0 maps too
+(the instance's KV transfer endpoint is rank 0): in host memory, shared-memory files rank 0 creates; on
+GPUs, each rank's own allocation, which it exports to rank 0 by CUDA IPC (kvcache/cuda_ipc.py).
+
+    rank 0                                      rank r (1..)
+    ready(): sizes + CUDA_IPC_CACHES  ------->  rank_cache(): allocate on its GPU, export
+             open_rank_cache() <--------------  ("ready", (pid, CudaIpcHandle bytes))
 """
 from __future__ import annotations
 
@@ -11,6 +16,40 @@ import torch
 from serving.models.tensor_parallel import ShmCollectives
 
 logger = logging.getLogger(__name__)
+
+
+# the cache name ready() sends ranks on CUDA in an instance that moves KV: allocate your cache on your GPU
+# and export it (there is no file to map)
+CUDA_IPC_CACHES = "cuda-ipc"
+
+
+def rank_cache(cache_name: str | None, layout, num_blocks: int, device: torch.device):
+    """(a worker rank's KV cache, the CudaIpcHandle bytes rank 0 opens it with, or None): its own
+    allocation (no name), the shared-memory file rank 0 made for it, or, on CUDA (CUDA_IPC_CACHES), an
+    allocation on its GPU exported to rank 0, which keeps it for the rank's life."""
+    if cache_name == CUDA_IPC_CACHES:
+        from kvcache import cuda_ipc
+        kv_cache = layout.allocate(num_blocks, device)
+        return kv_cache, cuda_ipc.export(kv_cache).SerializeToString()
+    if cache_name:
+        return map_cache(cache_name, layout, num_blocks), None
+    return layout.allocate(num_blocks, device), None
+
+
+def open_rank_cache(rank: int, handle: bytes | None, layout, num_blocks: int) -> torch.Tensor:
+    """Rank `rank`'s KV cache in rank 0's process, from the handle it exported (RuntimeError, saying what
+    to change, where it cannot be opened)."""
+    from kvcache import cuda_ipc
+    from kvcache.transfer._proto import kv_transfer_pb2 as pb
+    if not handle:
+        raise RuntimeError(f"tensor-parallel rank {rank} did not export its KV cache")
+    try:
+        return cuda_ipc.open_tensor(pb.CudaIpcHandle.FromString(handle), layout.shape(num_blocks),
+                                    getattr(torch, layout.dtype))
+    except RuntimeError as e:
+        raise RuntimeError(f"rank 0 of a prefill or decode instance maps every rank's KV cache and cannot open "
+                           f"rank {rank}'s ({e}): run the instance's ranks as processes of one host that see "
+                           "every GPU of the instance (the local launcher), or with one rank") from e
 
 
 def map_cache(name: str, layout, num_blocks: int) -> torch.Tensor:

@@ -27,13 +27,14 @@ stage's ranks form a TP group of their own, and the hidden state goes stage to s
 group (serving/runner/stage_pipe.py). Rank 0 is stage 0: `submit` runs its part and returns, so up to
 pp plans are in flight (scheduler/engine_core.py), and the last stage's first rank sends the step's
 result back. In a prefill or decode instance, ranks 1..'s KV caches are shared-memory files rank 0
-maps (`SharedRankCaches`): the instance's KV transfer endpoint is rank 0, for every rank's heads and
-layers (kvcache/transfer/plans.py).
+maps (on GPUs, their own allocations opened by CUDA IPC: serving/runner/rank_memory.py): the instance's
+KV transfer endpoint is rank 0, for every rank's heads and layers (kvcache/transfer/plans.py).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
 import logging
 import os
 import subprocess
@@ -52,11 +53,12 @@ from serving.models import load_model
 from serving.models.tensor_parallel import CollectiveError, ShmCollectives, TPGroup, make_process_group
 from serving.runner.model_runner import ModelRunner, model_kv_layout
 from serving.runner.rank_hosts import STARTUP_TIMEOUT_S, RayRank, RayRanks, start_local_rank
-from serving.runner.rank_memory import (SharedRankCaches, attach_collectives_region, create_collectives_region,
-                                        map_cache)
+from serving.runner.rank_memory import (CUDA_IPC_CACHES, SharedRankCaches, attach_collectives_region,
+                                        create_collectives_region, open_rank_cache, rank_cache)
 
 logger = logging.getLogger(__name__)
 
+STARTUP_TIMEOUT = datetime.timedelta(seconds=STARTUP_TIMEOUT_S)
 STEP_ANSWER_TIMEOUTS = 4  # a worker's step answer may take this many collective timeouts (a long prefill)
 
 
@@ -135,7 +137,7 @@ def _worker_main(conn) -> None:
     try:
         spec: RankSpec = conn.recv()
         torch.set_num_threads(spec.threads)
-        store = TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=_timedelta(STARTUP_TIMEOUT_S))
+        store = TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=STARTUP_TIMEOUT)
         conn.send(("started", os.getpid()))
         device = torch.device(spec.device)
         if device.type == "cuda":  # a local rank sees every GPU (its own is its rank's); a Ray rank its own only
@@ -153,13 +155,13 @@ def _worker_main(conn) -> None:
             return
         num_blocks, block_size, cache_name, num_host_blocks = sizes
         layout = model_kv_layout(model, block_size)
-        kv_cache = map_cache(cache_name, layout, num_blocks) if cache_name else layout.allocate(num_blocks, device)
+        kv_cache, exported = rank_cache(cache_name, layout, num_blocks, device)
         runner = ModelRunner(model, kv_cache, layout, device, spec.seed, enforce_eager=spec.enforce_eager,
                              pipe=_stage_pipe(model, world, spec.rank, tp, device),
                              connector=rank_swap_worker(kv_cache, num_host_blocks, _first_layer(model))
                              if num_host_blocks else None)
         reports_result = pp > 1 and runner.stage.is_last and spec.rank % tp == 0
-        conn.send(("ready", os.getpid()))
+        conn.send(("ready", (os.getpid(), exported)))
     except (EOFError, OSError):  # rank 0's process is gone
         return
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which raises it
@@ -175,16 +177,13 @@ def _worker_main(conn) -> None:
         busy, waited, started = runner.forward_seconds, runner.pipe_wait_seconds, time.perf_counter()
         try:
             result = runner.execute(plan)
+            if exported is not None:  # rank 0 sends this step's KV from the cache once answered: it is written
+                torch.cuda.synchronize(device)
         except BaseException as e:  # noqa: BLE001 - the group is out of step now: report and stop
             conn.send(f"{type(e).__name__}: {e}")
             return
         held = time.perf_counter() - started - (runner.pipe_wait_seconds - waited)
         conn.send((result if reports_result else None, runner.forward_seconds - busy, held))
-
-
-def _timedelta(seconds: float):
-    import datetime
-    return datetime.timedelta(seconds=seconds)
 
 
 class TensorParallelWorkers:
@@ -200,7 +199,7 @@ class TensorParallelWorkers:
                  pp_partition: tuple[int, ...] = ()) -> None:
         from torch.distributed import TCPStore
         self.tp, self.pp = size, pp
-        self.size, self.enforce_eager = size * pp, enforce_eager
+        self.size, self.enforce_eager, self.device = size * pp, enforce_eager, device
         # how long rank 0 waits for a worker's answer to a step before the group is declared hung: a hung
         # TP rank is caught sooner, by a collective's timeout; a hung last pipeline stage only by this
         self.answer_timeout_s = STEP_ANSWER_TIMEOUTS * collective_timeout_s
@@ -208,7 +207,7 @@ class TensorParallelWorkers:
         self._threads_before = torch.get_num_threads()
         threads = max(1, self._threads_before // world)
         torch.set_num_threads(threads)  # this process is rank 0: its share of the cores (restored at close)
-        store = TCPStore("127.0.0.1", 0, world, True, timeout=_timedelta(STARTUP_TIMEOUT_S), wait_for_workers=False)
+        store = TCPStore("127.0.0.1", 0, world, True, timeout=STARTUP_TIMEOUT, wait_for_workers=False)
         self._store = store  # rank 0 owns it: it must outlive the group
         self.processes: list = []  # subprocess.Popen, or RayRank (the same calls): serving/runner/rank_hosts.py
         self.conns: list[Connection] = []
@@ -238,8 +237,8 @@ class TensorParallelWorkers:
             self.close()
             raise
 
-    def _expect(self, rank: int, what: str) -> None:
-        """Wait for rank's `what` message, watching that it stays alive; raise its error otherwise."""
+    def _expect(self, rank: int, what: str):
+        """What rank's `what` message carries, once it comes (the rank watched meanwhile), or its error."""
         conn, process = self.conns[rank - 1], self.processes[rank - 1]
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not conn.poll(0.5):
@@ -254,22 +253,28 @@ class TensorParallelWorkers:
             raise RuntimeError(f"tensor-parallel rank {rank} closed its connection before it {what}") from e
         if status != what:
             raise RuntimeError(f"tensor-parallel rank {rank} failed to start: {detail}")
+        return detail
 
     def ready(self, num_blocks: int, block_size: int, share_caches_of=None, num_host_blocks: int = 0) -> None:
         """Send every worker the KV cache size; wait until each has built its runner (or raise its error).
-        share_caches_of: rank 0's KVCacheLayout, to make the workers' caches shared-memory files this
-        process maps too (`rank_caches`), for an instance that moves KV (host memory only).
+        share_caches_of: rank 0's KVCacheLayout, to map the workers' caches in this process too
+        (`rank_caches`), for an instance that moves KV: shared-memory files, or on CUDA each rank's
+        allocation opened by CUDA IPC.
         num_host_blocks: the host tier each rank swaps its heads to (--preemption-mode swap), else 0."""
         try:
-            if share_caches_of is not None:
-                self._shared_caches = SharedRankCaches([self._rank_layout(share_caches_of, rank)
-                                                        for rank in range(1, self.size)], num_blocks)
+            layouts = [self._rank_layout(share_caches_of, r) for r in range(1, self.size)] if share_caches_of else []
+            ipc = bool(layouts) and self.device.type == "cuda"
+            names = [CUDA_IPC_CACHES if ipc else None] * len(self.conns)
+            if layouts and not ipc:
+                self._shared_caches = SharedRankCaches(layouts, num_blocks)
                 self.rank_caches = self._shared_caches.tensors
-            names = self._shared_caches.names if self._shared_caches is not None else [None] * len(self.conns)
+                names = self._shared_caches.names
             for conn, name in zip(self.conns, names):
                 conn.send((num_blocks, block_size, name, num_host_blocks))
-            for rank in range(1, self.size):
-                self._expect(rank, "ready")
+            handles = [self._expect(rank, "ready")[1] for rank in range(1, self.size)]
+            if ipc:
+                self.rank_caches = [open_rank_cache(rank, handle, layout, num_blocks)
+                                    for rank, (handle, layout) in enumerate(zip(handles, layouts), start=1)]
         except BaseException:
             self.close()
             raise
@@ -353,6 +358,7 @@ class TensorParallelWorkers:
                 pass
 
     def close(self) -> None:
+        self.rank_caches = []  # our CUDA IPC mappings first: an exporting rank waits for them as it exits
         for conn in self.conns:
             try:
                 conn.send(None)
@@ -390,6 +396,7 @@ class TensorParallelRunner(ModelRunner):
         pipe = _stage_pipe(model, workers.world_group, 0, workers.tp, next(model.parameters()).device)
         super().__init__(model, *args, pipe=pipe, **kwargs)
         self.workers = workers
+        self.sync_before_layers_done = bool(workers.rank_caches)  # peers' KV is written once rank 0 is past a layer
         if self.enforce_eager != workers.enforce_eager:
             raise ValueError("rank 0 and the other ranks must agree on enforce_eager")
         self._in_flight: collections.deque = collections.deque()  # (plan, rank 0's result, start, its seconds)

@@ -1,7 +1,8 @@
 """The CUDA paths of swapping and of disaggregated serving, which the CPU suite cannot run: greedy
 output with the swap worker's stream and pinned host tier (its copies alone: tests/serving/test_swap.py),
-and prefill/decode instance processes on one GPU, the prefill instance writing into the decode
-instance's GPU pool (CUDA IPC). Skipped without a CUDA device; `make gpu-check` runs them. Each compares
+prefill/decode instance processes on one GPU, the prefill instance writing into the decode instance's
+GPU pool (CUDA IPC), and instances of several ranks whose rank 0 maps the others' GPU caches (CUDA IPC;
+two GPUs). Skipped without a CUDA device; `make gpu-check` runs them. Each compares
 against what the CPU tests compare against (transformers, a colocated engine) on the same device."""
 import pytest
 import torch
@@ -59,3 +60,30 @@ def test_disaggregated_on_one_gpu_equals_colocated(tiny_model_dir):
             assert transfer["num_recompute_fallbacks"] == 0
     finally:
         loop.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="instances of two ranks need two GPUs (NCCL takes one "
+                                                         "rank per GPU)")
+@pytest.mark.parametrize("prefill_tp, decode_tp, prefill_pp", [(2, 1, 1), (1, 2, 1), (1, 2, 2)],
+                         ids=["prefill-tp2-decode-tp1", "prefill-tp1-decode-tp2", "prefill-pp2-decode-tp2"])
+def test_disaggregated_instances_of_several_ranks_on_gpus_equal_colocated(tiny_model_dir, prefill_tp, decode_tp,
+                                                                           prefill_pp):
+    """Rank 0 of each instance maps its ranks' GPU caches by CUDA IPC and moves their heads and layers:
+    output equals a colocated TP = 1 engine on the same GPU, each decode rank gets exactly its heads."""
+    from serving.engine.engine import build_engine
+    from tests.serving.test_disagg_engine import _reference
+    from tests.serving.test_disagg_support import tiny_config, token_ids
+    from tests.serving.test_disagg_tp import _check_transfers
+
+    def engine(role, tp, pp=1):
+        return build_engine(tiny_config(tiny_model_dir, device="cuda", dtype="float32", tensor_parallel_size=tp,
+                                        pipeline_parallel_size=pp, kv_transfer_stall_timeout_s=5.0), role)
+    colocated = engine("colocated", 1)
+    try:
+        def reference(prompt, params):
+            return token_ids(_reference(colocated, prompt, params))
+        prefill, decode = engine("prefill", prefill_tp, prefill_pp), engine("decode", decode_tp)
+        assert all(cache.is_cuda for cache in decode.connector.receives._server.receiver.kv_caches)
+        _check_transfers(prefill, decode, decode_tp, reference)
+    finally:
+        colocated.close()
