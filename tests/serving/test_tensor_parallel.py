@@ -127,6 +127,25 @@ def test_sizes_that_cannot_split_the_model_are_refused_saying_which_can(tiny_mod
         1, 1, 64, config.vocab_size)
 
 
+def test_a_rank_cache_rank_0_cannot_open_is_refused_saying_what_to_change():
+    """On CUDA rank 0 opens each worker rank's cache from the CUDA IPC handle the rank sent at ready;
+    where it cannot (no GPU in this process, or a GPU it cannot see) it says which rank and what to do."""
+    import torch
+    from kvcache.layout import KVCacheLayout
+    from kvcache.transfer._proto import kv_transfer_pb2 as pb
+    from serving.runner.rank_memory import open_rank_cache, rank_cache
+    layout = KVCacheLayout.for_model(4, 1, 32, 16, "float32")
+    handle = pb.CudaIpcHandle(device_uuid="GPU-not-here", handle=b"\x01" * 64,
+                              storage_size_bytes=8 * layout.bytes_per_block).SerializeToString()
+    with pytest.raises(RuntimeError, match=r"maps every rank's KV cache and cannot open rank 1's \(.*\): run the "
+                                           r"instance's ranks as processes of one host .*\(the local launcher\)"):
+        open_rank_cache(1, handle, layout, 8)
+    with pytest.raises(RuntimeError, match="rank 2 did not export its KV cache"):
+        open_rank_cache(2, None, layout, 8)
+    cache, exported = rank_cache(None, layout, 8, torch.device("cpu"))  # a colocated rank: its own, nothing sent
+    assert exported is None and cache.shape == layout.shape(8)
+
+
 def _tp_workers_of(pid: int) -> list[int]:
     return children_running(pid, TP_WORKER)
 
