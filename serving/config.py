@@ -50,13 +50,6 @@ class ModelConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
-DISAGG_TP_RAY_CUDA_NOT_SUPPORTED = (
-    "not supported yet on CUDA with the Ray launcher: rank 0 of a prefill or decode instance maps every rank's "
-    "KV cache (CUDA IPC), and a Ray actor sees only its own GPU. Run that instance with --launcher local (its "
-    "ranks are processes of one host that see every GPU), or with one rank (colocated serving runs any plan "
-    "on Ray)")
-
-
 @dataclass(frozen=True)
 class ParallelConfig:
     """How one instance splits the model over devices: tensor-parallel ranks times pipeline stages, in
@@ -96,13 +89,6 @@ class ParallelConfig:
     def world_size(self) -> int:
         """Ranks (processes) of one instance: tensor-parallel ranks times pipeline stages."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    def check_supported(self, where: str = "", role: str = "colocated", device: str = "cpu",
-                        launcher: str = "local") -> None:
-        """ValueError for a plan the runtime cannot run yet (device: the resolved one, cpu or cuda)."""
-        plan = f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size={self.pipeline_parallel_size}"
-        if self.world_size > 1 and role in ("prefill", "decode") and device == "cuda" and launcher == "ray":
-            raise ValueError(f"{where}{role} instance with {plan}: {DISAGG_TP_RAY_CUDA_NOT_SUPPORTED}")
 
 
 @dataclass(frozen=True)

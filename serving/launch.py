@@ -15,25 +15,14 @@ def build_engine_client(config: Config) -> EngineClient:
     process). Otherwise (colocated replicas, one replica on Ray, or prefill and decode instances)
     instance processes (or Ray actors) behind the router."""
     from serving.launchers import make_specs
-    config.parallel.check_supported()
     if config.deploy.mode == "colocated" and config.deploy.num_replicas == 1 and config.deploy.launcher == "local":
         from serving.engine.async_llm import AsyncLLM
         return AsyncLLM.from_config(config)
     from serving.router.engine_client import build_disaggregated_client
     specs = make_specs(config)
-    for spec in specs:  # every plan first: what cannot run at all is said before any sizing question
-        spec.config.parallel.check_supported(f"{spec.name}: ", spec.role, _device_type(spec.config.model.device),
-                                             spec.config.deploy.launcher)
     for spec in specs:
         check_instance_kv_pool(spec.config)
     return build_disaggregated_client(config)
-
-
-def _device_type(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_instance_kv_pool(config: Config) -> None:

@@ -235,7 +235,6 @@ def build_engine(config: Config, role: str = "colocated", clock: Clock | None = 
     internal KV call (None: no check)."""
     model_dir = resolve_model_dir(config.model.model)
     device = resolve_device(config.model.device)
-    config.parallel.check_supported(role=role, device=device.type, launcher=config.deploy.launcher)
     dtype = resolve_dtype(config.model.dtype, device)
     tp, pp = config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size
     workers = None

@@ -21,6 +21,7 @@ from serving.config import DeployConfig
 from serving.instance._proto import instance_pb2 as pb
 from serving.instance.servicer import InstanceAddress, InstanceSpec, serve_instance
 from serving.launchers.base import STOP_GRACE_S, LaunchedInstance
+from serving.runner.rank_hosts import RAY_NOSET_CUDA, own_gpus_first
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class InstanceActor:
     """Hosts one instance in a Ray worker process (wrapped with ray.remote by the launcher)."""
 
     def __init__(self, spec: InstanceSpec) -> None:
+        # before anything starts CUDA here: its engine process inherits the GPUs it sees
+        self._visible_gpus = own_gpus_first()
         self._ready: Future = Future()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -57,6 +60,10 @@ class InstanceActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def visible_gpus(self) -> str | None:
+        """CUDA_VISIBLE_DEVICES of its process (and its engine's)."""
+        return self._visible_gpus
 
     def stop(self, timeout_s: float) -> None:
         if self._loop is not None and self._stop is not None:
@@ -165,14 +172,23 @@ class RayLauncher:
         return dataclasses.replace(spec, config=spec.config.replace(ray_placement_group=name, ray_namespace=namespace))
 
     def _make_actor(self, spec: InstanceSpec, strategy):
+        # the spec (config without the API key, and the deployment's token) goes as a constructor
+        # argument, on no command line
+        return self._ray.remote(InstanceActor).options(**self.actor_options(spec, strategy)).remote(spec)
+
+    def actor_options(self, spec: InstanceSpec, strategy) -> dict:
+        """Ray options of an instance's actor. The actor of a prefill or decode instance of several ranks
+        on GPUs sees every GPU of its node, its own first (rank_hosts.own_gpus_first): its engine, rank 0,
+        maps each rank's KV cache by CUDA IPC, on the rank's GPU."""
         options = {"num_cpus": self.deploy.num_cpus_per_instance, "num_gpus": self.deploy.num_gpus_per_instance,
                    "max_restarts": _MAX_RAY_RESTARTS if self.deploy.restart_failed_instances else 0,
                    "max_task_retries": _MAX_TASK_RETRIES}
         if strategy is not None:
             options["scheduling_strategy"] = strategy
-        # the spec (config without the API key, and the deployment's token) goes as a constructor
-        # argument, on no command line
-        return self._ray.remote(InstanceActor).options(**options).remote(spec)
+        if (spec.role in ("prefill", "decode") and spec.config.parallel.world_size > 1
+                and self.deploy.num_gpus_per_instance):
+            options["runtime_env"] = {"env_vars": {RAY_NOSET_CUDA: "1"}}
+        return options
 
     def _launched(self, spec: InstanceSpec, timeout_s: float) -> LaunchedInstance:
         ref = self._actors[spec.name].info.remote(timeout_s)
@@ -197,6 +213,10 @@ class RayLauncher:
 
     def pid(self, name: str) -> int:
         return self._ray.get(self._actors[name].pid.remote(), timeout=30)
+
+    def visible_gpus(self, name: str) -> str | None:
+        """CUDA_VISIBLE_DEVICES of an instance's actor (None: not set)."""
+        return self._ray.get(self._actors[name].visible_gpus.remote(), timeout=30)
 
     def shutdown(self) -> None:
         ray = self._ray

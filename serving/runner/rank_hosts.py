@@ -5,6 +5,7 @@ handle (poll, wait, kill, pid) and a Connection to the rank, which runs
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -14,7 +15,37 @@ from multiprocessing.connection import Connection
 
 from serving.engine.cpu_placement import engine_environment
 
+logger = logging.getLogger(__name__)
+
 STARTUP_TIMEOUT_S = 600.0
+
+# Ray sets an actor's CUDA_VISIBLE_DEVICES to the GPUs it gave the actor, unless this is set in the
+# actor's environment: the Ray launcher sets it for the actor of a prefill or decode instance of several
+# ranks on GPUs, whose engine (rank 0) maps every rank's KV cache by CUDA IPC and so must see their GPUs
+RAY_NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+def own_gpus_first() -> str | None:
+    """In a Ray actor, before CUDA starts in its process: under RAY_NOSET_CUDA, CUDA_VISIBLE_DEVICES lists
+    the GPUs Ray gave the actor first (cuda:0 is its own, as when Ray sets it) and then the node's others
+    (whose memory it can then open by CUDA IPC); otherwise Ray's own setting stays. Returns the value."""
+    if os.environ.get(RAY_NOSET_CUDA, "").lower() not in ("1", "true"):
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        raise RuntimeError("CUDA started in this process before its GPUs were chosen (own_gpus_first)")
+    import ray
+    own = [str(i) for i in ray.get_gpu_ids()]
+    if own:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # the node's, as its raylet was started with
+        node = visible.split(",") if visible else [str(i) for i in range(_node_gpus(ray))]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(own + [gpu for gpu in node if gpu not in own])
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _node_gpus(ray) -> int:
+    node_id = ray.get_runtime_context().get_node_id()
+    (node,) = [node for node in ray.nodes() if node["NodeID"] == node_id]
+    return int(node["Resources"].get("GPU", 0))
 
 
 def start_local_rank() -> tuple[subprocess.Popen, Connection]:
@@ -33,15 +64,19 @@ def start_local_rank() -> tuple[subprocess.Popen, Connection]:
 
 class RankHost:
     """A worker rank in a Ray actor (wrapped with ray.remote by RayRanks): it connects back to rank 0
-    and serves until rank 0 goes away."""
+    and serves until rank 0 goes away. Its GPU, on CUDA, is its first visible one (own_gpus_first)."""
 
-    def pid(self) -> int:
-        return os.getpid()
+    def __init__(self) -> None:
+        self._visible = own_gpus_first()
+
+    def describe(self) -> tuple[int, str | None]:
+        """(pid, CUDA_VISIBLE_DEVICES)."""
+        return os.getpid(), self._visible
 
     def run(self, address: tuple[str, int], authkey: bytes) -> None:
         from multiprocessing.connection import Client
         from serving.runner.tensor_parallel import _worker_main
-        _worker_main(Client(address, authkey=authkey))
+        _worker_main(Client(address, authkey=authkey), gpu_index=0)
 
 
 class RayRank:
@@ -87,19 +122,25 @@ class RayRanks:
         self._group = get_placement_group(placement_group)
         self._bundles = self._group.bundle_specs
 
-    def start(self, rank: int) -> tuple[RayRank, Connection]:
-        import secrets
-        import threading
-        from multiprocessing.connection import Listener
+    def actor(self, rank: int):
+        """Rank `rank`'s RankHost actor, in its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-        ray = self._ray
         bundle = self._bundles[rank]
-        actor = ray.remote(RankHost).options(
+        return self._ray.remote(RankHost).options(
             num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=rank),
             runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
             name=None).remote()
-        pid = ray.get(actor.pid.remote(), timeout=STARTUP_TIMEOUT_S)
+
+    def start(self, rank: int) -> tuple[RayRank, Connection]:
+        import secrets
+        import threading
+        from multiprocessing.connection import Listener
+        ray = self._ray
+        actor = self.actor(rank)
+        pid, visible = ray.get(actor.describe.remote(), timeout=STARTUP_TIMEOUT_S)
+        if visible is not None:
+            logger.info("tensor-parallel rank %d: Ray actor pid %d, CUDA_VISIBLE_DEVICES=%s", rank, pid, visible)
         authkey = secrets.token_bytes(32)
         with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
             accepted: list[Connection] = []

@@ -126,13 +126,13 @@ def _first_layer(model) -> int:
     return stage.first_layer if stage is not None else 0
 
 
-def _worker_main(conn) -> None:
-    """A worker rank: read its spec, say it started, join the group, load the shard, then wait for the
-    KV cache size and execute every plan it is sent until the connection closes. Each plan is answered
-    with (result, busy seconds, held seconds): the result is the StepResult on the last pipeline stage's
-    first rank (which samples for the group), else None; busy its forward passes; held the whole step
-    less the wait for the stage before's activations (how long the plan kept this rank); or with the
-    error's text, after which the rank stops."""
+def _worker_main(conn, gpu_index: int | None = None) -> None:
+    """A worker rank (on CUDA, its GPU is gpu_index, else its rank's): read its spec, say it started, join
+    the group, load the shard, then wait for the KV cache size and execute every plan it is sent until
+    the connection closes. Each plan is answered with (result, busy seconds, held seconds): the result
+    is the StepResult on the last pipeline stage's first rank (which samples for the group), else None;
+    busy its forward passes; held the whole step less the wait for the stage before's activations (how
+    long the plan kept this rank); or with the error's text, after which the rank stops."""
     from torch.distributed import TCPStore
     try:
         spec: RankSpec = conn.recv()
@@ -140,8 +140,8 @@ def _worker_main(conn) -> None:
         store = TCPStore("127.0.0.1", spec.store_port, spec.size, False, timeout=STARTUP_TIMEOUT)
         conn.send(("started", os.getpid()))
         device = torch.device(spec.device)
-        if device.type == "cuda":  # a local rank sees every GPU (its own is its rank's); a Ray rank its own only
-            index = spec.rank if torch.cuda.device_count() > spec.rank else 0
+        if device.type == "cuda":  # a local rank sees every GPU (its own is its rank's); a Ray rank its own first
+            index = spec.rank if gpu_index is None else gpu_index
             torch.cuda.set_device(index)
             device = torch.device("cuda", index)
         tp, pp = spec.tp_size or spec.size, spec.pp_size

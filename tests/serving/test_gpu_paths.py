@@ -2,7 +2,7 @@
 output with the swap worker's stream and pinned host tier (its copies alone: tests/serving/test_swap.py),
 prefill/decode instance processes on one GPU, the prefill instance writing into the decode instance's
 GPU pool (CUDA IPC), and instances of several ranks whose rank 0 maps the others' GPU caches (CUDA IPC;
-two GPUs). Skipped without a CUDA device; `make gpu-check` runs them. Each compares
+two GPUs, or three on Ray). Skipped without a CUDA device; `make gpu-check` runs them. Each compares
 against what the CPU tests compare against (transformers, a colocated engine) on the same device."""
 import pytest
 import torch
@@ -87,3 +87,32 @@ def test_disaggregated_instances_of_several_ranks_on_gpus_equal_colocated(tiny_m
         _check_transfers(prefill, decode, decode_tp, reference)
     finally:
         colocated.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 3, reason="a prefill instance of one rank and a decode instance of "
+                                                         "two on Ray take three GPUs (one per rank)")
+def test_a_decode_instance_of_two_ranks_on_ray_gpus_equals_colocated(tiny_model_dir):
+    """The Ray launcher, one GPU per rank: decode-0's actor sees the node's GPUs (its own first) and maps
+    its rank 1's cache on rank 1's GPU; output equals a colocated engine's on one GPU."""
+    ray = pytest.importorskip("ray")
+    from serving.router.engine_client import build_disaggregated_client
+    from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, collect_all, make_cases,
+                                                   reference_outputs, tiny_config, token_ids, wait_until_drained)
+    gpu = {"device": "cuda", "dtype": "float32"}
+    config = tiny_config(tiny_model_dir, mode="disaggregated", launcher="ray", num_gpus_per_instance=1,
+                         decode_overrides={"tensor_parallel_size": 2}, **gpu)
+    loop = LoopThread()
+    client = build_disaggregated_client(config)
+    try:
+        cases = make_cases("ray-cuda-tp", 18, [12, 40], [10])
+        expected = reference_outputs(tiny_config(tiny_model_dir, **gpu), cases)
+        got = loop.run(collect_all(client, cases))
+        for case in cases:
+            assert token_ids(got[case.request_id]) == token_ids(expected[case.request_id])
+        assert len(client._launcher.visible_gpus("decode-0").split(",")) >= 3
+        assert client.get_stats().extra["router"]["num_kv_transferred_total"] == len(cases)
+        assert_no_leaks(loop.run(wait_until_drained(client)))
+    finally:
+        loop.run(client.shutdown())
+        loop.close()
+    assert not ray.is_initialized()

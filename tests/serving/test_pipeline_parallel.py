@@ -10,6 +10,7 @@ import signal
 import pytest
 
 from scheduler.errors import ExecutorDeadError
+from serving.config import ParallelConfig
 from serving.llm import LLM
 from serving.models.pipeline import PipelineStage, check_pipeline_parallel, layer_partition
 from tests.serving.test_disagg_support import children_running
@@ -125,16 +126,11 @@ def test_a_killed_stage_fails_the_offline_engine_with_a_clear_error(tiny_model_d
     assert not children_running(os.getpid(), TP_WORKER)
 
 
-def test_sizes_that_cannot_split_the_layers_and_disaggregated_stages_on_cuda_under_ray_are_refused(tiny_model_dir):
+def test_sizes_that_cannot_split_the_layers_are_refused(tiny_model_dir):
     with pytest.raises(ValueError, match=r"--pipeline-parallel-size 5 cannot split this model: it has 4 layers"):
         check_pipeline_parallel(4, 5)
     with pytest.raises(ValueError, match="cannot split this model"):
         LLM(tiny_model_dir, pipeline_parallel_size=5)
-    from serving.config import ParallelConfig
-    ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill")  # runs (test_disagg_tp.py)
-    ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill", "cuda")  # local ranks: CUDA IPC
-    with pytest.raises(ValueError, match="prefill instance with .*pipeline_parallel_size=2: not supported yet on CUDA"):
-        ParallelConfig(pipeline_parallel_size=2).check_supported("prefill-0: ", "prefill", "cuda", "ray")
     # vLLM's even split: the remainder on the stages just before the last
     stages = [PipelineStage.of(layer_partition(10, 3), s) for s in range(3)]
     assert [(s.first_layer, s.end_layer) for s in stages] == [(0, 3), (3, 7), (7, 10)]
