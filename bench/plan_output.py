@@ -12,8 +12,9 @@ from scheduler.planner.instances import InstancePlan
 
 def role_keys(plan: InstancePlan, shape: ModelShape, dtype: str, block_size: int) -> dict[str, Any]:
     """The keys of one role: its parallel plan and the KV budget that gives the runtime the number of
-    blocks the plan was simulated with (budget // the whole model's bytes per block)."""
-    bytes_per_block = shape.kv_layout(block_size, dtype).bytes_per_block
+    blocks the plan was simulated with. The budget is per rank (--kv-cache-memory-bytes), so it is the
+    blocks times one rank's bytes per block: its share of the KV heads, its stage's layers."""
+    bytes_per_block = shape.kv_layout(block_size, dtype, plan.tp, plan.pp).bytes_per_block
     return {"tensor_parallel_size": plan.tp, "pipeline_parallel_size": plan.pp,
             "kv_cache_memory_bytes": plan.num_blocks * bytes_per_block}
 

@@ -9,13 +9,19 @@ import pytest
 import yaml
 
 from bench.plan import main as plan_main
+from bench.plan_output import role_keys
+from bench.sim_inputs import model_shape, sim_deployment
+from scheduler.config import SchedulerConfig
+from scheduler.latency_plans import LatencyModelSet
+from scheduler.planner import ClusterSpec
+from scheduler.planner.instances import ModelSetup
 from scheduler.latency_model import LatencyModel, PhaseCoefficients
 from serving.config import Config
 from tests.servers import free_port, start_server, stop_server
 
 LATENCY = LatencyModel(PhaseCoefficients(0.004, 8e-5, 1e-8), PhaseCoefficients(0.005, 1e-6, 3e-4),
                        meta={"tp": 1, "pp": 1, "dtype": "float32"})
-# two one-core "nodes": tensor parallelism cannot be chosen (TP > 1 is not runnable yet)
+# two one-core "nodes": tensor parallelism cannot be chosen (it stays in a node), which keeps the search short
 CLUSTER = {"name": "two cores", "nodes": 2, "devices_per_node": 1, "device_memory_gib": 0.06,
            "intra_node_bandwidth_gbps": 8, "inter_node_bandwidth_gbps": 8, "memory_utilization": 0.5,
            "device": "cpu"}
@@ -38,6 +44,32 @@ def _plan(tmp_path, model_dir, *extra, cluster=None):
                       "--goodput", "ttft:300", "tpot:60", "--out", str(out), "--pp-sizes", "1", "--max-probes", "6",
                       "--verify-requests", "200", "--disable-tqdm", *WORKLOAD, *extra])
     return code, out
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_the_plans_kv_budget_gives_each_instance_the_blocks_it_was_simulated_with(tiny_model_dir, tp, pp):
+    """--kv-cache-memory-bytes is per rank: the YAML's budget, sized as the engine sizes its pool (the
+    simulator's sim_deployment, tested against the engine's rule in test_simulate.py), gives back the
+    plan's blocks, and a rank's pool fits its device's usable memory beside its weights."""
+    shape = model_shape(tiny_model_dir)
+    cluster = ClusterSpec(nodes=1, devices_per_node=4, device_memory_gib=0.06, intra_node_bandwidth_gbps=8,
+                          inter_node_bandwidth_gbps=8, memory_utilization=0.5, device="cpu")
+    latency = LatencyModelSet({(1, 1): LATENCY})
+    setup = ModelSetup(shape, cluster, latency, "float32", 16, 512)
+    plan = setup.instance_plan("colocated", tp, pp, SchedulerConfig())
+    keys = role_keys(plan, shape, "float32", 16)
+    budget = keys.pop("kv_cache_memory_bytes")
+    assert budget + shape.weight_bytes("float32") / (tp * pp) <= cluster.device_memory_bytes * 0.5
+    colocated = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": budget, "parallel": keys})
+    assert sim_deployment(colocated, latency).instances[0].num_blocks == plan.num_blocks
+    decode = setup.instance_plan("decode", tp, pp, SchedulerConfig())
+    disaggregated = Config.from_dict({"model": tiny_model_dir, "deploy": {
+        "mode": "disaggregated", "num_prefill": 1, "num_decode": 1,
+        "prefill_overrides": role_keys(setup.instance_plan("prefill", 1, 1, SchedulerConfig()), shape, "float32", 16),
+        "decode_overrides": role_keys(decode, shape, "float32", 16)}})
+    prefill_sim, decode_sim = sim_deployment(disaggregated, latency).instances
+    assert decode_sim.num_blocks == decode.num_blocks and (decode_sim.tp, decode_sim.pp) == (tp, pp)
+    assert prefill_sim.num_blocks == setup.instance_plan("prefill", 1, 1, SchedulerConfig()).num_blocks
 
 
 def test_the_plan_loads_as_a_config_with_the_instances_it_chose(tmp_path, tiny_model_dir, capsys):
