@@ -168,6 +168,11 @@ class _Server(uvicorn.Server):
     def _forced(self) -> bool:
         return self._num_signals >= 2
 
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        if self.force_exit:  # uvicorn skips the app's lifespan shutdown then; its task would be cancelled
+            await self.lifespan.shutdown()  # at the loop's end and logged as an ERROR traceback
+
     async def on_tick(self, counter: int) -> bool:
         if self._num_signals:
             self.drain()

@@ -360,5 +360,7 @@ def test_second_signal_ends_the_drain_at_once():
         _assert_ended_by_shutdown(stream.join(DEADLINE_S))
         assert server.proc.wait(DEADLINE_S) == 0, "".join(server.lines)
         assert server.line("engine shut down:") == "True"
+        log = "".join(server.lines)  # the app's lifespan shut down too: no task of it left to cancel
+        assert "Traceback" not in log and "CancelledError" not in log, log
     finally:
         server.close()
