@@ -25,12 +25,14 @@ def log_tail(log_path: Path, num_chars: int = 4000) -> str:
     return log_path.read_text(errors="replace")[-num_chars:]
 
 
-def start_server(args: list[str], port: int, log_path: Path, timeout_s: float) -> subprocess.Popen:
+def start_server(args: list[str], port: int, log_path: Path, timeout_s: float,
+                 new_session: bool = False) -> subprocess.Popen:
     """Start `pdserve serve ARGS --port PORT` with its output in log_path and return once /health
-    answers 200. Raises AssertionError, with the server's log, if it exits or stays unhealthy."""
+    answers 200 (new_session: in a process group of its own, whose id is its pid, as a terminal's
+    foreground job is). Raises AssertionError, with the server's log, if it exits or stays unhealthy."""
     with open(log_path, "w") as log:
         process = subprocess.Popen([str(PDSERVE), "serve", *args, "--port", str(port)],
-                                   stdout=log, stderr=subprocess.STDOUT)
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

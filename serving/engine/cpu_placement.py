@@ -30,6 +30,7 @@ The instances of a disaggregated deployment share their host and stay unbound (o
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 
 from serving.config import parse_cores
@@ -65,6 +66,16 @@ def engine_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
     environment = dict(os.environ if environ is None else environ)
     environment.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return environment
+
+
+def leave_stop_signals_to_parent() -> None:
+    """In the engine process and a worker rank: ignore SIGINT and SIGTERM. A terminal's Ctrl-C and a stop
+    of the whole process group (`timeout`, systemd's default KillMode, `kill -TERM -PGID`) reach them as
+    they reach the server, which drains first: running requests still need them. Their parent ends them
+    when it is done (a shutdown message, a closed connection), and they exit on their own when it is
+    gone (end of file on the pipe from it). Ignored signals stay ignored in the ranks they start."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def place_engine_threads(placement: CpuPlacement):

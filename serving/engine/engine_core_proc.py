@@ -25,7 +25,6 @@ import logging
 import os
 import pickle
 import queue
-import signal
 import sys
 import threading
 import time
@@ -34,7 +33,8 @@ import zmq
 
 from scheduler.request import RequestStatus
 from serving.engine import core_messages as m
-from serving.engine.cpu_placement import CpuPlacement, name_os_thread, place_engine_threads
+from serving.engine.cpu_placement import (CpuPlacement, leave_stop_signals_to_parent, name_os_thread,
+                                          place_engine_threads)
 from serving.runner.cpu_threads import move_other_threads
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def _read_line(fd: int) -> bytes:
 
 
 def main() -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C drains the parent, which stops us when done
+    leave_stop_signals_to_parent()  # Ctrl-C or a group's SIGTERM drains the parent, which stops us when done
     name_os_thread("pdserve-engine")  # the main thread runs the loop; `ps` and `top` show this name
     start = json.loads(_read_line(0))
     pinning = place_engine_threads(CpuPlacement(tuple(start["cores"]) if start["cores"] else None,

@@ -13,7 +13,7 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
-from serving.engine.cpu_placement import engine_environment
+from serving.engine.cpu_placement import engine_environment, leave_stop_signals_to_parent
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def start_local_rank() -> tuple[subprocess.Popen, Connection]:
     script stays one process)."""
     ours, theirs = socket.socketpair()
     try:
-        process = subprocess.Popen([sys.executable, "-m", "serving.runner.tensor_parallel", str(theirs.fileno())],
+        process = subprocess.Popen([sys.executable, "-m", "serving.runner.rank_hosts", str(theirs.fileno())],
                                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                    env=engine_environment())  # OpenMP waits passively, as the engine's
     finally:
@@ -155,3 +155,17 @@ class RayRanks:
                     handle.kill()
                     raise RuntimeError(f"tensor-parallel rank {rank} (Ray actor, pid {pid}) did not connect back")
         return handle, accepted[0]
+
+
+def main() -> int:
+    """`python -m serving.runner.rank_hosts FD`: a local worker rank, talking to rank 0 over socket FD (it
+    stops when rank 0 closes the connection; stop signals are the server's to act on)."""
+    leave_stop_signals_to_parent()
+    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
+    from serving.runner.tensor_parallel import _worker_main
+    _worker_main(Connection(int(sys.argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -38,7 +38,6 @@ import datetime
 import logging
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -487,14 +486,3 @@ def _is_collective_error(error: Exception) -> bool:
     return isinstance(error, CollectiveError) or isinstance(error, RuntimeError) and any(
         marker in text for marker in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out",
                                       "tensor-parallel peer"))
-
-
-def main() -> int:
-    """`python -m serving.runner.tensor_parallel FD`: a worker rank, talking to rank 0 over socket FD."""
-    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "WARNING"))
-    _worker_main(Connection(int(sys.argv[1])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,6 +7,8 @@ completes gets a 408, and the server keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import time
@@ -27,11 +29,11 @@ SLACK_S = 20.0
 NUM_STREAMS = 3
 
 
-def _serve(model_dir: str, tmp_path: Path, *flags: str):
+def _serve(model_dir: str, tmp_path: Path, *flags: str, new_session: bool = False):
     port = free_port()
     log_path = tmp_path / "server.log"
     process = start_server(["--model", model_dir, "--served-model-name", "tiny", "--max-model-len", "2048",
-                            *flags], port, log_path, STARTUP_TIMEOUT_S)
+                            *flags], port, log_path, STARTUP_TIMEOUT_S, new_session)
     return process, port, f"http://127.0.0.1:{port}", log_path
 
 
@@ -68,6 +70,44 @@ def test_sigterm_lets_running_streams_finish(tiny_model_dir, tmp_path):
         assert process.wait(DEADLINE_S) == 0, log_tail(log_path)
     finally:
         stop_server(process)
+
+
+@pytest.mark.parametrize("sig, flags", [
+    (signal.SIGINT, ()),
+    (signal.SIGTERM, ()),
+    (signal.SIGTERM, ("--tensor-parallel-size", "2")),
+    (signal.SIGTERM, ("--mode", "disaggregated", "--num-prefill", "1", "--num-decode", "1")),
+], ids=["ctrl-c", "sigterm", "sigterm-tp2", "sigterm-1p1d"])
+def test_a_signal_to_the_whole_process_group_drains_as_one_to_the_server(tiny_model_dir, tmp_path, sig, flags):
+    """Ctrl-C in a terminal, `timeout`, systemd's stop: the signal reaches every process of the group
+    (engine process, worker ranks, instances) at once. Only the server and the instances act on it, by
+    draining: the running streams finish, nothing dies, and everything exits."""
+    process, _, base_url, log_path = _serve(tiny_model_dir, tmp_path, "--shutdown-timeout", "600", *flags,
+                                            new_session=True)
+    try:
+        streams = _long_streams(base_url, max_tokens=1500)
+        os.killpg(process.pid, sig)
+        with httpx.Client(base_url=base_url, timeout=DEADLINE_S) as probe:
+            wait_until(lambda: _health(probe) != 200, "the drain", SLACK_S, interval_s=0.1)
+        assert not any(s.events[-1] == "[DONE]" for s in streams), "the streams ended before the drain was seen"
+        for stream in streams:
+            stream.join(DEADLINE_S)
+            assert stream.events[-1] == "[DONE]" and stream.finish_reasons == ["length"], stream.events[-3:]
+            assert not any("error" in e for e in stream.events if isinstance(e, dict))
+        assert process.wait(DEADLINE_S) == 0, log_tail(log_path)
+        log = log_tail(log_path, 50000)
+        assert "died" not in log and "Traceback" not in log, log
+    finally:
+        stop_server(process)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # anything of the group left behind
+
+
+def _health(client: httpx.Client) -> int:
+    try:
+        return client.get("/health").status_code
+    except httpx.TransportError:  # the listener closed: draining too
+        return 0
 
 
 def test_sigterm_ends_streams_still_running_at_the_shutdown_timeout(tiny_model_dir, tmp_path):

@@ -19,7 +19,7 @@ from tests.serving.test_disagg_support import (LoopThread, assert_no_leaks, asse
                                                collect_all, greedy, make_cases, make_prompts, reference_outputs,
                                                tiny_config, token_ids, wait_until_drained)
 
-TP_WORKER = b"serving.runner.tensor_parallel"
+TP_WORKER = b"serving.runner.rank_hosts"
 
 pytestmark = pytest.mark.slow
 

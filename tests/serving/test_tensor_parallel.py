@@ -22,7 +22,7 @@ from tests.serving.test_engine_process import (DEADLINE_S, alive, engine_childre
                                               make_llm, tokens_of)
 from tests.serving.test_models import CASES, save_hf_case
 
-TP_WORKER = b"serving.runner.tensor_parallel"
+TP_WORKER = b"serving.runner.rank_hosts"
 PROMPTS = [[5, 6, 7, 8], list(range(10, 60)), [30] * 17, list(range(3, 40, 2))]
 
 
