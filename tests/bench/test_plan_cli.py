@@ -62,14 +62,15 @@ def test_the_plans_kv_budget_gives_each_instance_the_blocks_it_was_simulated_wit
     assert budget + shape.weight_bytes("float32") / (tp * pp) <= cluster.device_memory_bytes * 0.5
     colocated = Config.from_dict({"model": tiny_model_dir, "kv_cache_memory_bytes": budget, "parallel": keys})
     assert sim_deployment(colocated, latency).instances[0].num_blocks == plan.num_blocks
-    decode = setup.instance_plan("decode", tp, pp, SchedulerConfig())
+    prefill, decode = (setup.instance_plan("prefill", 1, 1, SchedulerConfig()),
+                       setup.instance_plan("decode", tp, pp, SchedulerConfig()))
     disaggregated = Config.from_dict({"model": tiny_model_dir, "deploy": {
         "mode": "disaggregated", "num_prefill": 1, "num_decode": 1,
-        "prefill_overrides": role_keys(setup.instance_plan("prefill", 1, 1, SchedulerConfig()), shape, "float32", 16),
+        "prefill_overrides": role_keys(prefill, shape, "float32", 16),
         "decode_overrides": role_keys(decode, shape, "float32", 16)}})
     prefill_sim, decode_sim = sim_deployment(disaggregated, latency).instances
     assert decode_sim.num_blocks == decode.num_blocks and (decode_sim.tp, decode_sim.pp) == (tp, pp)
-    assert prefill_sim.num_blocks == setup.instance_plan("prefill", 1, 1, SchedulerConfig()).num_blocks
+    assert prefill_sim.num_blocks == prefill.num_blocks
 
 
 def test_the_plan_loads_as_a_config_with_the_instances_it_chose(tmp_path, tiny_model_dir, capsys):
